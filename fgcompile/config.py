@@ -1,0 +1,196 @@
+"""`FGAttnConfig`: every setting of the fgattn backend, in one frozen, validated object.
+
+Usage::
+
+    import fgcompile
+    cfg = fgcompile.FGAttnConfig(predictor="profile", alpha=0.5)
+    model = torch.compile(model, backend=fgcompile.backend(cfg))
+    # or, through the string backend:
+    model = torch.compile(model, backend="fgattn", options={"alpha": 0.5})
+
+Every field is validated in ``__post_init__``; a bad value raises ``ValueError`` naming the
+field and the accepted values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+__all__ = ["FGAttnConfig", "PREDICTORS", "IMPLS"]
+
+PREDICTORS = ("profile", "pooled", "dense")
+IMPLS = ("auto", "triton", "reference")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class FGAttnConfig:
+    """Settings of the fgattn backend.
+
+    Fields (all optional):
+
+    predictor:
+        How each sparse site chooses which M x 1 slices to compute.
+        ``"profile"`` (default): at profiled calls compute dense attention (that call's output is
+        exact) and keep slice (query block i, key j) iff the largest softmax probability of any
+        query of block i on key j exceeds ``alpha / S_kv``; reuse the mask until the next profiled
+        call. ``"pooled"``: the pooled top-CDF predictor at every call. ``"dense"``: never sparse
+        (the rewritten graph still runs fgcompile's op, on the dense path).
+    alpha:
+        Threshold of the profile predictor, > 0. FG-Attn uses 0.5 (and 0.6). Smaller keeps more.
+    profile_every:
+        The profile predictor profiles the first sparse call of a site and then every
+        ``profile_every``-th call after it (default 10: a 50-step sampler profiles 5 times).
+    profile_calls:
+        Explicit call indices (0-based, counted per site, warm-up calls included) to profile at,
+        instead of ``profile_every``; e.g. ``(0, 15, 30, 45)``. The first sparse call is always
+        profiled.
+    tau:
+        Pooled predictor: keep the best keys of each pooled query block until their softmax mass
+        reaches ``tau``, in (0, 1]. Default 0.9.
+    gamma:
+        Pooled predictor: a query block whose queries have mean cosine similarity to their mean
+        below ``gamma`` keeps every key, in [-1, 1]. Default 0.5.
+    density:
+        Optional budget in (0, 1]: keep at most this fraction of slices per query block (the
+        strongest ones). ``None`` (default): no budget.
+    block_m:
+        Queries per slice (M), a power of two in [16, 256]. Default 128 (FG-Attn's query block).
+    block_n:
+        Keys per slice (N), a power of two in [1, 128]; 1 (default) is the finest granularity.
+    dense_calls:
+        Number of first calls of every site that run dense attention (warm-up), >= 0. Default 0.
+    dense_sites:
+        Glob patterns (fnmatch) of site names that always run dense, e.g. ``("blocks.0.*",)``.
+    min_seq_len:
+        Sites with fewer queries or keys than this stay on dense SDPA. Default 4096.
+    impl:
+        Kernel implementation: ``"auto"`` (Triton on CUDA, plain torch elsewhere), ``"triton"``
+        or ``"reference"``.
+    """
+
+    predictor: str = "profile"
+    alpha: float = 0.5
+    profile_every: int = 10
+    profile_calls: tuple[int, ...] | None = None
+    tau: float = 0.9
+    gamma: float = 0.5
+    density: float | None = None
+    block_m: int = 128
+    block_n: int = 1
+    dense_calls: int = 0
+    dense_sites: tuple[str, ...] = field(default_factory=tuple)
+    min_seq_len: int = 4096
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(
+                f"FGAttnConfig.{name}: expected {expected}, got {getattr(self, name)!r}"
+            )
+
+        if self.predictor not in PREDICTORS:
+            raise bad("predictor", f"one of {PREDICTORS}")
+        if not _is_real(self.alpha) or self.alpha <= 0:
+            raise bad("alpha", "a finite number > 0")
+        if not _is_int(self.profile_every) or self.profile_every < 1:
+            raise bad("profile_every", "an int >= 1")
+        if self.profile_calls is not None:
+            pc = self.profile_calls
+            if isinstance(pc, list):
+                object.__setattr__(self, "profile_calls", tuple(pc))
+                pc = self.profile_calls
+            if (
+                not isinstance(pc, tuple)
+                or not all(_is_int(c) and c >= 0 for c in pc)
+                or len(set(pc)) != len(pc)
+            ):
+                raise bad("profile_calls", "None or a tuple of distinct ints >= 0")
+            object.__setattr__(self, "profile_calls", tuple(sorted(pc)))
+        if not _is_real(self.tau) or not (0 < self.tau <= 1):
+            raise bad("tau", "a number in (0, 1]")
+        if not _is_real(self.gamma) or not (-1 <= self.gamma <= 1):
+            raise bad("gamma", "a number in [-1, 1]")
+        if self.density is not None and (not _is_real(self.density) or not (0 < self.density <= 1)):
+            raise bad("density", "None or a number in (0, 1]")
+        if not _is_int(self.block_m) or not (16 <= self.block_m <= 256) or self.block_m & (self.block_m - 1):
+            raise bad("block_m", "a power of two in [16, 256]")
+        if not _is_int(self.block_n) or not (1 <= self.block_n <= 128) or self.block_n & (self.block_n - 1):
+            raise bad("block_n", "a power of two in [1, 128]")
+        if not _is_int(self.dense_calls) or self.dense_calls < 0:
+            raise bad("dense_calls", "an int >= 0")
+        ds = self.dense_sites
+        if isinstance(ds, str):
+            object.__setattr__(self, "dense_sites", (ds,))
+        elif isinstance(ds, list):
+            object.__setattr__(self, "dense_sites", tuple(ds))
+        if not isinstance(self.dense_sites, tuple) or not all(isinstance(p, str) for p in self.dense_sites):
+            raise bad("dense_sites", "a tuple of glob patterns (str)")
+        if not _is_int(self.min_seq_len) or self.min_seq_len < 1:
+            raise bad("min_seq_len", "an int >= 1")
+        if self.impl not in IMPLS:
+            raise bad("impl", f"one of {IMPLS}")
+
+    # ------------------------------------------------------------------ helpers
+    @classmethod
+    def from_options(cls, options: "FGAttnConfig | Mapping[str, Any] | None") -> "FGAttnConfig":
+        """Build a config from ``torch.compile(..., options=...)``: a dict of field values, a
+        config, or None. Unknown keys raise ``ValueError`` listing the known fields."""
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(
+                f"options: expected a dict of FGAttnConfig fields or an FGAttnConfig, got {type(options).__name__}"
+            )
+        opts = dict(options)
+        if "config" in opts:
+            base = opts.pop("config")
+            if not isinstance(base, cls):
+                raise ValueError(f"options['config']: expected an FGAttnConfig, got {type(base).__name__}")
+            return dataclasses.replace(base, **opts) if opts else base
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(opts) - known)
+        if unknown:
+            raise ValueError(f"options: unknown FGAttnConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**opts)
+
+    def replace(self, **changes: Any) -> "FGAttnConfig":
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def is_dense_site(self, name: str) -> bool:
+        """True when ``name`` matches one of ``dense_sites``."""
+        return any(fnmatch.fnmatchcase(name, p) for p in self.dense_sites)
+
+    def is_profiled_call(self, call: int) -> bool:
+        """Whether a site's call ``call`` (0-based, warm-up included) is a scheduled profile call,
+        given that the first sparse call (``dense_calls``) is always profiled."""
+        first = self.dense_calls
+        if call < first:
+            return False
+        if call == first:
+            return True
+        if self.profile_calls is not None:
+            return call in self.profile_calls
+        return (call - first) % self.profile_every == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (lists for tuples), for saved state and reports."""
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
