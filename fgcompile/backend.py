@@ -1,0 +1,161 @@
+"""The ``fgattn`` torch.compile backend.
+
+``torch.compile(model, backend="fgattn")`` (found through the ``torch_dynamo_backends`` entry
+point, no import needed) or ``torch.compile(model, backend=fgcompile.backend(config))``.
+
+What it does with each graph Dynamo captures:
+
+1. finds every attention site (``fgcompile.passes.find_attention``) and decides, per site, sparse
+   or dense, with a reason;
+2. registers the sparse sites with the model's run-time state (``fgcompile.runtime``) and replaces
+   each by ``torch.ops.fgcompile.site_attention`` (``fgcompile.passes.rewrite``); dense sites stay
+   as they are;
+3. hands the graph to Inductor (``compile_fx``), so everything else is compiled exactly as by
+   ``backend="inductor"``.
+
+Nothing here may crash a user's compile: if the fgcompile passes fail on a graph, the graph is
+compiled unchanged (dense) and the failure is logged at WARNING level.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from . import runtime
+from .config import FGAttnConfig
+from .lowering import torch_private
+
+__all__ = ["fgattn", "backend", "FGAttnBackend", "TransformResult", "transform"]
+
+log = torch_private.register_fgcompile_log()
+
+
+@dataclass
+class TransformResult:
+    """What the fgcompile passes did to one captured graph."""
+
+    graph: torch.fx.GraphModule
+    sites: list = field(default_factory=list)  # list[fgcompile.passes.find_attention.SiteInfo]
+    state: Optional[runtime.ModelState] = None
+    error: Optional[str] = None  # set when the passes failed and the graph was left unchanged
+
+
+def _grad_needed(example_inputs: Sequence[Any]) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
+    )
+
+
+def transform(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: FGAttnConfig,
+    owner: Optional[torch.nn.Module] = None,
+) -> TransformResult:
+    """Run fgcompile's FX passes on a Dynamo graph, in place: detect, decide, register, rewrite.
+
+    ``owner`` is the module whose state holds the sites (None: a fresh state owned by no one,
+    as ``fgcompile.explain`` uses)."""
+    from .passes.find_attention import find_attention_sites
+    from .passes.rewrite import rewrite_sites
+
+    matches = find_attention_sites(gm, config)
+    if _grad_needed(example_inputs):
+        for m in matches:
+            if m.info.decision == "sparse":
+                m.info.decision = "dense"
+                m.info.reason = (
+                    "autograd is recording (inputs require grad): the sparse kernels have no backward; "
+                    "run inference under torch.no_grad() or torch.inference_mode()"
+                )
+    state = runtime.state_for_owner(owner, config)
+    chosen = []
+    for m in matches:
+        if m.info.decision == "sparse":
+            chosen.append((m, state.register_site(m.info.name, m.info, config)))
+    rewrite_sites(gm, chosen)
+    gm.graph.lint()
+    gm.recompile()
+    for m in matches:
+        i = m.info
+        log.info(
+            "fgcompile: site %s (%s) B=%s H=%s/%s S_q=%s S_kv=%s D=%s %s mask=%s -> %s: %s",
+            i.name, i.pattern, i.batch, i.num_heads, i.num_kv_heads, i.seq_len_q, i.seq_len_kv,
+            i.head_dim, i.dtype, i.mask, i.decision, i.reason,
+        )
+    return TransformResult(gm, [m.info for m in matches], state)
+
+
+class FGAttnBackend:
+    """A torch.compile backend object bound to one ``FGAttnConfig``.
+
+    ``torch.compile(model, backend=FGAttnBackend(cfg), mode=...)``; ``mode`` is handed to Inductor
+    as by ``backend="inductor"``."""
+
+    def __init__(self, config: Optional[FGAttnConfig] = None):
+        if config is not None and not isinstance(config, FGAttnConfig):
+            raise ValueError(f"config: expected an FGAttnConfig or None, got {type(config).__name__}")
+        self.config = config or FGAttnConfig()
+        self.__name__ = "fgattn"
+
+    def __repr__(self) -> str:
+        return f"FGAttnBackend({self.config!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FGAttnBackend) and other.config == self.config
+
+    def __hash__(self) -> int:
+        return hash(self.config)
+
+    def __call__(
+        self,
+        gm: torch.fx.GraphModule,
+        example_inputs: Sequence[Any],
+        *,
+        mode: Optional[str] = None,
+        options: Optional[Mapping[str, Any]] = None,
+    ) -> Callable:
+        config = self.config if options is None else FGAttnConfig.from_options({"config": self.config, **options})
+        owner = torch_private.current_frame_module()
+        try:
+            transform(gm, example_inputs, config, owner)
+        except Exception as e:  # never crash a user's compile: fall back to the dense graph
+            log.warning("fgcompile: the attention passes failed (%s: %s); compiling this graph unchanged", type(e).__name__, e)
+            raise_if_testing(e)
+        return torch_private.compile_fx(gm, list(example_inputs), torch_private.inductor_mode_options(mode))
+
+
+def raise_if_testing(e: BaseException) -> None:
+    """Tests set FGCOMPILE_STRICT=1 so that a failing pass fails the test instead of falling back."""
+    import os
+
+    if os.environ.get("FGCOMPILE_STRICT") == "1":
+        raise e
+
+
+def backend(config: Optional[FGAttnConfig] = None, **fields: Any) -> FGAttnBackend:
+    """A backend for ``torch.compile(model, backend=fgcompile.backend(...))``: pass an
+    ``FGAttnConfig``, or its fields as keywords (``fgcompile.backend(alpha=0.6)``), or both (the
+    keywords replace the config's fields)."""
+    if config is not None and not isinstance(config, FGAttnConfig):
+        raise ValueError(f"config: expected an FGAttnConfig or None, got {type(config).__name__}")
+    cfg = config or FGAttnConfig()
+    if fields:
+        cfg = FGAttnConfig.from_options({"config": cfg, **fields})
+    return FGAttnBackend(cfg)
+
+
+def fgattn(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    mode: Optional[str] = None,
+    options: Optional[Mapping[str, Any]] = None,
+) -> Callable:
+    """The ``"fgattn"`` backend registered as a ``torch_dynamo_backends`` entry point.
+    ``options`` (from ``torch.compile(..., options={...})``) are FGAttnConfig fields."""
+    return FGAttnBackend(FGAttnConfig.from_options(options))(gm, example_inputs, mode=mode)

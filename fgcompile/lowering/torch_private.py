@@ -1,0 +1,115 @@
+"""Every use of PRIVATE PyTorch APIs by fgcompile outside the Inductor lowering sits here.
+
+Touched here (all private, all feature-detected so torch 2.11 and 2.13 both work):
+- ``torch._inductor.compile_fx.compile_fx``: hands the rewritten graph to Inductor.
+- ``torch._inductor.list_mode_options``: the config patches behind ``mode=``.
+- ``torch._dynamo.symbolic_convert.InstructionTranslator.current_tx``: the frame Dynamo is
+  compiling, to find the ``nn.Module`` that owns the per-site state.
+- ``torch._logging._internal.register_log`` / ``register_artifact`` / ``_init_logs``: the
+  ``TORCH_LOGS="+fgcompile"`` log.
+
+A missing API raises ``RuntimeError`` naming it and the torch version, except the owner lookup,
+which degrades to ``None`` (the state is then owned by the compiled graph alone).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Optional
+
+import torch
+
+__all__ = [
+    "compile_fx",
+    "inductor_mode_options",
+    "current_frame_module",
+    "register_fgcompile_log",
+]
+
+
+def _missing(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"fgcompile needs the private PyTorch API {what}, which torch {torch.__version__} lacks; "
+        "fgcompile supports torch 2.11 to 2.13"
+    )
+
+
+def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, config_patches: Optional[dict] = None) -> Callable:
+    """Inductor's entry point (what backend="inductor" runs)."""
+    try:
+        from torch._inductor.compile_fx import compile_fx as _compile_fx
+    except ImportError as e:  # pragma: no cover - depends on torch build
+        raise _missing("torch._inductor.compile_fx.compile_fx") from e
+    if config_patches:
+        return _compile_fx(gm, example_inputs, config_patches=config_patches)
+    return _compile_fx(gm, example_inputs)
+
+
+def inductor_mode_options(mode: Optional[str]) -> dict[str, Any]:
+    """Inductor config patches for a torch.compile ``mode`` ("default", "reduce-overhead",
+    "max-autotune", "max-autotune-no-cudagraphs")."""
+    if mode is None or mode == "default":
+        return {}
+    try:
+        from torch._inductor import list_mode_options
+    except ImportError as e:  # pragma: no cover
+        raise _missing("torch._inductor.list_mode_options") from e
+    return dict(list_mode_options(mode))
+
+
+def current_frame_module() -> Optional[torch.nn.Module]:
+    """The ``nn.Module`` whose method Dynamo is compiling right now (the frame's first argument,
+    ``self``), or None when it cannot be found (a plain function was compiled, or this torch has no
+    such API). Only meaningful inside a backend call."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+    except ImportError:  # pragma: no cover
+        return None
+    current = getattr(InstructionTranslator, "current_tx", None)
+    if current is None:  # pragma: no cover
+        return None
+    try:
+        tx = current()
+    except Exception:
+        return None
+    if tx is None:
+        return None
+    code = getattr(tx, "f_code", None)
+    f_locals = getattr(tx, "f_locals", None) or {}
+    names = list(code.co_varnames[: max(code.co_argcount, 1)]) if code is not None else []
+    candidates = [f_locals[n] for n in names[:1] if n in f_locals] + list(f_locals.values())
+    for var in candidates:
+        value = getattr(var, "value", None)
+        if isinstance(value, torch.nn.Module):
+            return value
+    return None
+
+
+_LOG_REGISTERED = False
+
+
+def register_fgcompile_log() -> logging.Logger:
+    """Register the ``fgcompile`` log with torch._logging so that ``TORCH_LOGS="+fgcompile"``
+    (DEBUG) or ``TORCH_LOGS="fgcompile"`` (INFO) shows what the passes found and decided, and
+    ``torch._logging.set_logs(fgcompile=logging.DEBUG)`` works. Returns the logger."""
+    global _LOG_REGISTERED
+    logger = logging.getLogger("fgcompile")
+    if _LOG_REGISTERED:
+        return logger
+    _LOG_REGISTERED = True
+    try:
+        from torch._logging import _internal
+    except ImportError:  # pragma: no cover
+        return logger
+    try:
+        _internal.register_log("fgcompile", "fgcompile")
+    except Exception:  # already registered (a reload) or a changed signature
+        return logger
+    env = os.environ.get("TORCH_LOGS", "")
+    if "fgcompile" in env and hasattr(_internal, "_init_logs"):
+        try:
+            _internal._init_logs()
+        except Exception:  # pragma: no cover
+            pass
+    return logger

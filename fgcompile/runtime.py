@@ -1,0 +1,356 @@
+"""Per-model, per-site run-time state: the predictor schedule, the cached slice masks, statistics,
+and saving/loading calibrated state.
+
+Ownership: every ``nn.Module`` compiled with the fgattn backend gets one ``ModelState`` (held in a
+weak dictionary keyed by the module, so two compiled models never share state and the state dies
+with the model); it holds one ``SiteState`` per attention site, keyed by the site's stable name
+(its module path, e.g. ``"blocks.3.attn1"``). Recompiles (new shapes, graph breaks) reuse the
+site's state by name; a cached mask is only reused for the exact shape it was computed for.
+
+The compiled graph calls ``torch.ops.fgcompile.site_attention(q, k, v, key_padding, scale, handle)``
+(see ``fgcompile.lowering.ops``); ``handle`` indexes ``_HANDLES``.
+
+Schedule of one site, call ``c`` (0-based, counted per site):
+
+    if predictor == "dense" or c < dense_calls or the site matches dense_sites:   dense SDPA
+    elif predictor == "profile":
+        if c is a profiled call (config.is_profiled_call) or no mask of this shape is cached:
+            out, block_max = profile_attention(q, k, v)     # exact output
+            mask = block_max > alpha / S_kv  (per M x N tile; density budget)
+        else: sparse_attention(q, k, v, cached mask)
+    elif predictor == "pooled":   sparse_attention(q, k, v, pooled_slices(q, k))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import FGAttnConfig
+
+__all__ = [
+    "ModelState",
+    "SiteState",
+    "SiteStats",
+    "state_of",
+    "run_site",
+    "reset",
+    "stats",
+    "save_state",
+    "load_state",
+    "STATE_VERSION",
+]
+
+log = logging.getLogger("fgcompile")
+
+STATE_VERSION = 1
+
+_LOCK = threading.Lock()
+_HANDLES: dict[int, "SiteState"] = {}
+_NEXT_HANDLE = itertools.count(1)
+_MODELS: "weakref.WeakKeyDictionary[torch.nn.Module, ModelState]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class SiteStats:
+    """Statistics of one site. Densities are fractions of (query block, key block) slices kept,
+    per query head, averaged over batch; ``None`` until the site ran a sparse or profiled call."""
+
+    name: str
+    calls: int
+    dense_calls: int
+    profiled_calls: int
+    sparse_calls: int
+    density_last: Optional[list[float]]
+    density_mean: Optional[list[float]]
+
+    @property
+    def mean_density(self) -> Optional[float]:
+        """Mean over heads of ``density_mean``."""
+        if self.density_mean is None:
+            return None
+        return sum(self.density_mean) / len(self.density_mean)
+
+
+@dataclass
+class SiteState:
+    """State of one attention site of one compiled model."""
+
+    name: str
+    config: FGAttnConfig
+    info: Any = None  # fgcompile.passes.find_attention.SiteInfo, for reports
+    handle: int = 0
+    calls: int = 0
+    n_dense: int = 0
+    n_profiled: int = 0
+    n_sparse: int = 0
+    mask: Optional[torch.Tensor] = None  # bool keep (B, H, nQB, nKB)
+    mask_key: Optional[tuple] = None  # shape key the mask was computed for
+    _density_last: Optional[torch.Tensor] = None  # (H,) float32 on the device
+    _density_sum: Optional[torch.Tensor] = None
+    _density_count: int = 0
+
+    # ----------------------------------------------------------------- running
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding: Optional[torch.Tensor],
+        scale: float,
+    ) -> torch.Tensor:
+        cfg = self.config
+        call = self.calls
+        self.calls += 1
+        if cfg.predictor == "dense" or call < cfg.dense_calls or cfg.is_dense_site(self.name):
+            self.n_dense += 1
+            return dense_attention(q, k, v, key_padding, scale)
+
+        from . import attention, predictors
+
+        key = (tuple(q.shape), tuple(k.shape), cfg.block_m, cfg.block_n)
+        if cfg.predictor == "profile":
+            if cfg.is_profiled_call(call) or self.mask is None or self.mask_key != key:
+                out, block_max = attention.profile_attention(
+                    q, k, v, block_m=cfg.block_m, scale=scale, key_padding=key_padding, impl=cfg.impl
+                )
+                self.mask = predictors.keep_from_block_max(
+                    block_max, alpha=cfg.alpha, block_n=cfg.block_n, key_padding=key_padding, density=cfg.density
+                )
+                self.mask_key = key
+                self.n_profiled += 1
+                self._record(self.mask)
+                return out
+            if self.mask.device != q.device:  # loaded from a file
+                self.mask = self.mask.to(q.device)
+            keep = self.mask
+        else:  # pooled
+            keep = predictors.pooled_slices(
+                q,
+                k,
+                tau=cfg.tau,
+                gamma=cfg.gamma,
+                block_m=cfg.block_m,
+                block_n=cfg.block_n,
+                scale=scale,
+                key_padding=key_padding,
+                density=cfg.density,
+            )
+        if key_padding is not None:
+            # Padded keys are never computed, whatever the cached mask says (block_n == 1 here:
+            # the detection pass sends key-padded sites with block_n > 1 to the dense path).
+            keep = keep & key_padding[:, None, None, :].to(torch.bool)
+        self.n_sparse += 1
+        self._record(keep)
+        return attention.sparse_attention(
+            q, k, v, keep, block_m=cfg.block_m, block_n=cfg.block_n, scale=scale, impl=cfg.impl
+        )
+
+    def _record(self, keep: torch.Tensor) -> None:
+        # (B, H, nQB, nKB) -> per head, on the device: no host synchronisation here.
+        d = keep.float().mean(dim=(0, 2, 3))
+        self._density_last = d
+        if self._density_sum is None or self._density_sum.shape != d.shape:
+            self._density_sum = d.clone()
+            self._density_count = 1
+        else:
+            self._density_sum = self._density_sum + d
+            self._density_count += 1
+
+    def reset(self) -> None:
+        """Forget the schedule position, the cached mask and the statistics."""
+        self.calls = self.n_dense = self.n_profiled = self.n_sparse = 0
+        self.mask = None
+        self.mask_key = None
+        self._density_last = self._density_sum = None
+        self._density_count = 0
+
+    def stats(self) -> SiteStats:
+        last = self._density_last.tolist() if self._density_last is not None else None
+        mean = (
+            (self._density_sum / max(self._density_count, 1)).tolist()
+            if self._density_sum is not None
+            else None
+        )
+        return SiteStats(self.name, self.calls, self.n_dense, self.n_profiled, self.n_sparse, last, mean)
+
+
+class ModelState:
+    """All sites of one compiled model, by name."""
+
+    def __init__(self, config: FGAttnConfig):
+        self.config = config
+        self.sites: dict[str, SiteState] = {}
+
+    def register_site(self, name: str, info: Any = None, config: Optional[FGAttnConfig] = None) -> int:
+        """Get or create the state of site ``name`` and return its handle (an int the compiled
+        graph passes to ``fgcompile::site_attention``). A later compile of the same model with a
+        new config updates the site's config."""
+        cfg = config or self.config
+        with _LOCK:
+            site = self.sites.get(name)
+            if site is None:
+                site = SiteState(name=name, config=cfg, info=info, handle=next(_NEXT_HANDLE))
+                self.sites[name] = site
+                _HANDLES[site.handle] = site
+            else:
+                if site.config != cfg:
+                    site.config = cfg
+                    site.mask = None
+                    site.mask_key = None
+                if info is not None:
+                    site.info = info
+            self.config = cfg
+        return site.handle
+
+
+def state_for_owner(owner: Optional[torch.nn.Module], config: FGAttnConfig) -> ModelState:
+    """The ModelState of ``owner`` (created on first use); a fresh unowned state for None."""
+    if owner is None:
+        return ModelState(config)
+    with _LOCK:
+        st = _MODELS.get(owner)
+        if st is None:
+            st = ModelState(config)
+            _MODELS[owner] = st
+    return st
+
+
+def _owner_of(model: Any) -> Any:
+    return getattr(model, "_orig_mod", model)
+
+
+def state_of(model: Any) -> ModelState:
+    """The ModelState of a compiled model (the object torch.compile returned, or the module it
+    wraps). Raises ValueError if the model was never compiled and run with the fgattn backend."""
+    owner = _owner_of(model)
+    st = _MODELS.get(owner) if isinstance(owner, torch.nn.Module) else None
+    if st is None:
+        raise ValueError(
+            "model: expected a model compiled with backend='fgattn' (or fgcompile.backend(...)) "
+            "that has run at least once; no fgcompile state is attached to it"
+        )
+    return st
+
+
+def run_site(
+    handle: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding: Optional[torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    """Entry point of the ``fgcompile::site_attention`` op."""
+    site = _HANDLES.get(handle)
+    if site is None:
+        raise RuntimeError(f"fgcompile: unknown attention site handle {handle}")
+    return site(q, k, v, key_padding, scale)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding: Optional[torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    """Dense attention through SDPA. q (B, H, S_q, D), k/v (B, H_kv, S_kv, D), key_padding bool
+    (B, S_kv) (True = real key) or None. Returns a contiguous (B, H, S_q, D_v) tensor."""
+    mask = None
+    if key_padding is not None:
+        mask = key_padding[:, None, None, :].to(torch.bool)
+    gqa = q.shape[1] != k.shape[1]
+    if gqa:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.contiguous()
+
+
+# ---------------------------------------------------------------------- public helpers
+def reset(model: Any) -> None:
+    """Restart every site's schedule (a new video): the next call of each site is its first."""
+    for site in state_of(model).sites.values():
+        site.reset()
+
+
+def stats(model: Any) -> dict[str, SiteStats]:
+    """Per-site statistics of a compiled model: calls, dense/profiled/sparse counts, and per-head
+    kept density of the last call and its mean over calls. Synchronises with the device."""
+    return {name: s.stats() for name, s in state_of(model).sites.items()}
+
+
+def save_state(model: Any, path: str) -> None:
+    """Save calibrated state (config, per-site schedule position and cached masks as bitmaps) to
+    ``path`` (torch.save format, versioned)."""
+    from .kernels.packing import pack_bits
+
+    st = state_of(model)
+    sites = {}
+    for name, s in st.sites.items():
+        entry: dict[str, Any] = {
+            "calls": s.calls,
+            "counts": [s.n_dense, s.n_profiled, s.n_sparse],
+            "mask_key": None,
+            "mask_bits": None,
+            "mask_shape": None,
+        }
+        if s.mask is not None and s.mask_key is not None:
+            q_shape, k_shape, bm, bn = s.mask_key
+            entry["mask_key"] = [list(q_shape), list(k_shape), bm, bn]
+            entry["mask_shape"] = list(s.mask.shape)
+            entry["mask_bits"] = pack_bits(s.mask).cpu()
+        sites[name] = entry
+    torch.save({"format": "fgcompile-state", "version": STATE_VERSION, "config": st.config.to_dict(), "sites": sites}, path)
+
+
+def load_state(model: Any, path: str) -> None:
+    """Load state saved by ``save_state`` into a compiled model that has run once (so its sites
+    exist). Raises ValueError when the file is not fgcompile state, its version is unknown, or its
+    sites or shapes do not match the model's."""
+    from .kernels.packing import unpack_bits
+
+    st = state_of(model)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != "fgcompile-state":
+        raise ValueError(f"path: {path!r} is not an fgcompile state file")
+    if blob.get("version") != STATE_VERSION:
+        raise ValueError(f"path: state version {blob.get('version')!r} is not supported (expected {STATE_VERSION})")
+    saved, have = set(blob["sites"]), set(st.sites)
+    if saved != have:
+        raise ValueError(
+            f"path: the saved state's sites do not match the model's: missing in the model {sorted(saved - have)}, "
+            f"not in the file {sorted(have - saved)}"
+        )
+    cfg = FGAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in blob["config"].items()})
+    for name, entry in blob["sites"].items():
+        site = st.sites[name]
+        info = site.info
+        if entry["mask_key"] is not None and info is not None and getattr(info, "head_dim", None) is not None:
+            q_shape = entry["mask_key"][0]
+            if q_shape[-1] != info.head_dim or (info.num_heads is not None and q_shape[1] != info.num_heads):
+                raise ValueError(
+                    f"path: site {name!r} was saved for q of shape {q_shape}, the model's site has "
+                    f"{info.num_heads} heads of {info.head_dim}"
+                )
+    for name, entry in blob["sites"].items():
+        site = st.sites[name]
+        site.config = cfg
+        site.reset()
+        site.calls = entry["calls"]
+        site.n_dense, site.n_profiled, site.n_sparse = entry["counts"]
+        if entry["mask_bits"] is not None:
+            q_shape, k_shape, bm, bn = entry["mask_key"]
+            site.mask = unpack_bits(entry["mask_bits"], entry["mask_shape"][-1]).reshape(entry["mask_shape"])
+            site.mask_key = (tuple(q_shape), tuple(k_shape), bm, bn)
+    st.config = cfg
