@@ -40,8 +40,6 @@ class TransformResult:
 
     graph: torch.fx.GraphModule
     sites: list = field(default_factory=list)  # list[fgcompile.passes.find_attention.SiteInfo]
-    state: Optional[runtime.ModelState] = None
-    error: Optional[str] = None  # set when the passes failed and the graph was left unchanged
 
 
 def _grad_needed(example_inputs: Sequence[Any]) -> bool:
@@ -50,16 +48,23 @@ def _grad_needed(example_inputs: Sequence[Any]) -> bool:
     )
 
 
+def _owner_placeholder(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[torch.fx.Node]:
+    """The graph's first placeholder whose example input is an ``nn.Parameter``: at run time its
+    identity says which model instance the graph is running for (see fgcompile.runtime)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        if isinstance(value, torch.nn.Parameter):
+            return node
+    return None
+
+
 def transform(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
     config: FGAttnConfig,
-    owner: Optional[torch.nn.Module] = None,
 ) -> TransformResult:
-    """Run fgcompile's FX passes on a Dynamo graph, in place: detect, decide, register, rewrite.
-
-    ``owner`` is the module whose state holds the sites (None: a fresh state owned by no one,
-    as ``fgcompile.explain`` uses)."""
+    """Run fgcompile's FX passes on a Dynamo graph, in place: detect, decide, register, rewrite."""
+    from .lowering.ops import site_attention
     from .passes.find_attention import find_attention_sites
     from .passes.rewrite import rewrite_sites
 
@@ -72,12 +77,15 @@ def transform(
                     "autograd is recording (inputs require grad): the sparse kernels have no backward; "
                     "run inference under torch.no_grad() or torch.inference_mode()"
                 )
-    state = runtime.state_for_owner(owner, config)
-    chosen = []
-    for m in matches:
-        if m.info.decision == "sparse":
-            chosen.append((m, state.register_site(m.info.name, m.info, config)))
+    chosen = [(m, runtime.register_site(m.info.name, config, m.info)) for m in matches if m.info.decision == "sparse"]
     rewrite_sites(gm, chosen)
+    owner = _owner_placeholder(gm, example_inputs)
+    if owner is not None:
+        op = torch.ops.fgcompile.site_attention.default
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in (op, site_attention):
+                args = list(node.args) + [None] * (6 - len(node.args))
+                node.args = tuple(args[:6]) + (owner,)
     gm.graph.lint()
     gm.recompile()
     for m in matches:
@@ -87,7 +95,7 @@ def transform(
             i.name, i.pattern, i.batch, i.num_heads, i.num_kv_heads, i.seq_len_q, i.seq_len_kv,
             i.head_dim, i.dtype, i.mask, i.decision, i.reason,
         )
-    return TransformResult(gm, [m.info for m in matches], state)
+    return TransformResult(gm, [m.info for m in matches])
 
 
 class FGAttnBackend:
@@ -120,9 +128,8 @@ class FGAttnBackend:
         options: Optional[Mapping[str, Any]] = None,
     ) -> Callable:
         config = self.config if options is None else FGAttnConfig.from_options({"config": self.config, **options})
-        owner = torch_private.current_frame_module()
         try:
-            transform(gm, example_inputs, config, owner)
+            transform(gm, example_inputs, config)
         except Exception as e:  # never crash a user's compile: fall back to the dense graph
             log.warning("fgcompile: the attention passes failed (%s: %s); compiling this graph unchanged", type(e).__name__, e)
             raise_if_testing(e)

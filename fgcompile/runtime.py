@@ -1,14 +1,16 @@
 """Per-model, per-site run-time state: the predictor schedule, the cached slice masks, statistics,
 and saving/loading calibrated state.
 
-Ownership: every ``nn.Module`` compiled with the fgattn backend gets one ``ModelState`` (held in a
-weak dictionary keyed by the module, so two compiled models never share state and the state dies
-with the model); it holds one ``SiteState`` per attention site, keyed by the site's stable name
-(its module path, e.g. ``"blocks.3.attn1"``). Recompiles (new shapes, graph breaks) reuse the
-site's state by name; a cached mask is only reused for the exact shape it was computed for.
-
-The compiled graph calls ``torch.ops.fgcompile.site_attention(q, k, v, key_padding, scale, handle)``
-(see ``fgcompile.lowering.ops``); ``handle`` indexes ``_HANDLES``.
+Ownership: the compiled graph calls
+``torch.ops.fgcompile.site_attention(q, k, v, key_padding, scale, handle, owner)`` (see
+``fgcompile.lowering.ops``). ``handle`` (a constant of the graph) names a ``SiteTemplate``: the
+site's stable name (its module path, e.g. ``"blocks.3.attn1"``), its config and what the
+detection pass found. ``owner`` is a parameter of the model, passed at run time: Dynamo reuses one
+compiled graph for every instance of a module class, so per-model state cannot be a constant of
+the graph. Each owner parameter maps (weakly) to one ``ModelState``, which holds one ``SiteState``
+per site name; two models never share state and the state dies with the model. Recompiles (new
+shapes, graph breaks) reuse a site's state by name; a cached mask is only reused for the exact
+shape it was computed for.
 
 Schedule of one site, call ``c`` (0-based, counted per site):
 
@@ -38,6 +40,8 @@ from .config import FGAttnConfig
 
 __all__ = [
     "ModelState",
+    "SiteTemplate",
+    "register_site",
     "SiteState",
     "SiteStats",
     "state_of",
@@ -54,9 +58,29 @@ log = logging.getLogger("fgcompile")
 STATE_VERSION = 1
 
 _LOCK = threading.Lock()
-_HANDLES: dict[int, "SiteState"] = {}
 _NEXT_HANDLE = itertools.count(1)
-_MODELS: "weakref.WeakKeyDictionary[torch.nn.Module, ModelState]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class SiteTemplate:
+    """What a compiled graph knows of a site: its name, config, and the detection pass's SiteInfo."""
+
+    name: str
+    config: FGAttnConfig
+    info: Any = field(default=None, compare=False)
+
+
+_TEMPLATES: dict[int, SiteTemplate] = {}
+# owner parameter -> ModelState (weak: the state dies with the model's parameters)
+_OWNED: "weakref.WeakKeyDictionary[torch.Tensor, ModelState]" = weakref.WeakKeyDictionary()
+
+
+def register_site(name: str, config: FGAttnConfig, info: Any = None) -> int:
+    """Register a site template; returns the handle the graph passes to the op."""
+    with _LOCK:
+        handle = next(_NEXT_HANDLE)
+        _TEMPLATES[handle] = SiteTemplate(name, config, info)
+    return handle
 
 
 @dataclass
@@ -87,7 +111,6 @@ class SiteState:
     name: str
     config: FGAttnConfig
     info: Any = None  # fgcompile.passes.find_attention.SiteInfo, for reports
-    handle: int = 0
     calls: int = 0
     n_dense: int = 0
     n_profiled: int = 0
@@ -97,6 +120,7 @@ class SiteState:
     _density_last: Optional[torch.Tensor] = None  # (H,) float32 on the device
     _density_sum: Optional[torch.Tensor] = None
     _density_count: int = 0
+    _template_config: Optional[FGAttnConfig] = None  # the compiled config this site last ran with
 
     # ----------------------------------------------------------------- running
     def __call__(
@@ -186,59 +210,66 @@ class SiteState:
 class ModelState:
     """All sites of one compiled model, by name."""
 
-    def __init__(self, config: FGAttnConfig):
-        self.config = config
+    def __init__(self) -> None:
         self.sites: dict[str, SiteState] = {}
 
-    def register_site(self, name: str, info: Any = None, config: Optional[FGAttnConfig] = None) -> int:
-        """Get or create the state of site ``name`` and return its handle (an int the compiled
-        graph passes to ``fgcompile::site_attention``). A later compile of the same model with a
-        new config updates the site's config."""
-        cfg = config or self.config
-        with _LOCK:
-            site = self.sites.get(name)
-            if site is None:
-                site = SiteState(name=name, config=cfg, info=info, handle=next(_NEXT_HANDLE))
-                self.sites[name] = site
-                _HANDLES[site.handle] = site
-            else:
-                if site.config != cfg:
-                    site.config = cfg
-                    site.mask = None
-                    site.mask_key = None
-                if info is not None:
-                    site.info = info
-            self.config = cfg
-        return site.handle
+    def site(self, template: SiteTemplate) -> SiteState:
+        """The state of ``template``'s site, created on first use. A site compiled again with
+        another config (a new torch.compile of the same model) takes the new config and drops its
+        cached mask."""
+        site = self.sites.get(template.name)
+        if site is None:
+            site = SiteState(name=template.name, config=template.config, info=template.info)
+            site._template_config = template.config
+            self.sites[template.name] = site
+        elif site._template_config != template.config:
+            site.config = site._template_config = template.config
+            site.mask = None
+            site.mask_key = None
+        return site
 
 
-def state_for_owner(owner: Optional[torch.nn.Module], config: FGAttnConfig) -> ModelState:
-    """The ModelState of ``owner`` (created on first use); a fresh unowned state for None."""
+_UNOWNED = ModelState()  # sites of graphs with no parameter input (compiled functions)
+
+
+def _state_of_owner(owner: Optional[torch.Tensor]) -> ModelState:
     if owner is None:
-        return ModelState(config)
-    with _LOCK:
-        st = _MODELS.get(owner)
-        if st is None:
-            st = ModelState(config)
-            _MODELS[owner] = st
+        return _UNOWNED
+    st = _OWNED.get(owner)
+    if st is None:
+        with _LOCK:
+            st = _OWNED.get(owner)
+            if st is None:
+                st = _OWNED[owner] = ModelState()
     return st
 
 
-def _owner_of(model: Any) -> Any:
-    return getattr(model, "_orig_mod", model)
+def _states_of(model: Any) -> list[ModelState]:
+    owner = getattr(model, "_orig_mod", model)
+    found: list[ModelState] = []
+    if isinstance(owner, torch.nn.Module):
+        for p in owner.parameters():
+            st = _OWNED.get(p)
+            if st is not None and all(st is not f for f in found):
+                found.append(st)
+    return found
 
 
 def state_of(model: Any) -> ModelState:
-    """The ModelState of a compiled model (the object torch.compile returned, or the module it
-    wraps). Raises ValueError if the model was never compiled and run with the fgattn backend."""
-    owner = _owner_of(model)
-    st = _MODELS.get(owner) if isinstance(owner, torch.nn.Module) else None
-    if st is None:
+    """The state of a compiled model (what torch.compile returned, or the module it wraps): the
+    sites of every graph compiled from it. Raises ValueError if it never ran under fgattn."""
+    found = _states_of(model)
+    if not found:
         raise ValueError(
             "model: expected a model compiled with backend='fgattn' (or fgcompile.backend(...)) "
             "that has run at least once; no fgcompile state is attached to it"
         )
-    return st
+    if len(found) == 1:
+        return found[0]
+    merged = ModelState()  # several graphs (graph breaks): a view over all their sites
+    for st in found:
+        merged.sites.update(st.sites)
+    return merged
 
 
 def run_site(
@@ -248,12 +279,13 @@ def run_site(
     v: torch.Tensor,
     key_padding: Optional[torch.Tensor],
     scale: float,
+    owner: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Entry point of the ``fgcompile::site_attention`` op."""
-    site = _HANDLES.get(handle)
-    if site is None:
+    template = _TEMPLATES.get(handle)
+    if template is None:
         raise RuntimeError(f"fgcompile: unknown attention site handle {handle}")
-    return site(q, k, v, key_padding, scale)
+    return _state_of_owner(owner).site(template)(q, k, v, key_padding, scale)
 
 
 def dense_attention(
@@ -296,9 +328,12 @@ def save_state(model: Any, path: str) -> None:
     from .kernels.packing import pack_bits
 
     st = state_of(model)
+    configs = {s.config for s in st.sites.values()}
+    config = next(iter(configs)) if len(configs) == 1 else None
     sites = {}
     for name, s in st.sites.items():
         entry: dict[str, Any] = {
+            "config": s.config.to_dict(),
             "calls": s.calls,
             "counts": [s.n_dense, s.n_profiled, s.n_sparse],
             "mask_key": None,
@@ -311,7 +346,7 @@ def save_state(model: Any, path: str) -> None:
             entry["mask_shape"] = list(s.mask.shape)
             entry["mask_bits"] = pack_bits(s.mask).cpu()
         sites[name] = entry
-    torch.save({"format": "fgcompile-state", "version": STATE_VERSION, "config": st.config.to_dict(), "sites": sites}, path)
+    torch.save({"format": "fgcompile-state", "version": STATE_VERSION, "config": config.to_dict() if config else None, "sites": sites}, path)
 
 
 def load_state(model: Any, path: str) -> None:
@@ -332,7 +367,6 @@ def load_state(model: Any, path: str) -> None:
             f"path: the saved state's sites do not match the model's: missing in the model {sorted(saved - have)}, "
             f"not in the file {sorted(have - saved)}"
         )
-    cfg = FGAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in blob["config"].items()})
     for name, entry in blob["sites"].items():
         site = st.sites[name]
         info = site.info
@@ -345,7 +379,7 @@ def load_state(model: Any, path: str) -> None:
                 )
     for name, entry in blob["sites"].items():
         site = st.sites[name]
-        site.config = cfg
+        site.config = FGAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["config"].items()})
         site.reset()
         site.calls = entry["calls"]
         site.n_dense, site.n_profiled, site.n_sparse = entry["counts"]
@@ -353,4 +387,3 @@ def load_state(model: Any, path: str) -> None:
             q_shape, k_shape, bm, bn = entry["mask_key"]
             site.mask = unpack_bits(entry["mask_bits"], entry["mask_shape"][-1]).reshape(entry["mask_shape"])
             site.mask_key = (tuple(q_shape), tuple(k_shape), bm, bn)
-    st.config = cfg

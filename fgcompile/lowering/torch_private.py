@@ -3,13 +3,11 @@
 Touched here (all private, all feature-detected so torch 2.11 and 2.13 both work):
 - ``torch._inductor.compile_fx.compile_fx``: hands the rewritten graph to Inductor.
 - ``torch._inductor.list_mode_options``: the config patches behind ``mode=``.
-- ``torch._dynamo.symbolic_convert.InstructionTranslator.current_tx``: the frame Dynamo is
-  compiling, to find the ``nn.Module`` that owns the per-site state.
 - ``torch._logging._internal.register_log`` / ``register_artifact`` / ``_init_logs``: the
   ``TORCH_LOGS="+fgcompile"`` log.
 
-A missing API raises ``RuntimeError`` naming it and the torch version, except the owner lookup,
-which degrades to ``None`` (the state is then owned by the compiled graph alone).
+A missing API raises ``RuntimeError`` naming it and the torch version; a missing logging API only
+disables the log.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import torch
 __all__ = [
     "compile_fx",
     "inductor_mode_options",
-    "current_frame_module",
     "register_fgcompile_log",
 ]
 
@@ -56,34 +53,6 @@ def inductor_mode_options(mode: Optional[str]) -> dict[str, Any]:
     except ImportError as e:  # pragma: no cover
         raise _missing("torch._inductor.list_mode_options") from e
     return dict(list_mode_options(mode))
-
-
-def current_frame_module() -> Optional[torch.nn.Module]:
-    """The ``nn.Module`` whose method Dynamo is compiling right now (the frame's first argument,
-    ``self``), or None when it cannot be found (a plain function was compiled, or this torch has no
-    such API). Only meaningful inside a backend call."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-    except ImportError:  # pragma: no cover
-        return None
-    current = getattr(InstructionTranslator, "current_tx", None)
-    if current is None:  # pragma: no cover
-        return None
-    try:
-        tx = current()
-    except Exception:
-        return None
-    if tx is None:
-        return None
-    code = getattr(tx, "f_code", None)
-    f_locals = getattr(tx, "f_locals", None) or {}
-    names = list(code.co_varnames[: max(code.co_argcount, 1)]) if code is not None else []
-    candidates = [f_locals[n] for n in names[:1] if n in f_locals] + list(f_locals.values())
-    for var in candidates:
-        value = getattr(var, "value", None)
-        if isinstance(value, torch.nn.Module):
-            return value
-    return None
 
 
 _LOG_REGISTERED = False
