@@ -368,14 +368,17 @@ def load_state(model: Any, path: str) -> None:
             f"not in the file {sorted(have - saved)}"
         )
     for name, entry in blob["sites"].items():
-        site = st.sites[name]
-        info = site.info
-        if entry["mask_key"] is not None and info is not None and getattr(info, "head_dim", None) is not None:
-            q_shape = entry["mask_key"][0]
-            if q_shape[-1] != info.head_dim or (info.num_heads is not None and q_shape[1] != info.num_heads):
+        info = st.sites[name].info
+        if entry["mask_key"] is None or info is None:
+            continue
+        (_, h, s_q, d), (_, _, s_kv, _) = entry["mask_key"][0], entry["mask_key"][1]
+        saved = {"num_heads": h, "seq_len_q": s_q, "seq_len_kv": s_kv, "head_dim": d}
+        for attr, value in saved.items():
+            have = getattr(info, attr, None)
+            if isinstance(have, int) and have != value:
                 raise ValueError(
-                    f"path: site {name!r} was saved for q of shape {q_shape}, the model's site has "
-                    f"{info.num_heads} heads of {info.head_dim}"
+                    f"path: site {name!r} was saved for a different shape: {attr} {value} in the file, "
+                    f"{have} in the model"
                 )
     for name, entry in blob["sites"].items():
         site = st.sites[name]

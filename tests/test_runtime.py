@@ -1,0 +1,184 @@
+"""The predictor schedule inside compiled models: profiled calls, warm-up, reset, per-model state,
+stats, and saving/loading calibrated state."""
+
+import os
+
+import pytest
+import torch
+
+import fgcompile
+from fgcompile import FGAttnConfig
+from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
+
+os.environ["FGCOMPILE_STRICT"] = "1"
+
+SMALL = ToyDiTConfig(depth=2, width=128, heads=2)
+SITES = ["blocks.0.attn", "blocks.1.attn"]
+
+
+def _inputs(batch=1, frames=2, hw=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, 4, frames, hw, hw, generator=g),
+        torch.rand(batch, generator=g),
+        torch.randn(batch, 16, 64, generator=g),
+    )
+
+
+def _cfg(**kw):
+    base = dict(min_seq_len=64, block_m=64)
+    base.update(kw)
+    return FGAttnConfig(**base)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _counts(c):
+    return {n: (s.calls, s.dense_calls, s.profiled_calls, s.sparse_calls) for n, s in fgcompile.stats(c).items()}
+
+
+def test_profile_schedule_and_reset():
+    model = ToyVideoDiT(SMALL).eval()
+    c = torch.compile(model, backend=fgcompile.backend(_cfg(profile_every=3, dense_calls=1)))
+    x = _inputs()
+    with torch.no_grad():
+        for _ in range(8):
+            c(*x)
+    # call 0 dense (warm-up); profiled at 1, 4, 7; sparse at 2, 3, 5, 6
+    assert _counts(c) == {n: (8, 1, 3, 4) for n in SITES}
+    fgcompile.reset(c)
+    assert _counts(c) == {n: (0, 0, 0, 0) for n in SITES}
+    with torch.no_grad():
+        c(*x)
+        c(*x)
+    assert _counts(c) == {n: (2, 1, 1, 0) for n in SITES}
+
+
+def test_dense_sites_and_dense_predictor():
+    model = ToyVideoDiT(SMALL).eval()
+    x = _inputs()
+    report = fgcompile.explain(model, *x, config=_cfg(dense_sites=("blocks.1.*",)))
+    by_name = {s.name: s for s in report.sites}
+    assert by_name["blocks.0.attn"].decision == "sparse"
+    assert by_name["blocks.1.attn"].decision == "dense" and "dense_sites" in by_name["blocks.1.attn"].reason
+
+
+def test_two_models_never_share_state():
+    a, b = ToyVideoDiT(SMALL, seed=1).eval(), ToyVideoDiT(SMALL, seed=2).eval()
+    be = fgcompile.backend(_cfg(profile_every=2))
+    ca, cb = torch.compile(a, backend=be), torch.compile(b, backend=be)
+    x = _inputs()
+    with torch.no_grad():
+        ra, rb = a(*x), b(*x)
+        oa = ca(*x)
+        ca(*x)
+        ca(*x)
+        ob = cb(*x)  # b's first call: profiled (exact), though a is in its schedule already
+    torch.testing.assert_close(oa, ra, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ob, rb, rtol=1e-4, atol=1e-4)
+    assert _counts(ca) == {n: (3, 0, 2, 1) for n in SITES}
+    assert _counts(cb) == {n: (1, 0, 1, 0) for n in SITES}
+
+
+def test_shape_change_reprofiles():
+    model = ToyVideoDiT(SMALL).eval()
+    c = torch.compile(model, backend=fgcompile.backend(_cfg(profile_every=100)))
+    with torch.no_grad():
+        c(*_inputs(frames=2))
+        c(*_inputs(frames=2))
+        x3 = _inputs(frames=3)
+        out = c(*x3)  # a new shape: a fresh profile (exact), never the stale mask
+        torch.testing.assert_close(out, model(*x3), rtol=1e-4, atol=1e-4)
+    assert _counts(c) == {n: (3, 0, 2, 1) for n in SITES}
+
+
+def test_stats_densities():
+    model = ToyVideoDiT(SMALL).eval()
+    c = torch.compile(model, backend=fgcompile.backend(_cfg()))
+    with torch.no_grad():
+        c(*_inputs())
+        c(*_inputs())
+    for s in fgcompile.stats(c).values():
+        assert len(s.density_last) == SMALL.heads and len(s.density_mean) == SMALL.heads
+        assert all(0.0 < d < 1.0 for d in s.density_last)
+        assert 0 < s.mean_density < 1
+    with pytest.raises(ValueError, match="model"):
+        fgcompile.stats(ToyVideoDiT(SMALL))
+
+
+def test_error_shrinks_with_alpha():
+    model = ToyVideoDiT(SMALL).eval()
+    x = _inputs(batch=2)
+    errs, dens = [], []
+    with torch.no_grad():
+        ref = model(*x)
+        for alpha in (4.0, 0.5, 0.05):
+            c = torch.compile(model, backend=fgcompile.backend(_cfg(alpha=alpha)))
+            c(*x)  # profiled
+            out = c(*x)  # sparse with that mask
+            errs.append(_rel(out, ref))
+            dens.append(sum(s.mean_density for s in fgcompile.stats(c).values()))
+    assert errs[0] > errs[1] > errs[2], errs
+    assert dens[0] < dens[1] < dens[2], dens
+
+
+def test_pooled_predictor_runs_every_call():
+    model = ToyVideoDiT(SMALL).eval()
+    c = torch.compile(model, backend=fgcompile.backend(_cfg(predictor="pooled", tau=0.95)))
+    x = _inputs()
+    with torch.no_grad():
+        ref = model(*x)
+        out = c(*x)
+        c(*x)
+    assert _counts(c) == {n: (2, 0, 0, 2) for n in SITES}
+    assert _rel(out, ref) < 0.2
+
+
+def test_save_load_round_trip(tmp_path):
+    x = _inputs()
+    cfg = _cfg(profile_every=50)
+    a = ToyVideoDiT(SMALL, seed=3).eval()
+    ca = torch.compile(a, backend=fgcompile.backend(cfg))
+    with torch.no_grad():
+        ca(*x)  # profiled: calibrates the masks
+        expected = ca(*x)  # sparse with the calibrated masks
+    path = tmp_path / "state.pt"
+    fgcompile.save_state(ca, str(path))
+
+    b = ToyVideoDiT(SMALL, seed=3).eval()
+    cb = torch.compile(b, backend=fgcompile.backend(cfg))
+    with torch.no_grad():
+        cb(*_inputs(seed=5))  # creates the sites (profiles other inputs)
+        fgcompile.load_state(cb, str(path))
+        got = cb(*x)  # call 1 again: sparse with the loaded masks
+    torch.testing.assert_close(got, expected)
+    for (na, sa), (nb, sb) in zip(fgcompile.stats(ca).items(), fgcompile.stats(cb).items()):
+        assert na == nb and sb.sparse_calls == 1
+
+
+def test_load_state_mismatch_errors(tmp_path):
+    x = _inputs()
+    ca = torch.compile(ToyVideoDiT(SMALL).eval(), backend=fgcompile.backend(_cfg()))
+    with torch.no_grad():
+        ca(*x)
+    path = tmp_path / "state.pt"
+    fgcompile.save_state(ca, str(path))
+
+    deeper = torch.compile(ToyVideoDiT(ToyDiTConfig(depth=3, width=128, heads=2)).eval(), backend=fgcompile.backend(_cfg()))
+    with torch.no_grad():
+        deeper(*x)
+    with pytest.raises(ValueError, match="sites do not match"):
+        fgcompile.load_state(deeper, str(path))
+
+    other_shape = torch.compile(ToyVideoDiT(SMALL).eval(), backend=fgcompile.backend(_cfg()))
+    with torch.no_grad():
+        other_shape(*_inputs(frames=3))
+    with pytest.raises(ValueError, match="shape"):
+        fgcompile.load_state(other_shape, str(path))
+
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"hello": 1}, str(bogus))
+    with pytest.raises(ValueError, match="not an fgcompile state file"):
+        fgcompile.load_state(ca, str(bogus))
