@@ -35,6 +35,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.weak
 
 from .config import FGAttnConfig
 
@@ -72,7 +73,8 @@ class SiteTemplate:
 
 _TEMPLATES: dict[int, SiteTemplate] = {}
 # owner parameter -> ModelState (weak: the state dies with the model's parameters)
-_OWNED: "weakref.WeakKeyDictionary[torch.Tensor, ModelState]" = weakref.WeakKeyDictionary()
+# (by identity: a WeakKeyDictionary would compare tensors with ==, which is elementwise)
+_OWNED: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
 
 
 def register_site(name: str, config: FGAttnConfig, info: Any = None) -> int:

@@ -11,6 +11,17 @@ Architecture (a scaled-down Wan / Latte-style DiT):
   -> adaLN -> GELU MLP;
 - a final adaLN + linear unpatchify back to (B, C, F, H, W).
 
+Options (all off by default; the defaults give the model above, with the same seeded weights):
+
+- ``num_labels > 0``: class-label conditioning. An ``nn.Embedding(num_labels + 1, width)`` (the
+  last entry, index ``num_labels``, is the null label for classifier-free guidance) is added to
+  the timestep embedding; ``forward(..., labels=(B,) int64)``.
+- ``text_tokens = 0``: no cross-attention (and no text input).
+- ``ada_shared = True``: adaLN-single (PixArt-alpha): one ``Linear(width, 6 * width)`` of the
+  conditioning for all blocks plus a learned (6, width) table per block, and a (2, width) table
+  for the final layer, instead of a ``Linear(width, 6 * width)`` per block (6 * width^2
+  parameters per block saved).
+
 Self-attention calls ``F.scaled_dot_product_attention`` (``attn_impl="sdpa"``, default) or the
 hand-written ``softmax(q @ k^T * scale) @ v`` (``attn_impl="manual"``); cross-attention uses
 SDPA. Weights are random (seeded): the model has no learned structure, but its attention is peaky
@@ -44,6 +55,8 @@ class ToyDiTConfig:
     mlp_ratio: float = 2.0
     qk_gain: float = 4.0  # scales the q/k projections: peakier attention, as trained models have
     attn_impl: str = "sdpa"  # "sdpa" or "manual"
+    num_labels: int = 0  # > 0: label conditioning (embedding of num_labels + 1; the last is the null label)
+    ada_shared: bool = False  # adaLN-single: one modulation MLP shared by all blocks + per-block tables
 
     @property
     def head_dim(self) -> int:
@@ -128,24 +141,39 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=1e-6)
-        self.cross = CrossAttention(cfg)
+        if cfg.text_tokens > 0:
+            self.norm2 = nn.LayerNorm(cfg.width, eps=1e-6)
+            self.cross = CrossAttention(cfg)
+        else:
+            self.norm2 = self.cross = None
         self.norm3 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=1e-6)
         hidden = int(cfg.width * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(cfg.width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.width))
-        self.ada = nn.Linear(cfg.width, 6 * cfg.width)
+        if cfg.ada_shared:
+            # t is then the shared modulation (B, 6 * width); this table is added to it
+            self.ada = None
+            self.ada_table = nn.Parameter(torch.randn(6, cfg.width) / cfg.width**0.5)
+        else:
+            self.ada = nn.Linear(cfg.width, 6 * cfg.width)
 
     def forward(self, x, t, text, cos, sin):
-        s1, c1, g1, s2, c2, g2 = self.ada(F.silu(t)).chunk(6, dim=-1)
+        if self.ada is None:
+            mod = t.view(t.shape[0], 6, -1) + self.ada_table.to(t.dtype)
+            s1, c1, g1, s2, c2, g2 = mod.unbind(1)
+        else:
+            s1, c1, g1, s2, c2, g2 = self.ada(F.silu(t)).chunk(6, dim=-1)
         x = x + g1[:, None] * self.attn(_modulate(self.norm1(x), s1, c1), cos, sin)
-        x = x + self.cross(self.norm2(x), text)
+        if self.cross is not None:
+            x = x + self.cross(self.norm2(x), text)
         x = x + g2[:, None] * self.mlp(_modulate(self.norm3(x), s2, c2))
         return x
 
 
 class ToyVideoDiT(nn.Module):
-    """forward(latents (B, C, F, H, W), timestep (B,), text (B, T, text_dim)) -> (B, C, F, H, W):
-    the predicted velocity (flow matching)."""
+    """forward(latents (B, C, F, H, W), timestep (B,), text (B, T, text_dim), labels (B,)) ->
+    (B, C, F, H, W): the predicted velocity (flow matching). ``text`` is required when
+    ``cfg.text_tokens > 0`` and ignored otherwise; ``labels`` (int, ``cfg.num_labels`` = the null
+    label) is required when ``cfg.num_labels > 0`` and ignored otherwise."""
 
     def __init__(self, cfg: ToyDiTConfig = ToyDiTConfig(), seed: int = 0):
         super().__init__()
@@ -153,6 +181,8 @@ class ToyVideoDiT(nn.Module):
             raise ValueError(f"attn_impl: expected 'sdpa' or 'manual', got {cfg.attn_impl!r}")
         if cfg.width % cfg.heads:
             raise ValueError(f"width: expected a multiple of heads ({cfg.heads}), got {cfg.width}")
+        if cfg.num_labels < 0 or cfg.text_tokens < 0:
+            raise ValueError(f"num_labels, text_tokens: expected >= 0, got {cfg.num_labels}, {cfg.text_tokens}")
         self.cfg = cfg
         g = torch.random.fork_rng()
         with g:
@@ -161,8 +191,15 @@ class ToyVideoDiT(nn.Module):
             self.t_mlp = nn.Sequential(nn.Linear(256, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
             self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
             self.norm_out = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=1e-6)
-            self.ada_out = nn.Linear(cfg.width, 2 * cfg.width)
+            if cfg.ada_shared:
+                self.ada_out = None
+                self.ada_out_table = nn.Parameter(torch.randn(2, cfg.width) / cfg.width**0.5)
+            else:
+                self.ada_out = nn.Linear(cfg.width, 2 * cfg.width)
             self.out = nn.Linear(cfg.width, cfg.in_channels * math.prod(cfg.patch))
+            # options: created last, so that the default model's seeded weights are unchanged
+            self.ada_shared = nn.Linear(cfg.width, 6 * cfg.width) if cfg.ada_shared else None
+            self.label_emb = nn.Embedding(cfg.num_labels + 1, cfg.width) if cfg.num_labels > 0 else None
 
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
@@ -171,17 +208,34 @@ class ToyVideoDiT(nn.Module):
         ang = t.float()[:, None] * 1000.0 * freqs[None]
         return torch.cat([ang.cos(), ang.sin()], dim=-1)
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         cfg = self.cfg
+        if cfg.text_tokens > 0 and text is None:
+            raise ValueError("text: this model has cross-attention (text_tokens > 0): pass text (B, T, text_dim)")
+        if cfg.num_labels > 0 and labels is None:
+            raise ValueError(f"labels: this model is label-conditioned: pass labels (B,) in [0, {cfg.num_labels}] "
+                             f"({cfg.num_labels} = the null label)")
         b, c, f, h, w = latents.shape
         pf, ph, pw = cfg.patch
         grid = (f // pf, h // ph, w // pw)
         x = self.patch(latents).flatten(2).transpose(1, 2)  # (B, N, width), (f, h, w) order
         cos, sin = rope_3d(grid, cfg.head_dim, device=latents.device)
         t = self.t_mlp(self.timestep_embedding(timestep).to(x.dtype))
+        if self.label_emb is not None:
+            t = t + self.label_emb(labels)
+        mod = self.ada_shared(F.silu(t)) if self.ada_shared is not None else t
         for blk in self.blocks:
-            x = blk(x, t, text, cos, sin)
-        shift, scale = self.ada_out(F.silu(t)).chunk(2, dim=-1)
+            x = blk(x, mod, text, cos, sin)
+        if self.ada_out is None:
+            shift, scale = (t[:, None] + self.ada_out_table.to(t.dtype)).unbind(1)
+        else:
+            shift, scale = self.ada_out(F.silu(t)).chunk(2, dim=-1)
         x = self.out(_modulate(self.norm_out(x), shift, scale))
         x = x.view(b, *grid, c, pf, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return x.reshape(b, c, f, h, w)
