@@ -25,8 +25,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "FGAttnConfig": "fgcompile.config",
-    "backend": "fgcompile.backend",
-    "FGAttnBackend": "fgcompile.backend",
+    "backend": "fgcompile.dynamo_backend",
+    "FGAttnBackend": "fgcompile.dynamo_backend",
     "explain": "fgcompile.report",
     "Report": "fgcompile.report",
     "stats": "fgcompile.runtime",

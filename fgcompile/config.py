@@ -156,16 +156,16 @@ class FGAttnConfig:
                 f"options: expected a dict of FGAttnConfig fields or an FGAttnConfig, got {type(options).__name__}"
             )
         opts = dict(options)
-        if "config" in opts:
-            base = opts.pop("config")
-            if not isinstance(base, cls):
-                raise ValueError(f"options['config']: expected an FGAttnConfig, got {type(base).__name__}")
-            return dataclasses.replace(base, **opts) if opts else base
+        base = opts.pop("config", None)
+        if base is not None and not isinstance(base, cls):
+            raise ValueError(f"options['config']: expected an FGAttnConfig, got {type(base).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(opts) - known)
         if unknown:
             raise ValueError(f"options: unknown FGAttnConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**opts)
+        if base is None:
+            return cls(**opts)
+        return dataclasses.replace(base, **opts) if opts else base
 
     def replace(self, **changes: Any) -> "FGAttnConfig":
         """A copy with some fields changed (validated)."""

@@ -144,7 +144,8 @@ def toy():
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_toy_dense_predictor_matches_eager(toy, batch):
+def test_toy_dense_predictor_matches_eager(batch):
+    toy = ToyVideoDiT(ToyDiTConfig(depth=2, width=128, heads=2)).eval()
     x, t, text = _toy_inputs(batch)
     cfg = FGAttnConfig(predictor="dense", min_seq_len=64, block_m=64)
     with torch.no_grad():

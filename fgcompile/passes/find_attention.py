@@ -1,0 +1,1198 @@
+"""Find the attention sites of a Dynamo graph and decide, per site, sparse or dense.
+
+The pass runs on the graph Dynamo hands to a backend: torch-level ``call_function`` /
+``call_method`` nodes whose fake values sit in ``node.meta["example_value"]`` and whose module
+paths sit in ``node.meta["nn_module_stack"]``.
+
+Two patterns are recognised:
+
+``"sdpa"``
+    ``F.scaled_dot_product_attention`` / ``torch._C._nn.scaled_dot_product_attention`` (and
+    ``aten.scaled_dot_product_attention``), arguments positional or by keyword, 2-D to 4-D inputs
+    (``(..., S, D)``), GQA (``enable_gqa=True`` or one shared key/value head).
+
+``"matmul_softmax"``
+    hand-written ``softmax(q @ k^T * scale [+ mask]) @ v``: the scores from ``operator.matmul``,
+    ``torch.matmul``, ``Tensor.matmul``, ``torch.bmm``, ``torch.baddbmm`` or a two-operand
+    ``torch.einsum``, ``k^T`` by ``transpose`` / ``permute`` / ``.mT`` or inside the einsum; the
+    scale a constant multiplier or divisor of the scores or of q / k; at most one mask
+    (``+ mask``, ``masked_fill(mask, -inf)``, ``torch.where(mask, scores, -inf)``); casts (to
+    float32 and back) around the softmax over the last dim; inference-mode dropout; then
+    ``probs @ v`` by matmul / bmm / einsum.
+
+A hand-written candidate is only accepted when its region (every node between its inputs q, k, v,
+mask and its output) is closed: no node of the region has a user outside it and the output
+post-dominates the region (checked with networkx on the FX graph). Attention probabilities that
+are returned, stored or fed to another op are therefore left alone, as are softmaxes over another
+dim, linear attention (no softmax) and matmul-softmax-matmul chains whose operands do not have
+the shapes of q, k and v.
+
+Decision (``SiteInfo.decision``, with ``SiteInfo.reason``): ``"sparse"`` iff
+
+- seq_len_q and seq_len_kv are both >= ``config.min_seq_len`` (short and cross attention stay
+  dense);
+- head dim in {64, 96, 128} and, for hand-written attention, the value head dim equals it (SDPA
+  sites with another value head dim stay dense too);
+- dtype float16 / bfloat16 / float32, q, k and v of one dtype;
+- no mask, or a boolean key-padding mask (broadcastable to (B, 1, 1, S_kv): only the batch and key
+  dims vary) with ``config.block_n == 1``;
+- no dropout (dropout_p == 0, or dropout not in training mode), not causal;
+- GQA only where num_kv_heads divides num_heads;
+- the site name does not match ``config.dense_sites``.
+
+With ``config.predictor == "dense"`` sparse-eligible sites are still rewritten (decision
+``"sparse"``, the reason says that the runtime runs them dense): the rewritten graph is the one
+the other predictors would run, so ``predictor="dense"`` is the way to test the rewrite.
+
+Sizes under dynamic shapes are SymInts: ``SiteInfo`` stores ints where static and the str of the
+sympy expression otherwise. A symbolic sequence length is compared against ``min_seq_len`` through
+its size hint (the example input's size), and the reason says so; no guard is added.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..config import FGAttnConfig
+
+__all__ = ["SiteInfo", "SiteMatch", "find_attention_sites", "site_name", "SERVED_HEAD_DIMS", "SERVED_DTYPES"]
+
+log = logging.getLogger("fgcompile")
+
+SERVED_HEAD_DIMS = (64, 96, 128)
+SERVED_DTYPES = ("float16", "bfloat16", "float32")
+
+Size = Union[int, str]
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class SiteInfo:
+    """What the pass found at one attention site (shown by reports and logs)."""
+
+    name: str
+    pattern: str  # "sdpa" | "matmul_softmax"
+    batch: Size = 1
+    num_heads: Size = 1
+    num_kv_heads: Size = 1
+    seq_len_q: Size = 0
+    seq_len_kv: Size = 0
+    head_dim: Size = 0
+    dtype: str = ""
+    device: str = ""
+    is_causal: bool = False
+    mask: str = "none"  # "none" | "key_padding" | "other"
+    decision: str = "dense"  # "sparse" | "dense"
+    reason: str = ""
+    head_dim_v: Size = 0
+    scale: Optional[float] = None  # the softmax scale the site uses (None: not a constant)
+
+
+@dataclass
+class SiteMatch:
+    """One matched site: the nodes the rewrite needs and the site's ``info``.
+
+    The site computes ``attention(q_std, k_std, v_std)`` in a "standard form": ``q`` is
+    ``(*batch, S_q, D)`` (``nb`` leading batch dims, 0 to 2), ``k`` ``(*batch_kv, S_kv, D)``, ``v``
+    ``(*batch_kv, S_kv, D_v)``. ``q`` / ``k`` / ``v`` are graph nodes and ``*_perm`` /
+    ``k_transpose`` say how to reach the standard form from them (a permutation applied first, then
+    a swap of the last two dims). ``layout`` says how the standard form becomes the op's 4-D
+    (B, H, S, D): ``"bh"`` (nb == 2), ``"1n"`` ((N, S, D) -> (1, N, S, D)), ``"n1"`` ((N, S, D) ->
+    (N, 1, S, D), used when a key-padding mask varies over N), ``"11"`` (2-D). ``out_perm`` (or
+    None) permutes the standard-form output ``(*batch, S_q, D_v)`` to the site output's layout.
+    ``mask`` is a bool node broadcastable to the scores ``(*batch, S_q, S_kv)``; ``mask_invert``
+    says that True means "masked out" (masked_fill). ``region`` holds the nodes replaced by the op
+    (erased after rewriting), ``output`` the node whose uses the op's result takes over."""
+
+    info: SiteInfo
+    output: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    nb: int
+    scale: float
+    region: list = field(default_factory=list)
+    q_perm: Optional[tuple] = None
+    k_perm: Optional[tuple] = None
+    v_perm: Optional[tuple] = None
+    k_transpose: bool = False
+    out_perm: Optional[tuple] = None
+    layout: str = "bh"
+    mask: Optional[fx.Node] = None
+    mask_invert: bool = False
+
+
+# ----------------------------------------------------------------------------- node helpers
+_SDPA_TARGETS: set = {torch._C._nn.scaled_dot_product_attention}
+try:
+    _SDPA_TARGETS.add(F.scaled_dot_product_attention)
+except Exception:  # pragma: no cover
+    pass
+try:
+    _SDPA_TARGETS.add(torch.ops.aten.scaled_dot_product_attention.default)
+    _SDPA_TARGETS.add(torch.ops.aten.scaled_dot_product_attention)
+except Exception:  # pragma: no cover
+    pass
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+_MATMUL_FNS = {operator.matmul, torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm}
+_MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
+_BADDBMM_FNS = {torch.baddbmm, torch.Tensor.baddbmm}
+_EINSUM_FNS = {torch.einsum, torch.functional.einsum}
+_SOFTMAX_FNS = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax}
+_MUL_FNS = {operator.mul, operator.imul, torch.mul, torch.Tensor.mul}
+_DIV_FNS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, torch.Tensor.div}
+_ADD_FNS = {operator.add, operator.iadd, torch.add, torch.Tensor.add}
+_WHERE_FNS = {torch.where}
+_MASKED_FILL_FNS = {torch.masked_fill, torch.Tensor.masked_fill}
+_DROPOUT_FNS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
+_TRANSPOSE_FNS = {torch.transpose, torch.swapaxes, torch.swapdims, torch.Tensor.transpose}
+_PERMUTE_FNS = {torch.permute, torch.Tensor.permute}
+_CAST_METHODS = {"float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous"}
+_LOWEST = -1e4  # a fill value at or below this masks a key out
+
+
+def _is_fn(node: Any, fns: set, methods: Sequence[str] = ()) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        try:
+            return node.target in fns
+        except TypeError:  # unhashable target
+            return False
+    return node.op == "call_method" and node.target in methods
+
+
+def _get(node: fx.Node, idx: int, name: str, default: Any = None) -> Any:
+    if name in node.kwargs:
+        return node.kwargs[name]
+    if idx < len(node.args):
+        return node.args[idx]
+    return default
+
+
+def _val(node: Any) -> Any:
+    if isinstance(node, fx.Node):
+        v = node.meta.get("example_value", node.meta.get("val"))
+        return v
+    return node
+
+
+def _tensor(node: Any) -> Optional[torch.Tensor]:
+    v = _val(node)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _ndim(node: Any) -> Optional[int]:
+    t = _tensor(node)
+    return t.dim() if t is not None else None
+
+
+def size_of(x: Any) -> Size:
+    """An int for a static size, the sympy expression's str for a symbolic one."""
+    if isinstance(x, int):
+        return int(x)
+    if isinstance(x, torch.SymInt):
+        node = x.node
+        try:
+            m = node.maybe_as_int()
+            if m is not None:
+                return int(m)
+        except Exception:
+            pass
+        try:
+            expr = node.expr
+            if getattr(expr, "is_number", False):
+                return int(expr)
+            return str(expr)
+        except Exception:
+            return str(x)
+    return str(x)
+
+
+def _hint(x: Any) -> Optional[int]:
+    """A size's integer value: itself when static, its size hint when symbolic (None if unknown)."""
+    if isinstance(x, int):
+        return int(x)
+    if isinstance(x, torch.SymInt):
+        s = size_of(x)
+        if isinstance(s, int):
+            return s
+        try:
+            h = x.node.hint
+            return int(h) if h is not None else None
+        except Exception:
+            return None
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two sizes are the same, without adding guards."""
+    return size_of(a) == size_of(b)
+
+
+def _is_one(a: Any) -> bool:
+    return size_of(a) == 1
+
+
+def _const_number(x: Any) -> Optional[float]:
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    return None
+
+
+def _norm_dim(d: Any, n: int) -> Optional[int]:
+    if not isinstance(d, int) or isinstance(d, bool) or n <= 0:
+        return None
+    return d % n if -n <= d < n else None
+
+
+# ----------------------------------------------------------------------------- names
+_PREFIX = re.compile(r"^(?:[LG]\[['\"][^'\"]*['\"]\]|self)\.?")
+
+
+def site_name(path: str) -> str:
+    """Dynamo's module path -> the module's dotted path: ``"L['self'].blocks[3].attn1"``,
+    ``"L['self'].blocks.3.attn1"``, ``"L['self']._modules['blocks']._modules['3'].attn1"`` and
+    ``"L['self'].__dict__['_modules']['blocks'].3.attn1"`` all become ``"blocks.3.attn1"``."""
+    s = _PREFIX.sub("", path.strip())
+    s = re.sub(r"\.?__dict__\[['\"]_modules['\"]\]", ".", "." + s)
+    s = re.sub(r"\._modules\[['\"]([^'\"]*)['\"]\]", r".\1", s)
+    s = re.sub(r"\[['\"]([^'\"]*)['\"]\]", r".\1", s)
+    s = re.sub(r"\[(\d+)\]", r".\1", s)
+    s = re.sub(r"\.+", ".", s).strip(".")
+    return s
+
+
+def _module_path(node: fx.Node) -> Optional[str]:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    try:
+        path, _cls = list(stack.values())[-1]
+    except Exception:
+        return None
+    name = site_name(str(path))
+    return name or None
+
+
+# ----------------------------------------------------------------------------- matching helpers
+def _scalar_factor(node: fx.Node, through: fx.Node) -> Optional[tuple]:
+    """If ``node`` is ``through * c``, ``c * through`` or ``through / c`` with a constant number
+    ``c``: ("ok", factor). If it multiplies/divides ``through`` by something else: ("bad", None).
+    Otherwise None."""
+    if _is_fn(node, _MUL_FNS, ("mul", "__mul__", "__rmul__", "mul_")):
+        a = node.args
+        if len(a) != 2 or node.kwargs:
+            return ("bad", None)
+        other = a[1] if a[0] is through else a[0] if a[1] is through else None
+        if other is None:
+            return None
+        c = _const_number(other)
+        return ("ok", c) if c is not None else ("bad", None)
+    if _is_fn(node, _DIV_FNS, ("div", "__truediv__", "true_divide")):
+        a = node.args
+        if len(a) != 2 or a[0] is not through or node.kwargs.get("rounding_mode") is not None:
+            return ("bad", None) if through in a else None
+        c = _const_number(a[1])
+        if c is None or c == 0:
+            return ("bad", None)
+        return ("ok", 1.0 / c)
+    return None
+
+
+def _is_swap_last2(node: fx.Node) -> Optional[fx.Node]:
+    """If ``node`` swaps the last two dims of a tensor (transpose / permute / .mT / .T of 2-D),
+    return that tensor's node."""
+    if not isinstance(node, fx.Node) or not node.args:
+        return None
+    src = node.args[0]
+    n = _ndim(src)
+    if n is None or n < 2 or not isinstance(src, fx.Node):
+        return None
+    if _is_fn(node, _TRANSPOSE_FNS, ("transpose", "swapaxes", "swapdims")):
+        d0, d1 = _get(node, 1, "dim0"), _get(node, 2, "dim1")
+        a, b = _norm_dim(d0, n), _norm_dim(d1, n)
+        if a is not None and b is not None and {a, b} == {n - 2, n - 1}:
+            return src
+        return None
+    if _is_fn(node, _PERMUTE_FNS, ("permute",)):
+        dims = node.args[1:] if node.op == "call_method" else node.args[1:]
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = dims[0]
+        if "dims" in node.kwargs:
+            dims = node.kwargs["dims"]
+        nd = [_norm_dim(d, n) for d in dims]
+        if nd == list(range(n - 2)) + [n - 1, n - 2]:
+            return src
+        return None
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        if node.args[1] == "mT" or (node.args[1] in ("T", "mH") and n == 2):
+            return src
+    if node.op == "call_method" and node.target == "t" and n == 2:
+        return src
+    return None
+
+
+def _cast_src(node: fx.Node) -> Optional[fx.Node]:
+    """If ``node`` is a cast-like op (``.float()``, ``.to(dtype)``, ``.type_as(x)``, ...) of a
+    tensor, that tensor's node."""
+    if node.op == "call_method" and node.target in _CAST_METHODS and node.args:
+        src = node.args[0]
+        if not isinstance(src, fx.Node):
+            return None
+        if node.target == "to":
+            for a in list(node.args[1:]) + list(node.kwargs.values()):
+                if isinstance(a, fx.Node):
+                    if _tensor(a) is None:
+                        return None
+                elif not isinstance(a, (torch.dtype, torch.device, str, bool, type(None), torch.memory_format)):
+                    return None
+            return src
+        if node.target == "contiguous":
+            return src
+        return src
+    return None
+
+
+def _dropout_src(node: fx.Node) -> Optional[tuple]:
+    """``F.dropout(x, p, training)``: (x, p, training)."""
+    if _is_fn(node, _DROPOUT_FNS, ("dropout",)):
+        x = _get(node, 0, "input")
+        p = _get(node, 1, "p", 0.5)
+        training = _get(node, 2, "train" if node.target is torch.dropout else "training", True)
+        if isinstance(x, fx.Node):
+            return x, p, training
+    return None
+
+
+def _is_softmax(node: fx.Node) -> Optional[tuple]:
+    """(input node, dim, dtype) for a softmax node."""
+    if not _is_fn(node, _SOFTMAX_FNS, ("softmax",)):
+        return None
+    x = _get(node, 0, "input")
+    if "self" in node.kwargs:
+        x = node.kwargs["self"]
+    dim = _get(node, 1, "dim")
+    dtype = node.kwargs.get("dtype")
+    if node.target is F.softmax and len(node.args) > 3:
+        dtype = node.args[3]
+    elif node.target is not F.softmax and len(node.args) > 2:
+        dtype = node.args[2]
+    if not isinstance(x, fx.Node):
+        return None
+    return x, dim, dtype
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+# ----------------------------------------------------------------------------- einsum
+def _parse_einsum(eq: str, n_ops: int) -> Optional[tuple]:
+    """'bhqd,bhkd->bhqk' -> (['bhqd', 'bhkd'], 'bhqk') with a leading '...' kept as '.' in every
+    term (only a leading ellipsis, present in all terms, is supported)."""
+    if not isinstance(eq, str):
+        return None
+    eq = eq.replace(" ", "")
+    if "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != n_ops:
+        return None
+    ell = ["..." in t for t in terms + [out]]
+    if any(ell) and not all(ell):
+        return None
+    norm = []
+    for t in terms + [out]:
+        if "..." in t:
+            if not t.startswith("..."):
+                return None
+            t = "." + t[3:]
+        if not re.fullmatch(r"\.?[a-zA-Z]*", t) or len(set(t)) != len(t):
+            return None
+        norm.append(t)
+    return norm[:-1], norm[-1]
+
+
+def _einsum_operands(node: fx.Node) -> Optional[tuple]:
+    if not _is_fn(node, _EINSUM_FNS):
+        return None
+    args = list(node.args)
+    if not args or not isinstance(args[0], str):
+        return None
+    ops = args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    if len(ops) != 2 or not all(isinstance(o, fx.Node) for o in ops):
+        return None
+    parsed = _parse_einsum(args[0], 2)
+    if parsed is None:
+        return None
+    (ta, tb), to = parsed
+    return ta, tb, to, ops[0], ops[1]
+
+
+def _perm_to(src: str, dst: str) -> Optional[tuple]:
+    """The permutation p with ``x.permute(p)`` labelled ``dst`` when ``x`` is labelled ``src``
+    (a leading '.' is an ellipsis of unknown rank: it must lead both, and is kept in place)."""
+    if sorted(src) != sorted(dst):
+        return None
+    if "." in src:
+        if src[0] != "." or dst[0] != ".":
+            return None
+        return ("ellipsis", tuple(src[1:].index(c) for c in dst[1:]))
+    return tuple(src.index(c) for c in dst)
+
+
+# ----------------------------------------------------------------------------- the pass
+class _Reject(Exception):
+    """A candidate that is not attention: left alone."""
+
+
+class _Finder:
+    def __init__(self, gm: fx.GraphModule, config: FGAttnConfig):
+        self.gm = gm
+        self.graph = gm.graph
+        self.config = config
+        self.order = {n: i for i, n in enumerate(self.graph.nodes)}
+        self._nx = None
+        self._postdom = None
+
+    # -------------------------------------------------------------- structural checks (networkx)
+    def nx_graph(self):
+        if self._nx is None:
+            import networkx as nx
+
+            g = nx.DiGraph()
+            for n in self.graph.nodes:
+                g.add_node(n)
+                for u in n.users:
+                    g.add_edge(n, u)
+            self._nx = g
+        return self._nx
+
+    def postdominators(self):
+        """Immediate post-dominators: dominators of the reversed graph rooted at a virtual sink
+        that every node without users (the graph output, dead nodes) feeds."""
+        if self._postdom is None:
+            import networkx as nx
+
+            g = self.nx_graph().reverse(copy=True)
+            sink = "__fgcompile_sink__"
+            g.add_node(sink)
+            for n in self.graph.nodes:
+                if not n.users:
+                    g.add_edge(sink, n)
+            self._postdom = nx.immediate_dominators(g, sink)
+        return self._postdom
+
+    def postdominates(self, a: fx.Node, b: fx.Node) -> bool:
+        idom = self.postdominators()
+        cur = b
+        seen = set()
+        while cur in idom and cur not in seen:
+            if cur is a:
+                return True
+            seen.add(cur)
+            nxt = idom[cur]
+            if nxt is cur:
+                break
+            cur = nxt
+        return False
+
+    def check_region(self, region: list, inputs: list, output: fx.Node) -> None:
+        """The region must be exactly the nodes between its inputs and its output, its nodes
+        other than the output may only feed the region, and the output post-dominates them."""
+        import networkx as nx
+
+        g = self.nx_graph()
+        rset = set(region)
+        for n in region:
+            if n is output:
+                continue
+            for u in n.users:
+                if u not in rset:
+                    raise _Reject(f"{n.name} is also used by {u.name} outside the attention")
+            if n.op == "call_method" and str(n.target).endswith("_") and n.target != "__matmul__":
+                raise _Reject(f"{n.name} is an in-place op")
+        anc_out = nx.ancestors(g, output) | {output}
+        anc_in: set = set()
+        desc_in: set = set()
+        for i in inputs:
+            anc_in |= nx.ancestors(g, i) | {i}
+            desc_in |= nx.descendants(g, i)
+        between = (desc_in & anc_out) - anc_in
+        extra = between - rset
+        if extra:
+            raise _Reject("other computations lie between the attention's inputs and its output: "
+                          + ", ".join(sorted(x.name for x in extra)[:5]))
+        for n in region:
+            if n is not output and not self.postdominates(output, n):
+                raise _Reject(f"{output.name} does not post-dominate {n.name}")
+        # The inputs are read where the output is computed: none may be mutated in between.
+        first = min(self.order[n] for n in region)
+        last = self.order[output]
+        for i in inputs:
+            for u in i.users:
+                if u in rset:
+                    continue
+                if first <= self.order.get(u, -1) <= last and u.op == "call_method" and str(u.target).endswith("_"):
+                    raise _Reject(f"input {i.name} is mutated by {u.name} inside the attention")
+
+    # -------------------------------------------------------------- sdpa
+    def match_sdpa(self, node: fx.Node) -> SiteMatch:
+        a = {}
+        for i, name in enumerate(_SDPA_ARGS):
+            if i < len(node.args):
+                a[name] = node.args[i]
+            elif name in node.kwargs:
+                a[name] = node.kwargs[name]
+            else:
+                a[name] = _SDPA_DEFAULTS.get(name)
+        q, k, v = a["query"], a["key"], a["value"]
+        if not all(isinstance(x, fx.Node) and _tensor(x) is not None for x in (q, k, v)):
+            raise _Reject("query/key/value are not tensors of the graph")
+        tq, tk, tv = _tensor(q), _tensor(k), _tensor(v)
+        nd = tq.dim()
+        if nd < 2 or tk.dim() != nd or tv.dim() != nd:
+            raise _Reject(f"query/key/value ranks {tq.dim()}/{tk.dim()}/{tv.dim()}")
+        info = SiteInfo(name="", pattern="sdpa")
+        m = SiteMatch(info=info, output=node, q=q, k=k, v=v, nb=nd - 2, scale=0.0, region=[node])
+        notes: list[str] = []
+        dense: list[str] = []
+        # scale
+        scale = a["scale"]
+        d = tq.shape[-1]
+        if scale is None:
+            hd = _hint(d)
+            m.scale = 1.0 / math.sqrt(hd) if hd else 0.0
+            info.scale = m.scale if isinstance(size_of(d), int) else None
+        elif _const_number(scale) is not None:
+            m.scale = info.scale = float(scale)
+        else:
+            dense.append("the scale is not a constant")
+        # mask
+        mask = a["attn_mask"]
+        if mask is not None:
+            if not isinstance(mask, fx.Node) or _tensor(mask) is None:
+                dense.append("attn_mask is not a tensor of the graph")
+                info.mask = "other"
+            else:
+                m.mask = mask
+        dropout = a["dropout_p"]
+        if isinstance(dropout, fx.Node) or (_const_number(dropout) or 0.0) != 0.0:
+            dense.append(f"dropout_p={dropout}: the kernels have no dropout")
+        causal = a["is_causal"]
+        if isinstance(causal, fx.Node):
+            dense.append("is_causal is not a constant")
+        info.is_causal = bool(causal) if not isinstance(causal, fx.Node) else False
+        gqa = a["enable_gqa"]
+        self.describe(m, gqa=bool(gqa) if not isinstance(gqa, fx.Node) else False, notes=notes, dense=dense)
+        return m
+
+    # -------------------------------------------------------------- matmul-softmax
+    def match_softmax(self, sm: fx.Node) -> SiteMatch:
+        x, dim, sm_dtype = _is_softmax(sm)
+        nd = _ndim(x)
+        if nd is None or nd < 2:
+            raise _Reject("softmax input of unknown rank")
+        if _norm_dim(dim, nd) != nd - 1:
+            raise _Reject(f"softmax over dim {dim}, not the last")
+        region = [sm]
+        dense: list[str] = []
+        scale = 1.0
+        scale_const = True
+        mask_node = None
+        mask_invert = False
+        mask_kind = "none"
+        # ---- backwards from the softmax to the scores matmul
+        cur = x
+        qk = None
+        while True:
+            if not isinstance(cur, fx.Node):
+                raise _Reject("softmax input is not a graph node")
+            if _is_fn(cur, _MATMUL_FNS, _MATMUL_METHODS) or _is_fn(cur, _BADDBMM_FNS, ("baddbmm",)) or _is_fn(cur, _EINSUM_FNS):
+                qk = cur
+                region.append(cur)
+                break
+            region.append(cur)
+            src = _cast_src(cur)
+            if src is not None:
+                cur = src
+                continue
+            sf = None
+            for cand in cur.args[:2]:
+                if isinstance(cand, fx.Node) and _tensor(cand) is not None and _ndim(cand) == nd:
+                    sf = _scalar_factor(cur, cand)
+                    if sf is not None:
+                        src = cand
+                        break
+            if sf is not None:
+                if sf[0] == "ok":
+                    scale *= sf[1]
+                    cur = src
+                    continue
+                # a multiply by a tensor (a tensor scale, or some other op): not attention as served;
+                # by a symbolic number (a SymFloat of a dynamic head dim): a non-constant scale
+                other = [o for o in cur.args[:2] if o is not src]
+                if not other or (isinstance(other[0], fx.Node) and _tensor(other[0]) is not None) or not isinstance(other[0], fx.Node):
+                    raise _Reject("the scores are multiplied or divided by a tensor")
+                scale_const = False
+                dense.append("the scale is not a constant")
+                cur = src
+                continue
+            if _is_fn(cur, _ADD_FNS, ("add", "__add__", "__radd__")):
+                a0, a1 = cur.args[0], cur.args[1] if len(cur.args) > 1 else cur.kwargs.get("other")
+                if cur.kwargs.get("alpha", 1) != 1:
+                    raise _Reject("add with alpha")
+                s_in, other = (a0, a1) if self._on_path(a0, nd) else (a1, a0)
+                if not isinstance(s_in, fx.Node):
+                    raise _Reject("add of constants")
+                if mask_node is not None or mask_kind != "none":
+                    dense.append("more than one mask")
+                mask_kind = "other"
+                if isinstance(other, fx.Node) and _tensor(other) is not None:
+                    mask_node = other
+                    t = _tensor(other)
+                    if t.dtype == torch.bool:
+                        dense.append("a boolean mask added to the scores")
+                    else:
+                        dense.append("float additive mask")
+                    mask_node = other
+                elif _const_number(other) is None:
+                    raise _Reject("add of a non-tensor")
+                else:  # + constant: softmax is shift invariant, but keep it honest
+                    dense.append("a constant is added to the scores")
+                cur = s_in
+                continue
+            if _is_fn(cur, _MASKED_FILL_FNS, ("masked_fill",)):
+                s_in = cur.args[0]
+                mk = _get(cur, 1, "mask")
+                val = _get(cur, 2, "value")
+                if mask_kind != "none":
+                    dense.append("more than one mask")
+                    mask_kind = "other"
+                elif not isinstance(mk, fx.Node) or _tensor(mk) is None or _tensor(mk).dtype != torch.bool:
+                    mask_kind = "other"
+                    dense.append("masked_fill with a non-boolean mask")
+                elif _const_number(val) is None or _const_number(val) > _LOWEST:
+                    mask_kind = "other"
+                    dense.append(f"masked_fill with value {val} (not a -inf / very negative fill)")
+                else:
+                    mask_kind = "bool"
+                    mask_node, mask_invert = mk, True
+                if isinstance(mk, fx.Node) and mask_node is None:
+                    mask_node = mk
+                cur = s_in
+                continue
+            if _is_fn(cur, _WHERE_FNS, ("where",)) and len(cur.args) == 3:
+                cond, a_, b_ = cur.args
+                if self._on_path(a_, nd) and not self._on_path(b_, nd):
+                    s_in, fill, inv = a_, b_, False
+                elif self._on_path(b_, nd) and not self._on_path(a_, nd):
+                    s_in, fill, inv = b_, a_, True
+                else:
+                    raise _Reject("where over two tensors")
+                if mask_kind != "none":
+                    dense.append("more than one mask")
+                    mask_kind = "other"
+                elif not isinstance(cond, fx.Node) or _tensor(cond) is None or _tensor(cond).dtype != torch.bool:
+                    mask_kind = "other"
+                    dense.append("where with a non-boolean condition")
+                elif _const_number(fill) is None or _const_number(fill) > _LOWEST:
+                    mask_kind = "other"
+                    dense.append(f"where with fill {fill} (not a -inf / very negative fill)")
+                else:
+                    mask_kind = "bool"
+                    mask_node, mask_invert = cond, inv
+                if isinstance(cond, fx.Node) and mask_node is None:
+                    mask_node = cond
+                cur = s_in
+                continue
+            raise _Reject(f"{cur.name} ({cur.target}) between the scores and the softmax")
+        # ---- the scores matmul: q and k in standard form
+        q_perm = k_perm = None
+        k_transpose = False
+        einsum_batch = None
+        if _is_fn(qk, _EINSUM_FNS):
+            parsed = _einsum_operands(qk)
+            if parsed is None:
+                raise _Reject("scores einsum not of two operands")
+            ta, tb, to, qa, kb = parsed
+            contracted = [c for c in ta if c in tb and c not in to and c != "."]
+            qi = [c for c in ta if c in to and c not in tb]
+            ki = [c for c in tb if c in to and c not in ta]
+            batch = [c for c in to if c in ta and c in tb]
+            if len(contracted) != 1 or len(qi) != 1 or len(ki) != 1 or len(to) != len(batch) + 2:
+                raise _Reject(f"scores einsum {qk.args[0]!r} is not q.k^T")
+            if to[-2:] != qi[0] + ki[0] or set(ta) != set(batch) | {qi[0], contracted[0]} or set(tb) != set(batch) | {ki[0], contracted[0]}:
+                raise _Reject(f"scores einsum {qk.args[0]!r} is not q.k^T")
+            bstr = "".join(batch)
+            q_perm = _perm_to(ta, bstr + qi[0] + contracted[0])
+            k_perm = _perm_to(tb, bstr + ki[0] + contracted[0])
+            if q_perm is None or k_perm is None:
+                raise _Reject("einsum layout")
+            einsum_batch = (bstr, qi[0], ki[0])
+            qa_node, kb_node = qa, kb
+            k_is_t = False
+        elif _is_fn(qk, _BADDBMM_FNS, ("baddbmm",)):
+            inp = _get(qk, 0, "input")
+            qa_node, kb_node = _get(qk, 1, "batch1"), _get(qk, 2, "batch2")
+            beta = qk.kwargs.get("beta", 1)
+            alpha = qk.kwargs.get("alpha", 1)
+            if _const_number(alpha) is None:
+                dense.append("baddbmm alpha is not a constant")
+                scale_const = False
+            else:
+                scale *= float(alpha)
+            if _const_number(beta) is None or float(beta) != 0.0:
+                if mask_kind != "none":
+                    dense.append("more than one mask")
+                mask_kind = "other"
+                dense.append("float additive mask (baddbmm input)")
+                if isinstance(inp, fx.Node):
+                    mask_node = inp if mask_node is None else mask_node
+            elif isinstance(inp, fx.Node) and list(inp.users) == [qk] and inp.op == "call_function" and not any(
+                isinstance(a_, fx.Node) and _tensor(a_) is not None for a_ in inp.args
+            ):
+                region.append(inp)  # the torch.empty(...) that beta=0 ignores
+            k_is_t = True
+        else:
+            if len(qk.args) != 2:
+                raise _Reject("matmul arity")
+            qa_node, kb_node = qk.args
+            k_is_t = True
+        if not isinstance(qa_node, fx.Node) or not isinstance(kb_node, fx.Node):
+            raise _Reject("scores operands are not graph tensors")
+        # scale on q (and k), transposes of k
+        qa_node, f, _ = self._strip_scale(qa_node, qk, region, allow_swap=False)
+        scale *= f[0]
+        if f[1]:
+            dense.append("the scale is not a constant")
+            scale_const = False
+        kb_node, f, swaps = self._strip_scale(kb_node, qk, region, allow_swap=k_is_t)
+        scale *= f[0]
+        if f[1]:
+            dense.append("the scale is not a constant")
+            scale_const = False
+        if k_is_t:
+            k_transpose = swaps % 2 == 0  # kb is k^T after an even number of swaps
+        else:
+            if swaps:
+                raise _Reject("einsum operand transposed")
+        # ---- forwards from the softmax to the probs @ v matmul
+        cur = sm
+        drop = None
+        while True:
+            u = _only_user(cur)
+            if u is None:
+                raise _Reject(f"the softmax result {cur.name} has {len(cur.users)} users")
+            if _cast_src(u) is cur:
+                region.append(u)
+                cur = u
+                continue
+            ds = _dropout_src(u)
+            if ds is not None and ds[0] is cur:
+                drop = ds
+                region.append(u)
+                cur = u
+                continue
+            break
+        pv = u
+        v_perm = None
+        out_perm = None
+        if _is_fn(pv, _MATMUL_FNS, _MATMUL_METHODS):
+            if len(pv.args) != 2 or pv.args[0] is not cur or pv.args[1] is cur:
+                raise _Reject("the probabilities are not the left operand of the output matmul")
+            v_node = pv.args[1]
+        elif _is_fn(pv, _EINSUM_FNS):
+            parsed = _einsum_operands(pv)
+            if parsed is None:
+                raise _Reject("output einsum not of two operands")
+            ta, tb, to, pa, vb = parsed
+            if pa is cur and vb is not cur:
+                tp, tv, v_node = ta, tb, vb
+            elif vb is cur and pa is not cur:
+                tp, tv, v_node = tb, ta, pa
+            else:
+                raise _Reject("output einsum operands")
+            # the probs tensor is in the scores layout (*batch, S_q, S_kv): label its dims by
+            # position with digits (never einsum letters): batch "0", "1", ..., S_q "8", S_kv "9".
+            nb_ = nd - 2
+            if tp.startswith("."):
+                if einsum_batch is None or not einsum_batch[0].startswith("."):
+                    raise _Reject("output einsum ellipsis")
+                std = "." + "".join(str(i) for i in range(len(tp) - 3)) + "89"
+            else:
+                if len(tp) != nd:
+                    raise _Reject("output einsum rank")
+                std = "".join(str(i) for i in range(nb_)) + "89"
+            ren = dict(zip(tp, std))
+            bstr, qc, kc = std[:-2], "8", "9"
+            tv_r = "".join(ren.get(c, c) for c in tv)
+            to_r = "".join(ren.get(c, c) for c in to)
+            e = [c for c in tv_r if c not in bstr + qc + kc]
+            if (
+                len(e) != 1
+                or kc not in tv_r
+                or qc in tv_r
+                or kc in to_r
+                or set(tv_r) != set(bstr) | {kc, e[0]}
+                or set(to_r) != set(bstr) | {qc, e[0]}
+            ):
+                raise _Reject(f"output einsum {pv.args[0]!r} does not contract the key dim with v")
+            v_perm = _perm_to(tv_r, bstr + kc + e[0])
+            std_out = bstr + qc + e[0]
+            out_perm = _perm_to(std_out, to_r)
+            if v_perm is None or out_perm is None:
+                raise _Reject("output einsum layout")
+            if _is_identity(out_perm):
+                out_perm = None
+        else:
+            raise _Reject(f"the probabilities feed {pv.name} ({pv.target}), not a matmul with v")
+        if not isinstance(v_node, fx.Node) or _tensor(v_node) is None:
+            raise _Reject("v is not a graph tensor")
+        region.append(pv)
+        # ---- shapes: q (*b, S_q, D), k (*b, S_kv, D), v (*b, S_kv, D_v)
+        tq = _permuted_shape(_tensor(qa_node), q_perm)
+        tk = _permuted_shape(_tensor(kb_node), k_perm)
+        if k_transpose and tk is not None:
+            tk = tk[:-2] + [tk[-1], tk[-2]]
+        tv = _permuted_shape(_tensor(v_node), v_perm)
+        if tq is None or tk is None or tv is None:
+            raise _Reject("unknown operand shapes")
+        if not (len(tq) == len(tk) == len(tv)) or len(tq) < 2 or len(tq) > 4:
+            raise _Reject(f"operand ranks {len(tq)}/{len(tk)}/{len(tv)} are not those of q, k, v")
+        if not _same(tq[-1], tk[-1]) or not _same(tk[-2], tv[-2]):
+            raise _Reject("contraction dims do not line up")
+        sc = _tensor(x)
+        if sc is None or sc.dim() != len(tq) or not _same(sc.shape[-2], tq[-2]) or not _same(sc.shape[-1], tk[-2]):
+            raise _Reject("scores are not (..., S_q, S_kv)")
+        m = SiteMatch(
+            info=SiteInfo(name="", pattern="matmul_softmax"),
+            output=pv,
+            q=qa_node,
+            k=kb_node,
+            v=v_node,
+            nb=len(tq) - 2,
+            scale=scale,
+            region=_dedup(region),
+            q_perm=q_perm,
+            k_perm=k_perm,
+            v_perm=v_perm,
+            k_transpose=k_transpose,
+            out_perm=out_perm,
+        )
+        m.info.scale = scale if scale_const else None
+        if mask_kind == "bool":
+            m.mask, m.mask_invert = mask_node, mask_invert
+        elif mask_kind == "other":
+            m.info.mask = "other"
+        if drop is not None:
+            _, p, training = drop
+            if isinstance(p, fx.Node) or isinstance(training, fx.Node):
+                dense.append("dropout is not a constant")
+            elif (_const_number(p) or 0.0) != 0.0 and training:
+                dense.append(f"dropout p={p} in training mode: the kernels have no dropout")
+        inputs = [qa_node, kb_node, v_node] + ([mask_node] if isinstance(mask_node, fx.Node) else [])
+        extra_inputs = [a_ for n in m.region for a_ in n.all_input_nodes if a_ not in m.region and a_ not in inputs]
+        self.check_region(m.region, inputs + extra_inputs, pv)
+        if sm_dtype is not None and not isinstance(sm_dtype, torch.dtype):
+            raise _Reject("softmax dtype")
+        self.describe(m, gqa=True, notes=[], dense=dense, shapes=(tq, tk, tv))
+        # q, k, v must be of one dtype for the op; the output's dtype is restored by the rewrite
+        return m
+
+    def _on_path(self, n: Any, nd: int) -> bool:
+        t = _tensor(n)
+        return isinstance(n, fx.Node) and t is not None and t.dim() == nd and t.dtype.is_floating_point and self._reaches_matmul(n)
+
+    def _reaches_matmul(self, n: fx.Node, depth: int = 12) -> bool:
+        cur = n
+        for _ in range(depth):
+            if _is_fn(cur, _MATMUL_FNS, _MATMUL_METHODS) or _is_fn(cur, _BADDBMM_FNS, ("baddbmm",)) or _is_fn(cur, _EINSUM_FNS):
+                return True
+            nxt = [a for a in cur.args if isinstance(a, fx.Node) and _tensor(a) is not None and _tensor(a).dtype.is_floating_point]
+            if not nxt:
+                return False
+            cur = nxt[0]
+        return False
+
+    def _strip_scale(self, node: fx.Node, user: fx.Node, region: list, allow_swap: bool):
+        """Walk back from a scores operand through constant scalings (and, for k^T, swaps of the
+        last two dims) whose only user is the chain. Returns (base node, (factor, nonconst), swaps)
+        (the swaps count only with allow_swap)."""
+        factor = 1.0
+        nonconst = False
+        swaps = 0
+        cur = node
+        nxt_user = user
+        while isinstance(cur, fx.Node) and list(cur.users) == [nxt_user]:
+            src = _is_swap_last2(cur) if allow_swap else None
+            if src is not None:
+                swaps += 1
+                region.append(cur)
+                nxt_user, cur = cur, src
+                continue
+            done = False
+            for cand in cur.args[:2]:
+                if isinstance(cand, fx.Node) and _tensor(cand) is not None and _tensor(cand).dim() == _ndim(cur):
+                    sf = _scalar_factor(cur, cand)
+                    if sf is not None and sf[0] == "ok":
+                        factor *= sf[1]
+                        region.append(cur)
+                        nxt_user, cur = cur, cand
+                        done = True
+                    break
+            if not done:
+                break
+        return cur, (factor, nonconst), swaps
+
+    # -------------------------------------------------------------- describe + decide
+    def describe(self, m: SiteMatch, gqa: bool, notes: list, dense: list, shapes=None) -> None:
+        info = m.info
+        cfg = self.config
+        if shapes is None:
+            tq, tk, tv = (list(_tensor(n).shape) for n in (m.q, m.k, m.v))
+        else:
+            tq, tk, tv = shapes
+        nb = m.nb
+        tqt = _tensor(m.q)
+        info.dtype = str(tqt.dtype).replace("torch.", "")
+        info.device = str(tqt.device)
+        s_q, s_kv, d, dv = tq[-2], tk[-2], tq[-1], tv[-1]
+        info.seq_len_q, info.seq_len_kv, info.head_dim, info.head_dim_v = (size_of(s) for s in (s_q, s_kv, d, dv))
+        if not _same(tq[-1], tk[-1]):
+            raise _Reject("q and k head dims differ")
+        if not _same(tk[-2], tv[-2]):
+            raise _Reject("k and v sequence lengths differ")
+        # batch dims
+        bq, bk, bv = tq[:nb], tk[:nb], tv[:nb]
+        if not all(_same(x, y) for x, y in zip(bk, bv)):
+            dense.append("key and value batch dims differ")
+        if nb == 2:
+            info.batch, info.num_heads, info.num_kv_heads = size_of(bq[0]), size_of(bq[1]), size_of(bk[1])
+            if not _same(bq[0], bk[0]):
+                dense.append("query and key batch sizes differ (broadcast)")
+            if not _same(bq[1], bk[1]):
+                hq, hk = _hint(bq[1]), _hint(bk[1])
+                if not (isinstance(size_of(bq[1]), int) and isinstance(size_of(bk[1]), int)):
+                    dense.append("symbolic GQA head counts")
+                elif hk == 0 or hq % hk:
+                    dense.append(f"num_kv_heads {hk} does not divide num_heads {hq}")
+                elif not gqa and hk != 1:
+                    dense.append("key/value heads differ from query heads without enable_gqa")
+        elif nb == 1:
+            info.batch, info.num_heads, info.num_kv_heads = 1, size_of(bq[0]), size_of(bk[0])
+            if not _same(bq[0], bk[0]):
+                dense.append("query and key batch sizes differ (broadcast)")
+        elif nb == 0:
+            info.batch = info.num_heads = info.num_kv_heads = 1
+        else:
+            info.batch = size_of(bq[0])
+            info.num_heads = size_of(math.prod(_hint(x) or 0 for x in bq[1:])) if bq else 1
+            info.num_kv_heads = info.num_heads
+            dense.append(f"{nb + 2}-D inputs (the kernels serve up to 4-D)")
+        # mask
+        if m.mask is not None and info.mask == "none":
+            kind, why, layout = self.mask_kind(m, tq, tk)
+            info.mask = kind
+            if why:
+                dense.append(why)
+            if layout == "n1":
+                m.layout = "n1"
+                info.batch, info.num_heads, info.num_kv_heads = info.num_heads, 1, 1
+        if nb == 1 and m.layout != "n1":
+            m.layout = "1n"
+        elif nb == 0:
+            m.layout = "11"
+        # decision
+        reasons: list[str] = []
+        reasons += dense
+        if info.is_causal:
+            reasons.append("is_causal=True: the kernels serve non-causal attention")
+        if info.mask == "key_padding" and cfg.block_n != 1:
+            reasons.append(f"key-padding mask with block_n={cfg.block_n} (served with block_n == 1 only)")
+        for what, s in (("seq_len_q", s_q), ("seq_len_kv", s_kv)):
+            h = _hint(s)
+            if h is None:
+                reasons.append(f"{what} {size_of(s)} has no size hint")
+            elif h < cfg.min_seq_len:
+                reasons.append(f"{what} {size_of(s)}{'' if isinstance(size_of(s), int) else f' (={h})'} < min_seq_len {cfg.min_seq_len} (cross or short attention)")
+        if not isinstance(info.head_dim, int):
+            reasons.append(f"symbolic head dim {info.head_dim}")
+        elif info.head_dim not in SERVED_HEAD_DIMS:
+            reasons.append(f"head_dim {info.head_dim} not in {SERVED_HEAD_DIMS}")
+        if info.head_dim_v != info.head_dim:
+            reasons.append(f"value head dim {info.head_dim_v} != head_dim {info.head_dim}")
+        dts = {str(_tensor(n).dtype).replace("torch.", "") for n in (m.q, m.k, m.v)}
+        if len(dts) != 1:
+            reasons.append(f"q/k/v dtypes differ ({', '.join(sorted(dts))})")
+        elif info.dtype not in SERVED_DTYPES:
+            reasons.append(f"dtype {info.dtype} not in {SERVED_DTYPES}")
+        if (m.scale == 0.0 or info.scale is None) and not any("scale" in r or "symbolic head dim" in r for r in reasons):
+            reasons.append("the scale is not a constant")
+        info.reason = ""
+        if reasons:
+            info.decision = "dense"
+            info.reason = "; ".join(_dedup(reasons))
+        else:
+            info.decision = "sparse"
+            extra = list(notes)
+            if info.mask == "key_padding":
+                extra.append("key-padding mask folded into the sparsity")
+            if info.num_kv_heads != info.num_heads:
+                extra.append(f"GQA {info.num_heads}/{info.num_kv_heads}")
+            if any(not isinstance(getattr(info, f), int) for f in ("seq_len_q", "seq_len_kv")):
+                extra.append(f"dynamic sequence length, decided on its example size {_hint(s_q)}x{_hint(s_kv)}")
+            if cfg.predictor == "dense":
+                extra.append('predictor="dense": the runtime runs it dense')
+            info.reason = "self-attention " + f"{info.seq_len_q}x{info.seq_len_kv} >= min_seq_len {cfg.min_seq_len}" + (
+                "; " + "; ".join(extra) if extra else ""
+            )
+
+    def mask_kind(self, m: SiteMatch, tq, tk) -> tuple:
+        """(kind, dense reason or "", layout or None) for a mask against the scores
+        (*batch, S_q, S_kv)."""
+        t = _tensor(m.mask)
+        nb = m.nb
+        shape = list(t.shape)
+        full = nb + 2
+        if t.dtype != torch.bool:
+            return "other", "float additive mask", None
+        if len(shape) > full:
+            return "other", f"attn_mask of shape {_fmt(shape)} is not a key-padding mask", None
+        shape = [1] * (full - len(shape)) + shape
+        bad = f"attn_mask of shape {_fmt(t.shape)} is not a key-padding mask"
+        if not _is_one(shape[nb]):  # varies over the queries
+            return "other", bad, None
+        if not (_is_one(shape[nb + 1]) or _same(shape[nb + 1], tk[-2])):
+            return "other", bad, None
+        if nb == 2:
+            if not _is_one(shape[1]):
+                return "other", bad, None
+            if not (_is_one(shape[0]) or _same(shape[0], tq[0])):
+                return "other", bad, None
+            return "key_padding", "", None
+        if nb == 1:
+            if _is_one(shape[0]):
+                return "key_padding", "", None
+            if _same(shape[0], tq[0]):
+                return "key_padding", "", "n1"
+            return "other", bad, None
+        if nb == 0:
+            return "key_padding", "", None
+        return "other", bad, None
+
+    # -------------------------------------------------------------- driver
+    def run(self) -> list[SiteMatch]:
+        matches: list[SiteMatch] = []
+        claimed: set = set()
+        for node in list(self.graph.nodes):
+            if node.op not in ("call_function", "call_method") or node in claimed:
+                continue
+            try:
+                if node.op == "call_function" and _is_fn(node, _SDPA_TARGETS):
+                    m = self.match_sdpa(node)
+                elif _is_softmax(node) is not None:
+                    m = self.match_softmax(node)
+                else:
+                    continue
+            except _Reject as e:
+                log.debug("fgcompile: %s is not an attention site: %s", node.name, e)
+                continue
+            except Exception as e:  # a bug here must not cost the other sites (tests: strict)
+                if os.environ.get("FGCOMPILE_STRICT") == "1":
+                    raise
+                log.warning("fgcompile: could not analyse %s (%s: %s); left as it is", node.name, type(e).__name__, e)
+                continue
+            if any(n in claimed for n in m.region):
+                continue
+            claimed.update(m.region)
+            matches.append(m)
+        matches.sort(key=lambda m: self.order[m.output])
+        # names: module path, unique within the graph
+        used: dict[str, int] = {}
+        for i, m in enumerate(matches):
+            base = _module_path(m.output) or f"attention_{i}"
+            n = used.get(base, 0)
+            used[base] = n + 1
+            m.info.name = base if n == 0 else f"{base}#{n}"
+        cfg = self.config
+        for m in matches:
+            if m.info.decision == "sparse" and cfg.is_dense_site(m.info.name):
+                m.info.decision = "dense"
+                m.info.reason = f"site {m.info.name} matches config.dense_sites {list(cfg.dense_sites)}"
+        return matches
+
+
+def _dedup(xs: list) -> list:
+    out, seen = [], set()
+    for x in xs:
+        if x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out
+
+
+def _is_identity(p: Any) -> bool:
+    if p is None:
+        return True
+    if isinstance(p, tuple) and len(p) == 2 and p[0] == "ellipsis":
+        return tuple(p[1]) == tuple(range(len(p[1])))
+    return tuple(p) == tuple(range(len(p)))
+
+
+def expand_perm(p: Any, ndim: int) -> Optional[tuple]:
+    """A permutation from ``_perm_to`` (possibly over an ellipsis) as a full permutation of
+    ``ndim`` dims, or None for the identity."""
+    if p is None:
+        return None
+    if isinstance(p, tuple) and len(p) == 2 and p[0] == "ellipsis":
+        tail = p[1]
+        lead = ndim - len(tail)
+        full = tuple(range(lead)) + tuple(lead + i for i in tail)
+    else:
+        full = tuple(p)
+    return None if full == tuple(range(len(full))) else full
+
+
+def _permuted_shape(t: Optional[torch.Tensor], perm: Any) -> Optional[list]:
+    if t is None:
+        return None
+    shape = list(t.shape)
+    full = expand_perm(perm, len(shape))
+    if full is None:
+        return shape
+    if len(full) != len(shape):
+        return None
+    return [shape[i] for i in full]
+
+
+def _fmt(shape: Sequence) -> str:
+    return "(" + ", ".join(str(size_of(s)) for s in shape) + ")"
+
+
+def find_attention_sites(gm: fx.GraphModule, config: FGAttnConfig) -> list[SiteMatch]:
+    """Every attention site of the Dynamo graph ``gm`` (in graph order), each with its
+    ``SiteInfo`` (name, shapes, mask kind, decision and reason). The graph is not modified."""
+    if not isinstance(config, FGAttnConfig):
+        raise ValueError(f"config: expected an FGAttnConfig, got {type(config).__name__}")
+    return _Finder(gm, config).run()

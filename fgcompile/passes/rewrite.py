@@ -1,0 +1,229 @@
+"""Replace matched attention sites by ``torch.ops.fgcompile.site_attention``.
+
+For each chosen ``(SiteMatch, handle)``, new nodes are inserted just before the site's output:
+
+    q4 = <permute / transpose / unsqueeze of the site's q>      (B, H, S_q, D)
+    k4, v4 likewise                                              (B, H_kv, S_kv, D[_v])
+    key_padding = <the bool mask, negated if it marks masked-out keys, reshaped to (B, S_kv)>
+    out4 = torch.ops.fgcompile.site_attention(q4, k4, v4, key_padding, scale, handle)
+    out  = <squeeze / permute / cast back to the site output's layout and dtype>
+
+The new nodes get fake values (``meta["example_value"]``) computed under the graph's fake mode,
+and the result is checked against the site output's fake value (shape and dtype) before anything
+is replaced. Only then do the output's users switch to the new result, and the site's matched
+region (and nothing else) is erased. A site whose rewrite fails is undone (its new nodes erased,
+the graph unchanged), marked dense with the failure as its reason, and logged; with
+``FGCOMPILE_STRICT=1`` the failure is raised instead.
+
+Sizes come from the graph (``aten.sym_size`` nodes) where they are symbolic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..lowering import ops as _ops  # noqa: F401  (registers torch.ops.fgcompile.site_attention)
+from .find_attention import SiteMatch, expand_perm, size_of
+
+__all__ = ["rewrite_sites", "rewrite_site"]
+
+log = logging.getLogger("fgcompile")
+
+
+class _Builder:
+    """Inserts nodes before ``anchor``, computing their fake values; ``undo`` erases them."""
+
+    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, like: fx.Node):
+        self.gm = gm
+        self.graph = gm.graph
+        self.anchor = anchor
+        self.nodes: list[fx.Node] = []
+        self.meta = {k: like.meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack") if k in like.meta}
+        fake = like.meta.get("example_value")
+        self.fake_mode = getattr(fake, "fake_mode", None)
+
+    def _value(self, x: Any) -> Any:
+        if isinstance(x, fx.Node):
+            v = x.meta.get("example_value", x.meta.get("val"))
+            if v is None:
+                raise RuntimeError(f"node {x.name} has no example value")
+            return v
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._value(y) for y in x)
+        return x
+
+    def _ctx(self):
+        return self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
+
+    def fn(self, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            n = self.graph.call_function(target, tuple(args), dict(kwargs))
+        self.nodes.append(n)
+        n.meta.update(self.meta)
+        with self._ctx():
+            n.meta["example_value"] = target(*self._value(args), **self._value(kwargs))
+        return n
+
+    def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            n = self.graph.call_method(name, tuple(args), dict(kwargs))
+        self.nodes.append(n)
+        n.meta.update(self.meta)
+        vals = self._value(args)
+        with self._ctx():
+            n.meta["example_value"] = getattr(vals[0], name)(*vals[1:], **self._value(kwargs))
+        return n
+
+    def size(self, node: fx.Node, dim: int) -> Any:
+        """The size of ``node``'s dim: an int when static, else a sym_size node."""
+        s = node.meta["example_value"].shape[dim]
+        v = size_of(s)
+        if isinstance(v, int):
+            return v
+        return self.fn(torch.ops.aten.sym_size.int, node, dim)
+
+    def undo(self) -> None:
+        for n in reversed(self.nodes):
+            if n.users:
+                for u in list(n.users):
+                    if u not in self.nodes:
+                        raise RuntimeError(f"cannot undo: {n.name} is used by {u.name}")
+            self.graph.erase_node(n)
+        self.nodes = []
+
+
+def _std(b: _Builder, node: fx.Node, perm: Any, transpose: bool = False) -> fx.Node:
+    t = node.meta["example_value"]
+    full = expand_perm(perm, t.dim())
+    if full is not None:
+        node = b.method("permute", node, *full)
+    if transpose:
+        node = b.method("transpose", node, -2, -1)
+    return node
+
+
+def _to4d(b: _Builder, node: fx.Node, layout: str) -> fx.Node:
+    if layout == "bh":
+        return node
+    if layout == "1n":
+        return b.method("unsqueeze", node, 0)
+    if layout == "n1":
+        return b.method("unsqueeze", node, 1)
+    if layout == "11":
+        return b.method("unsqueeze", b.method("unsqueeze", node, 0), 0)
+    raise ValueError(f"layout: unknown {layout!r}")
+
+
+def _from4d(b: _Builder, node: fx.Node, layout: str) -> fx.Node:
+    if layout == "bh":
+        return node
+    if layout == "1n":
+        return b.method("squeeze", node, 0)
+    if layout == "n1":
+        return b.method("squeeze", node, 1)
+    if layout == "11":
+        return b.method("squeeze", b.method("squeeze", node, 0), 0)
+    raise ValueError(f"layout: unknown {layout!r}")
+
+
+def _key_padding(b: _Builder, m: SiteMatch, q4: fx.Node, k4: fx.Node) -> Optional[fx.Node]:
+    if m.mask is None:
+        return None
+    mk = m.mask
+    if m.mask_invert:
+        mk = b.fn(torch.logical_not, mk)
+    full = m.nb + 2
+    nd = mk.meta["example_value"].dim()
+    for _ in range(full - nd):
+        mk = b.method("unsqueeze", mk, 0)
+    # (*batch, 1, S_kv or 1) -> (b0 or 1, S_kv or 1): drop the query dim and the head dim
+    mk = b.method("select", mk, m.nb, 0)  # the query dim
+    if m.nb == 2:
+        mk = b.method("select", mk, 1, 0)  # the head dim
+    elif m.nb == 0:
+        mk = b.method("unsqueeze", mk, 0)
+    batch = b.size(q4, 0)
+    s_kv = b.size(k4, 2)
+    mk = b.method("expand", mk, batch, s_kv)
+    return b.method("contiguous", mk)
+
+
+def _check_same(new: torch.Tensor, old: torch.Tensor, name: str) -> None:
+    ns, os_ = [size_of(s) for s in new.shape], [size_of(s) for s in old.shape]
+    if ns != os_:
+        raise RuntimeError(f"site {name}: the rewritten output has shape {ns}, the original {os_}")
+    if new.dtype != old.dtype:
+        raise RuntimeError(f"site {name}: the rewritten output has dtype {new.dtype}, the original {old.dtype}")
+
+
+def rewrite_site(gm: fx.GraphModule, m: SiteMatch, handle: int) -> fx.Node:
+    """Rewrite one site (atomic: on failure the graph is left as it was and the error raised).
+    Returns the node that replaced the site's output."""
+    graph = gm.graph
+    out = m.output
+    old = out.meta.get("example_value")
+    if not isinstance(old, torch.Tensor):
+        raise RuntimeError(f"site {m.info.name}: the output has no fake tensor value")
+    region = set(m.region)
+    for n in m.region:
+        if n.graph is not graph:
+            raise RuntimeError(f"site {m.info.name}: node {n.name} is not in the graph")
+        if n is not out and any(u not in region for u in n.users):
+            raise RuntimeError(f"site {m.info.name}: node {n.name} has users outside the site")
+    b = _Builder(gm, out, out)
+    try:
+        q = _std(b, m.q, m.q_perm)
+        k = _std(b, m.k, m.k_perm, m.k_transpose)
+        v = _std(b, m.v, m.v_perm)
+        q4, k4, v4 = (_to4d(b, x, m.layout) for x in (q, k, v))
+        kp = _key_padding(b, m, q4, k4)
+        scale = float(m.scale)
+        if not scale > 0 and not scale < 0:
+            raise RuntimeError(f"site {m.info.name}: scale {m.scale!r} is not a number")
+        o4 = b.fn(torch.ops.fgcompile.site_attention.default, q4, k4, v4, kp, scale, int(handle))
+        o = _from4d(b, o4, m.layout)
+        full = expand_perm(m.out_perm, o.meta["example_value"].dim())
+        if full is not None:
+            o = b.method("permute", o, *full)
+        if o.meta["example_value"].dtype != old.dtype:
+            o = b.method("to", o, old.dtype)
+        _check_same(o.meta["example_value"], old, m.info.name)
+    except Exception:
+        b.undo()
+        raise
+    # Commit: the site's users take the new result, the matched region goes.
+    out.replace_all_uses_with(o)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted(m.region, key=lambda n: order[n], reverse=True):
+        if not n.users:
+            graph.erase_node(n)
+    return o
+
+
+def rewrite_sites(gm: fx.GraphModule, chosen: Sequence[tuple]) -> None:
+    """Replace each chosen ``(SiteMatch, handle)`` by ``torch.ops.fgcompile.site_attention``, in
+    place. A site whose rewrite fails is left dense (its ``info`` says why); with
+    ``FGCOMPILE_STRICT=1`` the failure is raised."""
+    replaced: dict = {}  # a rewritten site's old output -> its new result (a later site's input)
+    for m, handle in chosen:
+        for attr in ("q", "k", "v", "mask"):
+            x = getattr(m, attr)
+            while x is not None and x in replaced:
+                x = replaced[x]
+            setattr(m, attr, x)
+        try:
+            replaced[m.output] = rewrite_site(gm, m, handle)
+        except Exception as e:
+            if os.environ.get("FGCOMPILE_STRICT") == "1":
+                raise
+            m.info.decision = "dense"
+            m.info.reason = f"rewrite failed ({type(e).__name__}: {e})"
+            log.warning("fgcompile: site %s left dense: the rewrite failed (%s: %s)", m.info.name, type(e).__name__, e)
+    gm.graph.lint()
+    gm.recompile()

@@ -1,0 +1,182 @@
+"""``fgcompile.explain``: what the fgattn backend finds and decides on a model, without running it
+sparse.
+
+    report = fgcompile.explain(model, *example_args, config=FGAttnConfig(min_seq_len=1024))
+    print(report)            # a table of the attention sites, then the rewritten code
+    report.sites             # list[SiteInfo]: name, pattern, shapes, mask, decision, reason
+    report.graph             # the rewritten torch.fx.GraphModule (the first, if Dynamo made several)
+    report.graphs, report.graph_breaks
+
+``explain`` captures the model with Dynamo (``torch.compile`` with a capturing backend: no
+``torch._dynamo.reset()``, the user's other compiled models keep their caches), runs fgcompile's
+passes on a copy of each captured graph, and runs the ORIGINAL graphs (dense, uncompiled) to
+finish the call, so no sparse kernel and no Inductor compile runs. Runs under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from .config import FGAttnConfig
+
+__all__ = ["Report", "explain"]
+
+_COLUMNS = (
+    ("name", "name"),
+    ("pattern", "pattern"),
+    ("B", "batch"),
+    ("H/H_kv", None),
+    ("S_q", "seq_len_q"),
+    ("S_kv", "seq_len_kv"),
+    ("D", "head_dim"),
+    ("dtype", "dtype"),
+    ("mask", "mask"),
+    ("decision", "decision"),
+    ("reason", "reason"),
+)
+
+
+@dataclass
+class Report:
+    """The attention sites fgcompile found in a model and the rewritten graph(s).
+
+    ``sites``: every site of every captured graph, in graph order (``SiteInfo``);
+    ``graphs``: the rewritten ``torch.fx.GraphModule`` of each graph Dynamo captured;
+    ``graph``: the first of them (None when nothing was captured);
+    ``graph_breaks``: how many graph breaks Dynamo reported while capturing."""
+
+    sites: list = field(default_factory=list)
+    graphs: list = field(default_factory=list)
+    graph_breaks: int = 0
+    config: Optional[FGAttnConfig] = None
+
+    @property
+    def graph(self) -> Optional[fx.GraphModule]:
+        return self.graphs[0] if self.graphs else None
+
+    @property
+    def sparse_sites(self) -> list:
+        return [s for s in self.sites if s.decision == "sparse"]
+
+    def table(self) -> str:
+        """The sites as a fixed-width text table."""
+        rows = []
+        for s in self.sites:
+            row = []
+            for head, attr in _COLUMNS:
+                if attr is None:
+                    row.append(f"{s.num_heads}/{s.num_kv_heads}")
+                else:
+                    row.append(str(getattr(s, attr)))
+            rows.append(row)
+        heads = [h for h, _ in _COLUMNS]
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
+        widths[-1] = len(heads[-1])  # the reason column is last: no padding
+
+        def line(cells: Sequence[str]) -> str:
+            return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+        out = [line(heads), line(["-" * w for w in widths[:-1]] + ["-" * 6])]
+        out += [line(r) for r in rows]
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        n_sparse = len(self.sparse_sites)
+        head = (
+            f"fgcompile: {len(self.sites)} attention site(s), {n_sparse} sparse, "
+            f"{len(self.sites) - n_sparse} dense; {len(self.graphs)} graph(s), "
+            f"{self.graph_breaks} graph break(s)"
+        )
+        parts = [head, ""]
+        if self.sites:
+            parts += [self.table(), ""]
+        for i, g in enumerate(self.graphs):
+            parts.append(f"# rewritten graph {i}" if len(self.graphs) > 1 else "# rewritten graph")
+            parts.append(g.code.strip("\n"))
+            parts.append("")
+        return "\n".join(parts).rstrip() + "\n"
+
+    def __repr__(self) -> str:
+        return (
+            f"Report(sites={len(self.sites)}, sparse={len(self.sparse_sites)}, graphs={len(self.graphs)}, "
+            f"graph_breaks={self.graph_breaks})"
+        )
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with a copy of ``gm``'s graph sharing its attributes (parameters are not
+    copied); node metadata (fake values, module stacks) is shared shallowly."""
+    graph = copy.deepcopy(gm.graph)
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new
+
+
+def _graph_break_count() -> int:
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        return 0
+    return int(sum(counters["graph_break"].values()))
+
+
+def explain(model: Callable, *args: Any, config: Optional[FGAttnConfig] = None, **kwargs: Any) -> Report:
+    """Capture ``model(*args, **kwargs)`` with Dynamo and report every attention site fgcompile
+    finds and its decision, with the rewritten graph(s). Nothing runs sparse: the captured graphs
+    run as they were (dense, uncompiled). ``config`` defaults to ``FGAttnConfig()``."""
+    from .dynamo_backend import transform
+
+    if config is None:
+        config = FGAttnConfig()
+    if not isinstance(config, FGAttnConfig):
+        raise ValueError(f"config: expected an FGAttnConfig or None, got {type(config).__name__}")
+    if not callable(model):
+        raise ValueError(f"model: expected a callable (an nn.Module or a function), got {type(model).__name__}")
+    target = getattr(model, "_orig_mod", model)  # an already compiled model: explain what it wraps
+    report = Report(config=config)
+
+    def capture(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        work = _copy_graph_module(gm)
+        result = transform(work, example_inputs, config)
+        report.sites.extend(result.sites)
+        report.graphs.append(result.graph)
+        return gm.forward  # the original graph: dense, uncompiled
+
+    capture.__name__ = "fgcompile_explain"
+    import torch._dynamo
+
+    breaks_before = _graph_break_count()
+    # A fresh wrapper per call: Dynamo guards each cache entry on its backend, so this capture
+    # neither reuses nor evicts what other torch.compile calls compiled.
+    compiled = torch.compile(target, backend=capture, fullgraph=False)
+    with torch.no_grad(), _more_recompiles():
+        compiled(*args, **kwargs)
+    report.graph_breaks = max(_graph_break_count() - breaks_before, max(len(report.graphs) - 1, 0))
+    return report
+
+
+class _more_recompiles:
+    """Raise Dynamo's recompile limit while capturing: each ``explain`` call is a new backend,
+    i.e. a new cache entry of the model's code."""
+
+    def __enter__(self):
+        import torch._dynamo.config as dc
+
+        self._saved = {}
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+            if hasattr(dc, name):
+                self._saved[name] = getattr(dc, name)
+                setattr(dc, name, max(getattr(dc, name), 1024 if "accumulated" not in name else 65536))
+        return self
+
+    def __exit__(self, *exc):
+        import torch._dynamo.config as dc
+
+        for name, value in self._saved.items():
+            setattr(dc, name, value)
+        return False

@@ -1,0 +1,821 @@
+"""The attention detection pass, the rewrite, ``fgcompile.explain`` and the fgcompile log, on
+hand-written toy modules covering every pattern and every negative case.
+
+Most tests capture a module with Dynamo through a backend that runs fgcompile's passes
+(``fgcompile.dynamo_backend.transform``) and returns the REWRITTEN graph uncompiled: the rewritten graph
+then runs fgcompile's op on its dense path (``predictor="dense"``), which must match eager, with no
+Inductor compile. ``fullgraph=True`` everywhere: no graph breaks.
+"""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fgcompile
+from fgcompile import FGAttnConfig
+from fgcompile.dynamo_backend import backend as fgattn_backend
+from fgcompile.dynamo_backend import transform
+from fgcompile.passes.find_attention import SiteInfo, find_attention_sites, site_name
+from fgcompile.passes.rewrite import rewrite_site, rewrite_sites  # registers the op
+
+os.environ["FGCOMPILE_STRICT"] = "1"
+
+CFG = FGAttnConfig(predictor="dense", min_seq_len=64)
+OP = torch.ops.fgcompile.site_attention.default
+B, H, S, D = 2, 2, 64, 64
+
+
+def capture(fn, *args, config=CFG, dynamic=False, run_twice=None):
+    """Capture ``fn`` with Dynamo, run the passes, run the rewritten (uncompiled) graph."""
+    sites, graphs = [], []
+
+    def be(gm, example_inputs):
+        r = transform(gm, example_inputs, config)
+        sites.extend(r.sites)
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        c = torch.compile(fn, backend=be, fullgraph=True, dynamic=dynamic)
+        out = c(*args)
+        out2 = c(*run_twice) if run_twice is not None else None
+    return SimpleNamespace(sites=sites, graphs=graphs, out=out, out2=out2)
+
+
+def rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def qkv(shape=(B, H, S, D), dtype=torch.float32):
+    return rand(*shape, dtype=dtype, seed=1), rand(*shape, dtype=dtype, seed=2), rand(*shape, dtype=dtype, seed=3)
+
+
+def key_keep(b=B, s=S, seed=4):
+    keep = torch.rand(b, s, generator=torch.Generator().manual_seed(seed)) > 0.3
+    keep[:, 0] = True
+    return keep
+
+
+def ops(graph):
+    return [n for n in graph.graph.nodes if n.target is OP]
+
+
+def left(graph):
+    """Attention nodes left in a rewritten graph (dense sites)."""
+    return [
+        n
+        for n in graph.graph.nodes
+        if n.op in ("call_function", "call_method")
+        and ("softmax" in str(n.target) or "scaled_dot_product" in str(n.target))
+    ]
+
+
+class Fn(nn.Module):
+    """A module whose forward is a plain function (module path: the test module itself)."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, *a):
+        return self.f(*a)
+
+
+def check(fn, args, expect, config=CFG, atol=1e-5, dtype_tol=None):
+    """Capture, compare with eager, check the sites: ``expect`` is a list of
+    (pattern, decision, mask, reason fragment)."""
+    ref = fn(*args) if not isinstance(fn, nn.Module) else fn(*args)
+    r = capture(fn, *args, config=config)
+    got = [(s.pattern, s.decision, s.mask) for s in r.sites]
+    assert got == [e[:3] for e in expect], [(s.pattern, s.decision, s.mask, s.reason) for s in r.sites]
+    for s, e in zip(r.sites, expect):
+        assert e[3] in s.reason, s.reason
+        assert s.reason
+    n_sparse = sum(e[1] == "sparse" for e in expect)
+    g = r.graphs[0]
+    assert len(ops(g)) == n_sparse
+    assert len(left(g)) == len(expect) - n_sparse
+    tol = dtype_tol or {}
+    torch.testing.assert_close(r.out, ref, atol=tol.get("atol", atol), rtol=tol.get("rtol", 1e-4))
+    return r
+
+
+SPARSE = ("sparse", "none", "self-attention")
+
+
+# ============================================================================ SDPA
+def sdpa_pos(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def sdpa_kw(q, k, v):
+    return F.scaled_dot_product_attention(
+        query=q, key=k, value=v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=0.1, enable_gqa=False
+    )
+
+
+def sdpa_c(q, k, v):
+    return torch._C._nn.scaled_dot_product_attention(q, k, v, None, 0.0, False, scale=0.2)
+
+
+def sdpa_layout(x, w):
+    # (B, S, 3 * H * D) -> q, k, v by view + permute, the output back to (B, S, H * D)
+    b, s, _ = x.shape
+    q, k, v = (x @ w).view(b, s, 3, H, D).permute(2, 0, 3, 1, 4)
+    o = F.scaled_dot_product_attention(q, k, v)
+    return o.transpose(1, 2).reshape(b, s, H * D)
+
+
+@pytest.mark.parametrize(
+    "fn,args,expect",
+    [
+        (sdpa_pos, qkv(), [("sdpa",) + SPARSE]),
+        (sdpa_kw, qkv(), [("sdpa",) + SPARSE]),
+        (sdpa_c, qkv(), [("sdpa",) + SPARSE]),
+        (sdpa_pos, qkv((B * H, S, D)), [("sdpa",) + SPARSE]),  # 3-D (N, S, D)
+        (sdpa_layout, (rand(B, S, 128), rand(128, 3 * H * D) / 8), [("sdpa",) + SPARSE]),
+        (sdpa_pos, qkv((B, H, S, 96)), [("sdpa",) + SPARSE]),
+        (sdpa_pos, qkv((B, H, S, 128)), [("sdpa",) + SPARSE]),
+    ],
+    ids=["positional", "keywords", "torch_C", "3d", "view_permute", "d96", "d128"],
+)
+def test_sdpa_sparse(fn, args, expect):
+    r = check(fn, args, expect)
+    s = r.sites[0]
+    if fn is sdpa_kw:
+        assert s.scale == 0.1
+    if fn is sdpa_c:
+        assert s.scale == 0.2
+    if fn is sdpa_layout:
+        assert (s.batch, s.num_heads, s.seq_len_q, s.head_dim) == (B, H, S, D)
+    elif args[0].dim() == 3:
+        assert (s.batch, s.num_heads, s.num_kv_heads) == (1, B * H, B * H)
+    else:
+        assert (s.batch, s.num_heads, s.num_kv_heads, s.seq_len_q, s.seq_len_kv) == (B, H, H, S, S)
+
+
+def test_sdpa_gqa():
+    q = rand(B, 4, S, D, seed=1)
+    k, v = rand(B, 2, S, D, seed=2), rand(B, 2, S, D, seed=3)
+    r = check(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), (q, k, v),
+              [("sdpa", "sparse", "none", "GQA 4/2")])
+    assert (r.sites[0].num_heads, r.sites[0].num_kv_heads) == (4, 2)
+
+
+def test_sdpa_site_info_fields():
+    r = check(sdpa_pos, qkv(dtype=torch.bfloat16), [("sdpa",) + SPARSE], atol=2e-2, dtype_tol={"atol": 2e-2, "rtol": 2e-2})
+    s = r.sites[0]
+    assert isinstance(s, SiteInfo)
+    assert (s.name, s.dtype, s.device, s.head_dim, s.is_causal, s.mask) == ("attention_0", "bfloat16", "cpu", 64, False, "none")
+    assert s.scale == pytest.approx(1 / 8)
+
+
+def test_sdpa_fp16():
+    check(sdpa_pos, qkv(dtype=torch.float16), [("sdpa",) + SPARSE], dtype_tol={"atol": 2e-3, "rtol": 2e-3})
+
+
+def test_sdpa_key_padding_mask():
+    q, k, v = qkv()
+    keep = key_keep()
+
+    def f(q, k, v, keep):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+
+    r = check(f, (q, k, v, keep), [("sdpa", "sparse", "key_padding", "key-padding mask folded")])
+    # the mask matters: the result differs from unmasked attention
+    assert not torch.allclose(r.out, F.scaled_dot_product_attention(q, k, v), atol=1e-3)
+
+
+def test_sdpa_key_padding_3d_per_sequence():
+    # (N, S, D) with a mask varying over N: served as (N, 1, S, D)
+    q, k, v = qkv((B * H, S, D))
+    keep = key_keep(B * H)
+    r = check(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, None, :]), (q, k, v, keep),
+              [("sdpa", "sparse", "key_padding", "key-padding")])
+    assert (r.sites[0].batch, r.sites[0].num_heads) == (B * H, 1)
+
+
+def test_sdpa_key_padding_broadcast_batch():
+    q, k, v = qkv()
+    keep = key_keep(1)
+    check(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), (q, k, v, keep),
+          [("sdpa", "sparse", "key_padding", "key-padding")])  # (1, S): broadcast over batch and heads
+
+
+@pytest.mark.parametrize(
+    "make_mask,mask_kind,reason",
+    [
+        (lambda: (torch.rand(S, S) > 0.5) | torch.eye(S, dtype=torch.bool), "other",
+         "attn_mask of shape (64, 64) is not a key-padding mask"),
+        (lambda: (torch.rand(B, H, 1, S) > 0.5).index_fill(-1, torch.tensor([0]), True), "other",
+         "attn_mask of shape (2, 2, 1, 64) is not a key-padding mask"),
+        (lambda: torch.ones(B, 1, S, S, dtype=torch.bool).tril(), "other",
+         "attn_mask of shape (2, 1, 64, 64) is not a key-padding mask"),
+        (lambda: torch.zeros(B, 1, 1, S), "other", "float additive mask"),
+    ],
+    ids=["full_bool", "per_head", "causal_bool", "float"],
+)
+def test_sdpa_other_masks_stay_dense(make_mask, mask_kind, reason):
+    q, k, v = qkv()
+    m = make_mask()
+    check(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), (q, k, v, m),
+          [("sdpa", "dense", mask_kind, reason)])
+
+
+@pytest.mark.parametrize(
+    "fn,args,reason",
+    [
+        (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), qkv(),
+         "is_causal=True: the kernels serve non-causal attention"),
+        (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.0 + 0.25) * 0 + 1, qkv(), "dropout_p=0.25"),
+        (sdpa_pos, qkv((B, H, S, 32)), "head_dim 32 not in (64, 96, 128)"),
+        (sdpa_pos, qkv(dtype=torch.float64), "dtype float64 not in"),
+        (sdpa_pos, (rand(B, H, S, D), rand(B, H, 16, D), rand(B, H, 16, D)),
+         "seq_len_kv 16 < min_seq_len 64 (cross or short attention)"),
+        (sdpa_pos, (rand(B, H, 32, D), rand(B, H, S, D), rand(B, H, S, D)), "seq_len_q 32 < min_seq_len 64"),
+        (sdpa_pos, (rand(B, H, S, D), rand(B, H, S, D), rand(B, H, S, 32)), "value head dim 32 != head_dim 64"),
+    ],
+    ids=["causal", "dropout", "d32", "float64", "cross", "short_q", "dv"],
+)
+def test_sdpa_dense_decisions(fn, args, reason):
+    check(fn, args, [("sdpa", "dense", "none", reason)])
+
+
+def test_dense_sites_and_block_n():
+    q, k, v = qkv()
+    keep = key_keep()
+    cfg = CFG.replace(dense_sites=("attention_*",))
+    check(sdpa_pos, (q, k, v), [("sdpa", "dense", "none", "matches config.dense_sites")], config=cfg)
+    cfg = CFG.replace(block_n=2)
+    f = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, None, None, :])  # noqa: E731
+    check(f, (q, k, v, keep), [("sdpa", "dense", "key_padding", "block_n=2")], config=cfg)
+    check(sdpa_pos, (q, k, v), [("sdpa",) + SPARSE], config=cfg)  # no mask: block_n > 1 is fine
+
+
+def test_predictor_dense_reason_and_profile_config():
+    r = capture(sdpa_pos, *qkv(), config=CFG.replace(predictor="profile"))
+    assert r.sites[0].decision == "sparse" and "predictor" not in r.sites[0].reason
+    r = capture(sdpa_pos, *qkv(), config=CFG)
+    assert 'predictor="dense": the runtime runs it dense' in r.sites[0].reason
+
+
+def test_default_min_seq_len_keeps_small_attention_dense():
+    r = capture(sdpa_pos, *qkv(), config=FGAttnConfig(predictor="dense"))
+    assert r.sites[0].decision == "dense"
+    assert r.sites[0].reason == "seq_len_q 64 < min_seq_len 4096 (cross or short attention); seq_len_kv 64 < min_seq_len 4096 (cross or short attention)"
+    assert ops(r.graphs[0]) == []
+
+
+# ============================================================================ hand-written
+def mm_basic(q, k, v):
+    s = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5)
+    return s.softmax(dim=-1) @ v
+
+
+def mm_torch_matmul_mT_div(q, k, v):
+    s = torch.matmul(q, k.mT) / math.sqrt(q.shape[-1])
+    return torch.matmul(F.softmax(s, dim=-1), v)
+
+
+def mm_method_permute_dim3(q, k, v):
+    s = q.matmul(k.permute(0, 1, 3, 2)) * 0.125
+    return torch.softmax(s, dim=3).matmul(v)
+
+
+def mm_bmm(q, k, v):
+    s = torch.bmm(q, k.transpose(1, 2)) * 0.125
+    return torch.bmm(s.softmax(-1), v)
+
+
+def mm_baddbmm(q, k, v):
+    empty = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype)
+    s = torch.baddbmm(empty, q, k.transpose(-1, -2), beta=0, alpha=0.125)
+    return torch.bmm(s.softmax(dim=-1), v)
+
+
+def mm_einsum(q, k, v):
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) * 0.125
+    return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), v)
+
+
+def mm_einsum_bshd(q, k, v):  # (B, S, H, D) layout, scale on q
+    s = torch.einsum("bqhd,bkhd->bhqk", q * 0.125, k)
+    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+
+
+def mm_einsum_ellipsis(q, k, v):
+    s = torch.einsum("...id,...jd->...ij", q, k) / 8.0
+    return torch.einsum("...ij,...jd->...id", s.softmax(-1), v)
+
+
+def mm_scale_on_q_and_k(q, k, v):
+    s = (q * 0.5) @ (k * 0.25).transpose(-1, -2)
+    return s.softmax(-1) @ v
+
+
+def mm_scale_on_kT(q, k, v):
+    s = q @ (k.transpose(-1, -2) / 8)
+    return s.softmax(-1) @ v
+
+
+def mm_float_softmax_type_as(q, k, v):
+    s = q @ k.transpose(-2, -1) * 0.125
+    return s.float().softmax(-1).type_as(v) @ v
+
+
+def mm_softmax_dtype_to(q, k, v):
+    s = torch.matmul(q, k.transpose(-2, -1)) * 0.125
+    p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+def mm_to_float32(q, k, v):
+    s = (q @ k.transpose(-2, -1)).to(torch.float32) * 0.125
+    return s.softmax(-1).to(v.dtype) @ v
+
+
+def mm_mask_masked_fill(q, k, v, keep):
+    s = q @ k.transpose(-2, -1) * 0.125
+    s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def mm_mask_where(q, k, v, keep):
+    s = q @ k.transpose(-2, -1) * 0.125
+    s = torch.where(keep[:, None, None, :], s, torch.finfo(s.dtype).min)
+    return s.softmax(-1) @ v
+
+
+def mm_mask_additive(q, k, v, keep):
+    bias = (~keep[:, None, None, :]).float() * -1e9
+    s = q @ k.transpose(-2, -1) * 0.125 + bias
+    return s.softmax(-1) @ v
+
+
+def mm_mask_full_bool(q, k, v, keep):
+    causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    s = (q @ k.transpose(-2, -1) * 0.125).masked_fill(~causal, float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def mm_gqa_broadcast(q, k, v):  # one shared key/value head, broadcast by matmul
+    s = q @ k.transpose(-2, -1) * 0.125
+    return s.softmax(-1) @ v
+
+
+class MMDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-2, -1) * 0.125
+        return F.dropout(s.softmax(-1), p=0.1, training=self.training) @ v + self.drop(v) * 0
+
+
+def mm_tensor_scale_dense(q, k, v, t):  # a non-constant (tensor) scale: not served
+    s = (q @ k.transpose(-2, -1)) * t
+    return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize(
+    "fn,args,expect",
+    [
+        (mm_basic, qkv(), [("matmul_softmax",) + SPARSE]),
+        (mm_torch_matmul_mT_div, qkv(), [("matmul_softmax",) + SPARSE]),
+        (mm_method_permute_dim3, qkv(), [("matmul_softmax",) + SPARSE]),
+        (mm_bmm, qkv((B * H, S, D)), [("matmul_softmax",) + SPARSE]),
+        (mm_baddbmm, qkv((B * H, S, D)), [("matmul_softmax",) + SPARSE]),
+        (mm_einsum, qkv(), [("matmul_softmax",) + SPARSE]),
+        (mm_einsum_bshd, qkv((B, S, H, D)), [("matmul_softmax",) + SPARSE]),
+        (mm_einsum_ellipsis, qkv(), [("matmul_softmax",) + SPARSE]),
+        (mm_scale_on_q_and_k, qkv(), [("matmul_softmax",) + SPARSE]),
+        (mm_scale_on_kT, qkv(), [("matmul_softmax",) + SPARSE]),
+        (mm_float_softmax_type_as, qkv(dtype=torch.bfloat16), [("matmul_softmax",) + SPARSE]),
+        (mm_softmax_dtype_to, qkv(dtype=torch.bfloat16), [("matmul_softmax",) + SPARSE]),
+        (mm_to_float32, qkv(dtype=torch.bfloat16), [("matmul_softmax",) + SPARSE]),
+        (mm_gqa_broadcast, (rand(B, H, S, D), rand(B, 1, S, D), rand(B, 1, S, D)),
+         [("matmul_softmax", "sparse", "none", "GQA 2/1")]),
+        (mm_basic, qkv((S, D)), [("matmul_softmax",) + SPARSE]),  # 2-D
+    ],
+    ids=["matmul_op", "torch_matmul_mT_div", "method_permute_dim3", "bmm", "baddbmm", "einsum", "einsum_bshd",
+         "einsum_ellipsis", "scale_q_k", "scale_kT", "float_type_as", "softmax_dtype", "to_float32", "gqa", "2d"],
+)
+def test_matmul_softmax_sparse(fn, args, expect):
+    bf16 = args[0].dtype == torch.bfloat16
+    r = check(fn, args, expect, dtype_tol={"atol": 2e-2, "rtol": 2e-2} if bf16 else None)
+    s = r.sites[0]
+    expected_scale = {mm_scale_on_q_and_k: 0.125}.get(fn, 0.125)
+    assert s.scale == pytest.approx(expected_scale)
+    assert s.seq_len_q == S and s.seq_len_kv == S and s.head_dim == D
+
+
+@pytest.mark.parametrize("fn", [mm_mask_masked_fill, mm_mask_where], ids=["masked_fill", "where"])
+def test_matmul_softmax_key_padding(fn):
+    q, k, v = qkv()
+    keep = key_keep()
+    r = check(fn, (q, k, v, keep), [("matmul_softmax", "sparse", "key_padding", "key-padding mask folded")])
+    assert not torch.allclose(r.out, mm_basic(q, k, v), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "fn,reason",
+    [(mm_mask_additive, "float additive mask"), (mm_mask_full_bool, "is not a key-padding mask")],
+    ids=["additive", "full_bool"],
+)
+def test_matmul_softmax_other_masks_dense(fn, reason):
+    q, k, v = qkv()
+    check(fn, (q, k, v, key_keep()), [("matmul_softmax", "dense", "other", reason)])
+
+
+def test_matmul_softmax_dropout():
+    m = MMDropout().eval()
+    check(m, qkv(), [("matmul_softmax",) + SPARSE])
+    m.train()
+    check(m, qkv(), [("matmul_softmax", "dense", "none", "dropout p=0.1 in training mode")], atol=1e9)
+
+
+def test_matmul_softmax_value_head_dim_differs():
+    q, k = rand(B, H, S, D), rand(B, H, S, D)
+    check(mm_basic, (q, k, rand(B, H, S, 32)), [("matmul_softmax", "dense", "none", "value head dim 32 != head_dim 64")])
+
+
+# ============================================================================ negative cases
+def neg_softmax_other_dim(q, k, v):
+    return (q @ k.transpose(-2, -1) * 0.125).softmax(dim=-2) @ v
+
+
+def neg_linear_attention(q, k, v):
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    return q @ (k.transpose(-2, -1) @ v) / S
+
+
+def neg_probs_returned(q, k, v):
+    p = (q @ k.transpose(-2, -1) * 0.125).softmax(-1)
+    return p @ v, p
+
+
+def neg_probs_fed_elsewhere(q, k, v):
+    p = (q @ k.transpose(-2, -1) * 0.125).softmax(-1)
+    return (p @ v) + p.mean()
+
+
+def neg_scores_fed_elsewhere(q, k, v):
+    s = q @ k.transpose(-2, -1) * 0.125
+    return s.softmax(-1) @ v + s.amax()
+
+
+class NegProbsStored(nn.Module):
+    def forward(self, q, k, v):
+        p = (q @ k.transpose(-2, -1) * 0.125).softmax(-1)
+        self.last_probs = p
+        return p @ v
+
+
+def neg_weights_not_attention(x, w1, w2):  # softmax(x W1) W2: a 2-D weight, not a per-batch k
+    return torch.matmul(torch.softmax(x @ w1, dim=-1), w2)
+
+
+def neg_probs_transposed(q, k, v):  # contracts over the queries, not the keys
+    p = (q @ k.transpose(-2, -1) * 0.125).softmax(-1)
+    return p.transpose(-2, -1) @ v
+
+
+def neg_einsum_wrong_contraction(q, k, v):
+    p = torch.einsum("bhqd,bhkd->bhqk", q, k).softmax(-1)
+    return torch.einsum("bhqk,bhqd->bhkd", p, v)
+
+
+def neg_tensor_scale(q, k, v, t):
+    return mm_tensor_scale_dense(q, k, v, t)
+
+
+def neg_log_softmax(q, k, v):
+    return (q @ k.transpose(-2, -1)).log_softmax(-1) @ v
+
+
+@pytest.mark.parametrize(
+    "fn,args",
+    [
+        (neg_softmax_other_dim, qkv()),
+        (neg_linear_attention, qkv()),
+        (neg_probs_returned, qkv()),
+        (neg_probs_fed_elsewhere, qkv()),
+        (neg_scores_fed_elsewhere, qkv()),
+        (NegProbsStored(), qkv()),
+        (neg_weights_not_attention, (rand(B, S, D), rand(D, S), rand(S, D))),
+        (neg_probs_transposed, qkv()),
+        (neg_einsum_wrong_contraction, qkv()),
+        (neg_tensor_scale, qkv() + (rand(B, H, 1, 1),)),
+        (neg_log_softmax, qkv()),
+    ],
+    ids=["softmax_dim", "linear_attention", "probs_returned", "probs_fed_elsewhere", "scores_fed_elsewhere",
+         "probs_stored", "weights_not_qkv", "probs_transposed", "einsum_contraction", "tensor_scale", "log_softmax"],
+)
+def test_not_attention_left_alone(fn, args):
+    ref = fn(*args)
+    r = capture(fn, *args)
+    assert r.sites == []
+    assert all(ops(g) == [] for g in r.graphs)
+    torch.testing.assert_close(r.out, ref)
+
+
+def test_inplace_mask_is_not_misread():
+    # an in-place masked_fill_ on the scores: the scores node has a user (the mutation) outside
+    # the chain softmax reads, so the site is left alone rather than rewritten without its mask
+    def f(q, k, v, keep):
+        s = q @ k.transpose(-2, -1) * 0.125
+        s.masked_fill_(~keep[:, None, None, :], float("-inf"))
+        return s.softmax(-1) @ v
+
+    q, k, v = qkv()
+    keep = key_keep()
+    r = capture(f, q, k, v, keep)
+    torch.testing.assert_close(r.out, f(q, k, v, keep))
+    assert r.sites == [] and ops(r.graphs[0]) == []
+
+
+# ============================================================================ names, several sites
+class Attn(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class TwoCalls(nn.Module):
+    def forward(self, q, k, v):
+        a = F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(a, k, v)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Attn(), Attn()])
+        self.pair = TwoCalls()
+        self.mm = Fn(mm_basic)
+
+    def forward(self, q, k, v):
+        for b in self.blocks:
+            q = b(q, k, v)
+        q = self.pair(q, k, v)
+        return self.mm(q, k, v) + sdpa_pos(q, k, v)
+
+
+def test_site_names():
+    r = check(Net(), qkv(), [("sdpa",) + SPARSE] * 4 + [("matmul_softmax",) + SPARSE, ("sdpa",) + SPARSE])
+    assert [s.name for s in r.sites] == ["blocks.0", "blocks.1", "pair", "pair#1", "mm", "attention_5"]
+
+
+@pytest.mark.parametrize(
+    "path,name",
+    [
+        ("L['self'].blocks[3].attn1", "blocks.3.attn1"),
+        ("L['self'].blocks.3.attn1", "blocks.3.attn1"),
+        ("L['self']._modules['blocks']._modules['3'].attn1", "blocks.3.attn1"),
+        ("L['self'].__dict__['_modules']['blocks'].3.attn1", "blocks.3.attn1"),
+        ("L['model'].transformer_blocks[0].attn", "transformer_blocks.0.attn"),
+        ("L['self']", ""),
+    ],
+)
+def test_site_name_normalisation(path, name):
+    assert site_name(path) == name
+
+
+# ============================================================================ dynamic shapes
+def test_dynamic_shapes():
+    """A recompile for new batch and sequence sizes makes them symbolic (automatic dynamic): the
+    sizes are reported as expressions, the decision uses the example sizes, and the rewrite takes
+    its sizes from the graph."""
+
+    def f(q, k, v, keep):
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        return mm_mask_masked_fill(a, k, v, keep)
+
+    sites, graphs = [], []
+
+    def be(gm, example_inputs):
+        r = transform(gm, example_inputs, CFG)
+        sites.append(r.sites)
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    c = torch.compile(f, backend=be, fullgraph=True)
+    inputs = [qkv((b, H, s, D)) + (key_keep(b, s),) for b, s in ((2, 64), (3, 80), (4, 96))]
+    with torch.no_grad():
+        outs = [c(*x) for x in inputs]
+    assert len(graphs) == 2  # static, then one dynamic graph for the other two calls
+    assert [(s.pattern, s.decision, s.mask) for s in sites[1]] == [
+        ("sdpa", "sparse", "key_padding"),
+        ("matmul_softmax", "sparse", "key_padding"),
+    ]
+    s = sites[1][0]
+    assert all(isinstance(x, str) for x in (s.batch, s.seq_len_q, s.seq_len_kv))
+    assert (s.num_heads, s.head_dim) == (H, D)
+    assert "dynamic sequence length, decided on its example size 80x80" in s.reason
+    g = graphs[1]
+    assert len(ops(g)) == 2 and left(g) == []
+    assert any(n.target is torch.ops.aten.sym_size.int for n in g.graph.nodes)
+    for x, out in zip(inputs, outs):
+        torch.testing.assert_close(out, f(*x))
+    # below min_seq_len at the example size: dense, the reason says so
+    sites.clear()
+    graphs.clear()
+    torch._dynamo.reset()
+    c = torch.compile(f, backend=be, fullgraph=True)
+    with torch.no_grad():
+        c(*(qkv((2, H, 16, D)) + (key_keep(2, 16),)))
+        c(*(qkv((2, H, 24, D)) + (key_keep(2, 24),)))
+    assert [s.decision for s in sites[1]] == ["dense", "dense"]
+    assert "(=24) < min_seq_len 64" in sites[1][0].reason
+
+
+# ============================================================================ the rewrite
+def _graph_of(fn, *args):
+    gms = []
+
+    def be(gm, ex):
+        gms.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=be, fullgraph=True)(*args)
+    return gms[0]
+
+
+def test_find_does_not_modify_the_graph():
+    gm = _graph_of(mm_mask_masked_fill, *qkv(), key_keep())
+    before = gm.code
+    matches = find_attention_sites(gm, CFG)
+    assert len(matches) == 1 and gm.code == before
+    m = matches[0]
+    assert m.output.op == "call_function" and m.mask is not None and m.mask_invert
+    assert m.scale == pytest.approx(0.125)
+
+
+def test_rewrite_is_atomic():
+    gm = _graph_of(mm_einsum_bshd, *qkv((B, S, H, D)))
+    (m,) = find_attention_sites(gm, CFG)
+    before = gm.graph.python_code("self").src
+    n_nodes = len(gm.graph.nodes)
+    m.out_perm = (0, 1, 2, 3)  # a wrong output layout: the result's shape check fails
+    with pytest.raises(RuntimeError, match="rewritten output has shape"):
+        rewrite_site(gm, m, 12345)
+    gm.graph.lint()
+    assert len(gm.graph.nodes) == n_nodes and gm.graph.python_code("self").src == before
+    # non-strict: the site stays dense with the failure as its reason, the graph is unchanged
+    os.environ["FGCOMPILE_STRICT"] = "0"
+    try:
+        rewrite_sites(gm, [(m, 12345)])
+    finally:
+        os.environ["FGCOMPILE_STRICT"] = "1"
+    assert m.info.decision == "dense" and m.info.reason.startswith("rewrite failed")
+    assert len(gm.graph.nodes) == n_nodes
+
+
+def test_rewrite_erases_only_the_region():
+    def f(q, k, v):
+        kt = k.transpose(-2, -1)
+        s = q @ kt * 0.125
+        return s.softmax(-1) @ v + kt.sum()  # kt is used outside: it stays
+
+    r = check(f, qkv(), [("matmul_softmax",) + SPARSE])
+    g = r.graphs[0].graph
+    assert any(n.op == "call_method" and n.target == "transpose" and n.users for n in g.nodes)
+    assert not any("matmul" in str(n.target) for n in g.nodes)
+
+
+# ============================================================================ explain + Report
+class Breaky(nn.Module):
+    def forward(self, q, k, v):
+        a = F.scaled_dot_product_attention(q, k, v)
+        torch._dynamo.graph_break()
+        return mm_basic(a, k, v)
+
+
+def test_explain_report():
+    q, k, v = qkv()
+    rep = fgcompile.explain(Net(), q, k, v, config=CFG)
+    assert isinstance(rep, fgcompile.Report)
+    assert len(rep.sites) == 6 and rep.graph_breaks == 0 and rep.graph is rep.graphs[0]
+    text = str(rep)
+    lines = text.splitlines()
+    assert lines[0] == "fgcompile: 6 attention site(s), 6 sparse, 0 dense; 1 graph(s), 0 graph break(s)"
+    header = lines[2].split()
+    assert header == ["name", "pattern", "B", "H/H_kv", "S_q", "S_kv", "D", "dtype", "mask", "decision", "reason"]
+    assert lines[4].split()[:10] == ["blocks.0", "sdpa", "2", "2/2", "64", "64", "64", "float32", "none", "sparse"]
+    assert lines[8].startswith("mm ") and "matmul_softmax" in lines[8]
+    # fixed width: every row's columns start where the header's do
+    starts = [lines[2].index(h) for h in ("pattern", "decision", "reason")]
+    for row in lines[4:10]:
+        assert all(row[i - 2 : i] == "  " and row[i] != " " for i in starts)
+    assert "torch.ops.fgcompile.site_attention.default(" in text
+    assert "def forward" in text
+
+
+def test_explain_runs_no_sparse_kernel_and_keeps_other_compiles(monkeypatch):
+    import fgcompile.runtime as rt
+
+    def boom(*a, **k):
+        raise AssertionError("explain must not run fgcompile's op")
+
+    monkeypatch.setattr(rt, "run_site", boom)
+    m = Attn()
+    q, k, v = qkv()
+    calls = []
+
+    def counting(gm, ex):
+        calls.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    c = torch.compile(m, backend=counting)
+    with torch.no_grad():
+        c(q, k, v)
+        rep = fgcompile.explain(m, q, k, v, config=FGAttnConfig(min_seq_len=64))  # profile predictor
+        assert [s.decision for s in rep.sites] == ["sparse"]
+        rep2 = fgcompile.explain(c, q, k, v, config=FGAttnConfig(min_seq_len=64))  # a compiled model
+        assert len(rep2.sites) == 1
+        c(q, k, v)  # the user's compiled model is still cached: no recompile
+    assert calls == [1]
+    assert torch.is_grad_enabled()
+
+
+def test_explain_graph_breaks():
+    q, k, v = qkv()
+    torch._dynamo.reset()
+    rep = fgcompile.explain(Breaky(), q, k, v, config=CFG)
+    assert rep.graph_breaks == 1 and len(rep.graphs) == 2
+    assert [s.pattern for s in rep.sites] == ["sdpa", "matmul_softmax"]
+    assert "rewritten graph 1" in str(rep)
+
+
+def test_explain_toy_dit_table():
+    from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
+
+    m = ToyVideoDiT(ToyDiTConfig(depth=2, width=128, heads=2, attn_impl="manual")).eval()
+    x, t, text = rand(1, 4, 2, 16, 16), torch.rand(1), rand(1, 16, 64)
+    rep = fgcompile.explain(m, x, t, text, config=CFG)
+    got = [(s.name, s.pattern, s.decision) for s in rep.sites]
+    assert got == [
+        ("blocks.0.attn", "matmul_softmax", "sparse"),
+        ("blocks.0.cross", "sdpa", "dense"),
+        ("blocks.1.attn", "matmul_softmax", "sparse"),
+        ("blocks.1.cross", "sdpa", "dense"),
+    ]
+    assert "seq_len_kv 16 < min_seq_len 64" in rep.sites[1].reason
+    assert "blocks.1.cross" in rep.table()
+
+
+def test_compiled_manual_toy_dit_matches_eager():
+    """The whole backend (Inductor included) on the hand-written-attention toy DiT."""
+    from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
+
+    m = ToyVideoDiT(ToyDiTConfig(depth=1, width=128, heads=2, attn_impl="manual")).eval()
+    x, t, text = rand(2, 4, 2, 16, 16), torch.rand(2), rand(2, 16, 64)
+    with torch.no_grad():
+        ref = m(x, t, text)
+        c = torch.compile(m, backend=fgattn_backend(CFG), fullgraph=True)
+        out = c(x, t, text)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    st = fgcompile.stats(c)
+    assert list(st) == ["blocks.0.attn"] and st["blocks.0.attn"].dense_calls == 1
+
+
+# ============================================================================ logging
+def test_torch_logs_prints_decisions():
+    code = textwrap.dedent(
+        """
+        import torch, torch.nn.functional as F
+        import fgcompile.dynamo_backend as fb
+        def f(q, kv):
+            return F.scaled_dot_product_attention(q, q, q) + F.scaled_dot_product_attention(q, kv, kv)
+        q, kv = torch.randn(1, 2, 64, 64), torch.randn(1, 2, 8, 64)
+        def be(gm, ex):
+            fb.transform(gm, ex, fb.FGAttnConfig(predictor="dense", min_seq_len=64))
+            return gm.forward
+        with torch.no_grad():
+            torch.compile(f, backend=be)(q, kv)
+        """
+    )
+    env = dict(os.environ, TORCH_LOGS="+fgcompile")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if "fgcompile: site" in line]
+    assert len(lines) == 2, r.stderr[-3000:]
+    assert "(sdpa) B=1 H=2/2 S_q=64 S_kv=64 D=64 float32 mask=none -> sparse" in lines[0]
+    assert "-> dense: seq_len_kv 8 < min_seq_len 64" in lines[1]
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_LOGS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "fgcompile: site" not in r.stderr
