@@ -1,0 +1,263 @@
+"""Public entry points of the kernels: ``sparse_attention``, ``pack_slices``, ``profile_attention``.
+
+They validate their arguments (a bad one raises ValueError naming it and what was expected) and
+dispatch to the Triton kernels (``fgcompile.kernels.triton_sparse`` / ``triton_profile``) or to the
+plain-torch references (``fgcompile.kernels.reference``). None of them synchronises with the
+device: all checks read shapes, dtypes and devices only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Union
+
+import torch
+
+from .kernels import packing
+from .kernels.packing import PackedSlices
+
+__all__ = ["sparse_attention", "pack_slices", "profile_attention", "PackedSlices"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_IMPLS = ("auto", "triton", "reference")
+_TRITON_BLOCK_M = (16, 32, 64, 128)
+_TRITON_MAX_D = 128
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_int(name: str, value, lo: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {value!r}")
+    return value
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name}: expected a 4-D tensor ({'B, H, S_q, D' if name == 'q' else 'B, H_kv, S_kv, D'}), "
+                f"got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name}: expected dtype float16, bfloat16 or float32, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k, v: expected the dtype of q ({q.dtype}), got k {k.dtype} and v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"k, v: expected the device of q ({q.device}), got k on {k.device} and v on {v.device}")
+    B, H, S_q, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[0] != B:
+        raise ValueError(f"k: expected batch size {B} (that of q), got {k.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"k: expected head dim {D} (that of q), got {k.shape[3]}")
+    H_kv = k.shape[1]
+    if H_kv < 1 or H % H_kv != 0:
+        raise ValueError(f"k: expected a number of kv heads dividing H = {H} (GQA), got {H_kv}")
+    if D < 1 or S_q < 1 or k.shape[2] < 1 or B < 1:
+        raise ValueError(f"q, k: expected non-empty tensors, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+
+
+def _resolve_impl(impl, device: torch.device, name: str = "impl") -> str:
+    if impl not in _IMPLS:
+        raise ValueError(f"{name}: expected one of {_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if impl == "triton" and device.type != "cuda":
+        if device.type != "cpu" or not _interpreting():
+            raise ValueError(
+                f"{name}: 'triton' needs CUDA tensors (got {device.type}); on the CPU it runs only under "
+                "Triton's interpreter (set TRITON_INTERPRET=1 before importing fgcompile), else use "
+                "impl='reference' or 'auto'"
+            )
+    return impl
+
+
+def _check_triton_shapes(D: int, block_m: int) -> None:
+    if D > _TRITON_MAX_D or D % 8 != 0:
+        raise ValueError(
+            f"q: impl='triton' supports head dims that are multiples of 8 up to {_TRITON_MAX_D} "
+            f"(64, 96, 128, ...), got {D}; use impl='reference'"
+        )
+    if block_m not in _TRITON_BLOCK_M:
+        raise ValueError(f"block_m: impl='triton' supports {_TRITON_BLOCK_M}, got {block_m}")
+
+
+def _resolve_scale(scale, D: int) -> float:
+    if scale is None:
+        return D ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale: expected a finite float > 0 or None, got {scale!r}")
+    return float(scale)
+
+
+def pack_slices(
+    keep: torch.Tensor,
+    *,
+    block_n: int = 1,
+    seq_len_kv: Optional[int] = None,
+    block_m: int = 128,
+    full_tile: int = packing.DEFAULT_FULL_TILE,
+) -> PackedSlices:
+    """Pack a bool keep mask (B, H, nQB, nKB) for repeated use by ``sparse_attention``.
+
+    Built on the mask's device with no host synchronisation (cumulative sum + scatter). Returns a
+    :class:`~fgcompile.kernels.packing.PackedSlices`: per query block the count of kept key blocks
+    and their indices (ascending, int32 (B, H, nQB, nKB)), plus the list of fully kept aligned
+    tiles of ``full_tile`` keys that the kernel loads as contiguous blocks (0 disables that).
+    ``seq_len_kv`` defaults to nKB * block_n and must satisfy ceil(seq_len_kv / block_n) == nKB.
+    Memory: 4 * B*H*nQB*(nKB + 1) bytes of indices (403 MB for Wan-1.3B 480p, one layer); masks
+    meant to be kept (30 layers) are better stored as bitmaps (``packing.pack_bits``: 12.6 MB a
+    layer at 480p).
+    """
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 4:
+        got = f"{keep.dtype} tensor of shape {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise ValueError(f"keep: expected a bool tensor (B, H, nQB, nKB), got {got}")
+    block_n = _check_int("block_n", block_n)
+    block_m = _check_int("block_m", block_m)
+    nkb = keep.shape[-1]
+    if seq_len_kv is None:
+        seq_len_kv = nkb * block_n
+    seq_len_kv = _check_int("seq_len_kv", seq_len_kv)
+    if -(-seq_len_kv // block_n) != nkb:
+        raise ValueError(
+            f"seq_len_kv: expected ceil(seq_len_kv / block_n) == keep.shape[-1] = {nkb} (block_n={block_n}), got {seq_len_kv}"
+        )
+    if not isinstance(full_tile, int) or full_tile < 0 or (full_tile and (full_tile < 16 or full_tile & (full_tile - 1))):
+        raise ValueError(f"full_tile: expected 0 or a power of two >= 16, got {full_tile!r}")
+    if full_tile and full_tile > 128:
+        raise ValueError(f"full_tile: expected at most 128 keys, got {full_tile}")
+    return packing.pack_slices(keep, block_m, block_n, seq_len_kv, full_tile=full_tile)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: Union[torch.Tensor, PackedSlices],
+    *,
+    block_m: int = 128,
+    block_n: int = 1,
+    scale: Optional[float] = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Fine-grained sparse attention: each block of ``block_m`` queries attends only to the key
+    blocks of ``block_n`` keys that ``keep`` marks (block_n = 1: M x 1 slices, FG-Attn).
+
+    q: (B, H, S_q, D); k, v: (B, H_kv, S_kv, D), H a multiple of H_kv (GQA), any strides;
+    float16, bfloat16 or float32 (fp32 runs its dots as tf32 in the Triton kernel).
+    keep: bool (B, H, ceil(S_q / block_m), ceil(S_kv / block_n)), or a ``PackedSlices`` from
+    :func:`pack_slices` (its block sizes are used; block_m/block_n, if not the defaults, must match).
+    scale: defaults to D ** -0.5. impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1),
+    "reference" (plain torch, any device) or "auto" (Triton on CUDA, reference elsewhere).
+    Triton supports head dims that are multiples of 8 up to 128 (64, 96, 128, ...) and
+    block_m in (16, 32, 64, 128). Returns (B, H, S_q, D) in q.dtype, contiguous.
+
+    The result, in pseudocode::
+
+        for b, h, i:
+            rows = range(i*block_m, min((i+1)*block_m, S_q))
+            cols = [t for j in range(nKB) if keep[b, h, i, j] for t in range(j*block_n, min((j+1)*block_n, S_kv))]
+            s = q[b, h, rows] @ k[b, h // (H // H_kv), cols].T * scale
+            out[b, h, rows] = softmax(s, -1) @ v[b, h // (H // H_kv), cols]   # zeros if cols is empty
+
+    No host synchronisation: with a bool ``keep`` the Triton path packs it on the device first.
+    """
+    _check_qkv(q, k, v)
+    B, H, S_q, D = q.shape
+    S_kv = k.shape[2]
+    impl = _resolve_impl(impl, q.device)
+    scale = _resolve_scale(scale, D)
+    block_m = _check_int("block_m", block_m)
+    block_n = _check_int("block_n", block_n)
+    if isinstance(keep, PackedSlices):
+        if (block_m != 128 and block_m != keep.block_m) or (block_n != 1 and block_n != keep.block_n):
+            raise ValueError(
+                f"block_m, block_n: keep is packed for block_m={keep.block_m}, block_n={keep.block_n}; "
+                f"got block_m={block_m}, block_n={block_n}"
+            )
+        block_m, block_n = keep.block_m, keep.block_n
+        expected = (B, H, -(-S_q // block_m), -(-S_kv // block_n))
+        if tuple(keep.counts.shape) != expected[:3] or keep.seq_len_kv != S_kv:
+            raise ValueError(
+                f"keep: PackedSlices for counts {tuple(keep.counts.shape)} and seq_len_kv {keep.seq_len_kv}; "
+                f"expected counts {expected[:3]} and seq_len_kv {S_kv}"
+            )
+        if keep.device != q.device:
+            raise ValueError(f"keep: expected the device of q ({q.device}), got {keep.device}")
+    else:
+        if not isinstance(keep, torch.Tensor):
+            raise ValueError(f"keep: expected a bool tensor or PackedSlices, got {type(keep).__name__}")
+        expected = (B, H, -(-S_q // block_m), -(-S_kv // block_n))
+        if keep.dtype != torch.bool:
+            raise ValueError(f"keep: expected dtype torch.bool, got {keep.dtype}")
+        if tuple(keep.shape) != expected:
+            raise ValueError(
+                f"keep: expected shape (B, H, ceil(S_q / block_m), ceil(S_kv / block_n)) = {expected} "
+                f"(block_m={block_m}, block_n={block_n}), got {tuple(keep.shape)}"
+            )
+        if keep.device != q.device:
+            raise ValueError(f"keep: expected the device of q ({q.device}), got {keep.device}")
+
+    if impl == "reference":
+        from .kernels.reference import sparse_attention_reference
+
+        mask = packing.unpack_slices(keep) if isinstance(keep, PackedSlices) else keep
+        return sparse_attention_reference(q, k, v, mask, block_m, block_n, scale)
+
+    _check_triton_shapes(D, block_m)
+    from .kernels.triton_sparse import sparse_attention_triton
+
+    packed = keep if isinstance(keep, PackedSlices) else packing.pack_slices(keep, block_m, block_n, S_kv)
+    return sparse_attention_triton(q, k, v, packed, scale)
+
+
+def profile_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_m: int = 128,
+    scale: Optional[float] = None,
+    key_padding: Optional[torch.Tensor] = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention plus, per (query block, key), the largest softmax probability over the
+    block's queries. Returns ``(out, block_max_probs)``: out (B, H, S_q, D) in q.dtype, the exact
+    dense attention; block_max_probs float32 (B, H, ceil(S_q / block_m), S_kv)::
+
+        p = softmax(q[b, h] @ k[b, h // (H // H_kv)].T * scale, -1)    # padded keys excluded
+        block_max_probs[b, h, i, j] = max(p[i*block_m : (i+1)*block_m, j])   # 0 for a padded key
+
+    key_padding: optional bool (B, S_kv), True = a real key. The Triton kernel never materialises
+    S_q x S_kv (two passes: row log-sum-exp, then probabilities). Same dtypes, shapes and impl
+    rules as :func:`sparse_attention`.
+    """
+    _check_qkv(q, k, v)
+    B, H, S_q, D = q.shape
+    S_kv = k.shape[2]
+    impl = _resolve_impl(impl, q.device)
+    scale = _resolve_scale(scale, D)
+    block_m = _check_int("block_m", block_m)
+    if key_padding is not None:
+        if not isinstance(key_padding, torch.Tensor) or key_padding.dtype != torch.bool:
+            raise ValueError(f"key_padding: expected a bool tensor (B, S_kv) or None, got {getattr(key_padding, 'dtype', type(key_padding).__name__)}")
+        if tuple(key_padding.shape) != (B, S_kv):
+            raise ValueError(f"key_padding: expected shape (B, S_kv) = {(B, S_kv)}, got {tuple(key_padding.shape)}")
+        if key_padding.device != q.device:
+            raise ValueError(f"key_padding: expected the device of q ({q.device}), got {key_padding.device}")
+    if impl == "reference":
+        from .kernels.reference import block_max_probs_reference, dense_attention_reference
+
+        out = dense_attention_reference(q, k, v, scale, key_padding)
+        return out, block_max_probs_reference(q, k, block_m, scale, key_padding)
+    _check_triton_shapes(D, block_m)
+    from .kernels.triton_profile import profile_attention_triton
+
+    return profile_attention_triton(q, k, v, block_m, scale, key_padding)

@@ -1,0 +1,241 @@
+"""Packed forms of a keep mask: per-query-block index lists for the kernel, bitmaps for storage.
+
+The keep mask (docs/DESIGN.md) is a bool tensor ``keep`` of shape (B, H, nQB, nKB) with
+``nQB = ceil(S_q / block_m)`` and ``nKB = ceil(S_kv / block_n)``: ``keep[b, h, i, j]`` means the
+queries ``i*block_m .. (i+1)*block_m - 1`` of head ``h`` attend to the keys
+``j*block_n .. (j+1)*block_n - 1``.
+
+Two packed forms:
+
+``PackedSlices`` (what the Triton kernel consumes, built by :func:`pack_slices` on the mask's device
+with no host synchronisation: a cumulative sum and a scatter, no ``.item()``, ``.nonzero()`` or
+boolean indexing; so it can be captured in a CUDA graph and traced by torch.compile):
+
+- ``counts``  int32 (B, H, nQB): how many key blocks query block i keeps (outside full tiles);
+- ``indices`` int32 (B, H, nQB, cap): the kept key-block indices j, ascending, in the first
+  ``counts[b, h, i]`` entries; the rest is 0 (never read as a key: the kernel masks by count).
+  ``cap = nKB`` (the largest possible count: knowing the real maximum needs a host sync). The tensor
+  may be a view with a last stride of 1 and a row stride of ``nKB + 1``.
+- ``full_counts`` int32 (B, H, nQB) and ``full_tiles`` int32 (B, H, nQB, nKB // (full_tile // block_n)):
+  the "fully kept tiles" fast path. A full tile is an aligned run of ``full_tile`` keys
+  ``[t*full_tile, (t+1)*full_tile)`` that lies inside the sequence and is kept whole; the kernel
+  loads it as one contiguous block (no index load, no gather). Keys in full tiles are removed from
+  ``indices``. ``full_tile = 0`` disables the split (``full_counts`` is then all 0 and
+  ``full_tiles`` has one column).
+- ``block_m``, ``block_n``, ``seq_len_kv``, ``full_tile``: ints.
+
+Memory per call (int32): ``4 * B*H*nQB*(nKB + 1)`` bytes of indices; Wan-1.3B 480p (B=1, H=12,
+nQB=256, S_kv=32,760, block_n=1) is 403 MB per layer. That is a working buffer for one call,
+rebuilt from the mask; it is not the form to keep 30 layers of masks in.
+
+``SliceBitmap`` / :func:`pack_bits` / :func:`unpack_bits` (the storage form): the last axis of
+``keep`` packed into 32-bit words, bit ``j % 32`` of word ``j // 32`` (little-endian within the
+word), int32 words (B, H, nQB, ceil(nKB / 32)). Memory per layer: ``4 * B*H*nQB*ceil(nKB/32)``
+bytes; Wan-1.3B 480p: 12 heads x 256 query blocks x 1,024 words x 4 B = 12.6 MB (12.0 MiB) per
+layer, 30 layers = 377 MB (360 MiB), inside 1 GiB whatever the density (int32 index lists of all
+30 layers at density 0.4 would take 4.8 GB). :func:`bitmap_memory_bytes` computes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "PackedSlices",
+    "pack_slices",
+    "unpack_slices",
+    "SliceBitmap",
+    "pack_bits",
+    "unpack_bits",
+    "bitmap_memory_bytes",
+    "DEFAULT_FULL_TILE",
+]
+
+#: keys per "full tile" (the contiguous fast path) unless told otherwise.
+DEFAULT_FULL_TILE = 128
+
+
+@dataclass(frozen=True)
+class PackedSlices:
+    """Per-query-block kept key lists (see the module docstring for the layout).
+
+    counts: int32 (B, H, nQB); indices: int32 (B, H, nQB, cap), last stride 1, ascending in the first
+    counts entries; full_counts: int32 (B, H, nQB); full_tiles: int32 (B, H, nQB, nT), ascending in the
+    first full_counts entries; block_m, block_n, seq_len_kv, full_tile: ints.
+    """
+
+    counts: torch.Tensor
+    indices: torch.Tensor
+    full_counts: torch.Tensor
+    full_tiles: torch.Tensor
+    block_m: int
+    block_n: int
+    seq_len_kv: int
+    full_tile: int = 0
+
+    @property
+    def shape(self) -> tuple:
+        """(B, H, nQB, nKB): the shape of the keep mask this packs."""
+        b, h, nqb = self.counts.shape
+        return (b, h, nqb, -(-self.seq_len_kv // self.block_n))
+
+    @property
+    def device(self) -> torch.device:
+        return self.counts.device
+
+    def to(self, device) -> "PackedSlices":
+        return PackedSlices(
+            self.counts.to(device),
+            self.indices.to(device),
+            self.full_counts.to(device),
+            self.full_tiles.to(device),
+            self.block_m,
+            self.block_n,
+            self.seq_len_kv,
+            self.full_tile,
+        )
+
+    def memory_bytes(self) -> int:
+        ts = (self.counts, self.indices, self.full_counts, self.full_tiles)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _compact(keep: torch.Tensor, chunk_elems: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """counts (...,) int32 and ascending indices (..., n) int32 of the True entries of the last axis,
+    with a cumulative sum and a scatter (no host synchronisation). Works on chunks of rows so that
+    the int64 scatter index stays small."""
+    lead, n = keep.shape[:-1], keep.shape[-1]
+    rows = keep.reshape(-1, n)
+    r = rows.shape[0]
+    counts = torch.zeros((r,), device=keep.device, dtype=torch.int32)
+    out = torch.zeros((r, n + 1), device=keep.device, dtype=torch.int32)
+    if n == 0 or r == 0:
+        return counts.reshape(lead), out[:, :n].reshape(lead + (n,))
+    step = max(1, chunk_elems // n)
+    src = torch.arange(n, device=keep.device, dtype=torch.int32)
+    for r0 in range(0, r, step):
+        kc = rows[r0 : r0 + step]
+        pos = torch.cumsum(kc.to(torch.int32), dim=-1, dtype=torch.int32)
+        counts[r0 : r0 + step] = pos[:, -1]
+        # kept entry j goes to slot pos[j] - 1; the others to a spill column n, cut off below.
+        slot = torch.where(kc, pos - 1, n).to(torch.int64)
+        out[r0 : r0 + step].scatter_(-1, slot, src.expand_as(pos))
+    return counts.reshape(lead), out[:, :n].reshape(lead + (n,))
+
+
+def pack_slices(
+    keep: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    seq_len_kv: int,
+    full_tile: int = DEFAULT_FULL_TILE,
+) -> PackedSlices:
+    """Pack a bool keep mask (B, H, nQB, nKB) into a :class:`PackedSlices` on its device, with no
+    host synchronisation. ``seq_len_kv`` is S_kv (nKB must equal ceil(S_kv / block_n)).
+    ``full_tile``: keys per full tile of the contiguous fast path (a multiple of block_n, a
+    power of two >= 16), or 0 to gather every key. Inputs are not validated here (see
+    ``fgcompile.attention.pack_slices``)."""
+    B, H, nqb, nkb = keep.shape
+    keep = keep.to(torch.bool)
+    use_full = full_tile > 0 and full_tile % block_n == 0 and seq_len_kv >= full_tile
+    if use_full:
+        per = full_tile // block_n  # key blocks per full tile
+        nt = seq_len_kv // full_tile  # complete tiles inside the sequence
+        tiled = keep[..., : nt * per].reshape(B, H, nqb, nt, per)
+        full = tiled.all(dim=-1)  # (B, H, nQB, nT)
+        full_counts, full_tiles = _compact(full)
+        rest = keep.clone()
+        rest[..., : nt * per] &= ~full.repeat_interleave(per, dim=-1)
+        counts, indices = _compact(rest)
+    else:
+        counts, indices = _compact(keep)
+        full_counts = torch.zeros_like(counts)
+        full_tiles = torch.zeros((B, H, nqb, 1), device=keep.device, dtype=torch.int32)
+        full_tile = 0
+    return PackedSlices(counts, indices, full_counts, full_tiles, int(block_m), int(block_n), int(seq_len_kv), int(full_tile))
+
+
+def unpack_slices(packed: PackedSlices) -> torch.Tensor:
+    """The bool keep mask (B, H, nQB, nKB) that ``packed`` holds (on its device, no host sync)."""
+    B, H, nqb, nkb = packed.shape
+    dev = packed.device
+    keep = torch.zeros((B, H, nqb, nkb + 1), dtype=torch.bool, device=dev)
+    cap = packed.indices.shape[-1]
+    valid = torch.arange(cap, device=dev) < packed.counts[..., None]
+    slot = torch.where(valid, packed.indices.to(torch.int64), torch.full_like(packed.indices, nkb, dtype=torch.int64))
+    keep.scatter_(-1, slot, valid)
+    keep = keep[..., :nkb].clone()
+    if packed.full_tile > 0:
+        per = packed.full_tile // packed.block_n
+        nt = packed.full_tiles.shape[-1]
+        fvalid = torch.arange(nt, device=dev) < packed.full_counts[..., None]
+        full = torch.zeros((B, H, nqb, nt + 1), dtype=torch.bool, device=dev)
+        fslot = torch.where(fvalid, packed.full_tiles.to(torch.int64), torch.full_like(packed.full_tiles, nt, dtype=torch.int64))
+        full.scatter_(-1, fslot, fvalid)
+        keep[..., : nt * per] |= full[..., :nt].repeat_interleave(per, dim=-1)
+    return keep
+
+
+# ----------------------------------------------------------------------------- bitmaps
+
+
+@dataclass(frozen=True)
+class SliceBitmap:
+    """A keep mask stored as bits: ``words`` int32 (..., ceil(n / 32)), bit ``j % 32`` of word
+    ``j // 32`` is entry j of the last axis; ``shape`` is the mask's shape (last entry n);
+    ``block_m``/``block_n`` the tile sizes the mask was made for."""
+
+    words: torch.Tensor
+    shape: tuple
+    block_m: int = 128
+    block_n: int = 1
+
+    @classmethod
+    def from_keep(cls, keep: torch.Tensor, block_m: int = 128, block_n: int = 1) -> "SliceBitmap":
+        return cls(pack_bits(keep), tuple(keep.shape), block_m, block_n)
+
+    def to_keep(self) -> torch.Tensor:
+        return unpack_bits(self.words, self.shape[-1]).reshape(self.shape)
+
+    def memory_bytes(self) -> int:
+        return self.words.numel() * self.words.element_size()
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    return torch.arange(32, device=device, dtype=torch.int64)
+
+
+def pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """Pack the last axis of a bool tensor (..., n) into int32 words (..., ceil(n / 32)); bit
+    ``j % 32`` of word ``j // 32`` holds entry j. On the tensor's device, no host sync."""
+    n = keep.shape[-1]
+    nw = -(-n // 32)
+    pad = nw * 32 - n
+    x = keep.to(torch.int64)
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    x = x.reshape(keep.shape[:-1] + (nw, 32))
+    w = (x << _shifts(keep.device)).sum(-1)  # 0 .. 2^32 - 1 in int64
+    w = torch.where(w >= 2**31, w - 2**32, w)
+    return w.to(torch.int32)
+
+
+def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: int32 words (..., ceil(n / 32)) -> bool (..., n)."""
+    if words.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"words: expected an int32 tensor, got {words.dtype}")
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    bits = (w[..., None] >> _shifts(words.device)) & 1
+    return bits.reshape(words.shape[:-1] + (words.shape[-1] * 32,))[..., :n].to(torch.bool)
+
+
+def bitmap_memory_bytes(shape: Sequence[int]) -> int:
+    """Bytes a :class:`SliceBitmap` of a mask of this shape takes (int32 words)."""
+    *lead, n = shape
+    count = 1
+    for s in lead:
+        count *= int(s)
+    return 4 * count * (-(-int(n) // 32))

@@ -1,0 +1,204 @@
+"""The profiling kernel for the "profiled masks" predictor, in Triton.
+
+Dense attention that also returns, for each query block (``block_m`` consecutive queries) and
+each key, the largest softmax probability over the block's queries:
+
+    probs[b, h, i, j] = max_{t in block i} softmax_j(q_t . k_j * scale)
+
+computed in two passes so that no S_q x S_kv matrix is ever stored:
+
+1. ``_profile_fwd``: flash attention (online softmax, exp2, fp32 accumulation) over all (real)
+   keys, writing ``out`` and the per-row log-sum-exp in base 2, ``lse2 = m + log2(l)``;
+2. ``_profile_probs``: per (query block, batch*head), recompute the scores tile by tile and store
+   the column max of ``exp2(s * scale * log2(e) - lse2)`` over the block's rows: (B, H, nQB, S_kv)
+   float32.
+
+``key_padding`` (B, S_kv) bool, True = a real key: padded keys are left out of the softmax and get
+probability 0. A query row with no real key gets a zero output. GQA: kv head = h // (H // H_kv).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_sparse import LOG2E, head_dim_pad, interpreting
+
+
+@triton.jit
+def _profile_fwd(
+    Q, K, V, O, LSE, KP,
+    qk_scale,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_kpb,
+    H, GROUP, S_Q, S_KV,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_KP: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    mb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < S_Q
+    q = tl.load(
+        Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b64 * stride_kb + hk64 * stride_kh
+    v_base = V + b64 * stride_vb + hk64 * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for start in range(0, S_KV, BLOCK_N):
+        kpos = start + offs_n
+        valid = kpos < S_KV
+        if HAS_KP:
+            real = tl.load(KP + b64 * stride_kpb + kpos, mask=valid, other=0)
+            valid = valid & (real != 0)
+        kpos64 = kpos.to(tl.int64)
+        k = tl.load(k_base + kpos64[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=(kpos < S_KV)[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + kpos64[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=(kpos < S_KV)[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k))
+        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(
+        O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :] * stride_od,
+        out.to(O.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
+    lse2 = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe), float("inf"))  # +inf: every prob is 0
+    tl.store(LSE + bh.to(tl.int64) * S_Q + offs_m, lse2, mask=m_ok)
+
+
+@triton.jit
+def _profile_probs(
+    Q, K, LSE, P, KP,
+    qk_scale,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_kpb,
+    H, GROUP, S_Q, S_KV, NQB,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_KP: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < S_Q
+    q = tl.load(
+        Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * S_Q + offs_m, mask=m_ok, other=float("inf"))
+    k_base = K + b64 * stride_kb + hk64 * stride_kh
+    p_base = P + (bh.to(tl.int64) * NQB + qb) * S_KV
+    for start in range(0, S_KV, BLOCK_N):
+        kpos = start + offs_n
+        in_seq = kpos < S_KV
+        valid = in_seq
+        if HAS_KP:
+            real = tl.load(KP + b64 * stride_kpb + kpos, mask=in_seq, other=0)
+            valid = valid & (real != 0)
+        k = tl.load(
+            k_base + kpos.to(tl.int64)[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+            mask=in_seq[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.where(m_ok[:, None] & valid[None, :], p, 0.0)
+        tl.store(p_base + kpos, tl.max(p, 0), mask=in_seq)
+
+
+def profile_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_m: int,
+    scale: float,
+    key_padding: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, S_q, D) in q.dtype, block_max_probs float32 (B, H, ceil(S_q / block_m), S_kv)).
+    Inputs are assumed validated (``fgcompile.attention.profile_attention``). No host sync."""
+    B, H, S_q, D = q.shape
+    H_kv, S_kv = k.shape[1], k.shape[2]
+    dev = q.device
+    out = torch.empty((B, H, S_q, D), device=dev, dtype=q.dtype)
+    lse = torch.empty((B, H, S_q), device=dev, dtype=torch.float32)
+    nqb = triton.cdiv(S_q, block_m)
+    probs = torch.empty((B, H, nqb, S_kv), device=dev, dtype=torch.float32)
+    interp = interpreting()
+    upcast = interp and q.dtype != torch.float32
+    if key_padding is not None:
+        kp = key_padding.to(torch.bool).contiguous().view(torch.uint8)
+        kp_stride, has_kp = kp.stride(0), True
+    else:
+        kp, kp_stride, has_kp = lse, 0, False  # any tensor: never read
+    dpad = head_dim_pad(D)
+    qk_scale = float(scale) * LOG2E
+    if interp:
+        fwd_m, fwd_n, warps, stages, prob_n = 32, 16, 4, 1, 32
+    else:
+        fwd_m, fwd_n, warps, stages, prob_n = 128, 64, 8, 3, 64
+    _profile_fwd[(triton.cdiv(S_q, fwd_m), B * H)](
+        q, k, v, out, lse, kp, qk_scale,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), kp_stride,
+        H, H // H_kv, S_q, S_kv,
+        HEAD_DIM=D, HEAD_DIM_PAD=dpad, BLOCK_M=fwd_m, BLOCK_N=fwd_n, HAS_KP=has_kp, UPCAST=upcast,
+        num_warps=warps, num_stages=stages,
+    )
+    _profile_probs[(nqb, B * H)](
+        q, k, lse, probs, kp, qk_scale,
+        *q.stride(), *k.stride(), kp_stride,
+        H, H // H_kv, S_q, S_kv, nqb,
+        HEAD_DIM=D, HEAD_DIM_PAD=dpad, BLOCK_M=block_m, BLOCK_N=prob_n, HAS_KP=has_kp, UPCAST=upcast,
+        num_warps=8 if (block_m >= 128 and not interp) else 4, num_stages=stages,
+    )
+    return out, probs

@@ -1,0 +1,394 @@
+"""Kernels on the CPU: references against float64, the Triton kernels under the interpreter
+(TRITON_INTERPRET=1, set by conftest.py) against the references, packing, validation, and the
+ahead-of-time sm_90 compile (cp.async + wgmma in the PTX)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fgcompile.attention import pack_slices, profile_attention, sparse_attention
+from fgcompile.kernels import packing, reference
+from fgcompile.kernels.packing import PackedSlices, SliceBitmap, bitmap_memory_bytes, pack_bits, unpack_bits, unpack_slices
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+needs_interp = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(), reason="needs TRITON_INTERPRET=1 or CUDA")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _f64_sparse(q, k, v, keep, block_m, block_n, scale):
+    """Masked softmax attention in float64, the whole S_q x S_kv at once (small shapes only)."""
+    B, H, S_q, D = q.shape
+    H_kv, S_kv = k.shape[1], k.shape[2]
+    g = H // H_kv
+    kk = k.double().repeat_interleave(g, 1)
+    vv = v.double().repeat_interleave(g, 1)
+    s = q.double() @ kk.transpose(-1, -2) * scale
+    mask = keep.repeat_interleave(block_m, 2)[:, :, :S_q].repeat_interleave(block_n, 3)[..., :S_kv]
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ vv
+
+
+def _rand(B, H, H_kv, S_q, S_kv, D, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, S_q, D, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(B, H_kv, S_kv, D, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(B, H_kv, S_kv, D, generator=g).to(device=device, dtype=dtype)
+    return q, k, v
+
+
+def _mask(B, H, S_q, S_kv, block_m, block_n, kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    nqb, nkb = -(-S_q // block_m), -(-S_kv // block_n)
+    if kind == "all":
+        return torch.ones(B, H, nqb, nkb, dtype=torch.bool)
+    if kind == "one":  # exactly one key block per query block
+        keep = torch.zeros(B, H, nqb, nkb, dtype=torch.bool)
+        j = torch.randint(0, nkb, (B, H, nqb, 1), generator=g)
+        return keep.scatter_(-1, j, True)
+    if kind == "some_empty":
+        keep = torch.rand(B, H, nqb, nkb, generator=g) < 0.5
+        keep[:, :, ::2] = False
+        return keep
+    if kind == "runs":  # random kept runs plus full aligned tiles (exercises the full-tile path)
+        keep = torch.rand(B, H, nqb, nkb, generator=g) < 0.3
+        keep[..., : max(1, 128 // block_n)] = True
+        return keep
+    return torch.rand(B, H, nqb, nkb, generator=g) < 0.4
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize("block_n", [1, 3])
+def test_sparse_reference_matches_float64(block_n):
+    B, H, H_kv, S_q, S_kv, D, bm = 2, 4, 2, 70, 50, 16, 16
+    q, k, v = _rand(B, H, H_kv, S_q, S_kv, D)
+    keep = _mask(B, H, S_q, S_kv, bm, block_n, "some_empty", seed=1)
+    keep[0, 0, 1] = False  # a query block that keeps nothing
+    out = reference.sparse_attention_reference(q, k, v, keep, bm, block_n, 0.3)
+    ref = _f64_sparse(q, k, v, keep, bm, block_n, 0.3)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert _rel(out, ref) < 1e-5
+    assert torch.all(out[0, 0, 16:32] == 0)
+
+
+def test_references_chunked_equal_unchunked(monkeypatch):
+    B, H, S_q, S_kv, D, bm = 1, 2, 100, 90, 16, 32
+    q, k, v = _rand(B, H, H, S_q, S_kv, D, seed=3)
+    keep = _mask(B, H, S_q, S_kv, bm, 1, "random", seed=2)
+    kp = torch.rand(B, S_kv) < 0.7
+    full = (
+        reference.sparse_attention_reference(q, k, v, keep, bm, 1, 0.25),
+        reference.block_max_probs_reference(q, k, bm, 0.25, kp),
+        reference.dense_attention_reference(q, k, v, 0.25, kp),
+    )
+    monkeypatch.setattr(reference, "_CHUNK_ELEMS", 2 * S_kv * H)  # a few rows per chunk
+    chunked = (
+        reference.sparse_attention_reference(q, k, v, keep, bm, 1, 0.25),
+        reference.block_max_probs_reference(q, k, bm, 0.25, kp),
+        reference.dense_attention_reference(q, k, v, 0.25, kp),
+    )
+    for a, b in zip(full, chunked):
+        torch.testing.assert_close(a, b)
+
+
+def test_profile_references_match_definition():
+    B, H, H_kv, S_q, S_kv, D, bm = 2, 2, 1, 45, 33, 8, 16
+    q, k, v = _rand(B, H, H_kv, S_q, S_kv, D, seed=4)
+    kp = torch.rand(B, S_kv) < 0.6
+    kp[1] = False  # a batch with no real key
+    s = q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2) * 0.5
+    s = s.masked_fill(~kp[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    pp = torch.nn.functional.pad(p, (0, 0, 0, 3 * bm - S_q))
+    want = pp.reshape(B, H, 3, bm, S_kv).amax(3)
+    got = reference.block_max_probs_reference(q, k, bm, 0.5, kp)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+    out = reference.dense_attention_reference(q, k, v, 0.5, kp)
+    torch.testing.assert_close(out.double(), p @ v.double().repeat_interleave(2, 1), atol=1e-5, rtol=1e-5)
+    assert torch.all(out[1] == 0) and torch.all(got[1] == 0)
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+
+CASES = [
+    # (B, H, H_kv, S_q, S_kv, D, block_m, block_n, mask kind, dtype)
+    (1, 2, 2, 128, 128, 64, 64, 1, "all", torch.float32),
+    (1, 2, 2, 192, 160, 64, 64, 1, "some_empty", torch.float16),
+    (1, 2, 1, 100, 90, 64, 32, 1, "one", torch.float32),
+    (1, 2, 2, 150, 130, 96, 64, 1, "random", torch.float16),
+    (2, 4, 2, 96, 77, 128, 32, 1, "random", torch.float32),
+    (1, 2, 2, 130, 200, 64, 64, 16, "random", torch.float32),
+    (2, 2, 1, 64, 150, 96, 32, 16, "some_empty", torch.float16),
+    (1, 2, 2, 64, 300, 64, 64, 1, "runs", torch.float16),
+    (1, 1, 1, 64, 260, 64, 64, 16, "runs", torch.float32),
+    (1, 2, 2, 64, 96, 128, 64, 16, "one", torch.float16),
+]
+
+
+@needs_interp
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}kv{c[2]}q{c[3]}k{c[4]}D{c[5]}m{c[6]}n{c[7]}-{c[8]}-{str(c[9])[6:]}")
+def test_triton_matches_reference(case):
+    B, H, H_kv, S_q, S_kv, D, bm, bn, kind, dtype = case
+    q, k, v = _rand(B, H, H_kv, S_q, S_kv, D, dtype=dtype, device=DEV, seed=S_q + S_kv)
+    keep = _mask(B, H, S_q, S_kv, bm, bn, kind, seed=D).to(DEV)
+    out = sparse_attention(q, k, v, keep, block_m=bm, block_n=bn, impl="triton")
+    ref = reference.sparse_attention_reference(q, k, v, keep, bm, bn, D ** -0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    assert _rel(out, ref) < tol
+    empty = ~keep.any(-1)  # (B, H, nQB)
+    for b, h, i in empty.nonzero().tolist():
+        assert torch.all(out[b, h, i * bm : (i + 1) * bm] == 0)
+
+
+@needs_interp
+def test_triton_strided_inputs_and_packed_input():
+    """(B, S, H, D) tensors seen as (B, H, S, D) (non-contiguous), a PackedSlices input, and the
+    full-tile fast path on and off give the same result."""
+    B, H, S, D, bm = 1, 2, 200, 64, 64
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(3, B, S, H, D, generator=g).to(DEV)
+    q, k, v = (t.transpose(1, 2) for t in base.unbind(0))
+    assert not q.is_contiguous()
+    keep = _mask(B, H, S, S, bm, 1, "runs", seed=5).to(DEV)
+    ref = reference.sparse_attention_reference(q, k, v, keep, bm, 1, 0.1)
+    out_bool = sparse_attention(q, k, v, keep, block_m=bm, scale=0.1, impl="triton")
+    packed = pack_slices(keep, block_m=bm, seq_len_kv=S)
+    assert int(packed.full_counts.sum()) > 0  # the mask has fully kept tiles
+    out_packed = sparse_attention(q, k, v, packed, scale=0.1, impl="triton")
+    out_nofull = sparse_attention(q, k, v, pack_slices(keep, block_m=bm, seq_len_kv=S, full_tile=0), scale=0.1, impl="triton")
+    for o in (out_bool, out_packed, out_nofull):
+        assert _rel(o, ref) < 1e-5
+    # the reference path accepts a PackedSlices too
+    assert _rel(sparse_attention(q, k, v, packed, scale=0.1, impl="reference"), ref) < 1e-6
+
+
+@needs_interp
+def test_triton_bf16_upcast_under_interpreter():
+    q, k, v = _rand(1, 2, 2, 64, 64, 64, dtype=torch.bfloat16, device=DEV, seed=11)
+    keep = _mask(1, 2, 64, 64, 32, 1, "random", seed=3).to(DEV)
+    out = sparse_attention(q, k, v, keep, block_m=32, impl="triton")
+    ref = _f64_sparse(q, k, v, keep, 32, 1, 64 ** -0.5)
+    assert out.dtype == torch.bfloat16 and _rel(out, ref) < 1e-2
+
+
+@needs_interp
+def test_triton_property_random_shapes():
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+
+    @hyp.settings(max_examples=6, deadline=None, derandomize=True, database=None)
+    @hyp.given(
+        B=st.integers(1, 2),
+        group=st.sampled_from([(1, 1), (2, 1), (2, 2)]),
+        S_q=st.integers(1, 96),
+        S_kv=st.integers(1, 96),
+        D=st.sampled_from([16, 64, 96]),
+        bm=st.sampled_from([16, 32]),
+        bn=st.sampled_from([1, 2, 16]),
+        density=st.floats(0.0, 1.0),
+        seed=st.integers(0, 2**16),
+    )
+    def check(B, group, S_q, S_kv, D, bm, bn, density, seed):
+        H, H_kv = group
+        q, k, v = _rand(B, H, H_kv, S_q, S_kv, D, device=DEV, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        keep = (torch.rand(B, H, -(-S_q // bm), -(-S_kv // bn), generator=g) < density).to(DEV)
+        out = sparse_attention(q, k, v, keep, block_m=bm, block_n=bn, impl="triton")
+        ref = _f64_sparse(q, k, v, keep, bm, bn, D ** -0.5)
+        assert torch.isfinite(out).all()
+        assert (out.double() - ref).abs().max().item() < 1e-4
+
+    check()
+
+
+@needs_interp
+@pytest.mark.parametrize(
+    "B,H,H_kv,S_q,S_kv,D,bm,padded,dtype",
+    [
+        (1, 2, 2, 100, 90, 64, 32, False, torch.float32),
+        (2, 2, 1, 70, 130, 96, 64, True, torch.float16),
+    ],
+)
+def test_profile_kernel_matches_definition(B, H, H_kv, S_q, S_kv, D, bm, padded, dtype):
+    q, k, v = _rand(B, H, H_kv, S_q, S_kv, D, dtype=dtype, device=DEV, seed=S_q)
+    kp = None
+    if padded:
+        kp = (torch.rand(B, S_kv, generator=torch.Generator().manual_seed(1)) < 0.7).to(DEV)
+        kp[-1] = False  # no real key at all in the last batch
+    out, probs = profile_attention(q, k, v, block_m=bm, key_padding=kp, impl="triton")
+    out_r, probs_r = profile_attention(q, k, v, block_m=bm, key_padding=kp, impl="reference")
+    assert probs.dtype == torch.float32 and probs.shape == (B, H, -(-S_q // bm), S_kv)
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    assert _rel(out, out_r) < tol
+    assert (probs - probs_r).abs().max().item() < (1e-3 if dtype == torch.float16 else 1e-6)
+    assert torch.isfinite(out).all()
+    if padded:
+        assert torch.all(probs[~kp[:, None, None, :].expand_as(probs)] == 0)
+        assert torch.all(out[-1] == 0)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("block_n,full_tile", [(1, 0), (1, 16), (1, 128), (4, 16), (3, 16)])
+def test_pack_slices_round_trip(block_n, full_tile):
+    B, H, nqb, S_kv = 2, 3, 4, 200
+    nkb = -(-S_kv // block_n)
+    g = torch.Generator().manual_seed(block_n * 100 + full_tile)
+    keep = torch.rand(B, H, nqb, nkb, generator=g) < 0.3
+    keep[0, 0, 0] = True
+    keep[0, 0, 1] = False
+    keep[1, 2, 3, : 64 // block_n] = True
+    p = packing.pack_slices(keep, 64, block_n, S_kv, full_tile=full_tile)
+    assert p.counts.dtype == torch.int32 and p.indices.dtype == torch.int32
+    assert p.shape == tuple(keep.shape)
+    assert torch.equal(unpack_slices(p), keep)
+    # ascending indices inside the count; full tiles and gathered keys partition the kept set
+    for b, h, i in [(0, 0, 0), (1, 2, 3), (0, 1, 2)]:
+        c = int(p.counts[b, h, i])
+        idx = p.indices[b, h, i, :c]
+        assert torch.all(idx[1:] > idx[:-1])
+        n_full_keys = int(p.full_counts[b, h, i]) * (p.full_tile // block_n if p.full_tile else 0)
+        assert c + n_full_keys == int(keep[b, h, i].sum())
+    if full_tile and full_tile % block_n == 0:
+        assert int(p.full_counts[0, 0, 0]) == S_kv // full_tile  # an all-kept row is all full tiles
+
+
+def test_pack_slices_has_no_host_sync():
+    """Under FakeTensorMode any data-dependent op (.item(), .nonzero(), boolean indexing) raises."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        keep = torch.empty(1, 2, 4, 300, dtype=torch.bool)
+        p = packing.pack_slices(keep, 64, 1, 300)
+        assert tuple(p.indices.shape) == (1, 2, 4, 300) and tuple(p.full_tiles.shape) == (1, 2, 4, 2)
+        w = pack_bits(keep)
+        assert tuple(unpack_bits(w, 300).shape) == (1, 2, 4, 300)
+
+
+def test_bitmaps_round_trip_and_memory():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 31, 32, 33, 100):
+        keep = torch.rand(2, 3, 5, n, generator=g) < 0.5
+        words = pack_bits(keep)
+        assert words.dtype == torch.int32 and words.shape[-1] == -(-n // 32)
+        assert torch.equal(unpack_bits(words, n), keep)
+        bm = SliceBitmap.from_keep(keep)
+        assert torch.equal(bm.to_keep(), keep) and bm.memory_bytes() == bitmap_memory_bytes(keep.shape)
+    assert torch.equal(unpack_bits(pack_bits(torch.ones(1, 64, dtype=torch.bool)), 64), torch.ones(1, 64, dtype=torch.bool))
+    # Wan-1.3B 480p: 30 layers x 12 heads x 256 query blocks x 32,760 keys fit in 1 GiB as bitmaps
+    per_layer = bitmap_memory_bytes((1, 12, 256, 32760))
+    assert 30 * per_layer < 2**30
+    assert 370 * 2**20 > 30 * per_layer > 350 * 2**20
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _ok_inputs():
+    q, k, v = _rand(1, 4, 2, 64, 64, 64, seed=1)
+    keep = torch.ones(1, 4, 1, 64, dtype=torch.bool)
+    return q, k, v, keep
+
+
+@pytest.mark.parametrize(
+    "mutate,arg",
+    [
+        (lambda a: dict(a, q=a["q"][0]), "q"),
+        (lambda a: dict(a, q=a["q"].to(torch.float64)), "q"),
+        (lambda a: dict(a, k=a["k"].half()), "k"),
+        (lambda a: dict(a, v=a["v"][:, :, :10]), "v"),
+        (lambda a: dict(a, k=a["k"][:, :, :, :32], v=a["v"][:, :, :, :32]), "k"),
+        (lambda a: dict(a, k=torch.randn(1, 3, 64, 64), v=torch.randn(1, 3, 64, 64)), "k"),
+        (lambda a: dict(a, k=torch.randn(2, 2, 64, 64), v=torch.randn(2, 2, 64, 64)), "k"),
+        (lambda a: dict(a, keep=a["keep"].int()), "keep"),
+        (lambda a: dict(a, keep=a["keep"][:, :, :, :10]), "keep"),
+        (lambda a: dict(a, keep="all"), "keep"),
+        (lambda a: dict(a, block_m=0), "block_m"),
+        (lambda a: dict(a, block_n=1.5), "block_n"),
+        (lambda a: dict(a, scale=-1.0), "scale"),
+        (lambda a: dict(a, impl="cuda"), "impl"),
+        (lambda a: dict(a, block_m=48, keep=torch.ones(1, 4, 2, 64, dtype=torch.bool), impl="triton"), "block_m"),
+        (lambda a: dict(a, q=torch.randn(1, 4, 64, 160), k=torch.randn(1, 2, 64, 160), v=torch.randn(1, 2, 64, 160), impl="triton"), "q"),
+    ],
+)
+def test_sparse_attention_validation(mutate, arg):
+    q, k, v, keep = _ok_inputs()
+    a = mutate(dict(q=q, k=k, v=v, keep=keep))
+    kw = {x: a[x] for x in ("block_m", "block_n", "scale", "impl") if x in a}
+    kw.setdefault("block_m", 64)
+    with pytest.raises(ValueError, match=rf"^{arg}"):
+        sparse_attention(a["q"], a["k"], a["v"], a["keep"], **kw)
+
+
+def test_validation_of_pack_and_profile_and_triton_on_cpu(monkeypatch):
+    q, k, v, keep = _ok_inputs()
+    with pytest.raises(ValueError, match="^keep"):
+        pack_slices(keep.float())
+    with pytest.raises(ValueError, match="^seq_len_kv"):
+        pack_slices(keep, seq_len_kv=100)
+    with pytest.raises(ValueError, match="^full_tile"):
+        pack_slices(keep, full_tile=24)
+    packed = pack_slices(keep, block_m=64)
+    with pytest.raises(ValueError, match="^block_m"):
+        sparse_attention(q, k, v, packed, block_m=32)
+    with pytest.raises(ValueError, match="^keep"):
+        sparse_attention(q[:, :, :10], k, v, pack_slices(torch.ones(1, 4, 1, 32, dtype=torch.bool), block_m=64))
+    with pytest.raises(ValueError, match="^key_padding"):
+        profile_attention(q, k, v, key_padding=torch.ones(1, 63, dtype=torch.bool))
+    with pytest.raises(ValueError, match="^key_padding"):
+        profile_attention(q, k, v, key_padding=torch.ones(1, 64))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^impl.*TRITON_INTERPRET"):
+            sparse_attention(q, k, v, keep, block_m=64, impl="triton")
+    # "auto" on the CPU is the reference, and scale defaults to D ** -0.5
+    out = sparse_attention(q, k, v, keep, block_m=64)
+    ref = _f64_sparse(q, k, v, keep, 64, 1, 64 ** -0.5)
+    assert _rel(out, ref) < 1e-5
+
+
+# ----------------------------------------------------------------------------- sm_90 compile
+
+_COMPILE_SCRIPT = r"""
+import json, re
+from fgcompile.kernels.triton_sparse import compile_for_target
+ck = compile_for_target(90, dtype="bf16", head_dim=128, block_m=128, key_block=1, block_n=128, num_warps=8, num_stages=3)
+ptx, ttgir = ck.asm["ptx"], ck.asm["ttgir"]
+print(json.dumps({
+    "cp_async_16": len(re.findall(r"cp\.async\.cg\.shared\.global[^\n]*0x10", ptx)),
+    "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+    "waits": [int(x) for x in re.findall(r"async_wait [^\n]*num = (\d+)", ttgir)],
+    "shared": ck.metadata.shared,
+}))
+"""
+
+
+def test_kernel_compiles_for_sm90_with_cp_async_and_wgmma():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["cp_async_16"] > 0, info  # the gathered K/V rows: 16-byte asynchronous copies
+    assert info["wgmma"] > 0, info  # Hopper tensor-core instructions
+    # num_stages=3: two tiles of K/V copies stay in flight in both loops (not a full wait per step)
+    assert info["waits"].count(2) >= 2, info
+    assert info["shared"] <= 227 * 1024, info
