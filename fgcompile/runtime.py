@@ -117,12 +117,13 @@ class SiteState:
     n_dense: int = 0
     n_profiled: int = 0
     n_sparse: int = 0
-    mask: Optional[torch.Tensor] = None  # bool keep (B, H, nQB, nKB)
-    mask_key: Optional[tuple] = None  # shape key the mask was computed for
+    mask: Optional[torch.Tensor] = None  # the keep mask as a bitmap: int32 (B, H, nQB, ceil(nKB / 32))
+    mask_key: Optional[tuple] = None  # (q.shape, k.shape, block_m, block_n) the mask was computed for
     _density_last: Optional[torch.Tensor] = None  # (H,) float32 on the device
     _density_sum: Optional[torch.Tensor] = None
     _density_count: int = 0
     _template_config: Optional[FGAttnConfig] = None  # the compiled config this site last ran with
+    last_shapes: Optional[tuple] = None  # (q.shape, k.shape) of the last call
 
     # ----------------------------------------------------------------- running
     def __call__(
@@ -133,31 +134,60 @@ class SiteState:
         key_padding: Optional[torch.Tensor],
         scale: float,
     ) -> torch.Tensor:
+        """One call of the site: the schedule's step, then the sparse kernel if the step asks for it."""
+        out, packed = self.plan(q, k, v, key_padding, scale)
+        if out is not None:
+            return out
+        from . import attention
+
+        cfg = self.config
+        return attention.sparse_attention(
+            q, k, v, packed, block_m=cfg.block_m, block_n=cfg.block_n, scale=scale, impl=cfg.impl
+        )
+
+    def plan(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding: Optional[torch.Tensor],
+        scale: float,
+    ) -> tuple[Optional[torch.Tensor], Optional[Any]]:
+        """Advance the schedule by one call and say what this call computes.
+
+        Returns ``(out, None)`` when the call's output is already computed (a dense warm-up call,
+        ``predictor="dense"``, or a profiled call, whose output is dense attention), or
+        ``(None, packed)`` for a sparse call: the ``PackedSlices`` the sparse kernel must compute
+        (cached mask or this call's prediction, padded keys removed). No host synchronisation."""
         cfg = self.config
         call = self.calls
         self.calls += 1
+        self.last_shapes = (tuple(q.shape), tuple(k.shape))
         if cfg.predictor == "dense" or call < cfg.dense_calls or cfg.is_dense_site(self.name):
             self.n_dense += 1
-            return dense_attention(q, k, v, key_padding, scale)
+            return dense_attention(q, k, v, key_padding, scale), None
 
         from . import attention, predictors
+        from .kernels import packing
 
         key = (tuple(q.shape), tuple(k.shape), cfg.block_m, cfg.block_n)
+        n_kb = -(-k.shape[2] // cfg.block_n)
         if cfg.predictor == "profile":
             if cfg.is_profiled_call(call) or self.mask is None or self.mask_key != key:
                 out, block_max = attention.profile_attention(
                     q, k, v, block_m=cfg.block_m, scale=scale, key_padding=key_padding, impl=cfg.impl
                 )
-                self.mask = predictors.keep_from_block_max(
+                keep = predictors.keep_from_block_max(
                     block_max, alpha=cfg.alpha, block_n=cfg.block_n, key_padding=key_padding, density=cfg.density
                 )
+                self.mask = packing.pack_bits(keep)
                 self.mask_key = key
                 self.n_profiled += 1
-                self._record(self.mask)
-                return out
+                self._record(keep.float().mean(dim=(0, 2, 3)))
+                return out, None
             if self.mask.device != q.device:  # loaded from a file
                 self.mask = self.mask.to(q.device)
-            keep = self.mask
+            bits = self.mask
         else:  # pooled
             keep = predictors.pooled_slices(
                 q,
@@ -170,19 +200,18 @@ class SiteState:
                 key_padding=key_padding,
                 density=cfg.density,
             )
+            bits = packing.pack_bits(keep)
         if key_padding is not None:
             # Padded keys are never computed, whatever the cached mask says (block_n == 1 here:
             # the detection pass sends key-padded sites with block_n > 1 to the dense path).
-            keep = keep & key_padding[:, None, None, :].to(torch.bool)
+            bits = bits & packing.pack_bits(key_padding.to(torch.bool))[:, None, None, :]
+        packed = packing.packed_from_bits(bits, n_kb, cfg.block_m, cfg.block_n, k.shape[2])
         self.n_sparse += 1
-        self._record(keep)
-        return attention.sparse_attention(
-            q, k, v, keep, block_m=cfg.block_m, block_n=cfg.block_n, scale=scale, impl=cfg.impl
-        )
+        self._record(packing.kept_per_head(packed))
+        return None, packed
 
-    def _record(self, keep: torch.Tensor) -> None:
-        # (B, H, nQB, nKB) -> per head, on the device: no host synchronisation here.
-        d = keep.float().mean(dim=(0, 2, 3))
+    def _record(self, d: torch.Tensor) -> None:
+        # d: kept fraction per head (H,), on the device: no host synchronisation here.
         self._density_last = d
         if self._density_sum is None or self._density_sum.shape != d.shape:
             self._density_sum = d.clone()
@@ -325,10 +354,8 @@ def stats(model: Any) -> dict[str, SiteStats]:
 
 
 def save_state(model: Any, path: str) -> None:
-    """Save calibrated state (config, per-site schedule position and cached masks as bitmaps) to
+    """Save calibrated state (config, per-site schedule position and cached masks, as bitmaps) to
     ``path`` (torch.save format, versioned)."""
-    from .kernels.packing import pack_bits
-
     st = state_of(model)
     configs = {s.config for s in st.sites.values()}
     config = next(iter(configs)) if len(configs) == 1 else None
@@ -346,7 +373,7 @@ def save_state(model: Any, path: str) -> None:
             q_shape, k_shape, bm, bn = s.mask_key
             entry["mask_key"] = [list(q_shape), list(k_shape), bm, bn]
             entry["mask_shape"] = list(s.mask.shape)
-            entry["mask_bits"] = pack_bits(s.mask).cpu()
+            entry["mask_bits"] = s.mask.cpu()
         sites[name] = entry
     torch.save({"format": "fgcompile-state", "version": STATE_VERSION, "config": config.to_dict() if config else None, "sites": sites}, path)
 
@@ -355,8 +382,6 @@ def load_state(model: Any, path: str) -> None:
     """Load state saved by ``save_state`` into a compiled model that has run once (so its sites
     exist). Raises ValueError when the file is not fgcompile state, its version is unknown, or its
     sites or shapes do not match the model's."""
-    from .kernels.packing import unpack_bits
-
     st = state_of(model)
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != "fgcompile-state":
@@ -370,18 +395,16 @@ def load_state(model: Any, path: str) -> None:
             f"not in the file {sorted(have - saved)}"
         )
     for name, entry in blob["sites"].items():
-        info = st.sites[name].info
-        if entry["mask_key"] is None or info is None:
+        last = st.sites[name].last_shapes
+        if entry["mask_key"] is None or last is None:
             continue
         (_, h, s_q, d), (_, _, s_kv, _) = entry["mask_key"][0], entry["mask_key"][1]
-        saved = {"num_heads": h, "seq_len_q": s_q, "seq_len_kv": s_kv, "head_dim": d}
-        for attr, value in saved.items():
-            have = getattr(info, attr, None)
-            if isinstance(have, int) and have != value:
-                raise ValueError(
-                    f"path: site {name!r} was saved for a different shape: {attr} {value} in the file, "
-                    f"{have} in the model"
-                )
+        (_, h2, s_q2, d2), (_, _, s_kv2, _) = last
+        if (h, s_q, s_kv, d) != (h2, s_q2, s_kv2, d2):
+            raise ValueError(
+                f"path: site {name!r} was saved for a different shape: (heads, S_q, S_kv, head_dim) = "
+                f"{(h, s_q, s_kv, d)} in the file, {(h2, s_q2, s_kv2, d2)} in the model's last call"
+            )
     for name, entry in blob["sites"].items():
         site = st.sites[name]
         site.config = FGAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["config"].items()})
@@ -390,5 +413,5 @@ def load_state(model: Any, path: str) -> None:
         site.n_dense, site.n_profiled, site.n_sparse = entry["counts"]
         if entry["mask_bits"] is not None:
             q_shape, k_shape, bm, bn = entry["mask_key"]
-            site.mask = unpack_bits(entry["mask_bits"], entry["mask_shape"][-1]).reshape(entry["mask_shape"])
+            site.mask = entry["mask_bits"]
             site.mask_key = (tuple(q_shape), tuple(k_shape), bm, bn)

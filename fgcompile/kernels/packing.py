@@ -51,6 +51,8 @@ __all__ = [
     "pack_bits",
     "unpack_bits",
     "bitmap_memory_bytes",
+    "packed_from_bits",
+    "kept_per_head",
     "DEFAULT_FULL_TILE",
 ]
 
@@ -239,3 +241,26 @@ def bitmap_memory_bytes(shape: Sequence[int]) -> int:
     for s in lead:
         count *= int(s)
     return 4 * count * (-(-int(n) // 32))
+
+
+def packed_from_bits(
+    words: torch.Tensor,
+    n: int,
+    block_m: int,
+    block_n: int,
+    seq_len_kv: int,
+    full_tile: int = DEFAULT_FULL_TILE,
+) -> PackedSlices:
+    """A :class:`PackedSlices` straight from a stored bitmap (int32 words (B, H, nQB, ceil(n/32)),
+    n = nKB): what the run time does at every sparse call with a cached mask. No host sync."""
+    return pack_slices(unpack_bits(words, n), block_m, block_n, seq_len_kv, full_tile)
+
+
+def kept_per_head(packed: PackedSlices) -> torch.Tensor:
+    """Fraction of (query block, key block) slices kept, per head, averaged over batch and query
+    blocks: float32 (H,), on the device, no host sync."""
+    B, H, nqb, nkb = packed.shape
+    kept = packed.counts.to(torch.float32)
+    if packed.full_tile > 0:
+        kept = kept + packed.full_counts.to(torch.float32) * (packed.full_tile // packed.block_n)
+    return kept.mean(dim=(0, 2)) / nkb
