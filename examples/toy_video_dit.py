@@ -18,21 +18,8 @@ import time
 import torch
 
 import fgcompile
+from fgcompile.testing.sampler import euler_sample
 from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
-
-
-def euler_sample(model, noise, text, null_text, steps: int, guidance: float) -> torch.Tensor:
-    """Flow-matching Euler sampler with classifier-free guidance (conditional and unconditional
-    halves in one batch of 2B)."""
-    x = noise
-    ts = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
-    for i in range(steps):
-        t = ts[i].expand(2 * x.shape[0])
-        v = model(torch.cat([x, x]), t, torch.cat([text, null_text]))
-        v_cond, v_uncond = v.chunk(2)
-        v = v_uncond + guidance * (v_cond - v_uncond)
-        x = x + (ts[i + 1] - ts[i]) * v
-    return x
 
 
 def main(argv=None) -> None:

@@ -9,7 +9,8 @@ Public API (imported lazily, so ``import fgcompile`` stays cheap):
 - ``FGAttnConfig``, ``backend``: configuration and the backend object;
 - ``explain(model, *args, **kwargs) -> Report``: the attention sites and decisions, and the
   rewritten graph, without running the sparse kernels;
-- ``stats``, ``reset``, ``save_state``, ``load_state``: per-site state of a compiled model;
+- ``stats``, ``reset``, ``configure``, ``save_state``, ``load_state``: per-site state of a
+  compiled model (``configure`` changes run-time settings such as ``density`` without recompiling);
 - ``sparse_attention``, ``pack_slices``, ``profile_attention``: the kernels' public entry points;
 - ``profile_slices``, ``pooled_slices``: the two sparsity predictors as pure functions.
 
@@ -31,14 +32,17 @@ _EXPORTS = {
     "Report": "fgcompile.report",
     "stats": "fgcompile.runtime",
     "reset": "fgcompile.runtime",
+    "configure": "fgcompile.runtime",
     "save_state": "fgcompile.runtime",
     "load_state": "fgcompile.runtime",
     "SiteStats": "fgcompile.runtime",
     "sparse_attention": "fgcompile.attention",
     "pack_slices": "fgcompile.attention",
     "profile_attention": "fgcompile.attention",
+    "PackedSlices": "fgcompile.attention",
     "profile_slices": "fgcompile.predictors",
     "pooled_slices": "fgcompile.predictors",
+    "SiteInfo": "fgcompile.passes.find_attention",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -77,9 +77,14 @@ def transform(
                     "autograd is recording (inputs require grad): the sparse kernels have no backward; "
                     "run inference under torch.no_grad() or torch.inference_mode()"
                 )
-    chosen = [(m, runtime.register_site(m.info.name, config, m.info)) for m in matches if m.info.decision == "sparse"]
-    rewrite_sites(gm, chosen)
     owner = _owner_placeholder(gm, example_inputs)
+    owner_name = torch_private.placeholder_param_path(owner) if owner is not None else None
+    chosen = [
+        (m, runtime.register_site(m.info.name, config, m.info, owner_name=owner_name))
+        for m in matches
+        if m.info.decision == "sparse"
+    ]
+    rewrite_sites(gm, chosen)
     if owner is not None:
         op = torch.ops.fgcompile.site_attention.default
         for node in gm.graph.nodes:

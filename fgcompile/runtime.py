@@ -51,6 +51,7 @@ __all__ = [
     "stats",
     "save_state",
     "load_state",
+    "configure",
     "STATE_VERSION",
 ]
 
@@ -69,6 +70,7 @@ class SiteTemplate:
     name: str
     config: FGAttnConfig
     info: Any = field(default=None, compare=False)
+    owner_name: Optional[str] = None  # path of the owner parameter inside the compiled module
 
 
 _TEMPLATES: dict[int, SiteTemplate] = {}
@@ -77,11 +79,14 @@ _TEMPLATES: dict[int, SiteTemplate] = {}
 _OWNED: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
 
 
-def register_site(name: str, config: FGAttnConfig, info: Any = None) -> int:
-    """Register a site template; returns the handle the graph passes to the op."""
+def register_site(name: str, config: FGAttnConfig, info: Any = None, owner_name: Optional[str] = None) -> int:
+    """Register a site template; returns the handle the graph passes to the op. ``owner_name``:
+    the path of the graph's owner parameter relative to the compiled module (e.g.
+    ``"attn1.to_q.weight"`` when one block was compiled), which lets ``stats``/``save_state`` name
+    sites by their full path in the user's model (``"blocks.3.attn1"``)."""
     with _LOCK:
         handle = next(_NEXT_HANDLE)
-        _TEMPLATES[handle] = SiteTemplate(name, config, info)
+        _TEMPLATES[handle] = SiteTemplate(name, config, info, owner_name)
     return handle
 
 
@@ -243,11 +248,14 @@ class ModelState:
 
     def __init__(self) -> None:
         self.sites: dict[str, SiteState] = {}
+        self.owner_name: Optional[str] = None  # see SiteTemplate.owner_name
 
     def site(self, template: SiteTemplate) -> SiteState:
         """The state of ``template``'s site, created on first use. A site compiled again with
         another config (a new torch.compile of the same model) takes the new config and drops its
         cached mask."""
+        if template.owner_name is not None:
+            self.owner_name = template.owner_name
         site = self.sites.get(template.name)
         if site is None:
             site = SiteState(name=template.name, config=template.config, info=template.info)
@@ -275,31 +283,40 @@ def _state_of_owner(owner: Optional[torch.Tensor]) -> ModelState:
     return st
 
 
-def _states_of(model: Any) -> list[ModelState]:
+def _states_of(model: Any) -> list[tuple[str, ModelState]]:
+    """(prefix, state) for every state owned by a parameter of ``model``; prefix is the path, in
+    ``model``, of the module that was compiled (empty when the whole model was): with regional
+    compilation (each block compiled) every block has its own state."""
     owner = getattr(model, "_orig_mod", model)
-    found: list[ModelState] = []
+    found: list[tuple[str, ModelState]] = []
     if isinstance(owner, torch.nn.Module):
-        for p in owner.parameters():
+        for pname, p in owner.named_parameters(remove_duplicate=False):
             st = _OWNED.get(p)
-            if st is not None and all(st is not f for f in found):
-                found.append(st)
+            if st is None or any(st is f for _, f in found):
+                continue
+            prefix = ""
+            if st.owner_name and pname.endswith(st.owner_name):
+                prefix = pname[: len(pname) - len(st.owner_name)].rstrip(".")
+            found.append((prefix, st))
     return found
 
 
 def state_of(model: Any) -> ModelState:
     """The state of a compiled model (what torch.compile returned, or the module it wraps): the
-    sites of every graph compiled from it. Raises ValueError if it never ran under fgattn."""
+    sites of every graph compiled from it (or from its submodules, with regional compilation),
+    named by their path in the model. Raises ValueError if it never ran under fgattn."""
     found = _states_of(model)
     if not found:
         raise ValueError(
             "model: expected a model compiled with backend='fgattn' (or fgcompile.backend(...)) "
             "that has run at least once; no fgcompile state is attached to it"
         )
-    if len(found) == 1:
-        return found[0]
-    merged = ModelState()  # several graphs (graph breaks): a view over all their sites
-    for st in found:
-        merged.sites.update(st.sites)
+    if len(found) == 1 and not found[0][0]:
+        return found[0][1]
+    merged = ModelState()  # a view over the sites of several states, by full path
+    for prefix, st in found:
+        for name, site in st.sites.items():
+            merged.sites[f"{prefix}.{name}" if prefix else name] = site
     return merged
 
 
@@ -341,6 +358,30 @@ def dense_attention(
 
 
 # ---------------------------------------------------------------------- public helpers
+#: FGAttnConfig fields that change the compiled graph (which sites are rewritten): these need a
+#: new torch.compile; every other field is read at run time and can be changed by ``configure``.
+GRAPH_FIELDS = ("min_seq_len", "dense_sites")
+
+
+def configure(model: Any, **changes: Any) -> None:
+    """Change run-time settings of every site of a compiled model without recompiling, e.g.
+    ``fgcompile.configure(model, density=0.3)`` or ``(predictor="pooled", tau=0.95)``. Cached masks
+    are dropped when a field that shapes them changes. Fields that decide which sites are sparse
+    (``GRAPH_FIELDS``) raise ValueError: compile again with a new backend for those."""
+    bad = sorted(set(changes) & set(GRAPH_FIELDS))
+    if bad:
+        raise ValueError(f"{bad[0]}: decides which sites are rewritten at compile time; compile the model again with it")
+    for site in state_of(model).sites.values():
+        new = site.config.replace(**changes)
+        if new == site.config:
+            continue
+        mask_fields = ("predictor", "alpha", "tau", "gamma", "density", "block_m", "block_n")
+        if any(getattr(new, f) != getattr(site.config, f) for f in mask_fields):
+            site.mask = None
+            site.mask_key = None
+        site.config = new
+
+
 def reset(model: Any) -> None:
     """Restart every site's schedule (a new video): the next call of each site is its first."""
     for site in state_of(model).sites.values():

@@ -183,3 +183,37 @@ def test_load_state_mismatch_errors(tmp_path):
     torch.save({"hello": 1}, str(bogus))
     with pytest.raises(ValueError, match="not an fgcompile state file"):
         fgcompile.load_state(ca, str(bogus))
+
+
+def test_regional_compilation_names_sites_by_full_path():
+    model = ToyVideoDiT(ToyDiTConfig(depth=3, width=128, heads=2)).eval()
+    be = fgcompile.backend(_cfg(profile_every=2))
+    for blk in model.blocks:  # compile each block (diffusers' compile_repeated_blocks does this)
+        blk.compile(backend=be)
+    x = _inputs()
+    with torch.no_grad():
+        model(*x)
+        model(*x)
+    st = fgcompile.stats(model)
+    assert list(st) == ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
+    assert all((s.calls, s.profiled_calls, s.sparse_calls) == (2, 1, 1) for s in st.values())
+
+
+def test_configure_changes_runtime_settings_without_recompiling():
+    model = ToyVideoDiT(SMALL).eval()
+    c = torch.compile(model, backend=fgcompile.backend(_cfg(profile_every=100)))
+    x = _inputs()
+    with torch.no_grad():
+        c(*x)
+        c(*x)
+        dense_before = {n: s.density_last for n, s in fgcompile.stats(c).items()}
+        fgcompile.configure(c, density=0.1)
+        c(*x)  # the budget changes the mask: re-profiled at once (exact), then sparse
+        c(*x)
+    for n, s in fgcompile.stats(c).items():
+        assert s.profiled_calls == 2
+        assert max(s.density_last) <= 0.11 < max(dense_before[n])  # ceil(0.1 * n_keys) per query block
+    with pytest.raises(ValueError, match="min_seq_len"):
+        fgcompile.configure(c, min_seq_len=8)
+    with pytest.raises(ValueError, match="FGAttnConfig.alpha"):
+        fgcompile.configure(c, alpha=-1.0)

@@ -3,6 +3,7 @@
 Touched here (all private, all feature-detected so torch 2.11 and 2.13 both work):
 - ``torch._inductor.compile_fx.compile_fx``: hands the rewritten graph to Inductor.
 - ``torch._inductor.list_mode_options``: the config patches behind ``mode=``.
+- ``node.meta["grapharg"].source`` of Dynamo's placeholders: which parameter a graph input is.
 - ``torch._logging._internal.register_log`` / ``register_artifact`` / ``_init_logs``: the
   ``TORCH_LOGS="+fgcompile"`` log.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any, Callable, Optional
 
 import torch
@@ -22,6 +24,7 @@ __all__ = [
     "compile_fx",
     "inductor_mode_options",
     "register_fgcompile_log",
+    "placeholder_param_path",
 ]
 
 
@@ -53,6 +56,26 @@ def inductor_mode_options(mode: Optional[str]) -> dict[str, Any]:
     except ImportError as e:  # pragma: no cover
         raise _missing("torch._inductor.list_mode_options") from e
     return dict(list_mode_options(mode))
+
+
+def placeholder_param_path(node: torch.fx.Node) -> Optional[str]:
+    """The dotted path, relative to the compiled module, of the parameter a Dynamo placeholder
+    stands for (``"L['self']._modules['attn1']._modules['to_q']._parameters['weight']"`` ->
+    ``"attn1.to_q.weight"``), or None when Dynamo recorded no source."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    name_of = getattr(source, "name", None)
+    if name_of is None:
+        return None
+    try:
+        path = name_of() if callable(name_of) else name_of
+    except Exception:
+        return None
+    from ..passes.find_attention import site_name
+
+    path = site_name(str(path))
+    path = re.sub(r"(^|\.)_(parameters|buffers)\.", r"\1", path)
+    return path or None
 
 
 _LOG_REGISTERED = False
