@@ -1,0 +1,33 @@
+"""The README's demo and the Wan example run as a new user runs them, and say what they should."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "FGCOMPILE_STRICT"}
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+def test_toy_video_dit_demo():
+    out = _run("examples/toy_video_dit.py", "--steps", "3", "--depth", "2", "--profile-every", "2")
+    assert "== attention sites ==" in out
+    assert len(re.findall(r"blocks\.\d\.attn\s+sdpa.*sparse", out)) == 2
+    assert len(re.findall(r"blocks\.\d\.cross\s+sdpa.*dense", out)) == 2
+    dens = [float(d) for d in re.findall(r"density=([0-9.]+)", out)]
+    assert len(dens) == 2 and all(0 < d < 1 for d in dens)
+    err = float(re.search(r"relative error of the sampled latents vs dense attention: ([0-9.e-]+)", out).group(1))
+    assert 0 < err < 0.1
+
+
+def test_wan_transformer_example():
+    out = _run("examples/wan_transformer.py", "--calls", "2")
+    assert "blocks.0.attn1" in out and "sparse" in out
+    assert "call 1: sparse" in out
