@@ -17,7 +17,7 @@ import torch
 from .kernels import packing
 from .kernels.packing import PackedSlices
 
-__all__ = ["sparse_attention", "pack_slices", "profile_attention", "PackedSlices"]
+__all__ = ["sparse_attention", "pack_slices", "profile_attention", "profile_attention_bits", "PackedSlices"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _IMPLS = ("auto", "triton", "reference")
@@ -261,3 +261,69 @@ def profile_attention(
     from .kernels.triton_profile import profile_attention_triton
 
     return profile_attention_triton(q, k, v, block_m, scale, key_padding)
+
+
+def profile_thresholds(
+    alpha: float, B: int, S_kv: int, key_padding: Optional[torch.Tensor], device
+) -> torch.Tensor:
+    """float32 (B,): the profiled predictor's threshold ``alpha / S_real[b]`` (S_real = real keys;
+    +inf when a batch element has none), computed as ``predictors.keep_from_block_max`` does
+    (float32), on the device, no host sync."""
+    if key_padding is None:
+        return torch.full((B,), alpha / S_kv, device=device, dtype=torch.float32)
+    n_real = key_padding.sum(-1).to(torch.float32)
+    return torch.where(n_real > 0, alpha / n_real.clamp_min(1), torch.full_like(n_real, float("inf")))
+
+
+def profile_attention_bits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    alpha: float,
+    block_m: int = 128,
+    scale: Optional[float] = None,
+    key_padding: Optional[torch.Tensor] = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`profile_attention` fused with the profiled predictor's threshold at M x 1 slices:
+    returns ``(out, bits, kept)``:
+
+    - out (B, H, S_q, D) in q.dtype: the exact dense attention;
+    - bits int32 (B, H, ceil(S_q / block_m), ceil(S_kv / 32)): the keep mask as a bitmap
+      (``packing.pack_bits`` layout), bit j % 32 of word j // 32 set iff
+      ``block_max_probs[b, h, i, j] > alpha / S_real[b]`` (``profile_thresholds``), i.e.
+      ``pack_bits(keep_from_block_max(block_max_probs, alpha=alpha, key_padding=key_padding))``
+      except for probabilities within a few ulps of the threshold (the kernel compares
+      log2-scores with log2(threshold), see ``triton_profile.profile_attention_triton``);
+    - kept int32 (B, H, ceil(S_q / block_m)): set bits per row.
+
+    The Triton kernel writes the bitmap from its second pass (12.6 MB at Wan 480p instead of
+    403 MB of float32 probabilities, thresholded afterwards). impl="reference" computes the
+    probabilities with the plain-torch reference and thresholds them. Same argument rules as
+    :func:`profile_attention`; alpha a finite number > 0.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha: expected a finite number > 0, got {alpha!r}")
+    _check_qkv(q, k, v)
+    B, H, S_q, D = q.shape
+    S_kv = k.shape[2]
+    r_impl = _resolve_impl(impl, q.device)
+    if r_impl == "reference":
+        out, probs = profile_attention(q, k, v, block_m=block_m, scale=scale, key_padding=key_padding, impl=impl)
+        thr = profile_thresholds(float(alpha), B, S_kv, key_padding, q.device)
+        keep = probs > thr[:, None, None, None]
+        bits = packing.pack_bits(keep)
+        return out, bits, keep.sum(-1, dtype=torch.int32)
+    scale = _resolve_scale(scale, D)
+    block_m = _check_int("block_m", block_m)
+    if key_padding is not None:
+        if not isinstance(key_padding, torch.Tensor) or key_padding.dtype != torch.bool or tuple(key_padding.shape) != (B, S_kv):
+            raise ValueError(f"key_padding: expected a bool tensor of shape (B, S_kv) = {(B, S_kv)} or None")
+        if key_padding.device != q.device:
+            raise ValueError(f"key_padding: expected the device of q ({q.device}), got {key_padding.device}")
+    _check_triton_shapes(D, block_m)
+    from .kernels.triton_profile import profile_attention_triton
+
+    thr = profile_thresholds(float(alpha), B, S_kv, key_padding, q.device)
+    return profile_attention_triton(q, k, v, block_m, scale, key_padding, thresholds=thr)

@@ -38,6 +38,8 @@ __all__ = [
     "profile_scores",
     "keep_from_block_max",
     "pooled_slices",
+    "pooled_bits",
+    "profile_bits",
     "apply_density",
     "top_cdf",
     "CDF_STEPS",
@@ -276,6 +278,52 @@ def profile_slices(
     return keep_from_block_max(block_max, alpha=alpha, block_n=block_n, key_padding=key_padding, density=density)
 
 
+def profile_bits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    block_m: int = 128,
+    block_n: int = 1,
+    scale: Optional[float] = None,
+    key_padding: Optional[torch.Tensor] = None,
+    density: Optional[float] = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A profiled call: exact dense attention plus the profiled predictor's keep mask as a bitmap.
+
+    Returns ``(out, bits, density_per_head)``: out (B, H, S_q, D) in q.dtype (dense attention);
+    bits int32 (B, H, n_qb, ceil(n_kb / 32)) = ``pack_bits(keep_from_block_max(block_max,
+    alpha=alpha, block_n=block_n, key_padding=key_padding, density=density))`` with block_max from
+    ``attention.profile_attention`` (n_kb = ceil(S_kv / block_n)); density_per_head float32 (H,):
+    the kept fraction of (query block, key block) tiles per head, averaged over batch and query
+    blocks. ``impl`` as for ``attention.profile_attention``.
+
+    At block_n == 1 without a density budget, when the Triton kernel runs (CUDA, or impl="triton"
+    under TRITON_INTERPRET=1), the profiling kernel thresholds in its second pass and writes the
+    bitmap directly (``attention.profile_attention_bits``: 12.6 MB at Wan 480p instead of 403 MB of
+    float32 probabilities plus a 100 MB bool mask). Otherwise the probabilities are computed,
+    thresholded and packed. No host sync.
+    """
+    from . import attention
+    from .kernels.packing import pack_bits
+
+    if not _is_real(alpha) or alpha <= 0:
+        raise ValueError(f"alpha: expected a finite number > 0, got {alpha!r}")
+    _check_qk(q, k, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding, density=density)
+    n_kb = _cdiv(k.shape[2], block_n)
+    fused = block_n == 1 and density is None and attention._resolve_impl(impl, q.device) == "triton"
+    if fused:
+        out, bits, kept = attention.profile_attention_bits(
+            q, k, v, alpha=alpha, block_m=block_m, scale=scale, key_padding=key_padding, impl=impl
+        )
+        return out, bits, kept.to(torch.float32).mean(dim=(0, 2)) / n_kb
+    out, block_max = attention.profile_attention(q, k, v, block_m=block_m, scale=scale, key_padding=key_padding, impl=impl)
+    keep = keep_from_block_max(block_max, alpha=alpha, block_n=block_n, key_padding=key_padding, density=density)
+    return out, pack_bits(keep), keep.float().mean(dim=(0, 2, 3))
+
+
 # ----------------------------------------------------------------------------- pooled predictor
 def _pool_rows(x: torch.Tensor, block: int, ct: torch.dtype) -> torch.Tensor:
     """Sum of x (..., S, D) over consecutive blocks of ``block`` rows -> (..., ceil(S/block), D) in
@@ -367,6 +415,23 @@ def pooled_slices(
     if not _is_real(gamma) or not -1 <= gamma <= 1:
         raise ValueError(f"gamma: expected a number in [-1, 1], got {gamma!r}")
     scale = _check_qk(q, k, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding, density=density)
+    logits, dissimilar, valid_kb = _pooled_parts(q, k, gamma=gamma, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding)
+    if valid_kb is not None:
+        logits = logits.masked_fill_(~valid_kb[:, None, None, :], float("-inf"))
+
+    keep = top_cdf(logits, tau)
+    all_real = torch.ones_like(keep) if valid_kb is None else valid_kb[:, None, None, :].expand_as(keep)
+    keep = torch.where(dissimilar[..., None], all_real, keep)
+    if density is not None:
+        keep = apply_density(keep, logits, density)
+    return keep
+
+
+def _pooled_parts(q, k, *, gamma, block_m, block_n, scale, key_padding, keep_lowp: bool = False):
+    """The pooled predictor's inputs to the selection: (logits (B, H, n_qb, n_kb) in the compute
+    dtype, NOT masked; dissimilar bool (B, H, n_qb); valid_kb bool (B, n_kb) or None = all valid).
+    ``keep_lowp``: leave half-precision logits (half keys, block_n == 1) in their dtype (the same
+    values: the float32 copy is exact)."""
     B, H, S_q, D = q.shape
     H_kv, S_kv = k.shape[1], k.shape[2]
     rep = H // H_kv
@@ -410,19 +475,65 @@ def pooled_slices(
     # Pooled scores (B, H_kv, rep * n_qb, n_kb) -> (B, H, n_qb, n_kb).
     qg = (qbar * scale).view(B, H_kv, rep * n_qb, D)  # the scale on the small side of the product
     if kbar.dtype != ct:  # half-precision keys (block_n == 1): product in their dtype, no copy of k
-        logits = torch.matmul(qg.to(kbar.dtype), kbar.transpose(-1, -2)).to(ct)
+        logits = torch.matmul(qg.to(kbar.dtype), kbar.transpose(-1, -2))
+        if not keep_lowp:
+            logits = logits.to(ct)
     else:
         logits = torch.matmul(qg, kbar.transpose(-1, -2))
-    logits = logits.view(B, H, n_qb, n_kb)
-    if valid_kb is not None:
-        logits = logits.masked_fill_(~valid_kb[:, None, None, :], float("-inf"))
+    return logits.view(B, H, n_qb, n_kb), dissimilar, valid_kb
 
-    keep = top_cdf(logits, tau)
-    all_real = torch.ones_like(keep) if valid_kb is None else valid_kb[:, None, None, :].expand_as(keep)
-    keep = torch.where(dissimilar[..., None], all_real, keep)
-    if density is not None:
-        keep = apply_density(keep, logits, density)
-    return keep
+
+def pooled_bits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    tau: float = 0.9,
+    gamma: float = 0.5,
+    block_m: int = 128,
+    block_n: int = 1,
+    scale: Optional[float] = None,
+    key_padding: Optional[torch.Tensor] = None,
+    density: Optional[float] = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """``pack_bits(pooled_slices(...))`` (same arguments): the pooled predictor's keep mask as an
+    int32 bitmap (B, H, n_qb, ceil(n_kb / 32)), bit j % 32 of word j // 32.
+
+    With ``impl="auto"`` on CUDA (or ``impl="triton"``, also on the CPU under TRITON_INTERPRET=1)
+    and no ``density`` budget, the top-CDF selection, the gamma fallback and the packing run in one
+    Triton kernel (``fgcompile.kernels.triton_pooled``) on the pooled logits, which stay in the
+    product's dtype (bf16 for bf16 keys at block_n == 1: half the bytes): the kept set satisfies
+    the same guarantee as ``top_cdf`` (the exact top-CDF set plus, at most, entries within the
+    bisection's precision of the threshold). Otherwise (``impl="torch"``, float64 inputs, a
+    density budget) the torch definition. No host sync.
+    """
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"impl: expected 'auto', 'triton' or 'torch', got {impl!r}")
+    use_kernel = (
+        density is None
+        and impl != "torch"
+        and isinstance(q, torch.Tensor)
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and (q.is_cuda or (impl == "triton" and q.device.type == "cpu"))
+    )
+    if not use_kernel:
+        from .kernels.packing import pack_bits
+
+        keep = pooled_slices(
+            q, k, tau=tau, gamma=gamma, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding, density=density
+        )
+        return pack_bits(keep)
+    if not _is_real(tau) or not 0 < tau <= 1:
+        raise ValueError(f"tau: expected a number in (0, 1], got {tau!r}")
+    if not _is_real(gamma) or not -1 <= gamma <= 1:
+        raise ValueError(f"gamma: expected a number in [-1, 1], got {gamma!r}")
+    scale = _check_qk(q, k, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding, density=density)
+    from .kernels.triton_pooled import pooled_select_bits_triton
+
+    logits, dissimilar, valid_kb = _pooled_parts(
+        q, k, gamma=gamma, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding, keep_lowp=True
+    )
+    return pooled_select_bits_triton(logits, valid_kb, dissimilar, float(tau), CDF_STEPS)
 
 
 # ----------------------------------------------------------------------------- density budget

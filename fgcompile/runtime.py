@@ -47,6 +47,8 @@ __all__ = [
     "SiteStats",
     "state_of",
     "run_site",
+    "plan_site",
+    "template_of",
     "reset",
     "stats",
     "save_state",
@@ -179,22 +181,19 @@ class SiteState:
         n_kb = -(-k.shape[2] // cfg.block_n)
         if cfg.predictor == "profile":
             if cfg.is_profiled_call(call) or self.mask is None or self.mask_key != key:
-                out, block_max = attention.profile_attention(
-                    q, k, v, block_m=cfg.block_m, scale=scale, key_padding=key_padding, impl=cfg.impl
+                out, self.mask, kept = predictors.profile_bits(
+                    q, k, v, alpha=cfg.alpha, block_m=cfg.block_m, block_n=cfg.block_n, scale=scale,
+                    key_padding=key_padding, density=cfg.density, impl=cfg.impl,
                 )
-                keep = predictors.keep_from_block_max(
-                    block_max, alpha=cfg.alpha, block_n=cfg.block_n, key_padding=key_padding, density=cfg.density
-                )
-                self.mask = packing.pack_bits(keep)
                 self.mask_key = key
                 self.n_profiled += 1
-                self._record(keep.float().mean(dim=(0, 2, 3)))
+                self._record(kept)
                 return out, None
             if self.mask.device != q.device:  # loaded from a file
                 self.mask = self.mask.to(q.device)
             bits = self.mask
         else:  # pooled
-            keep = predictors.pooled_slices(
+            bits = predictors.pooled_bits(
                 q,
                 k,
                 tau=cfg.tau,
@@ -204,8 +203,8 @@ class SiteState:
                 scale=scale,
                 key_padding=key_padding,
                 density=cfg.density,
+                impl={"reference": "torch"}.get(cfg.impl, cfg.impl),
             )
-            bits = packing.pack_bits(keep)
         if key_padding is not None:
             # Padded keys are never computed, whatever the cached mask says (block_n == 1 here:
             # the detection pass sends key-padded sites with block_n > 1 to the dense path).
@@ -456,3 +455,29 @@ def load_state(model: Any, path: str) -> None:
             q_shape, k_shape, bm, bn = entry["mask_key"]
             site.mask = entry["mask_bits"]
             site.mask_key = (tuple(q_shape), tuple(k_shape), bm, bn)
+
+
+def plan_site(
+    handle: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding: Optional[torch.Tensor],
+    scale: float,
+    owner: Optional[torch.Tensor] = None,
+) -> tuple[Optional[torch.Tensor], Optional[Any]]:
+    """Entry point of the ``fgcompile::site_plan`` op (the CUDA lowering): one schedule step of
+    the site (``SiteState.plan``): ``(out, None)`` for a dense or profiled call, ``(None,
+    PackedSlices)`` for a sparse one. The kernel runs in the compiled graph."""
+    template = _TEMPLATES.get(handle)
+    if template is None:
+        raise RuntimeError(f"fgcompile: unknown attention site handle {handle}")
+    return _state_of_owner(owner).site(template).plan(q, k, v, key_padding, scale)
+
+
+def template_of(handle: int) -> SiteTemplate:
+    """The site template registered under ``handle`` (compile time: the lowering reads its config)."""
+    template = _TEMPLATES.get(handle)
+    if template is None:
+        raise RuntimeError(f"fgcompile: unknown attention site handle {handle}")
+    return template

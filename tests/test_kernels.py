@@ -279,6 +279,10 @@ def test_pack_slices_has_no_host_sync():
         assert tuple(p.indices.shape) == (1, 2, 4, 300) and tuple(p.full_tiles.shape) == (1, 2, 4, 2)
         w = pack_bits(keep)
         assert tuple(unpack_bits(w, 300).shape) == (1, 2, 4, 300)
+        # the run time's per-call path: bitmap -> PackedSlices (falls back to torch ops on fakes)
+        p2 = packing.packed_from_bits(w, 300, 64, 1, 300)
+        assert tuple(p2.indices.shape) == (1, 2, 4, 300) and tuple(p2.full_tiles.shape) == (1, 2, 4, 2)
+        assert tuple(packing.popcount_rows(w).shape) == (1, 2, 4)
 
 
 def test_bitmaps_round_trip_and_memory():
@@ -295,6 +299,70 @@ def test_bitmaps_round_trip_and_memory():
     per_layer = bitmap_memory_bytes((1, 12, 256, 32760))
     assert 30 * per_layer < 2**30
     assert 370 * 2**20 > 30 * per_layer > 350 * 2**20
+
+
+@needs_interp
+@pytest.mark.parametrize(
+    "block_n,full_tile,S_kv",
+    [(1, 128, 300), (1, 0, 100), (1, 16, 200), (1, 64, 257), (2, 16, 130), (4, 16, 200), (3, 16, 200), (1, 128, 40)],
+)
+def test_packed_from_bits_triton_equals_torch(block_n, full_tile, S_kv):
+    B, H, nqb = 2, 2, 3
+    nkb = -(-S_kv // block_n)
+    g = torch.Generator().manual_seed(block_n * 1000 + full_tile + S_kv)
+    keep = torch.rand(B, H, nqb, nkb, generator=g) < torch.rand(B, H, nqb, 1, generator=g)
+    keep[0, 0, 0] = True  # all kept: every tile full
+    keep[0, 0, 1] = False  # nothing kept
+    keep[1, 1, 2, : 160 // block_n] = True  # a run covering some tiles
+    words = pack_bits(keep)
+    assert torch.equal(pack_bits(keep, impl="triton"), words)
+    assert torch.equal(pack_bits(keep, impl="torch"), words)
+    a = packing.packed_from_bits(words, nkb, 64, block_n, S_kv, full_tile, impl="triton")
+    b = packing.packed_from_bits(words, nkb, 64, block_n, S_kv, full_tile, impl="torch")
+    for name in ("counts", "indices", "full_counts", "full_tiles"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.full_tile == b.full_tile and torch.equal(unpack_slices(a), keep)
+    assert torch.equal(packing.popcount_rows(words), keep.sum(-1, dtype=torch.int32))
+
+
+def test_pack_bits_matches_old_int64_definition():
+    g = torch.Generator().manual_seed(4)
+    for n in (1, 31, 32, 33, 100):
+        keep = torch.rand(3, 2, n, generator=g) < 0.5
+        x = torch.nn.functional.pad(keep.to(torch.int64), (0, -(-n // 32) * 32 - n)).reshape(3, 2, -1, 32)
+        w = (x << torch.arange(32)).sum(-1)
+        want = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+        assert torch.equal(pack_bits(keep), want)
+    assert pack_bits(torch.ones(1, 32, dtype=torch.bool)).item() == -1
+
+
+@needs_interp
+@pytest.mark.parametrize("padded", [False, True])
+def test_profile_bits_kernel_matches_float_path(padded):
+    from fgcompile import predictors
+    from fgcompile.attention import profile_attention_bits
+
+    B, H, H_kv, S_q, S_kv, D, bm = 2, 2, 1, 70, 100, 32, 32
+    q, k, v = _rand(B, H, H_kv, S_q, S_kv, D, device=DEV, seed=9)
+    q = q * 4.0  # peaked rows: a non-trivial mask
+    kp = None
+    if padded:
+        kp = (torch.rand(B, S_kv, generator=torch.Generator().manual_seed(2)) < 0.7).to(DEV)
+        kp[-1] = False  # no real key: nothing kept
+    out, bits, kept = profile_attention_bits(q, k, v, alpha=0.5, block_m=bm, key_padding=kp, impl="triton")
+    out2, probs = profile_attention(q, k, v, block_m=bm, key_padding=kp, impl="triton")
+    keep = predictors.keep_from_block_max(probs, alpha=0.5, key_padding=kp)
+    assert bits.dtype == torch.int32 and bits.shape == (B, H, 3, 4)
+    assert torch.equal(unpack_bits(bits, S_kv), keep)
+    assert torch.equal(kept, keep.sum(-1, dtype=torch.int32)) and torch.equal(out, out2)
+    assert 0.05 < keep.float().mean() < 0.95
+    if padded:
+        assert not unpack_bits(bits, S_kv)[-1].any()
+    # the reference impl gives the same bitmap
+    _, bits_r, _ = profile_attention_bits(q, k, v, alpha=0.5, block_m=bm, key_padding=kp, impl="reference")
+    assert (unpack_bits(bits_r, S_kv) != keep).float().mean() < 0.01
+    with pytest.raises(ValueError, match="^alpha"):
+        profile_attention_bits(q, k, v, alpha=0.0)
 
 
 # ----------------------------------------------------------------------------- validation

@@ -113,3 +113,61 @@ def test_profile_kernel_vs_reference(B, H, H_kv, S_q, S_kv, D, bm, padded):
     assert disagree < 1e-3, disagree
     if padded:
         assert torch.all(probs[~kp[:, None, None, :].expand_as(probs)] == 0)
+
+
+# ----------------------------------------------------------------------------- run-time overhead kernels
+@pytest.mark.parametrize("B,H,nqb,S_kv,bn,full_tile", [(2, 3, 17, 5000, 1, 128), (1, 4, 9, 4099, 4, 16), (1, 2, 5, 3000, 1, 0), (1, 2, 3, 100, 1, 128)])
+def test_packed_from_bits_kernel_equals_torch(B, H, nqb, S_kv, bn, full_tile):
+    from fgcompile.kernels import packing
+
+    nkb = -(-S_kv // bn)
+    keep = torch.rand(B, H, nqb, nkb, device="cuda") < torch.rand(B, H, nqb, 1, device="cuda")
+    keep[:, :, 0] = True
+    keep[:, :, 1] = False
+    words = packing.pack_bits(keep)  # the Triton kernel on CUDA
+    assert torch.equal(words, packing.pack_bits(keep, impl="torch"))
+    a = packing.packed_from_bits(words, nkb, 128, bn, S_kv, full_tile)
+    b = packing.packed_from_bits(words, nkb, 128, bn, S_kv, full_tile, impl="torch")
+    for name in ("counts", "indices", "full_counts", "full_tiles"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.full_tile == b.full_tile
+
+
+@pytest.mark.parametrize("B,H,H_kv,S_q,S_kv,D,bm,padded", [(1, 4, 4, 2048, 3000, 128, 128, False), (2, 4, 2, 1000, 1100, 64, 64, True)])
+def test_profile_bits_fused_equals_float_path(B, H, H_kv, S_q, S_kv, D, bm, padded):
+    from fgcompile import predictors
+    from fgcompile.attention import profile_attention_bits
+    from fgcompile.kernels import packing
+
+    q, k, v = _inputs(B, H, H_kv, S_q, S_kv, D, torch.bfloat16)
+    q = q * 3.0  # peaked rows: a non-trivial mask (plain randn rows are near uniform: all kept)
+    kp = (torch.rand(B, S_kv, device="cuda") < 0.8) if padded else None
+    out, bits, kept = profile_attention_bits(q, k, v, alpha=0.5, block_m=bm, key_padding=kp)
+    out2, probs = profile_attention(q, k, v, block_m=bm, key_padding=kp)
+    keep = predictors.keep_from_block_max(probs, alpha=0.5, key_padding=kp)
+    got = packing.unpack_bits(bits, S_kv)
+    assert torch.equal(kept, got.sum(-1, dtype=torch.int32))
+    # log2-scale comparison in the kernel: only probabilities within ulps of the threshold may differ
+    thr = (0.5 / (kp.sum(-1) if padded else torch.full((B,), S_kv, device="cuda"))).float()[:, None, None, None]
+    near = (probs - thr).abs() <= 1e-5 * thr
+    assert torch.equal(got[~near], keep[~near])
+    assert (got != keep).float().mean().item() < 1e-5
+    assert torch.equal(out, out2)
+    assert 0.01 < keep.float().mean().item() < 0.99
+
+
+@pytest.mark.parametrize("S_q,S_kv,H_kv,padded,tau", [(2048, 4096, 4, False, 0.9), (1000, 3000, 2, True, 0.5), (512, 40000, 4, False, 0.95)])
+def test_pooled_bits_kernel_vs_torch(S_q, S_kv, H_kv, padded, tau):
+    from fgcompile import predictors
+    from fgcompile.kernels import packing
+
+    B, H, D = 1, 4, 128
+    q, k, _ = _inputs(B, H, H_kv, S_q, S_kv, D, torch.bfloat16)
+    q = q + 2.0 * torch.randn(1, H, 1, D, device="cuda", dtype=torch.bfloat16)  # self-similar blocks
+    kp = (torch.rand(B, S_kv, device="cuda") < 0.8) if padded else None
+    bits = predictors.pooled_bits(q, k, tau=tau, block_m=128, key_padding=kp)
+    keep = predictors.pooled_slices(q, k, tau=tau, block_m=128, key_padding=kp)
+    got = packing.unpack_bits(bits, S_kv)
+    # the same logits; only the order of the normaliser's sum differs: near-threshold keys at most
+    assert (got != keep).float().mean().item() < 1e-4
+    assert 0.001 < got.float().mean().item() < 0.9

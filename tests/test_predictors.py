@@ -354,6 +354,69 @@ def test_errors_name_the_argument(name, call):
         call()
 
 
+# ----------------------------------------------------------------------------- Triton selection kernel
+_INTERP = __import__("os").environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@pytest.mark.skipif(not _INTERP and not torch.cuda.is_available(), reason="needs TRITON_INTERPRET=1 or CUDA")
+@pytest.mark.parametrize("gqa,padding,block_n", CASES)
+@pytest.mark.parametrize("tau", [0.5, 0.9])
+def test_pooled_bits_kernel_matches_bruteforce(gqa, padding, block_n, tau):
+    from fgcompile.kernels.packing import pack_bits, unpack_bits
+    from fgcompile.kernels.triton_pooled import pooled_select_bits_triton
+
+    q, k, kp = _inputs(H_kv=2 if gqa else 4, padding=padding, seed=10 + block_n, gain=1.0, dtype=torch.float32)
+    q = q + 1.5 * torch.randn(1, 4, 1, 16, generator=torch.Generator().manual_seed(1)).float()
+    bits = P.pooled_bits(q, k, tau=tau, gamma=0.5, block_m=16, block_n=block_n, key_padding=kp, impl="triton")
+    nk = math.ceil(45 / block_n)
+    keep = unpack_bits(bits, nk)
+    ref, probs, thr = _pooled_brute(q, k, kp, tau=tau, gamma=0.5, block_m=16, block_n=block_n, scale=0.25)
+    if kp is None:
+        valid = torch.ones_like(keep)
+    else:
+        valid = torch.nn.functional.pad(kp, (0, nk * block_n - 45)).view(2, nk, block_n).any(-1)[:, None, None, :].expand_as(keep)
+    _check_pooled(keep, ref, probs, thr, tau, valid, _sims(q, 16) < 0.5)
+    assert 0.02 < keep.float().mean() < 0.9
+    # the torch definition on the same inputs; and the tiled (long-row) variant of the kernel
+    assert torch.equal(bits, pack_bits(P.pooled_slices(q, k, tau=tau, gamma=0.5, block_m=16, block_n=block_n, key_padding=kp)))
+    logits, dis, valid_kb = P._pooled_parts(q, k, gamma=0.5, block_m=16, block_n=block_n, scale=0.25, key_padding=kp)
+    tiled = pooled_select_bits_triton(logits, valid_kb, dis, tau, P.CDF_STEPS, row_reg_max=16, tile=32)
+    assert torch.equal(tiled, bits)
+
+
+@pytest.mark.skipif(not _INTERP and not torch.cuda.is_available(), reason="needs TRITON_INTERPRET=1 or CUDA")
+def test_pooled_bits_kernel_fallback_rows_and_tau_one():
+    from fgcompile.kernels.packing import unpack_bits
+
+    g = torch.Generator().manual_seed(7)
+    D = 16
+    k = torch.randn(1, 1, 40, D, generator=g)
+    base = torch.randn(D, generator=g) * 3
+    q = torch.cat([base + 0.1 * torch.randn(16, D, generator=g), torch.randn(16, D, generator=g)]).view(1, 1, 32, D)
+    keep = unpack_bits(P.pooled_bits(q, k, tau=0.5, gamma=0.5, block_m=16, impl="triton"), 40)
+    assert keep[0, 0, 1].all() and 0 < keep[0, 0, 0].sum() < 40
+    kp = torch.ones(1, 40, dtype=torch.bool)
+    kp[0, 30:] = False
+    one = unpack_bits(P.pooled_bits(q, k, tau=1.0, gamma=-1.0, block_m=16, key_padding=kp, impl="triton"), 40)
+    assert one[..., :30].all() and not one[..., 30:].any()
+    # a density budget takes the torch path (same answer as pack_bits(pooled_slices))
+    d = P.pooled_bits(q, k, tau=0.9, block_m=16, density=0.2, impl="triton")
+    assert torch.equal(unpack_bits(d, 40), P.pooled_slices(q, k, tau=0.9, block_m=16, density=0.2))
+
+
+def test_profile_bits_torch_paths():
+    from fgcompile.kernels.packing import unpack_bits
+
+    q, k, kp = _inputs(padding=True, seed=6, dtype=torch.float32)
+    v = torch.randn_like(k)
+    for block_n, density in ((1, None), (4, None), (1, 0.3)):
+        out, bits, d = P.profile_bits(q, k, v, alpha=0.5, block_m=16, block_n=block_n, key_padding=kp, density=density, impl="reference")
+        keep = P.profile_slices(q, k, alpha=0.5, block_m=16, block_n=block_n, key_padding=kp, density=density)
+        assert torch.equal(unpack_bits(bits, keep.shape[-1]), keep)
+        torch.testing.assert_close(d, keep.float().mean(dim=(0, 2, 3)))
+        assert out.shape == q.shape
+
+
 # ----------------------------------------------------------------------------- CUDA path
 @pytest.mark.gpu
 def test_cuda_matches_cpu():

@@ -53,6 +53,7 @@ __all__ = [
     "bitmap_memory_bytes",
     "packed_from_bits",
     "kept_per_head",
+    "popcount_rows",
     "DEFAULT_FULL_TILE",
 ]
 
@@ -210,19 +211,49 @@ def _shifts(device: torch.device) -> torch.Tensor:
     return torch.arange(32, device=device, dtype=torch.int64)
 
 
-def pack_bits(keep: torch.Tensor) -> torch.Tensor:
+def _is_fake(t: torch.Tensor) -> bool:
+    """Meta or fake tensors (tracing): no kernel can be launched on them."""
+    if t.device.type == "meta":
+        return True
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, FakeTensor)
+
+
+def _use_triton(t: torch.Tensor, impl: str) -> bool:
+    """impl "auto": the Triton kernels on CUDA tensors; "triton": also on the CPU (under
+    TRITON_INTERPRET=1, for tests); "torch": never."""
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"impl: expected 'auto', 'triton' or 'torch', got {impl!r}")
+    if impl == "torch" or _is_fake(t):
+        return False
+    return t.is_cuda or impl == "triton"
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    # 1, 2, 4, ..., 2**30, -2**31 as int32: the sum of any subset is the subset's bitwise or
+    return torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32, device=device)
+
+
+def pack_bits(keep: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     """Pack the last axis of a bool tensor (..., n) into int32 words (..., ceil(n / 32)); bit
-    ``j % 32`` of word ``j // 32`` holds entry j. On the tensor's device, no host sync."""
+    ``j % 32`` of word ``j // 32`` holds entry j. On the tensor's device, no host sync. On CUDA a
+    Triton kernel (``triton_pack.pack_bits_triton``); elsewhere (and ``impl="torch"``) bytes times
+    an int32 power-of-two table, summed in int32 (4 bytes per entry of temporary, no int64)."""
+    if _use_triton(keep, impl):
+        from .triton_pack import pack_bits_triton
+
+        return pack_bits_triton(keep)
     n = keep.shape[-1]
     nw = -(-n // 32)
     pad = nw * 32 - n
-    x = keep.to(torch.int64)
+    x = keep.to(torch.bool)
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
     x = x.reshape(keep.shape[:-1] + (nw, 32))
-    w = (x << _shifts(keep.device)).sum(-1)  # 0 .. 2^32 - 1 in int64
-    w = torch.where(w >= 2**31, w - 2**32, w)
-    return w.to(torch.int32)
+    return (x.to(torch.int32) * _bit_weights(keep.device)).sum(-1, dtype=torch.int32)
 
 
 def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
@@ -250,10 +281,32 @@ def packed_from_bits(
     block_n: int,
     seq_len_kv: int,
     full_tile: int = DEFAULT_FULL_TILE,
+    *,
+    impl: str = "auto",
 ) -> PackedSlices:
     """A :class:`PackedSlices` straight from a stored bitmap (int32 words (B, H, nQB, ceil(n/32)),
-    n = nKB): what the run time does at every sparse call with a cached mask. No host sync."""
+    n = nKB): what the run time does at every sparse call with a cached mask. No host sync.
+
+    The same tensors as ``pack_slices(unpack_bits(words, n), ...)``. On CUDA (``impl="auto"``) one
+    Triton kernel (``triton_pack.packed_from_bits_triton``: one program per mask row, reads the
+    words once, writes every output once); ``impl="triton"`` also runs it on the CPU under
+    TRITON_INTERPRET=1; ``impl="torch"`` (and meta/fake tensors) the torch ops."""
+    full_ok = full_tile == 0 or (full_tile & (full_tile - 1) == 0 and full_tile <= 1024)
+    if full_ok and _use_triton(words, impl):
+        from .triton_pack import packed_from_bits_triton
+
+        return packed_from_bits_triton(words, n, block_m, block_n, seq_len_kv, full_tile)
     return pack_slices(unpack_bits(words, n), block_m, block_n, seq_len_kv, full_tile)
+
+
+def popcount_rows(words: torch.Tensor) -> torch.Tensor:
+    """Set bits per row of int32 words (..., nw) -> int32 (...,), torch ops (SWAR), no host sync."""
+    x = words.to(torch.int64) & 0xFFFFFFFF
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    x = (x * 0x01010101 & 0xFFFFFFFF) >> 24
+    return x.sum(-1).to(torch.int32)
 
 
 def kept_per_head(packed: PackedSlices) -> torch.Tensor:

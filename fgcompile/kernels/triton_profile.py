@@ -103,18 +103,19 @@ def _profile_fwd(
 
 @triton.jit
 def _profile_probs(
-    Q, K, LSE, P, KP,
+    Q, K, LSE, P, KP, THR, BITS, CNT,
     qk_scale,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_kpb,
-    H, GROUP, S_Q, S_KV, NQB,
+    H, GROUP, S_Q, S_KV, NQB, NW,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_KP: tl.constexpr,
     UPCAST: tl.constexpr,
+    WRITE_BITS: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -136,7 +137,13 @@ def _profile_probs(
         q = q.to(tl.float32)
     lse2 = tl.load(LSE + bh.to(tl.int64) * S_Q + offs_m, mask=m_ok, other=float("inf"))
     k_base = K + b64 * stride_kb + hk64 * stride_kh
-    p_base = P + (bh.to(tl.int64) * NQB + qb) * S_KV
+    row = bh.to(tl.int64) * NQB + qb
+    p_base = P + row * S_KV
+    if WRITE_BITS:
+        thr = tl.load(THR + b)  # log2(alpha / real keys of batch b), float32; +inf: keep nothing
+        shifts = tl.arange(0, 32)
+        offs_w = tl.arange(0, BLOCK_N // 32)
+        kept = tl.full([], 0, tl.int32)
     for start in range(0, S_KV, BLOCK_N):
         kpos = start + offs_n
         in_seq = kpos < S_KV
@@ -152,9 +159,21 @@ def _profile_probs(
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        p = tl.where(m_ok[:, None] & valid[None, :], p, 0.0)
-        tl.store(p_base + kpos, tl.max(p, 0), mask=in_seq)
+        if WRITE_BITS:
+            # bit j % 32 of word j // 32 of the row: block max > thr, i.e. (exp2 is monotone)
+            # max over rows of (s - lse2) > log2(thr): no exponential on the block's scores.
+            x = tl.where(m_ok[:, None] & valid[None, :], s - lse2[:, None], float("-inf"))
+            kb = (tl.max(x, 0) > thr).to(tl.int32)
+            kept += tl.sum(kb, 0)
+            words = tl.sum(tl.reshape(kb, [BLOCK_N // 32, 32]) << shifts[None, :], axis=1)
+            widx = start // 32 + offs_w
+            tl.store(BITS + row * NW + widx, words, mask=widx < NW)
+        else:
+            p = tl.math.exp2(s - lse2[:, None])
+            p = tl.where(m_ok[:, None] & valid[None, :], p, 0.0)
+            tl.store(p_base + kpos, tl.max(p, 0), mask=in_seq)
+    if WRITE_BITS:
+        tl.store(CNT + row, kept)
 
 
 def profile_attention_triton(
@@ -164,16 +183,36 @@ def profile_attention_triton(
     block_m: int,
     scale: float,
     key_padding: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    *,
+    thresholds: Optional[torch.Tensor] = None,
+):
     """(out (B, H, S_q, D) in q.dtype, block_max_probs float32 (B, H, ceil(S_q / block_m), S_kv)).
-    Inputs are assumed validated (``fgcompile.attention.profile_attention``). No host sync."""
+    Inputs are assumed validated (``fgcompile.attention.profile_attention``). No host sync.
+
+    With ``thresholds`` (float32 (B,), the keep threshold of each batch element, e.g.
+    alpha / real keys) the second pass writes the keep bitmap instead of the probabilities:
+    returns (out, bits int32 (B, H, nQB, ceil(S_kv / 32)) with bit j % 32 of word j // 32 set iff
+    block_max_probs[b, h, i, j] > thresholds[b], kept int32 (B, H, nQB) = set bits per row):
+    12.6 MB written at Wan 480p instead of 403 MB of probabilities. The comparison is made on the
+    base-2 log scale (max over the block's rows of s * scale * log2(e) - lse2 > log2(threshold)),
+    which skips the exponentials of the probability pass; it can differ from thresholding the
+    float32 probabilities only where exp2's rounding straddles the threshold (a few ulps)."""
     B, H, S_q, D = q.shape
     H_kv, S_kv = k.shape[1], k.shape[2]
     dev = q.device
     out = torch.empty((B, H, S_q, D), device=dev, dtype=q.dtype)
     lse = torch.empty((B, H, S_q), device=dev, dtype=torch.float32)
     nqb = triton.cdiv(S_q, block_m)
-    probs = torch.empty((B, H, nqb, S_kv), device=dev, dtype=torch.float32)
+    write_bits = thresholds is not None
+    nw = triton.cdiv(S_kv, 32)
+    if write_bits:
+        bits = torch.empty((B, H, nqb, nw), device=dev, dtype=torch.int32)
+        kept = torch.empty((B, H, nqb), device=dev, dtype=torch.int32)
+        thr = torch.log2(thresholds.to(device=dev, dtype=torch.float32)).contiguous()
+        probs = lse  # never written
+    else:
+        probs = torch.empty((B, H, nqb, S_kv), device=dev, dtype=torch.float32)
+        bits = kept = thr = lse  # never read or written
     interp = interpreting()
     upcast = interp and q.dtype != torch.float32
     if key_padding is not None:
@@ -195,10 +234,13 @@ def profile_attention_triton(
         num_warps=warps, num_stages=stages,
     )
     _profile_probs[(nqb, B * H)](
-        q, k, lse, probs, kp, qk_scale,
+        q, k, lse, probs, kp, thr, bits, kept, qk_scale,
         *q.stride(), *k.stride(), kp_stride,
-        H, H // H_kv, S_q, S_kv, nqb,
+        H, H // H_kv, S_q, S_kv, nqb, nw,
         HEAD_DIM=D, HEAD_DIM_PAD=dpad, BLOCK_M=block_m, BLOCK_N=prob_n, HAS_KP=has_kp, UPCAST=upcast,
+        WRITE_BITS=write_bits,
         num_warps=8 if (block_m >= 128 and not interp) else 4, num_stages=stages,
     )
+    if write_bits:
+        return out, bits, kept
     return out, probs

@@ -292,6 +292,67 @@ def head_dim_pad(d: int) -> int:
     return max(16, 1 << (int(d) - 1).bit_length())
 
 
+def launch_sparse_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    counts: torch.Tensor,
+    indices: torch.Tensor,
+    full_counts: torch.Tensor,
+    full_tiles: torch.Tensor,
+    scale: float,
+    block_m: int,
+    key_block: int,
+    full_tile: int,
+    *,
+    config: Optional[dict] = None,
+    wrap=None,
+) -> torch.Tensor:
+    """THE launch of the sparse kernel, shared by the direct call (:func:`sparse_attention_triton`)
+    and the ``fgcompile::sparse_attention`` triton_op (``fgcompile.lowering.ops``), which passes
+    ``wrap=torch.library.wrap_triton`` so that Inductor traces the launch into its program.
+    Writes ``out`` (B, H, S_q, D) and returns it. Sizes may be SymInts when traced. No host sync."""
+    B, H, S_q, D = q.shape
+    H_kv, S_kv = k.shape[1], k.shape[2]
+    upcast = interpreting() and q.dtype != torch.float32
+    grid = (triton.cdiv(S_q, block_m), B * H)
+    c, ix, fc, fx = counts, indices, full_counts, full_tiles
+    # S_KV_BUCKET is only the triton.autotune key (unused by the kernel body); a symbolic S_kv is
+    # passed as is (bucketing it would specialise the traced graph on its value).
+    bucket = _seq_bucket(S_kv) if isinstance(S_kv, int) else S_kv
+    args = (
+        q, k, v, out, c, ix, fc, fx,
+        float(scale) * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *c.stride(), *ix.stride()[:3], *fc.stride(), *fx.stride()[:3],
+        H, H // H_kv, S_q, S_kv, bucket,
+    )
+    meta = dict(
+        HEAD_DIM=D,
+        HEAD_DIM_PAD=head_dim_pad(D),
+        BLOCK_M=block_m,
+        KEY_BLOCK=key_block,
+        FULL_TILE=full_tile,
+        UPCAST=upcast,
+    )
+    if config is None and (interpreting() or os.environ.get("FGCOMPILE_AUTOTUNE", "1") == "0"):
+        config = INTERPRET_CONFIG if interpreting() else _default_config(q, meta)
+    w = wrap if wrap is not None else (lambda f: f)
+    if config is None:
+        w(_fg_sparse_fwd_tuned)[grid](*args, **meta)
+    else:
+        w(_fg_sparse_fwd)[grid](
+            *args,
+            **meta,
+            BLOCK_N=config["BLOCK_N"],
+            FULL_N=config.get("FULL_N", config["BLOCK_N"]),
+            num_warps=config.get("num_warps", 4),
+            num_stages=config.get("num_stages", 3),
+        )
+    return out
+
+
 def sparse_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -307,42 +368,12 @@ def sparse_attention_triton(
     (``fgcompile.attention.sparse_attention`` does it). Returns (B, H, S_q, D) in q.dtype.
     ``config``: {"BLOCK_N", "num_warps", "num_stages"} to bypass the autotuner. No host sync."""
     B, H, S_q, D = q.shape
-    H_kv, S_kv = k.shape[1], k.shape[2]
     if out is None:
         out = torch.empty((B, H, S_q, D), device=q.device, dtype=q.dtype)
-    upcast = interpreting() and q.dtype != torch.float32
-    block_m = packed.block_m
-    grid = (triton.cdiv(S_q, block_m), B * H)
-    c, ix, fc, fx = packed.counts, packed.indices, packed.full_counts, packed.full_tiles
-    args = (
-        q, k, v, out, c, ix, fc, fx,
-        float(scale) * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *c.stride(), *ix.stride()[:3], *fc.stride(), *fx.stride()[:3],
-        H, H // H_kv, S_q, S_kv, _seq_bucket(S_kv),
+    return launch_sparse_kernel(
+        q, k, v, out, packed.counts, packed.indices, packed.full_counts, packed.full_tiles,
+        scale, packed.block_m, packed.block_n, packed.full_tile, config=config,
     )
-    meta = dict(
-        HEAD_DIM=D,
-        HEAD_DIM_PAD=head_dim_pad(D),
-        BLOCK_M=block_m,
-        KEY_BLOCK=packed.block_n,
-        FULL_TILE=packed.full_tile,
-        UPCAST=upcast,
-    )
-    if config is None and (interpreting() or os.environ.get("FGCOMPILE_AUTOTUNE", "1") == "0"):
-        config = INTERPRET_CONFIG if interpreting() else _default_config(q, meta)
-    if config is None:
-        _fg_sparse_fwd_tuned[grid](*args, **meta)
-    else:
-        _fg_sparse_fwd[grid](
-            *args,
-            **meta,
-            BLOCK_N=config["BLOCK_N"],
-            FULL_N=config.get("FULL_N", config["BLOCK_N"]),
-            num_warps=config.get("num_warps", 4),
-            num_stages=config.get("num_stages", 3),
-        )
-    return out
 
 
 def best_config() -> dict:

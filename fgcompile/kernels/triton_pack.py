@@ -1,0 +1,176 @@
+"""Triton kernels for the mask formats of ``fgcompile.kernels.packing``: bitmap -> PackedSlices and
+bool keep mask -> bitmap, on the device, with no host synchronisation.
+
+``packed_from_bits_triton(words, n, block_m, block_n, seq_len_kv, full_tile)``: one program per
+mask row (b, h, query block). It walks the row's int32 words in chunks of ``CHUNK`` key blocks:
+expands the bits, finds the fully kept tiles (``per = full_tile // block_n`` consecutive key
+blocks, aligned, inside the sequence: the minimum of the bits of a tile), removes their keys, and
+compacts the remaining kept key-block indices with ``tl.cumsum`` (a masked scatter store to
+``count + position``). Then it zero-fills the rest of the row, so the outputs are exactly the
+:class:`~fgcompile.kernels.packing.PackedSlices` contract (``pack_slices`` on the unpacked mask
+gives the same tensors). Each row is written once: the cost is the 4 * nKB bytes of indices per row
+(403 MB at Wan 480p), a memory-bandwidth bound.
+
+``pack_bits_triton(keep)``: bool (..., n) -> int32 (..., ceil(n / 32)), bit j % 32 of word j // 32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_sparse import interpreting
+
+__all__ = ["packed_from_bits_triton", "pack_bits_triton", "PACK_CHUNK", "PACK_WARPS"]
+
+#: key blocks per loop step and warps of the bitmap -> PackedSlices kernel (H100, see
+#: benchmarks/overhead_bench.py)
+PACK_CHUNK = 2048
+PACK_WARPS = 4
+
+
+@triton.jit
+def _packed_from_bits(
+    W, COUNTS, IDX, FCOUNTS, FTILES,
+    NW, NKB, NT, NT_COLS,
+    CHUNK: tl.constexpr,
+    PER: tl.constexpr,
+    USE_FULL: tl.constexpr,
+    ZBLOCK: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    w_base = W + r * NW
+    i_base = IDX + r * NKB
+    f_base = FTILES + r * NT_COLS
+    WPC: tl.constexpr = CHUNK // 32
+    offs_w = tl.arange(0, WPC)
+    shifts = tl.arange(0, 32)
+    count = tl.full([], 0, tl.int32)
+    fcount = tl.full([], 0, tl.int32)
+    for c0 in range(0, NKB, CHUNK):
+        widx = c0 // 32 + offs_w
+        w = tl.load(w_base + widx, mask=widx < NW, other=0)
+        if USE_FULL:
+            if PER % 32 == 0:
+                # whole-word tiles: a tile is full iff its PER // 32 words are all ones (-1)
+                WPT: tl.constexpr = PER // 32
+                NTC: tl.constexpr = WPC // WPT
+                tidx = c0 // PER + tl.arange(0, NTC)
+                allw = tl.reshape((w == -1).to(tl.int32), [NTC, WPT])
+                full = tl.where(tidx < NT, tl.min(allw, axis=1), 0)
+                fw = tl.reshape(tl.broadcast_to(full[:, None], [NTC, WPT]), [WPC])
+                w = tl.where(fw != 0, 0, w)
+                fpos = tl.cumsum(full, 0)
+                tl.store(f_base + (fcount + fpos - 1), tidx, mask=full != 0)
+                fcount += tl.sum(full, 0)
+        kb = c0 + offs_w[:, None] * 32 + shifts[None, :]  # (WPC, 32) key-block index
+        bits = tl.where(kb < NKB, (w[:, None] >> shifts[None, :]) & 1, 0)
+        if USE_FULL:
+            if PER % 32 != 0:
+                # sub-word tiles (PER in 1..16): PER consecutive bits of one word
+                TPW: tl.constexpr = 32 // PER
+                t3 = tl.reshape(bits, [WPC * TPW, PER])
+                tidx2 = c0 // PER + tl.arange(0, WPC * TPW)
+                full2 = tl.where(tidx2 < NT, tl.min(t3, axis=1), 0)
+                t3 = tl.where(full2[:, None] != 0, 0, t3)
+                bits = tl.reshape(t3, [WPC, 32])
+                fpos2 = tl.cumsum(full2, 0)
+                tl.store(f_base + (fcount + fpos2 - 1), tidx2, mask=full2 != 0)
+                fcount += tl.sum(full2, 0)
+        # slot of kept bit (word i, bit s): kept bits before word i + kept bits of word i up to s
+        wc = tl.sum(bits, 1)
+        pos = tl.cumsum(bits, 1) + (tl.cumsum(wc, 0) - wc)[:, None]
+        tl.store(i_base + (count + pos - 1), kb, mask=bits != 0)
+        count += tl.sum(wc, 0)
+    tl.store(COUNTS + r, count)
+    tl.store(FCOUNTS + r, fcount)
+    zo = tl.arange(0, ZBLOCK)
+    for z0 in range((count // ZBLOCK) * ZBLOCK, NKB, ZBLOCK):
+        z = z0 + zo
+        tl.store(i_base + z, tl.zeros([ZBLOCK], tl.int32), mask=(z >= count) & (z < NKB))
+    for z0 in range((fcount // ZBLOCK) * ZBLOCK, NT_COLS, ZBLOCK):
+        z = z0 + zo
+        tl.store(f_base + z, tl.zeros([ZBLOCK], tl.int32), mask=(z >= fcount) & (z < NT_COLS))
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def packed_from_bits_triton(
+    words: torch.Tensor,
+    n: int,
+    block_m: int,
+    block_n: int,
+    seq_len_kv: int,
+    full_tile: int,
+    *,
+    chunk: int | None = None,
+    num_warps: int | None = None,
+):
+    """The :class:`~fgcompile.kernels.packing.PackedSlices` of a bitmap (int32 words
+    (B, H, nQB, ceil(n / 32)), n = nKB = ceil(seq_len_kv / block_n)). ``full_tile`` must be 0 or a
+    power of two multiple of block_n (the callers check; ``packing.packed_from_bits`` falls back to
+    torch otherwise). No host synchronisation."""
+    from .packing import PackedSlices
+
+    B, H, nqb, nw = words.shape
+    words = words.contiguous()
+    if words.dtype != torch.int32:
+        words = words.to(torch.int32)
+    dev = words.device
+    use_full = full_tile > 0 and full_tile % block_n == 0 and seq_len_kv >= full_tile
+    per = full_tile // block_n if use_full else 1
+    nt = seq_len_kv // full_tile if use_full else 0
+    nt_cols = nt if use_full else 1
+    interp = interpreting()
+    if chunk is None:
+        chunk = 128 if interp else PACK_CHUNK
+    if num_warps is None:
+        num_warps = 4 if interp else PACK_WARPS
+    chunk = max(int(chunk), per, 32)
+    chunk = min(chunk, max(_pow2_at_least(n), per, 32))
+    R = B * H * nqb
+    counts = torch.empty((B, H, nqb), device=dev, dtype=torch.int32)
+    fcounts = torch.empty((B, H, nqb), device=dev, dtype=torch.int32)
+    indices = torch.empty((B, H, nqb, n), device=dev, dtype=torch.int32)
+    ftiles = torch.empty((B, H, nqb, nt_cols), device=dev, dtype=torch.int32)
+    if R > 0:
+        _packed_from_bits[(R,)](
+            words, counts, indices, fcounts, ftiles,
+            nw, n, nt, nt_cols,
+            CHUNK=chunk, PER=per, USE_FULL=use_full, ZBLOCK=min(1024, max(32, _pow2_at_least(n))) if not interp else 64,
+            num_warps=num_warps,
+        )
+    return PackedSlices(
+        counts, indices, fcounts, ftiles, int(block_m), int(block_n), int(seq_len_kv), int(full_tile) if use_full else 0
+    )
+
+
+@triton.jit
+def _pack_bits(X, W, N, NW, BLOCK_W: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    wb = tl.program_id(1)
+    offs_w = wb * BLOCK_W + tl.arange(0, BLOCK_W)
+    shifts = tl.arange(0, 32)
+    j = offs_w[:, None] * 32 + shifts[None, :]
+    x = tl.load(X + r * N + j, mask=(j < N) & (offs_w[:, None] < NW), other=0)
+    # distinct powers of two: their int32 sum is their bitwise or (bit 31 is -2**31), no overflow
+    w = tl.sum((x != 0).to(tl.int32) << shifts[None, :], axis=1)
+    tl.store(W + r * NW + offs_w, w, mask=offs_w < NW)
+
+
+def pack_bits_triton(keep: torch.Tensor) -> torch.Tensor:
+    """bool (..., n) -> int32 words (..., ceil(n / 32)); bit j % 32 of word j // 32 is entry j."""
+    n = keep.shape[-1]
+    nw = -(-n // 32)
+    lead = keep.shape[:-1]
+    x = keep.to(torch.bool).contiguous().view(torch.uint8).reshape(-1, n)
+    R = x.shape[0]
+    out = torch.empty((R, nw), device=keep.device, dtype=torch.int32)
+    if R > 0 and nw > 0:
+        bw = 128 if not interpreting() else 16
+        bw = min(bw, _pow2_at_least(nw))
+        _pack_bits[(R, triton.cdiv(nw, bw))](x, out, n, nw, BLOCK_W=bw, num_warps=4)
+    return out.reshape(lead + (nw,))

@@ -1,0 +1,191 @@
+"""The pooled top-CDF predictor's selection step in Triton: pooled logits -> keep bitmap.
+
+``predictors.pooled_bits`` computes the pooled logits (B, H, n_qb, n_kb) with one matrix product
+(cuBLAS, tensor cores: the pooled queries of all blocks of a kv head against all keys; at Wan 480p
+3,072 x 128 x 32,760) and the query blocks' self-similarity in torch; this kernel does the rest of
+``predictors.top_cdf`` + the gamma fallback + ``pack_bits`` for one row (b, h, i) per program:
+
+    valid[j] = j < n_kb and key block j has a real key
+    e = exp(logit - max logit) (0 where not valid); Z = sum e; n = count of valid
+    lo = log((1 - tau) / n) + log Z; hi = 1; target = tau * Z
+    STEPS times: mid = (lo + hi) / 2; if sum(e where e >= exp(mid)) >= target: lo = mid else hi = mid
+    keep = (e >= exp(lo)) and Z > 0;  keep = valid where the block is dissimilar or tau >= 1
+    bits of keep -> int32 words (bit j % 32 of word j // 32)
+
+Rows of up to ``ROW_REG_MAX`` keys are held in registers for the whole search (one read of the
+logits per row; the STEPS passes run on registers). Longer rows loop over tiles of the row in every
+pass (they re-read the logits, from L2: slower, see benchmarks/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_sparse import interpreting
+
+__all__ = ["pooled_select_bits_triton", "ROW_REG_MAX"]
+
+#: longest row (power of two) kept in registers
+ROW_REG_MAX = 32768
+_TILE = 8192
+
+
+@triton.jit
+def _pooled_select(
+    L, VALID, DIS, BITS,
+    tau, one_minus_tau, HQ, NKB, NW, stride_vb,
+    HAS_VALID: tl.constexpr,
+    TAU_ONE: tl.constexpr,
+    STEPS: tl.constexpr,
+    TILE: tl.constexpr,
+    IN_REG: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    b = r // HQ
+    l_base = L + r * NKB
+    v_base = VALID + b * stride_vb
+    w_base = BITS + r * NW
+    offs = tl.arange(0, TILE)
+    shifts = tl.arange(0, 32)
+    offs_w = tl.arange(0, TILE // 32)
+    dis = tl.load(DIS + r) != 0
+    if TAU_ONE:
+        search = False
+    else:
+        search = dis == 0
+    if IN_REG:
+        ok = offs < NKB
+        valid = ok
+        if HAS_VALID:
+            valid = valid & (tl.load(v_base + offs, mask=ok, other=0) != 0)
+        lg = tl.load(l_base + offs, mask=ok, other=float("-inf")).to(tl.float32)
+        lg = tl.where(valid, lg, float("-inf"))
+        m = tl.max(lg, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        e = tl.exp(lg - m)  # 0 where not valid
+        z = tl.sum(e, 0)
+        n = tl.maximum(tl.sum(valid.to(tl.float32), 0), 1.0)
+        lo = tl.log(one_minus_tau / n) + tl.log(tl.maximum(z, 1.1754943508222875e-38))
+        hi = tl.full([], 1.0, tl.float32)
+        target = tau * z
+        if search:
+            for _ in range(STEPS):
+                mid = 0.5 * (lo + hi)
+                mass = tl.sum(tl.where(e >= tl.exp(mid), e, 0.0), 0)
+                good = mass >= target
+                lo = tl.where(good, mid, lo)
+                hi = tl.where(good, hi, mid)
+        keep = (e >= tl.exp(lo)) & (e > 0.0)  # e > 0 only if Z > 0
+        keep = tl.where(search, keep, valid)
+        words = tl.sum(tl.reshape(keep.to(tl.int32), [TILE // 32, 32]) << shifts[None, :], axis=1)
+        tl.store(w_base + offs_w, words, mask=offs_w < NW)
+    else:
+        # pass 1: max, normaliser (online) and the count of valid keys
+        m = tl.full([], float("-inf"), tl.float32)
+        z = tl.full([], 0.0, tl.float32)
+        n = tl.full([], 0.0, tl.float32)
+        for start in range(0, NKB, TILE):
+            j = start + offs
+            ok = j < NKB
+            valid = ok
+            if HAS_VALID:
+                valid = valid & (tl.load(v_base + j, mask=ok, other=0) != 0)
+            lg = tl.load(l_base + j, mask=ok, other=float("-inf")).to(tl.float32)
+            lg = tl.where(valid, lg, float("-inf"))
+            m_new = tl.maximum(m, tl.max(lg, 0))
+            m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
+            z = z * tl.exp(m - m_s) + tl.sum(tl.exp(lg - m_s), 0)
+            m = m_new
+            n += tl.sum(valid.to(tl.float32), 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        n = tl.maximum(n, 1.0)
+        lo = tl.log(one_minus_tau / n) + tl.log(tl.maximum(z, 1.1754943508222875e-38))
+        hi = tl.full([], 1.0, tl.float32)
+        target = tau * z
+        if search:
+            for _ in range(STEPS):
+                mid = 0.5 * (lo + hi)
+                t = tl.exp(mid)
+                mass = tl.full([], 0.0, tl.float32)
+                for start in range(0, NKB, TILE):
+                    j = start + offs
+                    ok = j < NKB
+                    valid = ok
+                    if HAS_VALID:
+                        valid = valid & (tl.load(v_base + j, mask=ok, other=0) != 0)
+                    lg = tl.load(l_base + j, mask=ok, other=float("-inf")).to(tl.float32)
+                    e = tl.where(valid, tl.exp(lg - m), 0.0)
+                    mass += tl.sum(tl.where(e >= t, e, 0.0), 0)
+                good = mass >= target
+                lo = tl.where(good, mid, lo)
+                hi = tl.where(good, hi, mid)
+        t = tl.exp(lo)
+        for start in range(0, NKB, TILE):
+            j = start + offs
+            ok = j < NKB
+            valid = ok
+            if HAS_VALID:
+                valid = valid & (tl.load(v_base + j, mask=ok, other=0) != 0)
+            lg = tl.load(l_base + j, mask=ok, other=float("-inf")).to(tl.float32)
+            e = tl.where(valid, tl.exp(lg - m), 0.0)
+            keep = (e >= t) & (e > 0.0)
+            keep = tl.where(search, keep, valid)
+            words = tl.sum(tl.reshape(keep.to(tl.int32), [TILE // 32, 32]) << shifts[None, :], axis=1)
+            widx = start // 32 + offs_w
+            tl.store(w_base + widx, words, mask=widx < NW)
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def pooled_select_bits_triton(
+    logits: torch.Tensor,
+    valid: torch.Tensor | None,
+    dissimilar: torch.Tensor,
+    tau: float,
+    steps: int,
+    *,
+    row_reg_max: int | None = None,
+    tile: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Top-CDF selection + gamma fallback + bit packing.
+
+    logits: float (B, H, n_qb, n_kb) (any float dtype; the last axis contiguous after
+    ``.contiguous()``), NOT masked: ``valid`` (bool (B, n_kb) or None = all valid) says which key
+    blocks may be kept; dissimilar: bool (B, H, n_qb), rows that keep every valid key block; tau in
+    (0, 1] (>= 1: every valid key block). Returns int32 (B, H, n_qb, ceil(n_kb / 32)). No host sync.
+    """
+    B, H, nqb, nkb = logits.shape
+    logits = logits.contiguous()
+    dev = logits.device
+    nw = -(-nkb // 32)
+    out = torch.empty((B, H, nqb, nw), device=dev, dtype=torch.int32)
+    R = B * H * nqb
+    if R == 0:
+        return out
+    dis = dissimilar.to(torch.bool).contiguous().view(torch.uint8)
+    if valid is not None:
+        v = valid.to(torch.bool).contiguous().view(torch.uint8)
+        stride_vb, has_valid = v.stride(0), True
+    else:
+        v, stride_vb, has_valid = dis, 0, False
+    interp = interpreting()
+    row = max(32, _pow2_at_least(nkb))
+    reg_max = row_reg_max if row_reg_max is not None else (ROW_REG_MAX if not interp else 1024)
+    in_reg = row <= reg_max
+    if in_reg:
+        t = row
+    else:
+        t = min(tile if tile is not None else (_TILE if not interp else 64), row)
+    warps = num_warps if num_warps is not None else (4 if interp else max(4, min(16, t // 2048)))
+    _pooled_select[(R,)](
+        logits, v, dis, out,
+        float(tau), float(1.0 - tau), H * nqb, nkb, nw, stride_vb,
+        HAS_VALID=has_valid, TAU_ONE=bool(tau >= 1), STEPS=int(steps), TILE=t, IN_REG=in_reg,
+        num_warps=warps,
+    )
+    return out
