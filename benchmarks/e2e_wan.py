@@ -126,6 +126,37 @@ def main(argv=None):
     fg_cfg = fgcompile.FGAttnConfig(alpha=1e-6, density=0.6, profile_every=10, block_m=block_m, min_seq_len=min_seq)
     fg_model.compile_repeated_blocks(backend=fgcompile.backend(fg_cfg))
 
+    def write():
+        def pick(size, batch, setting, key="speedup"):
+            for r in rows:
+                if (r["size"], r["batch"], r["setting"]) == (size, batch, setting):
+                    return r[key]
+            return None
+
+        import triton
+
+        result = {
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "triton": triton.__version__,
+            "config": "tiny" if args.tiny else "Wan2.1-1.3B", "compile": "compile_repeated_blocks (30 block graphs)",
+            "dtype": str(dtype), "reps": args.reps, "rows": rows,
+            "summary": {
+                "speedup_480p_d06": pick("480p", 1, "d0.6"),
+                "speedup_480p_d03": pick("480p", 1, "d0.3"),
+                "speedup_720p_d03": pick("720p", 1, "d0.3"),
+                "speedup_480p_b2_d03": pick("480p", 2, "d0.3"),
+                "memory_ratio_480p_d03": pick("480p", 1, "d0.3", "memory_ratio"),
+                "limit_speedup_480p_d03": pick("480p", 1, "d0.3", "limit_speedup"),
+                "profile_density_480p": pick("480p", 1, "profile", "density"),
+                "speedup_480p_profile": pick("480p", 1, "profile"),
+            },
+        }
+        tag = "cpu" if device.type != "cuda" else torch.cuda.get_device_name().split()[1].lower()
+        out = args.out or os.path.join(os.path.dirname(__file__), "results", f"e2e_wan_{tag}.json")
+        with open(out, "w") as fh:
+            json.dump(result, fh, indent=1)
+        return result, out
+
     rows, densities = [], {}
     plan = [("480p", 1, ["d0.6", "d0.3", "profile"])]
     if not args.skip_b2:
@@ -196,37 +227,11 @@ def main(argv=None):
                            first_call_s_default=compile_dense_s, first_call_s_fgattn=compile_fg_s,
                            per_layer_density=per_layer)
                 rows.append(row)
+                write()
                 print(f"[{size} b{batch}] fgattn {name}: {t_fg:.1f} ms, density {dens:.3f}, speedup {t_dense / t_fg:.2f}x"
                       f"{f', limit {t_dense / limit:.2f}x' if limit else ''}, rel err {err:.3e}", flush=True)
 
-    def pick(size, batch, setting, key="speedup"):
-        for r in rows:
-            if (r["size"], r["batch"], r["setting"]) == (size, batch, setting):
-                return r[key]
-        return None
-
-    import triton
-
-    result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "triton": triton.__version__,
-        "config": "tiny" if args.tiny else "Wan2.1-1.3B", "compile": "compile_repeated_blocks (30 block graphs)",
-        "dtype": str(dtype), "reps": args.reps, "rows": rows,
-        "summary": {
-            "speedup_480p_d06": pick("480p", 1, "d0.6"),
-            "speedup_480p_d03": pick("480p", 1, "d0.3"),
-            "speedup_720p_d03": pick("720p", 1, "d0.3"),
-            "speedup_480p_b2_d03": pick("480p", 2, "d0.3"),
-            "memory_ratio_480p_d03": pick("480p", 1, "d0.3", "memory_ratio"),
-            "limit_speedup_480p_d03": pick("480p", 1, "d0.3", "limit_speedup"),
-            "profile_density_480p": pick("480p", 1, "profile", "density"),
-            "speedup_480p_profile": pick("480p", 1, "profile"),
-        },
-    }
-    tag = "cpu" if device.type != "cuda" else torch.cuda.get_device_name().split()[1].lower()
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"e2e_wan_{tag}.json")
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=1)
+    result, out = write()
     try:
         import matplotlib
 

@@ -10,7 +10,11 @@ What it does with each graph Dynamo captures:
 2. registers the sparse sites with the model's run-time state (``fgcompile.runtime``) and replaces
    each by ``torch.ops.fgcompile.site_attention`` (``fgcompile.passes.rewrite``); dense sites stay
    as they are;
-3. hands the graph to Inductor (``compile_fx``), so everything else is compiled exactly as by
+3. on CUDA, splits each sparse site the kernel can take into the stateful schedule step
+   (``fgcompile::site_plan``, opaque, kept out of CUDA graphs) and the sparse kernel
+   (``fgcompile::sparse_attention``, a ``triton_op`` whose Triton source Inductor compiles into its
+   program and autotunes; ``fgcompile.lowering.cuda``); on the CPU the site stays one opaque op;
+4. hands the graph to Inductor (``compile_fx``), so everything else is compiled exactly as by
    ``backend="inductor"``.
 
 Nothing here may crash a user's compile: if the fgcompile passes fail on a graph, the graph is
@@ -40,6 +44,7 @@ class TransformResult:
 
     graph: torch.fx.GraphModule
     sites: list = field(default_factory=list)  # list[fgcompile.passes.find_attention.SiteInfo]
+    lowered: int = 0  # sites lowered to site_plan + the Triton sparse_attention op (CUDA)
 
 
 def _grad_needed(example_inputs: Sequence[Any]) -> bool:
@@ -93,6 +98,9 @@ def transform(
                 node.args = tuple(args[:6]) + (owner,)
     gm.graph.lint()
     gm.recompile()
+    from .lowering.cuda import lower_cuda_sites
+
+    lowered = lower_cuda_sites(gm)
     for m in matches:
         i = m.info
         log.info(
@@ -100,7 +108,7 @@ def transform(
             i.name, i.pattern, i.batch, i.num_heads, i.num_kv_heads, i.seq_len_q, i.seq_len_kv,
             i.head_dim, i.dtype, i.mask, i.decision, i.reason,
         )
-    return TransformResult(gm, [m.info for m in matches])
+    return TransformResult(gm, [m.info for m in matches], lowered)
 
 
 class FGAttnBackend:
@@ -133,12 +141,19 @@ class FGAttnBackend:
         options: Optional[Mapping[str, Any]] = None,
     ) -> Callable:
         config = self.config if options is None else FGAttnConfig.from_options({"config": self.config, **options})
+        lowered = 0
         try:
-            transform(gm, example_inputs, config)
+            lowered = transform(gm, example_inputs, config).lowered
         except Exception as e:  # never crash a user's compile: fall back to the dense graph
             log.warning("fgcompile: the attention passes failed (%s: %s); compiling this graph unchanged", type(e).__name__, e)
             raise_if_testing(e)
-        return torch_private.compile_fx(gm, list(example_inputs), torch_private.inductor_mode_options(mode))
+        patches = torch_private.inductor_mode_options(mode)
+        if lowered:
+            from .lowering.inductor import kernel_config_patches, partition_config_patches
+
+            patches.update(kernel_config_patches())
+            patches.update(partition_config_patches(bool(patches.get("triton.cudagraphs", False))))
+        return torch_private.compile_fx(gm, list(example_inputs), patches)
 
 
 def raise_if_testing(e: BaseException) -> None:

@@ -1,17 +1,51 @@
 """fgcompile's custom operators.
 
 ``fgcompile::site_attention(q, k, v, key_padding, scale, site, owner=None) -> out``
-    One attention site of a compiled model. q: (B, H, S_q, D); k, v: (B, H_kv, S_kv, D) with
+    One attention site of a compiled model, as ONE opaque op (the CPU path, and the CUDA fallback
+    for sites the kernel cannot take). q: (B, H, S_q, D); k, v: (B, H_kv, S_kv, D) with
     H % H_kv == 0 (GQA); key_padding: bool (B, S_kv), True = a real key, or None; scale: the softmax
     scale; site: the handle of the site's template (name, config) in ``fgcompile.runtime``; owner:
     a parameter of the compiled model (the graph's first parameter input), whose identity selects
     the model's state at run time: Dynamo reuses one compiled graph for every instance of a
     module class, so the state cannot be a constant of the graph. The site's state runs the
     schedule (dense warm-up, profiled calls, predictor) and the sparse kernel. Returns a
-    contiguous (B, H, S_q, D_v) tensor of q's dtype.
+    contiguous (B, H, S_q, D_v) tensor of q's dtype. Opaque to Inductor
+    (``torch.library.custom_op`` with a fake implementation): on the CPU Inductor cannot compile
+    Triton, and the op is stateful (the schedule advances every call).
 
-The op is opaque to Inductor (``torch.library.custom_op`` with a fake implementation): on the CPU
-Inductor cannot compile Triton, and the op is stateful (the schedule advances every call).
+On CUDA the backend splits a site in two (``fgcompile.lowering.cuda``):
+
+``fgcompile::site_plan(q, k, v, key_padding, scale, site, owner, block_m, block_n, full_tile)
+-> (counts, indices, full_counts, full_tiles, dense_out, use_dense)``
+    The schedule step (``fgcompile.runtime.plan_site`` -> ``SiteState.plan``), opaque, stateful,
+    tagged ``torch.Tag.cudagraph_unsafe`` so that Inductor's graph partitioning keeps it out of
+    CUDA graphs. All outputs are fresh, contiguous tensors of fixed shapes (the fake's):
+    counts / full_counts int32 (B, H, nQB); indices int32 (B, H, nQB, nKB); full_tiles int32
+    (B, H, nQB, max(S_kv // full_tile, 1)) (one column when full_tile is 0); dense_out (B, H, S_q,
+    D_v) in q's dtype; use_dense a 0-d bool.
+    - sparse call: the ``PackedSlices`` of the call; ``use_dense`` False, ``dense_out``
+      uninitialised (never selected).
+    - dense / profiled call: ``plan()`` has already computed the exact output: it is returned as
+      ``dense_out`` with ``use_dense`` True, and the packing keeps NOTHING (counts and full_counts
+      0; the kernel then only writes zeros, a few microseconds).
+    The graph computes ``torch.where(use_dense, dense_out, sparse_attention(...))``.
+
+    Why not the all-kept packing (the kernel recomputing dense attention)? It would run a dense
+    pass of the sparse kernel (~1.23x cuDNN, 14 ms at Wan-1.3B's shape) on top of the profiled
+    call's own dense pass, at every warm-up and profiled call (one call in ten by default: ~+20%
+    of a site's time), its output would differ from ``site_attention``'s by rounding, and its
+    index lists (403 MB at Wan's shape) would have to be cached or rebuilt. The select costs one
+    extra read of the output inside the pointwise kernel Inductor already runs after the site
+    (the output permute), and is bitwise exact for both kinds of calls.
+
+``fgcompile::sparse_attention(q, k, v, counts, indices, full_counts, full_tiles, scale, block_m,
+block_n, seq_len_kv, full_tile) -> out``
+    The sparse kernel as a ``torch.library.triton_op`` around
+    ``fgcompile.kernels.triton_sparse.launch_sparse_kernel`` (the same launch as the direct call)
+    with ``wrap_triton``: Inductor traces the launch, copies the kernel's source into its output
+    code, specialised by head dim, dtype, tile sizes (constexprs) and GQA ratio (a constant
+    argument of the launch), and autotunes the configs the kernel's prune predicate keeps. Returns
+    a contiguous (B, H, S_q, D) tensor of q's dtype. Callable eagerly too (it launches the kernel).
 """
 
 from __future__ import annotations
@@ -20,7 +54,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["site_attention"]
+__all__ = ["site_attention", "site_plan", "plan_shapes", "sparse_attention_op"]
 
 
 @torch.library.custom_op("fgcompile::site_attention", mutates_args=())
@@ -42,3 +76,141 @@ def site_attention(
 def _site_attention_fake(q, k, v, key_padding, scale, site, owner=None):
     # The real op returns a contiguous (B, H, S_q, D_v) tensor.
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# ----------------------------------------------------------------------------- CUDA: plan + kernel
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def plan_shapes(q, k, v, block_m: int, block_n: int, full_tile: int) -> dict:
+    """The shapes of ``site_plan``'s outputs (ints or SymInts)."""
+    B, H, S_q, _ = q.shape
+    S_kv = k.shape[2]
+    nqb = _cdiv(S_q, block_m)
+    nkb = _cdiv(S_kv, block_n)
+    cols = torch.sym_max(S_kv // full_tile, 1) if full_tile > 0 else 1
+    return {
+        "counts": (B, H, nqb),
+        "indices": (B, H, nqb, nkb),
+        "full_counts": (B, H, nqb),
+        "full_tiles": (B, H, nqb, cols),
+        "dense_out": (B, H, S_q, v.shape[-1]),
+    }
+
+
+_plan_tags = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("fgcompile::site_plan", mutates_args=(), tags=_plan_tags)
+def site_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding: Optional[torch.Tensor],
+    scale: float,
+    site: int,
+    owner: Optional[torch.Tensor],
+    block_m: int,
+    block_n: int,
+    full_tile: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .. import runtime
+
+    shapes = plan_shapes(q, k, v, block_m, block_n, full_tile)
+    dev = q.device
+    out, packed = runtime.plan_site(site, q, k, v, key_padding, scale, owner)
+    if packed is None:  # dense or profiled call: the exact output is known; the kernel keeps nothing
+        counts = torch.zeros(shapes["counts"], device=dev, dtype=torch.int32)
+        full_counts = torch.zeros(shapes["full_counts"], device=dev, dtype=torch.int32)
+        indices = torch.empty(shapes["indices"], device=dev, dtype=torch.int32)  # never read (counts 0)
+        full_tiles = torch.zeros(shapes["full_tiles"], device=dev, dtype=torch.int32)
+        dense_out = out.to(q.dtype).contiguous()
+        if dense_out is out and _may_alias(out, (q, k, v, key_padding, owner)):
+            dense_out = dense_out.clone()
+        return counts, indices, full_counts, full_tiles, dense_out, torch.ones((), device=dev, dtype=torch.bool)
+    if (packed.block_m, packed.block_n) != (block_m, block_n):
+        raise RuntimeError(
+            f"fgcompile::site_plan: the site's plan is packed for block_m={packed.block_m}, block_n={packed.block_n}; "
+            f"the compiled graph expects block_m={block_m}, block_n={block_n}"
+        )
+    if packed.full_tile not in (0, full_tile):
+        raise RuntimeError(
+            f"fgcompile::site_plan: the site's plan uses full tiles of {packed.full_tile} keys; the compiled "
+            f"kernel expects {full_tile} (or none)"
+        )
+    tensors = []
+    for name, t in (("counts", packed.counts), ("indices", packed.indices),
+                    ("full_counts", packed.full_counts), ("full_tiles", packed.full_tiles)):
+        want = tuple(int(s) for s in shapes[name])
+        if name == "full_tiles" and packed.full_tile == 0 and tuple(t.shape) != want:
+            # no full tiles in this packing (full_counts are 0): any column count does; fit the fake's
+            t = torch.zeros(want, device=dev, dtype=torch.int32)
+        if tuple(t.shape) != want:
+            raise RuntimeError(f"fgcompile::site_plan: {name} has shape {tuple(t.shape)}, expected {want}")
+        if t.dtype != torch.int32:
+            t = t.to(torch.int32)
+        if not t.is_contiguous():
+            t = t.contiguous()  # the torch packing returns row-padded views (stride nKB + 1)
+        tensors.append(t)
+    dense_out = torch.empty(shapes["dense_out"], device=dev, dtype=q.dtype)  # not selected
+    return (*tensors, dense_out, torch.zeros((), device=dev, dtype=torch.bool))
+
+
+def _may_alias(t: torch.Tensor, others) -> bool:
+    ptr = t.untyped_storage().data_ptr()
+    return any(o is not None and o.untyped_storage().data_ptr() == ptr for o in others)
+
+
+@site_plan.register_fake
+def _site_plan_fake(q, k, v, key_padding, scale, site, owner, block_m, block_n, full_tile):
+    s = plan_shapes(q, k, v, block_m, block_n, full_tile)
+    i32 = dict(dtype=torch.int32, device=q.device)
+    return (
+        q.new_empty(s["counts"], **i32),
+        q.new_empty(s["indices"], **i32),
+        q.new_empty(s["full_counts"], **i32),
+        q.new_empty(s["full_tiles"], **i32),
+        q.new_empty(s["dense_out"]),
+        q.new_empty((), dtype=torch.bool),
+    )
+
+
+_SPARSE_OP = None
+
+
+def sparse_attention_op():
+    """``torch.ops.fgcompile.sparse_attention`` (the triton_op), registered on first use. Raises
+    RuntimeError naming the API if this torch lacks ``torch.library.triton_op``/``wrap_triton``."""
+    global _SPARSE_OP
+    if _SPARSE_OP is not None:
+        return _SPARSE_OP
+    from .inductor import triton_op_api
+
+    triton_op, wrap_triton = triton_op_api()
+    from ..kernels.triton_sparse import launch_sparse_kernel
+
+    @triton_op("fgcompile::sparse_attention", mutates_args=())
+    def sparse_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        counts: torch.Tensor,
+        indices: torch.Tensor,
+        full_counts: torch.Tensor,
+        full_tiles: torch.Tensor,
+        scale: float,
+        block_m: int,
+        block_n: int,
+        seq_len_kv: int,
+        full_tile: int,
+    ) -> torch.Tensor:
+        B, H, S_q, D = q.shape
+        out = torch.empty((B, H, S_q, D), device=q.device, dtype=q.dtype)
+        return launch_sparse_kernel(
+            q, k, v, out, counts, indices, full_counts, full_tiles,
+            scale, block_m, block_n, full_tile, wrap=wrap_triton,
+        )
+
+    _SPARSE_OP = torch.ops.fgcompile.sparse_attention.default
+    return _SPARSE_OP

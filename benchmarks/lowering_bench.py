@@ -1,0 +1,257 @@
+"""Issue 6 benchmark: the CUDA lowering of the sparse attention op.
+
+    python benchmarks/lowering_bench.py --out benchmarks/results/lowering_h100.json
+
+Two cases: the toy video DiT at a GPU size (latents 1x4x8x64x64, patch 1x2x2 -> 8,192 tokens,
+width 512, 4 heads of 128, depth 4, bf16) and a Wan-1.3B-shaped attention layer (B=1, H=12,
+S=32,760, D=128, bf16: one transformer-style self-attention block, width 1,536).
+
+- compile time (cold caches: each measurement in a fresh process with empty
+  TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR and the FX graph / autotune caches off): the wall
+  time of the first call (Dynamo + passes + Inductor + the first run), backend="fgattn" vs
+  backend="inductor" on the same model; the first sparse call of fgattn (which runs Inductor's
+  autotuning of the kernel's configs) is reported separately.
+- runtime: the lowered ``fgcompile::sparse_attention`` op inside a graph compiled by Inductor vs
+  the direct launch (``sparse_attention_triton``, triton.autotune), same inputs (random fine-grained
+  mask, density 0.3, block_m 128, block_n 1), triton.testing.do_bench median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TOY = dict(latents=(1, 4, 8, 64, 64), width=512, heads=4, depth=4)
+WAN = dict(B=1, H=12, S=32760, D=128)
+
+
+def _toy_model():
+    from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
+
+    torch.manual_seed(0)
+    m = ToyVideoDiT(ToyDiTConfig(depth=TOY["depth"], width=TOY["width"], heads=TOY["heads"])).eval().cuda().to(torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(*TOY["latents"], device="cuda", generator=g).to(torch.bfloat16)
+    t = torch.rand(1, device="cuda", generator=g).to(torch.bfloat16)
+    text = torch.randn(1, 16, 64, device="cuda", generator=g).to(torch.bfloat16)
+    return m, (x, t, text)
+
+
+class WanAttnBlock(torch.nn.Module):
+    """One self-attention block at Wan-1.3B's attention shape (norm, qkv, SDPA, out projection)."""
+
+    def __init__(self, heads=WAN["H"], dim=WAN["D"]):
+        super().__init__()
+        self.h, self.d = heads, dim
+        w = heads * dim
+        self.norm = torch.nn.LayerNorm(w)
+        self.qkv = torch.nn.Linear(w, 3 * w)
+        self.proj = torch.nn.Linear(w, w)
+
+    def forward(self, x):
+        B, S, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, S, 3, self.h, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(o.transpose(1, 2).reshape(B, S, W))
+
+
+def _wan_model():
+    torch.manual_seed(0)
+    m = WanAttnBlock().eval().cuda().to(torch.bfloat16)
+    x = torch.randn(WAN["B"], WAN["S"], WAN["H"] * WAN["D"], device="cuda", dtype=torch.bfloat16)
+    return m, (x,)
+
+
+def _child_compile(case: str, backend: str) -> dict:
+    """Runs in a fresh process: cold-compile time of one backend on one model."""
+    import torch._inductor.config as icfg
+
+    import fgcompile
+
+    icfg.fx_graph_cache = False
+    if hasattr(icfg, "autotune_local_cache"):
+        icfg.autotune_local_cache = False
+    m, args = _toy_model() if case == "toy" else _wan_model()
+    torch.cuda.synchronize()
+    be = backend if backend == "inductor" else fgcompile.backend(predictor="profile", alpha=0.3, profile_calls=(0,))
+    c = torch.compile(m, backend=be, fullgraph=True)
+    res = {}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        c(*args)
+        torch.cuda.synchronize()
+        res["first_call_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        c(*args)  # fgattn: the first sparse call (Inductor autotunes the kernel's configs here)
+        torch.cuda.synchronize()
+        res["second_call_s"] = time.perf_counter() - t0
+        for _ in range(2):
+            c(*args)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            c(*args)
+        torch.cuda.synchronize()
+        res["steady_call_s"] = (time.perf_counter() - t0) / 5
+    return res
+
+
+def compile_times(case: str) -> dict:
+    out = {}
+    for backend in ("inductor", "fgattn"):
+        with tempfile.TemporaryDirectory() as d:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(d, "inductor"), TRITON_CACHE_DIR=os.path.join(d, "triton"))
+            r = subprocess.run([sys.executable, __file__, "--child", case, backend], env=env, capture_output=True, text=True, timeout=400)
+            if r.returncode != 0:
+                raise RuntimeError(f"child {case}/{backend} failed:\n{r.stderr[-4000:]}")
+            out[backend] = json.loads(r.stdout.strip().splitlines()[-1])
+    # compile time = first call minus one steady call (the first call also runs the model once)
+    ci = out["inductor"]["first_call_s"] - out["inductor"]["steady_call_s"]
+    cf = out["fgattn"]["first_call_s"] - out["fgattn"]["steady_call_s"]
+    out["compile_s"] = {"inductor": ci, "fgattn": cf}
+    out["compile_time_ratio"] = cf / ci
+    out["fgattn_first_sparse_call_s"] = out["fgattn"]["second_call_s"]
+    return out
+
+
+def _kernel_configs(code: str) -> int:
+    """How many configs Inductor's ``user_autotune(configs=[...])`` lists for the sparse kernel
+    (the literal parsed with ast; one dict per config)."""
+    import ast
+
+    i = code.index("def _fg_sparse_fwd(")
+    start = code.rindex("user_autotune(", 0, i)
+    j = code.index("configs=", start) + len("configs=")
+    depth = 0
+    for end in range(j, i):
+        depth += {"[": 1, "]": -1}.get(code[end], 0)
+        if depth == 0:
+            break
+    return len(ast.literal_eval(code[j:end + 1]))
+
+
+def runtime_ratio(B, H, S, D, density=0.3, dtype=torch.bfloat16) -> dict:
+    import triton
+
+    from fgcompile.attention import pack_slices
+    from fgcompile.kernels.triton_sparse import sparse_attention_triton
+    import torch._inductor.config as icfg
+
+    from fgcompile.lowering.inductor import kernel_config_patches, run_and_get_code
+    from fgcompile.lowering.ops import sparse_attention_op
+
+    op = sparse_attention_op()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype) for _ in range(3))
+    keep = torch.rand(B, H, -(-S // 128), S, device="cuda") < density
+    p = pack_slices(keep, block_n=1, seq_len_kv=S, block_m=128)
+    scale = D ** -0.5
+
+    def lowered(q, k, v, c, ix, fc, ft):
+        return op(q, k, v, c, ix, fc, ft, scale, 128, 1, S, p.full_tile)
+
+    torch._dynamo.reset()
+    # what the fgattn backend patches in when it lowers a site (fp32 float kernel arguments)
+    cl = torch.compile(lowered, backend="inductor", fullgraph=True)
+    args = (q, k, v, p.counts, p.indices, p.full_counts, p.full_tiles)
+    with icfg.patch(kernel_config_patches()):
+        out_l, codes = run_and_get_code(cl, *args)
+    code = "\n".join(codes)
+    n_cfg = _kernel_configs(code)
+    out_d = sparse_attention_triton(q, k, v, p, scale)
+    torch.cuda.synchronize()
+    rel = ((out_l.float() - out_d.float()).norm() / out_d.float().norm()).item()
+    # interleave the two measurements (3 rounds each) so clock drift hits both alike
+    tl, td = [], []
+    for _ in range(3):
+        tl.append(triton.testing.do_bench(lambda: cl(*args), warmup=25, rep=200, return_mode="median"))
+        td.append(triton.testing.do_bench(lambda: sparse_attention_triton(q, k, v, p, scale), warmup=25, rep=200, return_mode="median"))
+    ml, md = sorted(tl)[1], sorted(td)[1]
+    return {
+        "shape": dict(B=B, H=H, S=S, D=D, dtype=str(dtype), density=density, block_m=128, block_n=1),
+        "lowered_ms": ml, "direct_ms": md, "lowered_ms_rounds": tl, "direct_ms_rounds": td,
+        "runtime_ratio_lowered_vs_direct": ml / md,
+        "rel_diff_lowered_vs_direct": rel,
+        "autotune_configs_in_output_code": n_cfg,
+        "direct_autotuner_choice": __import__("fgcompile.kernels.triton_sparse", fromlist=["best_config"]).best_config(),
+    }
+
+
+def model_step(case: str) -> dict:
+    """Steady-state time of one compiled-model call (sparse calls), lowered vs the opaque op."""
+    import triton
+
+    import fgcompile
+
+    res = {}
+    for lowering in ("1", "0"):
+        os.environ["FGCOMPILE_LOWERING"] = lowering
+        torch._dynamo.reset()
+        m, args = _toy_model() if case == "toy" else _wan_model()
+        c = torch.compile(m, backend=fgcompile.backend(predictor="profile", alpha=0.3, profile_calls=(0,)), fullgraph=True)
+        with torch.no_grad():
+            for _ in range(3):
+                c(*args)
+            res["lowered_ms" if lowering == "1" else "opaque_ms"] = triton.testing.do_bench(lambda: c(*args), warmup=5, rep=100, return_mode="median")
+    os.environ.pop("FGCOMPILE_LOWERING", None)
+    res["ratio_lowered_vs_opaque"] = res["lowered_ms"] / res["opaque_ms"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/lowering_h100.json")
+    ap.add_argument("--child", nargs=2)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(_child_compile(*a.child)))
+        return
+    import triton
+
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "command": "python benchmarks/lowering_bench.py --out " + a.out,
+        "toy": {"config": TOY},
+        "wan": {"config": WAN},
+    }
+    t0 = time.time()
+    result["toy"]["runtime"] = runtime_ratio(1, TOY["heads"], TOY["latents"][2] * TOY["latents"][3] * TOY["latents"][4] // 4, TOY["width"] // TOY["heads"])
+    result["wan"]["runtime"] = runtime_ratio(WAN["B"], WAN["H"], WAN["S"], WAN["D"])
+    print(json.dumps(result, indent=1), flush=True)
+    result["toy"]["compile"] = compile_times("toy")
+    result["wan"]["compile"] = compile_times("wan")
+    print(json.dumps(result, indent=1), flush=True)
+    try:
+        result["toy"]["model_step"] = model_step("toy")
+    except Exception as e:  # an extra; the summary does not depend on it
+        result["model_step_error"] = f"{type(e).__name__}: {e}"
+    result["summary"] = {
+        "compile_time_ratio": max(result["toy"]["compile"]["compile_time_ratio"], result["wan"]["compile"]["compile_time_ratio"]),
+        "compile_time_ratio_toy": result["toy"]["compile"]["compile_time_ratio"],
+        "compile_time_ratio_wan": result["wan"]["compile"]["compile_time_ratio"],
+        "runtime_ratio_lowered_vs_direct": max(result["toy"]["runtime"]["runtime_ratio_lowered_vs_direct"],
+                                               result["wan"]["runtime"]["runtime_ratio_lowered_vs_direct"]),
+        "runtime_ratio_lowered_vs_direct_toy": result["toy"]["runtime"]["runtime_ratio_lowered_vs_direct"],
+        "runtime_ratio_lowered_vs_direct_wan": result["wan"]["runtime"]["runtime_ratio_lowered_vs_direct"],
+        "targets": {"compile_time_ratio": "<= 1.3", "runtime_ratio_lowered_vs_direct": "<= 1.03"},
+    }
+    result["bench_wall_s"] = time.time() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The CUDA lowering of attention sites: the sparse kernel becomes part of Inductor's program.
+
+Design (issue 6). After the rewrite pass every sparse site is one opaque
+``fgcompile::site_attention`` node. On a CUDA site (device read from the fake tensors of the
+Dynamo graph at compile time) this pass replaces it by::
+
+    counts, indices, full_counts, full_tiles, dense_out, use_dense = fgcompile::site_plan(
+        q, k, v, key_padding, scale, site, owner, block_m, block_n, full_tile)   # opaque, stateful
+    sparse = fgcompile::sparse_attention(q, k, v, counts, indices, full_counts, full_tiles,
+                                         scale, block_m, block_n, S_kv, full_tile) # triton_op
+    out = torch.where(use_dense, dense_out, sparse)
+
+Why ``torch.library.triton_op`` + ``wrap_triton`` and not a registered lowering building a Triton
+template (as FlexAttention does in torch/_inductor/kernel/flex/): the kernel already exists, is
+tested and benchmarked (benchmarks/NOTES.md), and its structure (two loops with data-dependent
+bounds read from the count tensors, gathers of K/V rows by index) is not an Inductor template
+(Jinja template code + ``TritonTemplate`` choices + ``autotune_select_algorithm``), which would
+mean maintaining a second copy of the kernel against private, version-dependent Inductor
+internals (torch 2.11 and 2.13 differ there). A triton_op is a public API: Inductor traces the
+launch (``triton_kernel_wrapper_functional``), copies the kernel's source into its output code
+with the constexprs bound (head dim, tile sizes, full-tile size; dtype in the pointer types; the
+GQA ratio is a constant argument of the launch), runs the kernel's own ``prune_configs_by``
+predicate at trace time on the fake arguments and autotunes the surviving ``triton.autotune``
+configs with its own autotuner (``user_autotune``) at the first call. Inductor also sees the op's
+inputs and output as buffers (memory planning, no copies).
+
+What does NOT change per call is in the op's arguments; what does (the schedule, the mask) is in
+``site_plan``'s outputs, which the graph consumes as tensors: no host synchronisation, no
+recompilation when the mask changes, and ``site_plan`` is tagged ``torch.Tag.cudagraph_unsafe``
+so that ``mode="reduce-overhead"`` (graph partitioning) replays everything else in CUDA graphs and
+runs the schedule eagerly between them. Why the ``dense_out``/``use_dense`` select instead of an
+all-kept packing for dense/profiled calls: see ``fgcompile.lowering.ops``.
+
+Sites the kernel cannot take stay opaque ``site_attention`` nodes (also on CUDA): impl="reference",
+a head dim that is not a multiple of 8 up to 128 or is symbolic, D_v != D, block_m outside
+(16, 32, 64, 128), a dtype other than fp16/bf16/fp32. On the CPU nothing changes. ``FGCOMPILE_LOWERING=0`` keeps every
+site opaque (the pre-issue-6 path; for comparisons and as an escape hatch).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from . import ops as _ops
+
+__all__ = ["lower_cuda_sites", "lowering_blocker", "full_tile_for"]
+
+log = logging.getLogger("fgcompile")
+
+_TRITON_BLOCK_M = (16, 32, 64, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _val(x: Any) -> Any:
+    if isinstance(x, fx.Node):
+        return x.meta.get("example_value", x.meta.get("val"))
+    return x
+
+
+def full_tile_for(block_n: int) -> int:
+    """The full-tile size the compiled kernel is specialised for (the packing's default when it
+    divides into key blocks, else 0). A packing without full tiles (S_kv shorter than a tile)
+    runs on the same kernel: its full_counts are 0."""
+    from ..kernels.packing import DEFAULT_FULL_TILE
+
+    return DEFAULT_FULL_TILE if DEFAULT_FULL_TILE % block_n == 0 else 0
+
+
+def lowering_blocker(q: Any, k: Any, v: Any, config: Any) -> Optional[str]:
+    """Why a site (fake q, k, v and its config) cannot be lowered to the kernel; None if it can."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return "no fake tensor values"
+    if q.device.type != "cuda":
+        return f"device {q.device.type} (Inductor compiles Triton for CUDA only)"
+    if config.impl == "reference":
+        return "impl='reference'"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype}"
+    D = q.shape[-1]
+    if not isinstance(D, int) or not isinstance(v.shape[-1], int):
+        return "symbolic head dim"
+    if D > 128 or D % 8 != 0:
+        return f"head dim {D} (the kernel takes multiples of 8 up to 128)"
+    if v.shape[-1] != D:
+        return f"value head dim {v.shape[-1]} != {D}"
+    if config.block_m not in _TRITON_BLOCK_M:
+        return f"block_m {config.block_m} (the kernel takes {_TRITON_BLOCK_M})"
+    return None
+
+
+def _insert(graph: fx.Graph, meta: dict, fake_mode, target, args, value_fn=None) -> fx.Node:
+    n = graph.call_function(target, tuple(args))
+    n.meta.update(meta)
+    if fake_mode is not None:  # Dynamo graphs carry fake values; later passes read them
+        vals = [_val(a) for a in args]
+        with fake_mode:
+            n.meta["example_value"] = value_fn(*vals) if value_fn else target(*vals)
+    return n
+
+
+def lower_cuda_sites(gm: fx.GraphModule) -> int:
+    """Replace every CUDA ``site_attention`` node of ``gm`` that the kernel can take by
+    ``site_plan`` + ``sparse_attention`` + ``where`` (in place). Returns how many were lowered."""
+    import os
+
+    from .. import runtime
+
+    if os.environ.get("FGCOMPILE_LOWERING", "1") == "0":
+        return 0
+    op = torch.ops.fgcompile.site_attention.default
+    graph = gm.graph
+    lowered = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (op, _ops.site_attention):
+            continue
+        args = list(node.args) + [None] * (7 - len(node.args))
+        q, k, v, kp, scale, site, owner = args[:7]
+        template = runtime.template_of(int(site))
+        cfg = template.config
+        qv, kv, vv = _val(q), _val(k), _val(v)
+        why = lowering_blocker(qv, kv, vv, cfg)
+        if why is not None:
+            if isinstance(qv, torch.Tensor) and qv.device.type == "cuda":
+                log.info("fgcompile: site %s stays an opaque op on CUDA: %s", template.name, why)
+            continue
+        sparse_op = _ops.sparse_attention_op()  # raises naming the API if this torch lacks triton_op
+        fake_mode = getattr(qv, "fake_mode", None)
+        meta = {k_: node.meta[k_] for k_ in ("nn_module_stack", "stack_trace", "source_fn_stack") if k_ in node.meta}
+        bm, bn = int(cfg.block_m), int(cfg.block_n)
+        ft = full_tile_for(bn)
+        with graph.inserting_before(node):
+            plan = _insert(graph, meta, fake_mode, torch.ops.fgcompile.site_plan.default,
+                           (q, k, v, kp, float(scale), int(site), owner, bm, bn, ft))
+            parts = [_insert(graph, meta, fake_mode, operator.getitem, (plan, i)) for i in range(6)]
+            counts, indices, full_counts, full_tiles, dense_out, use_dense = parts
+            s_kv = kv.shape[2]
+            if not isinstance(s_kv, int):
+                s_kv = _insert(graph, meta, fake_mode, torch.ops.aten.sym_size.int, (k, 2))
+            sparse = _insert(
+                graph, meta, fake_mode, sparse_op,
+                (q, k, v, counts, indices, full_counts, full_tiles, float(scale), bm, bn, s_kv, ft),
+                value_fn=lambda q_, *rest: q_.new_empty(q_.shape).contiguous(),
+            )
+            out = _insert(graph, meta, fake_mode, torch.where, (use_dense, dense_out, sparse))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        lowered += 1
+        log.info(
+            "fgcompile: site %s lowered for CUDA: site_plan + sparse_attention (Triton, block_m=%d, block_n=%d, full_tile=%d)",
+            template.name, bm, bn, ft,
+        )
+    if lowered:
+        graph.lint()
+        gm.recompile()
+    return lowered

@@ -1,0 +1,253 @@
+"""The lowering of attention sites (issue 6), on the CPU.
+
+- CPU tensors: the compiled graph keeps the opaque ``fgcompile::site_attention`` op.
+- CUDA sites, checked on the FX graph with fake CUDA tensors (FakeTensorMode fakes CUDA devices
+  on a CPU build): the site becomes ``site_plan`` + the ``sparse_attention`` triton_op + a select,
+  with the right fake shapes; blocked sites stay opaque.
+- The split ops run eagerly on CPU tensors (the kernel under TRITON_INTERPRET=1): plan + kernel +
+  select gives what the one opaque op gives, call after call through the schedule (dense, profiled,
+  sparse), and ``site_plan``'s real outputs have its fake's shapes and strides.
+The Inductor side (generated code, autotuning, CUDA graphs) is in tests/test_lowering_gpu.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+import fgcompile
+from fgcompile import FGAttnConfig, runtime
+from fgcompile.dynamo_backend import transform
+from fgcompile.lowering import inductor as lowering_inductor
+from fgcompile.lowering import ops as lops
+from fgcompile.lowering.cuda import full_tile_for, lowering_blocker
+
+os.environ["FGCOMPILE_STRICT"] = "1"
+
+SITE = torch.ops.fgcompile.site_attention.default
+PLAN = torch.ops.fgcompile.site_plan.default
+
+
+class Attn(nn.Module):
+    def __init__(self, dim=64, heads=1, kv_heads=1):
+        super().__init__()
+        self.h, self.hk, self.d = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, self.d * kv_heads)
+        self.v = nn.Linear(dim, self.d * kv_heads)
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q = self.q(x).view(B, S, self.h, self.d).transpose(1, 2)
+        k = self.k(x).view(B, S, self.hk, self.d).transpose(1, 2)
+        v = self.v(x).view(B, S, self.hk, self.d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.h != self.hk)
+        return o.transpose(1, 2).reshape(B, S, self.h * self.d)
+
+
+def _capture(m, x):
+    graphs = []
+
+    def be(gm, ex):
+        graphs.append((gm, list(ex)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(m, backend=be, fullgraph=True)(x)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _as_fake_cuda(gm, example_inputs):
+    """Re-propagate the Dynamo graph's fake values with every input faked on CUDA."""
+    mode = FakeTensorMode()
+    fakes = []
+    for t in example_inputs:
+        with mode:
+            f = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda")
+        fakes.append(nn.Parameter(f, requires_grad=False) if isinstance(t, nn.Parameter) else f)
+    with mode:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    for n in gm.graph.nodes:
+        if "val" in n.meta:
+            n.meta["example_value"] = n.meta["val"]
+    return fakes
+
+
+# ----------------------------------------------------------------------------- CPU: opaque op
+def test_cpu_sites_keep_the_opaque_op():
+    m = Attn(64).eval()
+    x = torch.randn(2, 256, 64)
+    gm, ex = _capture(m, x)
+    with torch.no_grad():
+        r = transform(gm, ex, FGAttnConfig(min_seq_len=64))
+    assert [s.decision for s in r.sites] == ["sparse"]
+    assert r.lowered == 0
+    t = _targets(gm)
+    assert SITE in t and PLAN not in t
+
+
+def test_cpu_compiled_graph_holds_site_attention_and_matches_eager():
+    from torch._inductor.utils import run_and_get_code
+
+    m = Attn(64).eval()
+    x = torch.randn(2, 256, 64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = m(x)
+        c = torch.compile(m, backend=fgcompile.backend(predictor="dense", min_seq_len=64), fullgraph=True)
+        out, code = run_and_get_code(c, x)
+    src = "\n".join(code)
+    assert "torch.ops.fgcompile.site_attention.default" in src
+    assert "site_plan" not in src and "_fg_sparse_fwd" not in src
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- CUDA rewrite on fake tensors
+@pytest.mark.parametrize("heads,kv_heads,block_n", [(1, 1, 1), (2, 1, 16)])
+def test_fake_cuda_site_is_lowered(heads, kv_heads, block_n):
+    m = Attn(64 * heads, heads, kv_heads).eval()
+    x = torch.randn(2, 256, 64 * heads)
+    gm, ex = _capture(m, x)
+    fakes = _as_fake_cuda(gm, ex)
+    cfg = FGAttnConfig(min_seq_len=64, block_m=64, block_n=block_n)
+    with torch.no_grad():
+        r = transform(gm, fakes, cfg)
+    assert [s.decision for s in r.sites] == ["sparse"]
+    assert r.lowered == 1
+    t = _targets(gm)
+    sparse_op = lops.sparse_attention_op()
+    assert SITE not in t
+    assert t.count(PLAN) == 1 and t.count(sparse_op) == 1 and torch.where in t
+    plan = next(n for n in gm.graph.nodes if n.target is PLAN)
+    q, k, v, kp, scale, site, owner, bm, bn, ft = plan.args
+    assert (bm, bn, ft) == (64, block_n, full_tile_for(block_n))
+    assert owner is not None and owner.op == "placeholder"
+    assert runtime.template_of(site).config == cfg
+    # fake shapes of the plan's outputs: counts (B, H, nQB), indices (B, H, nQB, nKB), ...
+    counts, indices, fcounts, ftiles, dense_out, use_dense = plan.meta["example_value"]
+    nkb = -(-256 // block_n)
+    assert tuple(counts.shape) == (2, heads, 4) and counts.dtype == torch.int32
+    assert tuple(indices.shape) == (2, heads, 4, nkb)
+    assert tuple(ftiles.shape) == (2, heads, 4, 2)
+    assert tuple(dense_out.shape) == (2, heads, 256, 64) and dense_out.device.type == "cuda"
+    assert use_dense.shape == () and use_dense.dtype == torch.bool
+    sp = next(n for n in gm.graph.nodes if n.target is sparse_op)
+    assert sp.args[3:7] == tuple(n for n in gm.graph.nodes if n.op == "call_function" and n.args and n.args[0] is plan)[:4]
+    where = next(n for n in gm.graph.nodes if n.target is torch.where)
+    assert where.args[2] is sp and where.args[1].args == (plan, 4) and where.args[0].args == (plan, 5)
+    out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0][0].meta["example_value"]
+    assert tuple(out.shape) == (2, 256, 64 * heads) and out.device.type == "cuda"
+
+
+def test_fake_cuda_reference_impl_stays_opaque():
+    m = Attn(64).eval()
+    x = torch.randn(2, 256, 64)
+    gm, ex = _capture(m, x)
+    fakes = _as_fake_cuda(gm, ex)
+    with torch.no_grad():
+        r = transform(gm, fakes, FGAttnConfig(min_seq_len=64, impl="reference"))
+    assert r.lowered == 0 and SITE in _targets(gm) and PLAN not in _targets(gm)
+
+
+def test_lowering_blockers():
+    cfg = FGAttnConfig()
+    with FakeTensorMode():
+        q = torch.empty(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16)
+        assert lowering_blocker(q, q, q, cfg) is None
+        assert "device" in lowering_blocker(q.cpu(), q.cpu(), q.cpu(), cfg)
+        assert "impl" in lowering_blocker(q, q, q, FGAttnConfig(impl="reference"))
+        q2 = torch.empty(1, 2, 256, 72 + 4, device="cuda", dtype=torch.bfloat16)
+        assert "head dim" in lowering_blocker(q2, q2, q2, cfg)
+        v = torch.empty(1, 2, 256, 32, device="cuda", dtype=torch.bfloat16)
+        assert "value head dim" in lowering_blocker(q, q, v, cfg)
+        q3 = torch.empty(1, 2, 256, 64, device="cuda", dtype=torch.float64)
+        assert "dtype" in lowering_blocker(q3, q3, q3, cfg)
+        assert "block_m" in lowering_blocker(q, q, q, FGAttnConfig(block_m=256))
+
+
+def test_partition_patches():
+    assert lowering_inductor.partition_config_patches(False) == {}
+    p = lowering_inductor.partition_config_patches(True)
+    assert p["graph_partition"] is True
+    if hasattr(torch.Tag, "cudagraph_unsafe"):
+        assert torch.Tag.cudagraph_unsafe in PLAN.tags
+    else:  # pragma: no cover - older torch
+        assert lowering_inductor.PLAN_OP_NAME in p["custom_should_partition_ops"]
+
+
+def test_missing_api_error_names_it(monkeypatch):
+    monkeypatch.delattr(torch.library, "wrap_triton")
+    with pytest.raises(RuntimeError, match="torch.library.wrap_triton"):
+        lowering_inductor.triton_op_api()
+
+
+# ----------------------------------------------------------------------------- the split ops, eagerly
+def _split_call(site, q, k, v, scale, owner, cfg):
+    ft = full_tile_for(cfg.block_n)
+    outs = PLAN(q, k, v, None, scale, site, owner, cfg.block_m, cfg.block_n, ft)
+    fake = lops._site_plan_fake(q, k, v, None, scale, site, owner, cfg.block_m, cfg.block_n, ft)
+    for real, f in zip(outs, fake):  # what Inductor asserts on an extern op's outputs
+        assert real.shape == f.shape and real.stride() == f.stride() and real.dtype == f.dtype, (real.shape, f.shape)
+    c, ix, fc, ftl, dense_out, use_dense = outs
+    sp = lops.sparse_attention_op()(q, k, v, c, ix, fc, ftl, scale, cfg.block_m, cfg.block_n, k.shape[2], ft)
+    return torch.where(use_dense, dense_out, sp), bool(use_dense)
+
+
+@pytest.mark.parametrize("block_n,kv_heads", [(1, 2), (16, 1)])
+def test_split_ops_match_the_opaque_op_through_the_schedule(block_n, kv_heads):
+    torch.manual_seed(0)
+    cfg = FGAttnConfig(predictor="profile", alpha=0.3, profile_every=3, dense_calls=1, block_m=64,
+                       block_n=block_n, impl="triton")
+    B, H, S, D = 1, 2, 256, 64
+    owner_a, owner_b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    h = runtime.register_site("lowering.test", cfg)
+    scale = D ** -0.5
+    kinds = []
+    for call in range(5):
+        q = torch.randn(B, H, S, D)
+        k = torch.randn(B, kv_heads, S, D) * 2
+        v = torch.randn(B, kv_heads, S, D)
+        ref = torch.ops.fgcompile.site_attention(q, k, v, None, scale, h, owner_a)
+        out, dense = _split_call(h, q, k, v, scale, owner_b, cfg)
+        kinds.append(dense)
+        if dense:  # dense / profiled call: the exact output, bitwise
+            assert torch.equal(out, ref)
+        else:  # same plan, same kernel launch
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert kinds == [True, True, False, False, True]  # dense warm-up, profiled, sparse, sparse, profiled
+    st_a = runtime._state_of_owner(owner_a).sites["lowering.test"]
+    st_b = runtime._state_of_owner(owner_b).sites["lowering.test"]
+    assert (st_a.n_dense, st_a.n_profiled, st_a.n_sparse) == (st_b.n_dense, st_b.n_profiled, st_b.n_sparse) == (1, 2, 2)
+
+
+def test_site_plan_opcheck():
+    cfg = FGAttnConfig(predictor="pooled", block_m=64)
+    h = runtime.register_site("lowering.opcheck", cfg)
+    q = torch.randn(1, 2, 128, 64)
+    k, v = torch.randn(1, 2, 128, 64), torch.randn(1, 2, 128, 64)
+    torch.library.opcheck(PLAN, (q, k, v, None, 0.125, h, None, 64, 1, 128),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_kernel_config_patches_exist_in_this_torch():
+    # Inductor types float kernel arguments as fp64 unless this private flag is off (the kernel's
+    # qk_scale would promote the softmax to fp64); the patch must name a flag this torch has.
+    import torch._inductor.config as icfg
+
+    p = lowering_inductor.kernel_config_patches()
+    for key in p:
+        assert hasattr(icfg, key)
+    if hasattr(icfg, "_use_fp64_for_unbacked_floats"):
+        assert p == {"_use_fp64_for_unbacked_floats": False}

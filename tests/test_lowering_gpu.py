@@ -1,0 +1,200 @@
+"""The CUDA lowering (issue 6) on a GPU: the sparse kernel inside Inductor's program.
+
+- the output code holds the kernel's source (``_fg_sparse_fwd``), launched through Inductor's
+  ``user_autotune`` with >= 4 configs, and the plan op;
+- lowered == opaque (``FGCOMPILE_LOWERING=0``) outputs, call after call through the schedule;
+- no host synchronisation in steady-state calls (``set_sync_debug_mode("error")``);
+- ``mode="reduce-overhead"`` after the profiled calls: CUDA graphs used, same outputs as default;
+- a change of frame count / resolution recompiles and never reuses another shape's mask;
+- the compiled toy video DiT vs eager, no graph breaks.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+
+import pytest
+import torch
+
+import fgcompile
+from fgcompile import FGAttnConfig, runtime
+from fgcompile.lowering.inductor import run_and_get_code
+from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
+
+pytestmark = pytest.mark.gpu
+os.environ["FGCOMPILE_STRICT"] = "1"
+
+DT = torch.bfloat16
+
+
+def _model(heads=2, width=256, depth=2):
+    torch.manual_seed(0)
+    return ToyVideoDiT(ToyDiTConfig(depth=depth, width=width, heads=heads)).eval().cuda().to(DT)
+
+
+def _inputs(frames=4, hw=32, seed=0, batch=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(batch, 4, frames, hw, hw, device="cuda", generator=g).to(DT)
+    t = torch.rand(batch, device="cuda", generator=g).to(DT)
+    text = torch.randn(batch, 16, 64, device="cuda", generator=g).to(DT)
+    return x, t, text
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+CFG = FGAttnConfig(predictor="profile", alpha=0.3, profile_calls=(0, 4), block_m=128, block_n=1, min_seq_len=256)
+
+
+def _compile(m, cfg=CFG, **kw):
+    return torch.compile(m, backend=fgcompile.backend(cfg), fullgraph=True, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _kernel_configs(code: str) -> int:
+    """How many configs Inductor's ``user_autotune(configs=[...])`` lists for the sparse kernel
+    (the literal parsed with ast; one dict per config)."""
+    import ast
+
+    i = code.index("def _fg_sparse_fwd(")
+    start = code.rindex("user_autotune(", 0, i)
+    j = code.index("configs=", start) + len("configs=")
+    depth = 0
+    for end in range(j, i):
+        depth += {"[": 1, "]": -1}.get(code[end], 0)
+        if depth == 0:
+            break
+    return len(ast.literal_eval(code[j:end + 1]))
+
+
+def test_output_code_holds_the_autotuned_kernel():
+    m = _model()
+    c = _compile(m)
+    x = _inputs()
+    with torch.no_grad():
+        _, codes = run_and_get_code(c, *x)
+    code = "\n".join(codes)
+    assert "torch.ops.fgcompile.site_plan.default" in code
+    assert "def _fg_sparse_fwd(" in code and "@triton.jit" in code
+    assert "user_autotune" in code
+    n = _kernel_configs(code)
+    print("sparse kernel configs in the output code:", n)
+    assert n >= 4
+    # specialisation: the head dim (128) and tile sizes are bound in the launch
+    i = code.index("def _fg_sparse_fwd(")
+    deco = code[code.rindex("user_autotune(", 0, i):i]
+    assert re.search(r"HEAD_DIM['\"]?\s*[:=]\s*128", code), "HEAD_DIM not bound to 128 in the output code"
+    assert re.search(r"BLOCK_M['\"]?\s*[:=]\s*128", code)
+    assert "BLOCK_N" in deco
+    for line in code.splitlines():
+        if "_fg_sparse_fwd" in line and ".run(" in line:
+            print("launch:", line.strip()[:400])
+    assert "site_attention" not in code  # every site lowered
+
+
+def test_lowered_matches_opaque_through_the_schedule(monkeypatch):
+    m1 = _model()
+    m2 = copy.deepcopy(m1)
+    c1 = _compile(m1)
+    outs1 = []
+    with torch.no_grad():
+        for i in range(6):
+            outs1.append(c1(*_inputs(seed=i)))
+    torch._dynamo.reset()
+    monkeypatch.setenv("FGCOMPILE_LOWERING", "0")
+    c2 = _compile(m2)
+    with torch.no_grad():
+        for i in range(6):
+            o2 = c2(*_inputs(seed=i))
+            assert _rel(outs1[i], o2) < 2e-2, (i, _rel(outs1[i], o2))
+    s1, s2 = fgcompile.stats(c1), fgcompile.stats(c2)
+    for name in s1:
+        assert s1[name].profiled_calls == s2[name].profiled_calls == 2
+        assert s1[name].sparse_calls == s2[name].sparse_calls == 4
+
+
+def test_no_host_sync_in_steady_state():
+    m = _model()
+    c = _compile(m)
+    with torch.no_grad():
+        for i in range(3):  # compile, profiled call, first sparse call (autotuning benchmarks)
+            c(*_inputs(seed=i))
+        torch.cuda.synchronize()
+        x = _inputs(seed=9)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                out = c(*x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(out.float()).all()
+
+
+def test_reduce_overhead_matches_default():
+    from torch._dynamo.utils import counters
+
+    m1 = _model()
+    m2 = copy.deepcopy(m1)
+    cfg = FGAttnConfig(predictor="profile", alpha=0.3, profile_calls=(0,), block_m=128, min_seq_len=256)
+    c_default = _compile(m1, cfg)
+    c_ro = _compile(m2, cfg, mode="reduce-overhead")
+    counters.clear()
+    with torch.no_grad():
+        for i in range(6):
+            x = _inputs(seed=i)
+            a = c_default(*x).clone()
+            b = c_ro(*x).clone()
+            assert _rel(a, b) < 1e-2, (i, _rel(a, b))
+    skips = dict(counters["inductor"])
+    assert not any("cudagraph_skips" in k and v for k, v in skips.items()), skips
+    s = fgcompile.stats(c_ro)
+    assert all(v.sparse_calls == 5 for v in s.values())
+
+
+def test_shape_change_recompiles_and_never_reuses_a_stale_mask():
+    m = _model()
+    c = _compile(m)
+    with torch.no_grad():
+        for i in range(2):
+            c(*_inputs(frames=4, seed=i))  # profiled, sparse (S = 4 * 16 * 16 = 1024)
+        o = c(*_inputs(frames=8, seed=5))  # another shape: S = 2048 -> profiled again (no mask of this shape)
+        st = runtime.state_of(c)
+        for site in st.sites.values():
+            assert site.mask_key[0][2] == 2048
+        o2 = c(*_inputs(frames=8, seed=6))  # sparse with the 2048 mask
+        o3 = c(*_inputs(frames=4, hw=48, seed=7))  # another resolution: S = 4 * 24 * 24 = 2304
+    for site in st.sites.values():
+        assert site.mask_key[0][2] == 2304
+        assert site.n_profiled == 3 and site.n_sparse == 2
+    for t in (o, o2, o3):
+        assert torch.isfinite(t.float()).all()
+    ref = m(*_inputs(frames=8, seed=6))
+    assert _rel(o2, ref) < 0.15
+
+
+def test_toy_dit_compiled_vs_eager():
+    m = _model(heads=2, width=256, depth=2)
+    x = _inputs(frames=4, hw=32)
+    dense = FGAttnConfig(predictor="dense", min_seq_len=256)
+    with torch.no_grad():
+        ref = m(*x)
+        out = _compile(m, dense)(*x)
+    assert _rel(out, ref) < 1e-2
+    torch._dynamo.reset()
+    m2 = copy.deepcopy(m)
+    c = _compile(m2, FGAttnConfig(predictor="profile", alpha=0.05, profile_calls=(0,), min_seq_len=256))
+    with torch.no_grad():
+        p = c(*x)  # profiled: exact
+        s = c(*x)  # sparse
+    assert _rel(p, ref) < 1e-2
+    assert _rel(s, ref) < 0.05, _rel(s, ref)
+    assert all(v.sparse_calls == 1 for v in fgcompile.stats(c).values())
