@@ -120,15 +120,27 @@ def site_plan(
     shapes = plan_shapes(q, k, v, block_m, block_n, full_tile)
     dev = q.device
     out, packed = runtime.plan_site(site, q, k, v, key_padding, scale, owner)
-    if packed is None:  # dense or profiled call: the exact output is known; the kernel keeps nothing
-        counts = torch.zeros(shapes["counts"], device=dev, dtype=torch.int32)
-        full_counts = torch.zeros(shapes["full_counts"], device=dev, dtype=torch.int32)
-        indices = torch.empty(shapes["indices"], device=dev, dtype=torch.int32)  # never read (counts 0)
-        full_tiles = torch.zeros(shapes["full_tiles"], device=dev, dtype=torch.int32)
+    if packed is None:  # a dense call: the exact output is known; the kernel keeps nothing
+        tensors = [
+            torch.zeros(shapes["counts"], device=dev, dtype=torch.int32),
+            torch.empty(shapes["indices"], device=dev, dtype=torch.int32),  # never read (counts 0)
+            torch.zeros(shapes["full_counts"], device=dev, dtype=torch.int32),
+            torch.zeros(shapes["full_tiles"], device=dev, dtype=torch.int32),
+        ]
+    else:
+        tensors = _packed_tensors(packed, shapes, dev, block_m, block_n, full_tile)
+    if out is not None:  # dense or profiled call: select the exact output
         dense_out = out.to(q.dtype).contiguous()
         if dense_out is out and _may_alias(out, (q, k, v, key_padding, owner)):
             dense_out = dense_out.clone()
-        return counts, indices, full_counts, full_tiles, dense_out, torch.ones((), device=dev, dtype=torch.bool)
+        return (*tensors, dense_out, torch.ones((), device=dev, dtype=torch.bool))
+    dense_out = torch.empty(shapes["dense_out"], device=dev, dtype=q.dtype)  # not selected
+    return (*tensors, dense_out, torch.zeros((), device=dev, dtype=torch.bool))
+
+
+def _packed_tensors(packed, shapes, dev, block_m: int, block_n: int, full_tile: int) -> list:
+    """counts, indices, full_counts, full_tiles of ``packed``, contiguous int32, in the shapes the
+    fake implementation declares."""
     if (packed.block_m, packed.block_n) != (block_m, block_n):
         raise RuntimeError(
             f"fgcompile::site_plan: the site's plan is packed for block_m={packed.block_m}, block_n={packed.block_n}; "
@@ -153,8 +165,7 @@ def site_plan(
         if not t.is_contiguous():
             t = t.contiguous()  # the torch packing returns row-padded views (stride nKB + 1)
         tensors.append(t)
-    dense_out = torch.empty(shapes["dense_out"], device=dev, dtype=q.dtype)  # not selected
-    return (*tensors, dense_out, torch.zeros((), device=dev, dtype=torch.bool))
+    return tensors
 
 
 def _may_alias(t: torch.Tensor, others) -> bool:
