@@ -61,19 +61,9 @@ def _fresh():
 
 
 def _kernel_configs(code: str) -> int:
-    """How many configs Inductor's ``user_autotune(configs=[...])`` lists for the sparse kernel
-    (the literal parsed with ast; one dict per config)."""
-    import ast
+    from fgcompile.lowering.inductor import count_kernel_configs
 
-    i = code.index("def _fg_sparse_fwd(")
-    start = code.rindex("user_autotune(", 0, i)
-    j = code.index("configs=", start) + len("configs=")
-    depth = 0
-    for end in range(j, i):
-        depth += {"[": 1, "]": -1}.get(code[end], 0)
-        if depth == 0:
-            break
-    return len(ast.literal_eval(code[j:end + 1]))
+    return count_kernel_configs(code)
 
 
 def test_output_code_holds_the_autotuned_kernel():

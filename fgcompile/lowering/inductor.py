@@ -91,3 +91,20 @@ def run_and_get_code(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, list
     except ImportError as e:  # pragma: no cover
         raise _missing("torch._inductor.utils.run_and_get_code") from e
     return _run_and_get_code(fn, *args, **kwargs)
+
+
+def count_kernel_configs(code: str, kernel: str = "_fg_sparse_fwd") -> int:
+    """How many autotune configs Inductor's generated ``code`` lists for the user-defined Triton
+    ``kernel`` (its ``user_autotune(configs=[...])`` literal, parsed with ast). Used by the lowering
+    tests and benchmark to check that Inductor autotunes the inlined kernel."""
+    import ast
+
+    i = code.index(f"def {kernel}(")
+    start = code.rindex("user_autotune(", 0, i)
+    j = code.index("configs=", start) + len("configs=")
+    depth = 0
+    for end in range(j, i):
+        depth += {"[": 1, "]": -1}.get(code[end], 0)
+        if depth == 0:
+            break
+    return len(ast.literal_eval(code[j : end + 1]))
