@@ -92,7 +92,8 @@ def main(argv=None) -> None:
         for name, s in fgcompile.stats(fg_model).items():
             heads = " ".join(f"{d:.2f}" for d in (s.density_mean or []))
             print(f"{name:<24} calls={s.calls:<3} dense={s.dense_calls:<2} profiled={s.profiled_calls:<2} "
-                  f"sparse={s.sparse_calls:<3} density={s.mean_density if s.mean_density is not None else float('nan'):.3f}  per head: {heads}")
+                  f"sparse={s.sparse_calls:<3} density={s.mean_density if s.mean_density is not None else float('nan'):.3f}  per head: {heads}"
+                  + (f"  (fell back to dense: {s.fallback})" if s.fallback else ""))
 
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         print("\n== result ==")

@@ -104,6 +104,7 @@ class SiteStats:
     sparse_calls: int
     density_last: Optional[list[float]]
     density_mean: Optional[list[float]]
+    fallback: Optional[str] = None  # why the site runs dense from now on (a failed sparse path)
 
     @property
     def mean_density(self) -> Optional[float]:
@@ -131,6 +132,7 @@ class SiteState:
     _density_count: int = 0
     _template_config: Optional[FGAttnConfig] = None  # the compiled config this site last ran with
     last_shapes: Optional[tuple] = None  # (q.shape, k.shape) of the last call
+    fallback: Optional[str] = None  # set when the sparse path failed: the site runs dense since
 
     # ----------------------------------------------------------------- running
     def __call__(
@@ -148,9 +150,26 @@ class SiteState:
         from . import attention
 
         cfg = self.config
-        return attention.sparse_attention(
-            q, k, v, packed, block_m=cfg.block_m, block_n=cfg.block_n, scale=scale, impl=cfg.impl
-        )
+        try:
+            return attention.sparse_attention(
+                q, k, v, packed, block_m=cfg.block_m, block_n=cfg.block_n, scale=scale, impl=cfg.impl
+            )
+        except Exception as e:
+            self.n_sparse -= 1  # counted by plan(); this call runs dense
+            return self._fail(e, q, k, v, key_padding, scale)
+
+    def _fail(self, e: Exception, q, k, v, key_padding, scale) -> torch.Tensor:
+        """The sparse path failed: never crash the user's model. Run this and every later call
+        dense, record why (``stats(model)[name].fallback``) and log a warning; with
+        FGCOMPILE_STRICT=1 (the test suite) raise instead."""
+        import os
+
+        if os.environ.get("FGCOMPILE_STRICT") == "1":
+            raise e
+        self.fallback = f"{type(e).__name__}: {e}"
+        log.warning("fgcompile: site %s falls back to dense attention: %s", self.name, self.fallback)
+        self.n_dense += 1
+        return dense_attention(q, k, v, key_padding, scale)
 
     def plan(
         self,
@@ -170,9 +189,16 @@ class SiteState:
         call = self.calls
         self.calls += 1
         self.last_shapes = (tuple(q.shape), tuple(k.shape))
-        if cfg.predictor == "dense" or call < cfg.dense_calls or cfg.is_dense_site(self.name):
+        if self.fallback is not None or cfg.predictor == "dense" or call < cfg.dense_calls or cfg.is_dense_site(self.name):
             self.n_dense += 1
             return dense_attention(q, k, v, key_padding, scale), None
+        try:
+            return self._plan_sparse(call, q, k, v, key_padding, scale)
+        except Exception as e:
+            return self._fail(e, q, k, v, key_padding, scale), None
+
+    def _plan_sparse(self, call: int, q, k, v, key_padding, scale) -> tuple[Optional[torch.Tensor], Optional[Any]]:
+        cfg = self.config
 
         from . import attention, predictors
         from .kernels import packing
@@ -227,6 +253,7 @@ class SiteState:
     def reset(self) -> None:
         """Forget the schedule position, the cached mask and the statistics."""
         self.calls = self.n_dense = self.n_profiled = self.n_sparse = 0
+        self.fallback = None
         self.mask = None
         self.mask_key = None
         self._density_last = self._density_sum = None
@@ -239,7 +266,7 @@ class SiteState:
             if self._density_sum is not None
             else None
         )
-        return SiteStats(self.name, self.calls, self.n_dense, self.n_profiled, self.n_sparse, last, mean)
+        return SiteStats(self.name, self.calls, self.n_dense, self.n_profiled, self.n_sparse, last, mean, self.fallback)
 
 
 class ModelState:

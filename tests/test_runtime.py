@@ -217,3 +217,30 @@ def test_configure_changes_runtime_settings_without_recompiling():
         fgcompile.configure(c, min_seq_len=8)
     with pytest.raises(ValueError, match="FGAttnConfig.alpha"):
         fgcompile.configure(c, alpha=-1.0)
+
+
+def test_failing_sparse_path_falls_back_to_dense(monkeypatch):
+    import fgcompile.attention as attention
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("synthetic kernel failure")
+
+    model = ToyVideoDiT(SMALL).eval()
+    c = torch.compile(model, backend=fgcompile.backend(_cfg(profile_every=100)))
+    x = _inputs()
+    with torch.no_grad():
+        c(*x)  # profiled
+        monkeypatch.setattr(attention, "sparse_attention", boom)
+        with pytest.raises(RuntimeError, match="synthetic"):  # the suite runs strict
+            c(*x)
+        monkeypatch.delenv("FGCOMPILE_STRICT")
+        out = c(*x)  # falls back: dense, exact
+        torch.testing.assert_close(out, model(*x), rtol=1e-4, atol=1e-4)
+        c(*x)
+    st = fgcompile.stats(c)
+    for s in st.values():
+        assert s.fallback is not None and "synthetic kernel failure" in s.fallback
+    # the strict failure stopped the forward at blocks.0, before blocks.1 ran
+    assert (st["blocks.0.attn"].calls, st["blocks.0.attn"].sparse_calls, st["blocks.0.attn"].dense_calls) == (4, 0, 2)
+    assert (st["blocks.1.attn"].calls, st["blocks.1.attn"].sparse_calls, st["blocks.1.attn"].dense_calls) == (3, 0, 2)
+    monkeypatch.setenv("FGCOMPILE_STRICT", "1")
