@@ -510,7 +510,11 @@ def plan_site(
         from .kernels import packing
 
         cfg = site.config
-        packed = packing.packed_from_bits(site.mask, -(-k.shape[2] // cfg.block_n), cfg.block_m, cfg.block_n, k.shape[2])
+        try:
+            packed = packing.packed_from_bits(site.mask, -(-k.shape[2] // cfg.block_n), cfg.block_m, cfg.block_n, k.shape[2])
+        except Exception as e:  # only the autotuner's view of the call depends on it
+            log.warning("fgcompile: site %s: packing the profiled mask failed (%s); the kernel sees no work", site.name, e)
+            packed = None
     return out, packed
 
 
