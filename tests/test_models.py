@@ -223,3 +223,28 @@ def test_compiled_matches_eager_without_graph_breaks(result):
     sparse = sorted(e[0] for e in EXPECTED[name] if e[3] == "sparse")
     assert sorted(r.stats) == sparse
     assert all(s.calls == 1 and s.dense_calls == 1 and s.sparse_calls == 0 for s in r.stats.values())
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_hunyuan_sparse_path_never_attends_padded_text(impl):
+    """The key-padding sites on their sparse path (the Triton kernel under the interpreter, or the
+    reference): with alpha tiny every real key is kept and the padded text keys never are, so the
+    sparse calls equal eager masked attention; with alpha large they differ."""
+    model, args, kwargs = build_hunyuan()
+    with torch.no_grad():
+        ref = _first(model(*args, **kwargs))
+        outs = {}
+        for alpha in (1e-9, 50.0):
+            model, args, kwargs = build_hunyuan()  # same seeded weights, fresh state
+            cfg = FGAttnConfig(min_seq_len=64, block_m=64, alpha=alpha, profile_every=100, impl=impl)
+            compiled = torch.compile(model, backend=fgattn_backend(cfg), fullgraph=True)
+            first = _first(compiled(*args, **kwargs))  # profiled: dense, exact
+            torch.testing.assert_close(first, ref, rtol=2e-4, atol=2e-4)
+            outs[alpha] = _first(compiled(*args, **kwargs))  # sparse, with the profiled mask
+            st = fgcompile.stats(compiled)
+            assert sorted(st) == ["single_transformer_blocks.0.attn", "transformer_blocks.0.attn"]
+            assert all(s.sparse_calls == 1 and s.fallback is None for s in st.values())
+            if alpha < 1:  # all 133 real keys of 136 kept, the 3 padded ones never
+                assert all(abs(d - 133 / 136) < 1e-6 for s in st.values() for d in s.density_last)
+    torch.testing.assert_close(outs[1e-9], ref, rtol=2e-4, atol=2e-4)
+    assert ((outs[50.0] - ref).norm() / ref.norm()).item() > 1e-3
