@@ -72,6 +72,18 @@ def sparse_attention_reference(
     return out
 
 
+def _padded_softmax(s: torch.Tensor, key_padding: Optional[torch.Tensor]) -> torch.Tensor:
+    """softmax over the last axis of scores s (B, H, rows, S_kv) over the real keys only: padded
+    keys (key_padding (B, S_kv) False) get probability 0; a batch element with no real key gets 0
+    everywhere."""
+    if key_padding is None:
+        return torch.softmax(s, dim=-1)
+    kp = key_padding[:, None, None, :].to(torch.bool)
+    any_real = kp.any(dim=-1, keepdim=True)
+    s = torch.where(any_real, s.masked_fill(~kp, float("-inf")), torch.zeros_like(s))
+    return torch.where(any_real & kp, torch.softmax(s, dim=-1), torch.zeros_like(s))
+
+
 def dense_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -89,14 +101,7 @@ def dense_attention_reference(
     for r0 in range(0, S_q, step):
         r1 = min(S_q, r0 + step)
         s = torch.matmul(q[:, :, r0:r1].to(_acc(q)), kf.transpose(-1, -2)) * scale
-        if key_padding is not None:
-            kp = key_padding[:, None, None, :].to(torch.bool)
-            s = s.masked_fill(~kp, float("-inf"))
-            any_real = kp.any(dim=-1, keepdim=True)
-            s = torch.where(any_real, s, torch.zeros_like(s))
-            p = torch.where(any_real, torch.softmax(s, dim=-1), torch.zeros_like(s))
-        else:
-            p = torch.softmax(s, dim=-1)
+        p = _padded_softmax(s, key_padding)
         out[:, :, r0:r1] = torch.matmul(p, vf).to(q.dtype)
     return out
 
@@ -120,14 +125,7 @@ def block_max_probs_reference(
     for r0 in range(0, S_q, step):
         r1 = min(S_q, r0 + step)
         s = torch.matmul(q[:, :, r0:r1].to(_acc(q)), kf.transpose(-1, -2)) * scale
-        if key_padding is not None:
-            kp = key_padding[:, None, None, :].to(torch.bool)
-            s = s.masked_fill(~kp, float("-inf"))
-            any_real = kp.any(dim=-1, keepdim=True)
-            s = torch.where(any_real, s, torch.zeros_like(s))
-            p = torch.where(any_real & kp, torch.softmax(s, dim=-1), torch.zeros_like(s))
-        else:
-            p = torch.softmax(s, dim=-1)
+        p = _padded_softmax(s, key_padding)
         r = r1 - r0
         pad = (-r) % block_m
         if pad:
