@@ -224,6 +224,17 @@ def test_smoke_training_writes_weights_that_load(tmp_path):
                  cond_key="labels")
     assert out.shape == (1, 3, 4, 16, 16) and bool(torch.isfinite(out).all())
 
+    # the demo generates with these weights, dense beside fgattn, and saves the frames
+    png = tmp_path / "strip.png"
+    r = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "toy_video_dit.py"), "--weights", str(w), "--steps", "2",
+         "--label", "3", "--png", str(png)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=str(REPO),
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "toy video DiT (trained)" in r.stdout and "label 3" in r.stdout
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def test_file_size_helper(tmp_path):
     p = tmp_path / "f.bin"
