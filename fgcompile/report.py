@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 
 from .config import FGAttnConfig
+from .lowering import torch_private
 
 __all__ = ["Report", "explain"]
 
@@ -117,14 +118,6 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def _graph_break_count() -> int:
-    try:
-        from torch._dynamo.utils import counters
-    except ImportError:  # pragma: no cover
-        return 0
-    return int(sum(counters["graph_break"].values()))
-
-
 def explain(model: Callable, *args: Any, config: Optional[FGAttnConfig] = None, **kwargs: Any) -> Report:
     """Capture ``model(*args, **kwargs)`` with Dynamo and report every attention site fgcompile
     finds and its decision, with the rewritten graph(s). Nothing runs sparse: the captured graphs
@@ -148,35 +141,11 @@ def explain(model: Callable, *args: Any, config: Optional[FGAttnConfig] = None, 
         return gm.forward  # the original graph: dense, uncompiled
 
     capture.__name__ = "fgcompile_explain"
-    import torch._dynamo
-
-    breaks_before = _graph_break_count()
+    breaks_before = torch_private.graph_break_count()
     # A fresh wrapper per call: Dynamo guards each cache entry on its backend, so this capture
     # neither reuses nor evicts what other torch.compile calls compiled.
     compiled = torch.compile(target, backend=capture, fullgraph=False)
-    with torch.no_grad(), _more_recompiles():
+    with torch.no_grad(), torch_private.raised_recompile_limits():
         compiled(*args, **kwargs)
-    report.graph_breaks = max(_graph_break_count() - breaks_before, max(len(report.graphs) - 1, 0))
+    report.graph_breaks = max(torch_private.graph_break_count() - breaks_before, max(len(report.graphs) - 1, 0))
     return report
-
-
-class _more_recompiles:
-    """Raise Dynamo's recompile limit while capturing: each ``explain`` call is a new backend,
-    i.e. a new cache entry of the model's code."""
-
-    def __enter__(self):
-        import torch._dynamo.config as dc
-
-        self._saved = {}
-        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-            if hasattr(dc, name):
-                self._saved[name] = getattr(dc, name)
-                setattr(dc, name, max(getattr(dc, name), 1024 if "accumulated" not in name else 65536))
-        return self
-
-    def __exit__(self, *exc):
-        import torch._dynamo.config as dc
-
-        for name, value in self._saved.items():
-            setattr(dc, name, value)
-        return False

@@ -212,14 +212,9 @@ def _shifts(device: torch.device) -> torch.Tensor:
 
 
 def _is_fake(t: torch.Tensor) -> bool:
-    """Meta or fake tensors (tracing): no kernel can be launched on them."""
-    if t.device.type == "meta":
-        return True
-    try:
-        from torch._subclasses.fake_tensor import FakeTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, FakeTensor)
+    from ..lowering.torch_private import is_fake_tensor
+
+    return is_fake_tensor(t)
 
 
 def _use_triton(t: torch.Tensor, impl: str) -> bool:

@@ -4,6 +4,9 @@ Touched here (all private, all feature-detected so torch 2.11 and 2.13 both work
 - ``torch._inductor.compile_fx.compile_fx``: hands the rewritten graph to Inductor.
 - ``torch._inductor.list_mode_options``: the config patches behind ``mode=``.
 - ``node.meta["grapharg"].source`` of Dynamo's placeholders: which parameter a graph input is.
+- ``torch._dynamo.utils.counters`` (graph breaks) and ``torch._dynamo.config``'s recompile
+  limits, for ``fgcompile.explain``.
+- ``torch._subclasses.fake_tensor.FakeTensor``: whether a tensor is fake (tracing).
 - ``torch._logging._internal.register_log`` / ``register_artifact`` / ``_init_logs``: the
   ``TORCH_LOGS="+fgcompile"`` log.
 
@@ -25,6 +28,9 @@ __all__ = [
     "inductor_mode_options",
     "register_fgcompile_log",
     "placeholder_param_path",
+    "graph_break_count",
+    "raised_recompile_limits",
+    "is_fake_tensor",
 ]
 
 
@@ -76,6 +82,50 @@ def placeholder_param_path(node: torch.fx.Node) -> Optional[str]:
     path = site_name(str(path))
     path = re.sub(r"(^|\.)_(parameters|buffers)\.", r"\1", path)
     return path or None
+
+
+def graph_break_count() -> int:
+    """Dynamo's running count of graph breaks in this process (0 if unknown)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        return 0
+    return int(sum(counters["graph_break"].values()))
+
+
+class raised_recompile_limits:
+    """Context manager: raise Dynamo's recompile limits (``fgcompile.explain`` captures with a new
+    backend each call, i.e. a new cache entry of the model's code) and restore them on exit."""
+
+    _NAMES = ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit")
+
+    def __enter__(self):
+        import torch._dynamo.config as dc
+
+        self._saved = {}
+        for name in self._NAMES:
+            if hasattr(dc, name):
+                self._saved[name] = getattr(dc, name)
+                setattr(dc, name, max(getattr(dc, name), 1024 if "accumulated" not in name else 65536))
+        return self
+
+    def __exit__(self, *exc):
+        import torch._dynamo.config as dc
+
+        for name, value in self._saved.items():
+            setattr(dc, name, value)
+        return False
+
+
+def is_fake_tensor(t: torch.Tensor) -> bool:
+    """Meta or fake tensors (tracing): no kernel can be launched on them."""
+    if t.device.type == "meta":
+        return True
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, FakeTensor)
 
 
 _LOG_REGISTERED = False
