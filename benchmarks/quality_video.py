@@ -147,7 +147,8 @@ def make_sampler(args, meta, noise, labels):
 
 def fg_config(predictor: str, block_m: int, block_n: int, value: Optional[float], tokens: int, args) -> "fgcompile.FGAttnConfig":
     kw = dict(predictor=predictor, block_m=block_m, block_n=block_n, min_seq_len=min(4096, tokens),
-              profile_every=args.profile_every, dense_calls=args.dense_calls, impl=args.impl)
+              profile_every=args.profile_every, dense_calls=args.dense_calls, impl=args.impl,
+              max_density=1.0)  # measure each mask as predicted, never the dense switch
     if predictor == "profile" and value is not None:
         kw["alpha"] = value
     if predictor == "pooled" and value is not None:

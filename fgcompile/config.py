@@ -65,6 +65,12 @@ class FGAttnConfig:
     density:
         Optional budget in (0, 1]: keep at most this fraction of slices per query block (the
         strongest ones). ``None`` (default): no budget.
+    max_density:
+        In (0, 1]. A site whose profiled mask keeps more than this fraction of its slices runs
+        dense attention (cuDNN through SDPA) until its next profiled call: above ~0.8 the sparse
+        kernel is slower than dense attention (it runs at 1.23x cuDNN's time at density 1.0 on an
+        H100). Default 0.8; 1.0 never switches. The kept fraction reaches the host by an
+        asynchronous copy (no synchronisation); until it has arrived the site runs sparse.
     block_m:
         Queries per slice (M), a power of two in [16, 256]. Default 128 (FG-Attn's query block).
     block_n:
@@ -87,6 +93,7 @@ class FGAttnConfig:
     tau: float = 0.9
     gamma: float = 0.5
     density: float | None = None
+    max_density: float = 0.8
     block_m: int = 128
     block_n: int = 1
     dense_calls: int = 0
@@ -124,6 +131,8 @@ class FGAttnConfig:
             raise bad("gamma", "a number in [-1, 1]")
         if self.density is not None and (not _is_real(self.density) or not (0 < self.density <= 1)):
             raise bad("density", "None or a number in (0, 1]")
+        if not _is_real(self.max_density) or not (0 < self.max_density <= 1):
+            raise bad("max_density", "a number in (0, 1]")
         if not _is_int(self.block_m) or not (16 <= self.block_m <= 256) or self.block_m & (self.block_m - 1):
             raise bad("block_m", "a power of two in [16, 256]")
         if not _is_int(self.block_n) or not (1 <= self.block_n <= 128) or self.block_n & (self.block_n - 1):

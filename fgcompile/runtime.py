@@ -127,6 +127,8 @@ class SiteState:
     n_sparse: int = 0
     mask: Optional[torch.Tensor] = None  # the keep mask as a bitmap: int32 (B, H, nQB, ceil(nKB / 32))
     mask_key: Optional[tuple] = None  # (q.shape, k.shape, block_m, block_n) the mask was computed for
+    mask_density: Optional[float] = None  # fraction of slices the cached mask keeps (host copy)
+    _mask_density_pending: Optional[tuple] = None  # (pinned host scalar, CUDA event) in flight
     _density_last: Optional[torch.Tensor] = None  # (H,) float32 on the device
     _density_sum: Optional[torch.Tensor] = None
     _density_count: int = 0
@@ -212,9 +214,20 @@ class SiteState:
                     key_padding=key_padding, density=cfg.density, impl=cfg.impl,
                 )
                 self.mask_key = key
+                self._note_mask_density(kept.mean())
                 self.n_profiled += 1
                 self._record(kept)
                 return out, None
+            if self.mask_density is None and self._mask_density_pending is not None:
+                host, event = self._mask_density_pending
+                if event.query():  # arrived; never waits
+                    self.mask_density = float(host)
+                    self._mask_density_pending = None
+            if self.mask_density is not None and self.mask_density > cfg.max_density:
+                # too dense to gain: dense attention until the next profiled call
+                self.n_dense += 1
+                self._record(torch.ones(q.shape[1], device=q.device))
+                return dense_attention(q, k, v, key_padding, scale), None
             if self.mask.device != q.device:  # loaded from a file
                 self.mask = self.mask.to(q.device)
             bits = self.mask
@@ -240,6 +253,21 @@ class SiteState:
         self._record(packing.kept_per_head(packed))
         return None, packed
 
+    def _note_mask_density(self, d: torch.Tensor) -> None:
+        """Bring the new mask's kept fraction to the host without synchronising: on CUDA an
+        asynchronous copy to pinned memory, read by a later call once its event has completed (until
+        then the site runs sparse)."""
+        self.mask_density = None
+        self._mask_density_pending = None
+        if d.is_cuda:
+            host = torch.empty((), dtype=d.dtype, pin_memory=True)
+            host.copy_(d, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._mask_density_pending = (host, event)
+        else:
+            self.mask_density = float(d)
+
     def _record(self, d: torch.Tensor) -> None:
         # d: kept fraction per head (H,), on the device: no host synchronisation here.
         self._density_last = d
@@ -256,6 +284,8 @@ class SiteState:
         self.fallback = None
         self.mask = None
         self.mask_key = None
+        self.mask_density = None
+        self._mask_density_pending = None
         self._density_last = self._density_sum = None
         self._density_count = 0
 
@@ -484,8 +514,12 @@ def load_state(model: Any, path: str) -> None:
         site.n_dense, site.n_profiled, site.n_sparse = entry["counts"]
         if entry["mask_bits"] is not None:
             q_shape, k_shape, bm, bn = entry["mask_key"]
+            from .kernels.packing import popcount_rows
+
             site.mask = entry["mask_bits"]
             site.mask_key = (tuple(q_shape), tuple(k_shape), bm, bn)
+            n_kb = -(-k_shape[2] // bn)
+            site.mask_density = float(popcount_rows(site.mask).double().mean()) / n_kb
 
 
 def plan_site(

@@ -244,3 +244,22 @@ def test_failing_sparse_path_falls_back_to_dense(monkeypatch):
     assert (st["blocks.0.attn"].calls, st["blocks.0.attn"].sparse_calls, st["blocks.0.attn"].dense_calls) == (4, 0, 2)
     assert (st["blocks.1.attn"].calls, st["blocks.1.attn"].sparse_calls, st["blocks.1.attn"].dense_calls) == (3, 0, 2)
     monkeypatch.setenv("FGCOMPILE_STRICT", "1")
+
+
+def test_too_dense_masks_run_dense_until_the_next_profile():
+    model = ToyVideoDiT(SMALL).eval()
+    x = _inputs()
+    with torch.no_grad():
+        ref = model(*x)
+        # alpha tiny: every slice is kept (density 1.0 > max_density 0.8): dense, exact
+        c = torch.compile(model, backend=fgcompile.backend(_cfg(alpha=1e-9, profile_every=3)))
+        for _ in range(4):
+            out = c(*x)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        assert _counts(c) == {n: (4, 2, 2, 0) for n in SITES}  # profiled at 0 and 3, dense at 1 and 2
+        assert all(min(s.density_last) > 0.8 for s in fgcompile.stats(c).values())  # the last call profiled
+        fgcompile.configure(c, max_density=1.0)  # never switch: the same masks run sparse
+        fgcompile.reset(c)
+        c(*x)
+        c(*x)
+        assert _counts(c) == {n: (2, 0, 1, 1) for n in SITES}
