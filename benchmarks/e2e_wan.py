@@ -102,6 +102,40 @@ def kernel_breakdown(fn, device):
     return attn / 1e3, other / 1e3
 
 
+def plot(result: dict, path: str) -> None:
+    """The time-breakdown PNG of a result: per row, default compile (left) and fgattn (right),
+    attention kernels stacked on the rest."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # the plot is a convenience
+        print("no plot:", e, file=sys.stderr)
+        return
+    rows = result["rows"]
+    labels = [f"{r['size']} b{r['batch']}\n{r['setting']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
+    for i, r in enumerate(rows):
+        if r["attn_ms_default"] is None:
+            ax.bar([i - 0.2], [r["ms_default"]], 0.4, color="grey")
+            ax.bar([i + 0.2], [r["ms_fgattn"]], 0.4, color="tab:blue")
+            continue
+        first = i == 0
+        ax.bar([i - 0.2], [r["other_ms_default"]], 0.4, color="lightgrey", label="other (default)" if first else None)
+        ax.bar([i - 0.2], [r["attn_ms_default"]], 0.4, bottom=[r["other_ms_default"]], color="tab:red",
+               label="attention (cuDNN)" if first else None)
+        ax.bar([i + 0.2], [r["other_ms_fgattn"]], 0.4, color="silver", label="other (fgattn)" if first else None)
+        ax.bar([i + 0.2], [r["attn_ms_fgattn"]], 0.4, bottom=[r["other_ms_fgattn"]], color="tab:blue",
+               label="attention (fgattn)" if first else None)
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set_ylabel("GPU kernel time per forward (ms)")
+    ax.set_title(f"{result['config']} forward, {result['device']}\ndefault compile (left) vs fgattn (right)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -110,7 +144,12 @@ def main(argv=None):
     p.add_argument("--skip-720p", action="store_true")
     p.add_argument("--skip-b2", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--replot", default=None, metavar="JSON", help="only redraw the PNG of a result JSON")
     args = p.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as fh:
+            plot(json.load(fh), args.replot.replace(".json", ".png"))
+        return
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = TINY if args.tiny else WAN_13B
@@ -232,31 +271,7 @@ def main(argv=None):
                       f"{f', limit {t_dense / limit:.2f}x' if limit else ''}, rel err {err:.3e}", flush=True)
 
     result, out = write()
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        labels = [f"{r['size']} b{r['batch']}\n{r['setting']}" for r in rows]
-        fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
-        for i, r in enumerate(rows):
-            if r["attn_ms_default"] is None:
-                ax.bar([i - 0.2], [r["ms_default"]], 0.4, color="grey")
-                ax.bar([i + 0.2], [r["ms_fgattn"]], 0.4, color="tab:blue")
-                continue
-            ax.bar([i - 0.2], [r["other_ms_default"]], 0.4, color="lightgrey", label="other (default)" if i == 0 else None)
-            ax.bar([i - 0.2], [r["attn_ms_default"]], 0.4, bottom=[r["other_ms_default"]], color="tab:red", label="attention (cuDNN)" if i == 0 else None)
-            ax.bar([i + 0.2], [r["other_ms_fgattn"]], 0.4, color="silver", label="other (fgattn)" if i == 0 else None)
-            ax.bar([i + 0.2], [r["attn_ms_fgattn"]], 0.4, bottom=[r["other_ms_fgattn"]], color="tab:blue", label="attention (fgattn)" if i == 0 else None)
-        ax.set_xticks(range(len(rows)), labels)
-        ax.set_ylabel("GPU kernel time per forward (ms)")
-        ax.set_title(f"Wan2.1-1.3B transformer forward: default compile (left) vs fgattn (right), {result['device']}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out.replace(".json", ".png"), dpi=110)
-    except Exception as e:  # the plot is a convenience
-        print("plot failed:", e, file=sys.stderr)
+    plot(result, out.replace(".json", ".png"))
     print("\nsetting            ms_default  ms_fgattn  speedup  density  limit")
     for r in rows:
         print(f"{r['size']} b{r['batch']} {r['setting']:<8} {r['ms_default']:10.1f} {r['ms_fgattn']:10.1f} {r['speedup']:8.2f} "
