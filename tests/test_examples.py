@@ -31,3 +31,15 @@ def test_wan_transformer_example():
     out = _run("examples/wan_transformer.py", "--calls", "2")
     assert "blocks.0.attn1" in out and "sparse" in out
     assert "call 1: sparse" in out
+
+
+def test_e2e_wan_benchmark_smoke(tmp_path):
+    """The Wan end-to-end benchmark runs (tiny config, CPU) and writes its JSON summary."""
+    import json
+
+    out = tmp_path / "e2e.json"
+    _run("benchmarks/e2e_wan.py", "--tiny", "--device", "cpu", "--reps", "1", "--skip-720p", "--out", str(out))
+    d = json.loads(out.read_text())
+    assert {r["setting"] for r in d["rows"]} == {"d0.6", "d0.3", "profile"}
+    assert abs(d["rows"][1]["density"] - 0.3) < 0.05 and d["summary"]["speedup_480p_b2_d03"] is not None
+    assert (tmp_path / "e2e.png").is_file()
