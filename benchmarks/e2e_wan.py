@@ -196,7 +196,7 @@ def main(argv=None):
             json.dump(result, fh, indent=1)
         return result, out
 
-    rows, densities = [], {}
+    rows = []
     plan = [("480p", 1, ["d0.6", "d0.3", "profile"])]
     if not args.skip_b2:
         plan.append(("480p", 2, ["d0.3"]))
@@ -251,7 +251,6 @@ def main(argv=None):
                 st = fgcompile.stats(fg_model)
                 per_layer = {n: s.mean_density for n, s in st.items()}
                 dens = statistics.mean(s.density_last and statistics.mean(s.density_last) or 0.0 for s in st.values())
-                densities[(size, batch, name)] = dens
                 limit = None
                 if attn_dense is not None:
                     limit = (t_dense - attn_dense) + dens * attn_dense

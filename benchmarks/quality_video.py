@@ -26,10 +26,8 @@ predictors keep for it, a few heads of one layer, at one sampling step).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path

@@ -28,7 +28,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import platform
 import sys
 import time

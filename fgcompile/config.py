@@ -17,13 +17,20 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["FGAttnConfig", "PREDICTORS", "IMPLS"]
+__all__ = ["FGAttnConfig", "PREDICTORS", "IMPLS", "strict_mode"]
 
 PREDICTORS = ("profile", "pooled", "dense")
 IMPLS = ("auto", "triton", "reference")
+
+
+def strict_mode() -> bool:
+    """True when FGCOMPILE_STRICT=1 (the test suite sets it): every place that would fall back to
+    dense attention on an internal failure (a pass, a rewrite, a sparse call) raises instead."""
+    return os.environ.get("FGCOMPILE_STRICT") == "1"
 
 
 def _is_int(x: Any) -> bool:

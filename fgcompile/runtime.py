@@ -25,11 +25,9 @@ Schedule of one site, call ``c`` (0-based, counted per site):
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -37,7 +35,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.weak
 
-from .config import FGAttnConfig
+from .config import FGAttnConfig, strict_mode
 
 __all__ = [
     "ModelState",
@@ -164,9 +162,7 @@ class SiteState:
         """The sparse path failed: never crash the user's model. Run this and every later call
         dense, record why (``stats(model)[name].fallback``) and log a warning; with
         FGCOMPILE_STRICT=1 (the test suite) raise instead."""
-        import os
-
-        if os.environ.get("FGCOMPILE_STRICT") == "1":
+        if strict_mode():
             raise e
         self.fallback = f"{type(e).__name__}: {e}"
         log.warning("fgcompile: site %s falls back to dense attention: %s", self.name, self.fallback)
@@ -202,11 +198,10 @@ class SiteState:
     def _plan_sparse(self, call: int, q, k, v, key_padding, scale) -> tuple[Optional[torch.Tensor], Optional[Any]]:
         cfg = self.config
 
-        from . import attention, predictors
+        from . import predictors
         from .kernels import packing
 
         key = (tuple(q.shape), tuple(k.shape), cfg.block_m, cfg.block_n)
-        n_kb = -(-k.shape[2] // cfg.block_n)
         if cfg.predictor == "profile":
             if cfg.is_profiled_call(call) or self.mask is None or self.mask_key != key:
                 out, self.mask, kept = predictors.profile_bits(
@@ -248,10 +243,18 @@ class SiteState:
             # Padded keys are never computed, whatever the cached mask says (block_n == 1 here:
             # the detection pass sends key-padded sites with block_n > 1 to the dense path).
             bits = bits & packing.pack_bits(key_padding.to(torch.bool))[:, None, None, :]
-        packed = packing.packed_from_bits(bits, n_kb, cfg.block_m, cfg.block_n, k.shape[2])
+        packed = self.packed(bits, k)
         self.n_sparse += 1
         self._record(packing.kept_per_head(packed))
         return None, packed
+
+    def packed(self, bits: torch.Tensor, k: torch.Tensor) -> Any:
+        """The ``PackedSlices`` the kernel consumes for a bitmap of this site's tiles (no host sync)."""
+        from .kernels import packing
+
+        cfg = self.config
+        n_kb = -(-k.shape[2] // cfg.block_n)
+        return packing.packed_from_bits(bits, n_kb, cfg.block_m, cfg.block_n, k.shape[2])
 
     def _note_mask_density(self, d: torch.Tensor) -> None:
         """Bring the new mask's kept fraction to the host without synchronising: on CUDA an
@@ -541,11 +544,8 @@ def plan_site(
     profiled_before = site.n_profiled
     out, packed = site.plan(q, k, v, key_padding, scale)
     if out is not None and site.n_profiled > profiled_before and site.mask is not None:
-        from .kernels import packing
-
-        cfg = site.config
         try:
-            packed = packing.packed_from_bits(site.mask, -(-k.shape[2] // cfg.block_n), cfg.block_m, cfg.block_n, k.shape[2])
+            packed = site.packed(site.mask, k)
         except Exception as e:  # only the autotuner's view of the call depends on it
             log.warning("fgcompile: site %s: packing the profiled mask failed (%s); the kernel sees no work", site.name, e)
             packed = None

@@ -14,7 +14,7 @@ import torch
 
 from fgcompile.attention import pack_slices, profile_attention, sparse_attention
 from fgcompile.kernels import packing, reference
-from fgcompile.kernels.packing import PackedSlices, SliceBitmap, bitmap_memory_bytes, pack_bits, unpack_bits, unpack_slices
+from fgcompile.kernels.packing import SliceBitmap, bitmap_memory_bytes, pack_bits, unpack_bits, unpack_slices
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 needs_interp = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(), reason="needs TRITON_INTERPRET=1 or CUDA")

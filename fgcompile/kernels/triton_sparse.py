@@ -26,7 +26,6 @@ interpreter (TRITON_INTERPRET=1) mishandles bf16 dots, so the launcher sets it t
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 

@@ -54,7 +54,6 @@ from __future__ import annotations
 import logging
 import math
 import operator
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -63,7 +62,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..config import FGAttnConfig
+from ..config import FGAttnConfig, strict_mode
 
 __all__ = ["SiteInfo", "SiteMatch", "find_attention_sites", "site_name", "SERVED_HEAD_DIMS", "SERVED_DTYPES"]
 
@@ -1119,7 +1118,7 @@ class _Finder:
                 log.debug("fgcompile: %s is not an attention site: %s", node.name, e)
                 continue
             except Exception as e:  # a bug here must not cost the other sites (tests: strict)
-                if os.environ.get("FGCOMPILE_STRICT") == "1":
+                if strict_mode():
                     raise
                 log.warning("fgcompile: could not analyse %s (%s: %s); left as it is", node.name, type(e).__name__, e)
                 continue

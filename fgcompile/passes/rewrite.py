@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
+from ..config import strict_mode
 from ..lowering import ops as _ops  # noqa: F401  (registers torch.ops.fgcompile.site_attention)
 from .find_attention import SiteMatch, expand_perm, size_of
 
@@ -220,7 +220,7 @@ def rewrite_sites(gm: fx.GraphModule, chosen: Sequence[tuple]) -> None:
         try:
             replaced[m.output] = rewrite_site(gm, m, handle)
         except Exception as e:
-            if os.environ.get("FGCOMPILE_STRICT") == "1":
+            if strict_mode():
                 raise
             m.info.decision = "dense"
             m.info.reason = f"rewrite failed ({type(e).__name__}: {e})"
