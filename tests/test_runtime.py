@@ -263,3 +263,23 @@ def test_too_dense_masks_run_dense_until_the_next_profile():
         c(*x)
         c(*x)
         assert _counts(c) == {n: (2, 0, 1, 1) for n in SITES}
+
+
+def test_plan_site_survives_a_failed_packing_of_the_profiled_mask(monkeypatch, caplog):
+    from fgcompile import runtime
+
+    h = runtime.register_site("runtime.plan_packing", _cfg(profile_every=100))
+    q, k, v = torch.randn(1, 2, 128, 64), torch.randn(1, 2, 128, 64), torch.randn(1, 2, 128, 64)
+    out, packed = runtime.plan_site(h, q, k, v, None, 0.125)  # profiled: exact output + the mask's packing
+    assert out is not None and packed is not None
+
+    def boom(self, bits, k):
+        raise RuntimeError("synthetic packing failure")
+
+    monkeypatch.setattr(runtime.SiteState, "packed", boom)
+    site = runtime._site(h, None)
+    site.reset()
+    with caplog.at_level("WARNING", logger="fgcompile"):
+        out, packed = runtime.plan_site(h, q, k, v, None, 0.125)  # profiled again: packing fails
+    assert packed is None and "synthetic packing failure" in caplog.text
+    torch.testing.assert_close(out, runtime.dense_attention(q, k, v, None, 0.125), rtol=1e-5, atol=1e-5)
