@@ -140,7 +140,7 @@ def test_profile_bits_fused_equals_float_path(B, H, H_kv, S_q, S_kv, D, bm, padd
     from fgcompile.kernels import packing
 
     q, k, v = _inputs(B, H, H_kv, S_q, S_kv, D, torch.bfloat16)
-    q = q * 3.0  # peaked rows: a non-trivial mask (plain randn rows are near uniform: all kept)
+    q = q * 6.0  # peaked rows (logit std 6): a non-trivial mask; plain randn rows are near uniform: all kept
     kp = (torch.rand(B, S_kv, device="cuda") < 0.8) if padded else None
     out, bits, kept = profile_attention_bits(q, k, v, alpha=0.5, block_m=bm, key_padding=kp)
     out2, probs = profile_attention(q, k, v, block_m=bm, key_padding=kp)
