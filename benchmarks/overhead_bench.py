@@ -6,8 +6,9 @@ H100-class GPU: B=1, H=12, D=128, bf16, block_m=128, block_n=1, S = 32,760 (Wan 
 - pack_bits: bool keep mask -> bitmap: Triton vs the int32 torch formulation vs the old int64 one;
 - profile call: profile_attention_bits (fused threshold, writes the bitmap) vs profile_attention
   (float32 block maxima) + keep_from_block_max + pack_bits, and dense cuDNN SDPA;
-- pooled predictor: pooled_bits (matmul + Triton selection) vs pooled_slices + pack_bits (torch),
-  and its share of dense cuDNN (budget 5%).
+- pooled predictor: pooled_bits (Triton query pooling + matmul + Triton selection) vs
+  pooled_slices + pack_bits (torch), its parts (the pooling by torch ops vs the Triton pass; the
+  selection at CDF_STEPS vs the former 20 steps), and its share of dense cuDNN (budget 5%).
 Each Triton result is checked against the torch path in the same run. do_bench medians, ms.
 
     python benchmarks/overhead_bench.py [--seqs 32760,75600] [--out benchmarks/results/overhead_h100.json]
@@ -133,10 +134,21 @@ def run(S, out_rows, sweep):
     logits, dis, valid = predictors._pooled_parts(qp, k, gamma=0.5, block_m=bm, block_n=1, scale=D**-0.5, key_padding=None, keep_lowp=True)
     from fgcompile.kernels.triton_pooled import pooled_select_bits_triton
 
-    row["pooled_parts_torch_ms"] = bench(
-        lambda: predictors._pooled_parts(qp, k, gamma=0.5, block_m=bm, block_n=1, scale=D**-0.5, key_padding=None, keep_lowp=True)
-    )
+    from fgcompile.kernels.triton_pooled import pool_queries_triton
+
+    qk_, dk_ = pool_queries_triton(qp, bm, 0.5, D**-0.5, torch.float32)
+    qt_, dt_ = predictors._pooled_queries(qp, gamma=0.5, block_m=bm, scale=D**-0.5, ct=torch.float32, out_dtype=torch.float32, kernel=False)
+    row["pool_queries_kernel_max_abs_err"] = float((qk_ - qt_).abs().max())
+    row["pool_queries_dissimilar_disagree"] = int((dk_ != dt_).sum())
+    row["pool_queries_kernel_ms"] = bench(lambda: pool_queries_triton(qp, bm, 0.5, D**-0.5, torch.bfloat16))
+    for name, kern in (("torch", False), ("kernel", True)):  # the pooling by torch ops / by the Triton pass
+        row[f"pooled_parts_{name}_ms"] = bench(
+            lambda: predictors._pooled_parts(qp, k, gamma=0.5, block_m=bm, block_n=1, scale=D**-0.5, key_padding=None,
+                                             keep_lowp=True, pool_kernel=kern)
+        )
+    row["cdf_steps"] = predictors.CDF_STEPS
     row["pooled_select_kernel_ms"] = bench(lambda: pooled_select_bits_triton(logits, valid, dis, 0.9, predictors.CDF_STEPS))
+    row["pooled_select_kernel_20_steps_ms"] = bench(lambda: pooled_select_bits_triton(logits, valid, dis, 0.9, 20))
     if sweep:
         row["pooled_select_sweep_ms"] = {
             f"w{w}": bench(lambda: pooled_select_bits_triton(logits, valid, dis, 0.9, predictors.CDF_STEPS, num_warps=w), rep=30)

@@ -46,10 +46,11 @@ __all__ = [
 ]
 
 # Bisection steps of the top-CDF threshold search (see ``top_cdf``). The search interval is at most
-# 1 + ln(n / (1 - tau)) nats wide (about 14 nats for n = 32,760, tau = 0.9), so 20 steps pin the
-# threshold to about 1.3e-5 nats: the kept set is the exact top-CDF set plus, at most, keys whose
-# probability is within a relative 2e-5 of the exact threshold.
-CDF_STEPS = 20
+# 1 + ln(n / (1 - tau)) nats wide (about 14 nats for n = 32,760, tau = 0.9), so 12 steps pin the
+# threshold to about 3.4e-3 nats: the kept set is the exact top-CDF set plus, at most, keys whose
+# probability is within a relative 0.4% of the exact threshold (at n = 75,600, tau = 0.99: 0.41%).
+# Each step is one block-wide reduction of the selection kernel (its cost is linear in the steps).
+CDF_STEPS = 12
 
 
 # ----------------------------------------------------------------------------- validation
@@ -427,18 +428,15 @@ def pooled_slices(
     return keep
 
 
-def _pooled_parts(q, k, *, gamma, block_m, block_n, scale, key_padding, keep_lowp: bool = False):
-    """The pooled predictor's inputs to the selection: (logits (B, H, n_qb, n_kb) in the compute
-    dtype, NOT masked; dissimilar bool (B, H, n_qb); valid_kb bool (B, n_kb) or None = all valid).
-    ``keep_lowp``: leave half-precision logits (half keys, block_n == 1) in their dtype (the same
-    values: the float32 copy is exact)."""
-    B, H, S_q, D = q.shape
-    H_kv, S_kv = k.shape[1], k.shape[2]
-    rep = H // H_kv
-    n_qb, n_kb = _cdiv(S_q, block_m), _cdiv(S_kv, block_n)
-    ct = _compute_dtype(q)
+def _pooled_queries(q, *, gamma, block_m, scale, ct, out_dtype, kernel: bool):
+    """(scale * qbar (B, H, n_qb, D) in ``out_dtype``, dissimilar bool (B, H, n_qb)) of the pooled
+    predictor. ``kernel``: one Triton pass over q (``triton_pooled.pool_queries_triton``, sums in
+    float32); else torch ops in ``ct``."""
+    if kernel:
+        from .kernels.triton_pooled import pool_queries_triton
 
-    # Pooled queries and their self-similarity.
+        return pool_queries_triton(q, block_m, gamma, scale, out_dtype)
+    S_q = q.shape[2]
     qsum = _pool_rows(q, block_m, ct)  # (B, H, n_qb, D)
     qbar = qsum / _block_counts(S_q, block_m, q.device).to(ct)[:, None]
     qbar_n = qbar / torch.linalg.vector_norm(qbar, dim=-1, keepdim=True).clamp_min(1e-12)
@@ -455,7 +453,19 @@ def _pooled_parts(q, k, *, gamma, block_m, block_n, scale, key_padding, keep_low
         dots = torch.matmul(qt, qbar_n[:, :, full:, :].transpose(-1, -2).to(q.dtype)).squeeze(-1).to(ct)
         sims.append((dots / q_norm[:, :, full * block_m :]).sum(-1, keepdim=True))
     sim = (sims[0] if len(sims) == 1 else torch.cat(sims, dim=-1)) / _block_counts(S_q, block_m, q.device).to(ct)
-    dissimilar = sim < gamma  # (B, H, n_qb)
+    return (qbar * scale).to(out_dtype), sim < gamma
+
+
+def _pooled_parts(q, k, *, gamma, block_m, block_n, scale, key_padding, keep_lowp: bool = False, pool_kernel: bool = False):
+    """The pooled predictor's inputs to the selection: (logits (B, H, n_qb, n_kb) in the compute
+    dtype, NOT masked; dissimilar bool (B, H, n_qb); valid_kb bool (B, n_kb) or None = all valid).
+    ``keep_lowp``: leave half-precision logits (half keys, block_n == 1) in their dtype (the same
+    values: the float32 copy is exact). ``pool_kernel``: pool the queries with the Triton kernel."""
+    B, H, S_q, D = q.shape
+    H_kv, S_kv = k.shape[1], k.shape[2]
+    rep = H // H_kv
+    n_qb, n_kb = _cdiv(S_q, block_m), _cdiv(S_kv, block_n)
+    ct = _compute_dtype(q)
 
     # Pooled keys (real keys only) and the key blocks that hold a real key.
     if key_padding is not None:
@@ -472,14 +482,13 @@ def _pooled_parts(q, k, *, gamma, block_m, block_n, scale, key_padding, keep_low
         valid_kb = None
         kbar = k if block_n == 1 else _pool_rows(k, block_n, ct) / _block_counts(S_kv, block_n, k.device).to(ct)[:, None]
 
+    # Pooled queries (times the scale: the small side of the product) and their self-similarity;
+    # the product runs in the keys' dtype (half-precision keys at block_n == 1: no copy of k).
+    qg, dissimilar = _pooled_queries(q, gamma=gamma, block_m=block_m, scale=scale, ct=ct, out_dtype=kbar.dtype, kernel=pool_kernel)
     # Pooled scores (B, H_kv, rep * n_qb, n_kb) -> (B, H, n_qb, n_kb).
-    qg = (qbar * scale).view(B, H_kv, rep * n_qb, D)  # the scale on the small side of the product
-    if kbar.dtype != ct:  # half-precision keys (block_n == 1): product in their dtype, no copy of k
-        logits = torch.matmul(qg.to(kbar.dtype), kbar.transpose(-1, -2))
-        if not keep_lowp:
-            logits = logits.to(ct)
-    else:
-        logits = torch.matmul(qg, kbar.transpose(-1, -2))
+    logits = torch.matmul(qg.reshape(B, H_kv, rep * n_qb, D), kbar.transpose(-1, -2))
+    if logits.dtype != ct and not keep_lowp:
+        logits = logits.to(ct)
     return logits.view(B, H, n_qb, n_kb), dissimilar, valid_kb
 
 
@@ -531,7 +540,8 @@ def pooled_bits(
     from .kernels.triton_pooled import pooled_select_bits_triton
 
     logits, dissimilar, valid_kb = _pooled_parts(
-        q, k, gamma=gamma, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding, keep_lowp=True
+        q, k, gamma=gamma, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding, keep_lowp=True,
+        pool_kernel=block_m & (block_m - 1) == 0 and block_m * max(16, q.shape[-1]) <= 128 * 256,
     )
     return pooled_select_bits_triton(logits, valid_kb, dissimilar, float(tau), CDF_STEPS)
 

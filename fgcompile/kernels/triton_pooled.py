@@ -1,9 +1,14 @@
-"""The pooled top-CDF predictor's selection step in Triton: pooled logits -> keep bitmap.
+"""The pooled top-CDF predictor in Triton: query pooling, and the selection (logits -> keep bitmap).
 
-``predictors.pooled_bits`` computes the pooled logits (B, H, n_qb, n_kb) with one matrix product
-(cuBLAS, tensor cores: the pooled queries of all blocks of a kv head against all keys; at Wan 480p
-3,072 x 128 x 32,760) and the query blocks' self-similarity in torch; this kernel does the rest of
-``predictors.top_cdf`` + the gamma fallback + ``pack_bits`` for one row (b, h, i) per program:
+``predictors.pooled_bits`` runs, on CUDA:
+
+1. ``pool_queries_triton`` (``_pool_queries``, one program per query block (b, h, i), ONE read of
+   q): the block's mean query ``qbar`` (written pre-multiplied by the softmax scale, in q's dtype)
+   and its self-similarity ``sim = mean_t cos(q_t, qbar)``, as the flag ``sim < gamma``;
+2. the pooled logits (B, H, n_qb, n_kb): one matrix product (cuBLAS, tensor cores: the pooled
+   queries of all blocks of a kv head against all keys; at Wan 480p 3,072 x 128 x 32,760);
+3. ``pooled_select_bits_triton`` (``_pooled_select``): the rest of ``predictors.top_cdf`` + the
+   gamma fallback + ``pack_bits`` for one row (b, h, i) per program:
 
     valid[j] = j < n_kb and key block j has a real key
     e = exp(logit - max logit) (0 where not valid); Z = sum e; n = count of valid
@@ -25,11 +30,67 @@ import triton.language as tl
 
 from .triton_sparse import interpreting
 
-__all__ = ["pooled_select_bits_triton", "ROW_REG_MAX"]
+__all__ = ["pool_queries_triton", "pooled_select_bits_triton", "ROW_REG_MAX"]
 
 #: longest row (power of two) kept in registers
 ROW_REG_MAX = 32768
 _TILE = 8192
+
+
+@triton.jit
+def _pool_queries(
+    Q, QBAR, DIS,
+    stride_qb, stride_qh, stride_qs,
+    H, S_q, n_qb, gamma, scale,
+    BLOCK_M: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < S_q
+    ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qs + cols[None, :]
+    x = tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < D), other=0.0).to(tl.float32)
+    cnt = tl.sum(row_ok.to(tl.float32), 0)
+    qbar = tl.sum(x, 0) / cnt  # (BLOCK_D,)
+    qbar_n = qbar / tl.maximum(tl.sqrt(tl.sum(qbar * qbar, 0)), 1e-12)
+    norms = tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-12)  # (BLOCK_M,)
+    cos = tl.sum(x * qbar_n[None, :], 1) / norms
+    sim = tl.sum(tl.where(row_ok, cos, 0.0), 0) / cnt
+    r = bh * n_qb + i
+    tl.store(QBAR + r * D + cols, (qbar * scale).to(QBAR.dtype.element_ty), mask=cols < D)
+    tl.store(DIS + r, (sim < gamma).to(tl.int8))
+
+
+def pool_queries_triton(q: torch.Tensor, block_m: int, gamma: float, scale: float, out_dtype: torch.dtype):
+    """Query pooling + self-similarity in one pass over q.
+
+    q: (B, H, S_q, D) fp16/bf16/fp32, last axis contiguous. Returns ``(qbar_scaled, dissimilar)``:
+    ``qbar_scaled`` (B, H, n_qb, D) in ``out_dtype``, the mean query of each block of ``block_m``
+    rows (the last block may be shorter) times ``scale``; ``dissimilar`` bool (B, H, n_qb), the
+    blocks whose mean cosine similarity of each query to the block mean is below ``gamma``. Sums in
+    float32. ``block_m`` a power of two; D at most 256. No host sync.
+    """
+    B, H, S_q, D = q.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    n_qb = -(-S_q // block_m)
+    qbar = torch.empty((B, H, n_qb, D), device=q.device, dtype=out_dtype)
+    dis = torch.empty((B, H, n_qb), device=q.device, dtype=torch.int8)
+    if B * H * n_qb == 0:
+        return qbar, dis.bool()
+    block_d = max(16, _pow2_at_least(D))
+    warps = 4 if interpreting() else (8 if block_m * block_d >= 128 * 128 else 4)
+    _pool_queries[(B * H, n_qb)](
+        q, qbar, dis, q.stride(0), q.stride(1), q.stride(2),
+        H, S_q, n_qb, float(gamma), float(scale),
+        BLOCK_M=block_m, D=D, BLOCK_D=block_d, num_warps=warps,
+    )
+    return qbar, dis.view(torch.bool)
 
 
 @triton.jit
