@@ -43,6 +43,7 @@ __all__ = [
     "apply_density",
     "top_cdf",
     "CDF_STEPS",
+    "density_budget",
 ]
 
 # Bisection steps of the top-CDF threshold search (see ``top_cdf``). The search interval is at most
@@ -547,6 +548,15 @@ def pooled_bits(
 
 
 # ----------------------------------------------------------------------------- density budget
+def density_budget(n_kb: int, density: Optional[float]) -> int:
+    """Key blocks a query block keeps at most under the ``density`` budget (``apply_density``):
+    ``min(n_kb, max(1, ceil(density * n_kb)))``; ``n_kb`` when density is None. A bound on every
+    row of a budgeted mask, known without looking at the mask (the packing's index capacity)."""
+    if density is None:
+        return int(n_kb)
+    return min(int(n_kb), max(1, math.ceil(density * n_kb - 1e-9)))
+
+
 def apply_density(keep: torch.Tensor, scores: torch.Tensor, density: Optional[float]) -> torch.Tensor:
     """Keep at most ``ceil(density * n_kb)`` of the kept tiles of every query block, the ones with
     the largest ``scores``.
@@ -565,7 +575,7 @@ def apply_density(keep: torch.Tensor, scores: torch.Tensor, density: Optional[fl
     if density is None:
         return keep
     n_kb = keep.shape[-1]
-    budget = max(1, math.ceil(density * n_kb - 1e-9))
+    budget = density_budget(n_kb, density)
     if budget >= n_kb:
         return keep
     masked = scores.masked_fill(~keep, float("-inf"))

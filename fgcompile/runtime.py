@@ -126,6 +126,7 @@ class SiteState:
     mask: Optional[torch.Tensor] = None  # the keep mask as a bitmap: int32 (B, H, nQB, ceil(nKB / 32))
     mask_key: Optional[tuple] = None  # (q.shape, k.shape, block_m, block_n) the mask was computed for
     mask_density: Optional[float] = None  # fraction of slices the cached mask keeps (host copy)
+    mask_cap: Optional[int] = None  # most key blocks any row of the cached mask keeps (a bound; None: nKB)
     _mask_density_pending: Optional[tuple] = None  # (pinned host scalar, CUDA event) in flight
     _density_last: Optional[torch.Tensor] = None  # (H,) float32 on the device
     _density_sum: Optional[torch.Tensor] = None
@@ -176,6 +177,7 @@ class SiteState:
         v: torch.Tensor,
         key_padding: Optional[torch.Tensor],
         scale: float,
+        index_cap: Optional[int] = None,
     ) -> tuple[Optional[torch.Tensor], Optional[Any]]:
         """Advance the schedule by one call and say what this call computes.
 
@@ -191,11 +193,11 @@ class SiteState:
             self.n_dense += 1
             return dense_attention(q, k, v, key_padding, scale), None
         try:
-            return self._plan_sparse(call, q, k, v, key_padding, scale)
+            return self._plan_sparse(call, q, k, v, key_padding, scale, index_cap)
         except Exception as e:
             return self._fail(e, q, k, v, key_padding, scale), None
 
-    def _plan_sparse(self, call: int, q, k, v, key_padding, scale) -> tuple[Optional[torch.Tensor], Optional[Any]]:
+    def _plan_sparse(self, call: int, q, k, v, key_padding, scale, index_cap=None) -> tuple[Optional[torch.Tensor], Optional[Any]]:
         cfg = self.config
 
         from . import predictors
@@ -209,6 +211,7 @@ class SiteState:
                     key_padding=key_padding, density=cfg.density, impl=cfg.impl,
                 )
                 self.mask_key = key
+                self.mask_cap = predictors.density_budget(-(-k.shape[2] // cfg.block_n), cfg.density)
                 self._note_mask_density(kept.mean())
                 self.n_profiled += 1
                 self._record(kept)
@@ -243,18 +246,34 @@ class SiteState:
             # Padded keys are never computed, whatever the cached mask says (block_n == 1 here:
             # the detection pass sends key-padded sites with block_n > 1 to the dense path).
             bits = bits & packing.pack_bits(key_padding.to(torch.bool))[:, None, None, :]
-        packed = self.packed(bits, k)
+        packed = self.packed(bits, k, index_cap)
         self.n_sparse += 1
         self._record(packing.kept_per_head(packed))
         return None, packed
 
-    def packed(self, bits: torch.Tensor, k: torch.Tensor) -> Any:
-        """The ``PackedSlices`` the kernel consumes for a bitmap of this site's tiles (no host sync)."""
+    def index_bound(self, k: torch.Tensor) -> int:
+        """A bound on the kept key blocks of every row of this call's mask, known on the host: the
+        density budget under which the mask was made (pooled: the current config; profile: the
+        cached mask's), else nKB."""
+        from . import predictors
+
+        n_kb = -(-k.shape[2] // self.config.block_n)
+        if self.config.predictor == "profile":
+            return min(self.mask_cap, n_kb) if self.mask_cap is not None else n_kb
+        return predictors.density_budget(n_kb, self.config.density)
+
+    def packed(self, bits: torch.Tensor, k: torch.Tensor, index_cap: Optional[int] = None) -> Any:
+        """The ``PackedSlices`` the kernel consumes for a bitmap of this site's tiles (no host sync).
+        Its index lists have ``index_bound(k)`` columns, or ``index_cap`` where that is at least the
+        bound (the compiled graph's shape)."""
         from .kernels import packing
 
         cfg = self.config
         n_kb = -(-k.shape[2] // cfg.block_n)
-        return packing.packed_from_bits(bits, n_kb, cfg.block_m, cfg.block_n, k.shape[2])
+        cap = self.index_bound(k)
+        if index_cap is not None and cap <= index_cap <= n_kb:
+            cap = index_cap
+        return packing.packed_from_bits(bits, n_kb, cfg.block_m, cfg.block_n, k.shape[2], cap=cap)
 
     def _note_mask_density(self, d: torch.Tensor) -> None:
         """Bring the new mask's kept fraction to the host without synchronising: on CUDA an
@@ -522,7 +541,9 @@ def load_state(model: Any, path: str) -> None:
             site.mask = entry["mask_bits"]
             site.mask_key = (tuple(q_shape), tuple(k_shape), bm, bn)
             n_kb = -(-k_shape[2] // bn)
-            site.mask_density = float(popcount_rows(site.mask).double().mean()) / n_kb
+            rows = popcount_rows(site.mask)
+            site.mask_density = float(rows.double().mean()) / n_kb
+            site.mask_cap = int(rows.max()) if rows.numel() else None
 
 
 def plan_site(
@@ -533,22 +554,42 @@ def plan_site(
     key_padding: Optional[torch.Tensor],
     scale: float,
     owner: Optional[torch.Tensor] = None,
+    index_cap: Optional[int] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[Any]]:
     """Entry point of the ``fgcompile::site_plan`` op (the CUDA lowering): one schedule step of
     the site (``SiteState.plan``). Returns ``(None, PackedSlices)`` for a sparse call (the kernel
     in the compiled graph computes the output), ``(out, None)`` for a dense call, and ``(out,
     PackedSlices)`` for a profiled call: the exact output plus the packing of the mask it just
     made. The graph selects ``out``; the kernel still runs on a real mask, so that the autotuner,
-    which tunes on the first launch (a profiled call by default), sees real work."""
+    which tunes on the first launch (a profiled call by default), sees real work.
+
+    ``index_cap``: the index columns the compiled graph holds (``ops.plan_shapes``). A sparse call
+    whose mask's bound is larger (a ``configure()`` that raised the density budget after
+    compiling, a loaded mask) cannot fit: the kernel runs here, directly, and the call returns
+    ``(out, None)``, the graph selecting it like a dense output."""
     site = _site(handle, owner)
     profiled_before = site.n_profiled
-    out, packed = site.plan(q, k, v, key_padding, scale)
+    out, packed = site.plan(q, k, v, key_padding, scale, index_cap)
     if out is not None and site.n_profiled > profiled_before and site.mask is not None:
         try:
-            packed = site.packed(site.mask, k)
+            packed = site.packed(site.mask, k, index_cap)
         except Exception as e:  # only the autotuner's view of the call depends on it
             log.warning("fgcompile: site %s: packing the profiled mask failed (%s); the kernel sees no work", site.name, e)
             packed = None
+        if packed is not None and index_cap is not None and packed.indices.shape[-1] != index_cap:
+            packed = None  # does not fit the graph's buffers: the kernel sees no work this time
+    elif out is None and index_cap is not None and packed.indices.shape[-1] != index_cap:
+        from . import attention
+
+        cfg = site.config
+        try:
+            out = attention.sparse_attention(
+                q, k, v, packed, block_m=cfg.block_m, block_n=cfg.block_n, scale=scale, impl=cfg.impl
+            )
+        except Exception as e:
+            site.n_sparse -= 1  # counted by plan(); this call runs dense
+            out = site._fail(e, q, k, v, key_padding, scale)
+        packed = None
     return out, packed
 
 

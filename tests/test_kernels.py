@@ -325,6 +325,39 @@ def test_packed_from_bits_triton_equals_torch(block_n, full_tile, S_kv):
     assert torch.equal(packing.popcount_rows(words), keep.sum(-1, dtype=torch.int32))
 
 
+@needs_interp
+@pytest.mark.parametrize("full_tile", [0, 16])
+def test_packed_index_cap(full_tile):
+    """cap index columns: the same lists where every row fits (a density budget's mask); a row
+    over the cap keeps its first cap keys and never writes out of bounds; torch == Triton."""
+    from fgcompile.predictors import apply_density, density_budget
+
+    B, H, nqb, S_kv = 1, 2, 4, 200
+    g = torch.Generator().manual_seed(full_tile)
+    scores = torch.rand(B, H, nqb, S_kv, generator=g)
+    keep = apply_density(scores > 0.2, scores, 0.3)
+    if full_tile:  # 64 keys in full tiles: removed from the lists, so the row still fits
+        keep[0, 1, 3, :64] = True
+        keep[0, 1, 3, 64:] = False
+    cap = density_budget(S_kv, 0.3)
+    assert cap == 60 and int(keep.sum(-1).max()) == (64 if full_tile else 60)
+    words = pack_bits(keep)
+    full = packing.packed_from_bits(words, S_kv, 64, 1, S_kv, full_tile, impl="torch")
+    for impl in ("torch", "triton"):
+        capped = packing.packed_from_bits(words, S_kv, 64, 1, S_kv, full_tile, cap=cap, impl=impl)
+        assert capped.indices.shape == (B, H, nqb, cap)
+        # every row's list fits: the same packing, narrower
+        assert torch.equal(capped.counts, full.counts) and torch.equal(unpack_slices(capped), keep)
+        assert torch.equal(capped.indices, full.indices[..., :cap])
+    # a row over the cap (caller error): its first cap keys, count clamped
+    over = torch.zeros(1, 1, 1, 100, dtype=torch.bool)
+    over[..., ::2] = True  # 50 keys
+    for impl in ("torch", "triton"):
+        p = packing.packed_from_bits(pack_bits(over), 100, 64, 1, 100, 0, cap=20, impl=impl)
+        assert p.counts.item() == 20 and p.indices.shape[-1] == 20
+        assert p.indices[0, 0, 0].tolist() == list(range(0, 40, 2))
+
+
 def test_pack_bits_matches_old_int64_definition():
     g = torch.Generator().manual_seed(4)
     for n in (1, 31, 32, 33, 100):

@@ -12,6 +12,7 @@ The Inductor side (generated code, autotuning, CUDA graphs) is in tests/test_low
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -115,13 +116,13 @@ def test_cpu_compiled_graph_holds_site_attention_and_matches_eager():
 
 
 # ----------------------------------------------------------------------------- CUDA rewrite on fake tensors
-@pytest.mark.parametrize("heads,kv_heads,block_n", [(1, 1, 1), (2, 1, 16)])
-def test_fake_cuda_site_is_lowered(heads, kv_heads, block_n):
+@pytest.mark.parametrize("heads,kv_heads,block_n,density", [(1, 1, 1, None), (2, 1, 16, None), (1, 1, 1, 0.3), (2, 2, 16, 0.3)])
+def test_fake_cuda_site_is_lowered(heads, kv_heads, block_n, density):
     m = Attn(64 * heads, heads, kv_heads).eval()
     x = torch.randn(2, 256, 64 * heads)
     gm, ex = _capture(m, x)
     fakes = _as_fake_cuda(gm, ex)
-    cfg = FGAttnConfig(min_seq_len=64, block_m=64, block_n=block_n)
+    cfg = FGAttnConfig(min_seq_len=64, block_m=64, block_n=block_n, density=density)
     with torch.no_grad():
         r = transform(gm, fakes, cfg)
     assert [s.decision for s in r.sites] == ["sparse"]
@@ -131,15 +132,17 @@ def test_fake_cuda_site_is_lowered(heads, kv_heads, block_n):
     assert SITE not in t
     assert t.count(PLAN) == 1 and t.count(sparse_op) == 1 and torch.where in t
     plan = next(n for n in gm.graph.nodes if n.target is PLAN)
-    q, k, v, kp, scale, site, owner, bm, bn, ft = plan.args
+    q, k, v, kp, scale, site, owner, bm, bn, ft, cap = plan.args
     assert (bm, bn, ft) == (64, block_n, full_tile_for(block_n))
+    nkb = -(-256 // block_n)
+    # a density budget bounds every row: the index buffer has that many columns (0 = nKB)
+    assert cap == (0 if density is None else math.ceil(density * nkb))
     assert owner is not None and owner.op == "placeholder"
     assert runtime.template_of(site).config == cfg
     # fake shapes of the plan's outputs: counts (B, H, nQB), indices (B, H, nQB, nKB), ...
     counts, indices, fcounts, ftiles, dense_out, use_dense = plan.meta["example_value"]
-    nkb = -(-256 // block_n)
     assert tuple(counts.shape) == (2, heads, 4) and counts.dtype == torch.int32
-    assert tuple(indices.shape) == (2, heads, 4, nkb)
+    assert tuple(indices.shape) == (2, heads, 4, cap or nkb)
     assert tuple(ftiles.shape) == (2, heads, 4, 2)
     assert tuple(dense_out.shape) == (2, heads, 256, 64) and dense_out.device.type == "cuda"
     assert use_dense.shape == () and use_dense.dtype == torch.bool

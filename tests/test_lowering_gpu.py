@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 
@@ -92,25 +93,34 @@ def test_output_code_holds_the_autotuned_kernel():
     assert "site_attention" not in code  # every site lowered
 
 
-def test_lowered_matches_opaque_through_the_schedule(monkeypatch):
+@pytest.mark.parametrize("density", [None, 0.3])
+def test_lowered_matches_opaque_through_the_schedule(monkeypatch, density):
+    """Also with a density budget (index buffers of the budget's width in the graph), raised by
+    configure() after call 2 (its sparse calls no longer fit: the kernel runs inside site_plan)."""
+    cfg = dataclasses.replace(CFG, density=density)
     m1 = _model()
     m2 = copy.deepcopy(m1)
-    c1 = _compile(m1)
+    c1 = _compile(m1, cfg)
     outs1 = []
     with torch.no_grad():
         for i in range(6):
+            if density is not None and i == 2:
+                fgcompile.configure(c1, density=0.6)
             outs1.append(c1(*_inputs(seed=i)))
     torch._dynamo.reset()
     monkeypatch.setenv("FGCOMPILE_LOWERING", "0")
-    c2 = _compile(m2)
+    c2 = _compile(m2, cfg)
     with torch.no_grad():
         for i in range(6):
+            if density is not None and i == 2:
+                fgcompile.configure(c2, density=0.6)
             o2 = c2(*_inputs(seed=i))
             assert _rel(outs1[i], o2) < 2e-2, (i, _rel(outs1[i], o2))
     s1, s2 = fgcompile.stats(c1), fgcompile.stats(c2)
+    profiled = 2 if density is None else 3  # configure() drops the mask: call 2 re-profiles
     for name in s1:
-        assert s1[name].profiled_calls == s2[name].profiled_calls == 2
-        assert s1[name].sparse_calls == s2[name].sparse_calls == 4
+        assert s1[name].profiled_calls == s2[name].profiled_calls == profiled
+        assert s1[name].sparse_calls == s2[name].sparse_calls == 6 - profiled
 
 
 def test_no_host_sync_in_steady_state():

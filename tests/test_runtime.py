@@ -273,7 +273,7 @@ def test_plan_site_survives_a_failed_packing_of_the_profiled_mask(monkeypatch, c
     out, packed = runtime.plan_site(h, q, k, v, None, 0.125)  # profiled: exact output + the mask's packing
     assert out is not None and packed is not None
 
-    def boom(self, bits, k):
+    def boom(self, bits, k, index_cap=None):
         raise RuntimeError("synthetic packing failure")
 
     monkeypatch.setattr(runtime.SiteState, "packed", boom)
@@ -283,3 +283,29 @@ def test_plan_site_survives_a_failed_packing_of_the_profiled_mask(monkeypatch, c
         out, packed = runtime.plan_site(h, q, k, v, None, 0.125)  # profiled again: packing fails
     assert packed is None and "synthetic packing failure" in caplog.text
     torch.testing.assert_close(out, runtime.dense_attention(q, k, v, None, 0.125), rtol=1e-5, atol=1e-5)
+
+
+def test_index_cap_from_the_density_budget():
+    """A budgeted site's packing has density_budget(nKB, density) index columns; the compiled
+    graph's cap (plan_site's index_cap) is honoured when it is at least that bound, and a call
+    whose bound exceeds it runs the kernel inside plan_site (the graph selects its output)."""
+    from fgcompile import attention, predictors, runtime
+
+    h = runtime.register_site("runtime.index_cap", _cfg(profile_every=100, density=0.25))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 128, 64, generator=g) for _ in range(3))
+    bound = predictors.density_budget(128, 0.25)
+    assert bound == 32
+    out, packed = runtime.plan_site(h, q, k, v, None, 0.125)  # profiled
+    assert out is not None and packed.indices.shape[-1] == bound
+    out, packed = runtime.plan_site(h, q, k, v, None, 0.125)  # sparse, opaque sizes
+    assert out is None and packed.indices.shape[-1] == bound
+    ref = attention.sparse_attention(q, k, v, packed, block_m=64, scale=0.125)
+    out, wide = runtime.plan_site(h, q, k, v, None, 0.125, index_cap=bound + 8)  # the graph's wider buffer
+    assert out is None and wide.indices.shape[-1] == bound + 8
+    assert torch.equal(wide.counts, packed.counts) and torch.equal(wide.indices[..., :bound], packed.indices)
+    site = runtime._site(h, None)
+    sparse_before = site.n_sparse
+    out, none = runtime.plan_site(h, q, k, v, None, 0.125, index_cap=bound - 8)  # too narrow: kernel runs here
+    assert none is None and site.n_sparse == sparse_before + 1
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

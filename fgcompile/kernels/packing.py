@@ -14,8 +14,12 @@ boolean indexing; so it can be captured in a CUDA graph and traced by torch.comp
 - ``counts``  int32 (B, H, nQB): how many key blocks query block i keeps (outside full tiles);
 - ``indices`` int32 (B, H, nQB, cap): the kept key-block indices j, ascending, in the first
   ``counts[b, h, i]`` entries; the rest is 0 (never read as a key: the kernel masks by count).
-  ``cap = nKB`` (the largest possible count: knowing the real maximum needs a host sync). The tensor
-  may be a view with a last stride of 1 and a row stride of ``nKB + 1``.
+  ``cap = nKB`` by default (the largest possible count: knowing the real maximum needs a host
+  sync); a caller that knows a bound on every row's count without a sync passes it as ``cap``
+  (the density budget: ``predictors.density_budget(nKB, density)``, a quarter of the bytes at
+  density 0.25). A row that keeps more than ``cap`` key blocks outside full tiles is a caller
+  error; the packing then keeps its first ``cap`` (never writes out of bounds). The tensor may be
+  a view with a last stride of 1 and a row stride of ``cap + 1``.
 - ``full_counts`` int32 (B, H, nQB) and ``full_tiles`` int32 (B, H, nQB, nKB // (full_tile // block_n)):
   the "fully kept tiles" fast path. A full tile is an aligned run of ``full_tile`` keys
   ``[t*full_tile, (t+1)*full_tile)`` that lies inside the sequence and is kept whole; the kernel
@@ -24,8 +28,8 @@ boolean indexing; so it can be captured in a CUDA graph and traced by torch.comp
   ``full_tiles`` has one column).
 - ``block_m``, ``block_n``, ``seq_len_kv``, ``full_tile``: ints.
 
-Memory per call (int32): ``4 * B*H*nQB*(nKB + 1)`` bytes of indices; Wan-1.3B 480p (B=1, H=12,
-nQB=256, S_kv=32,760, block_n=1) is 403 MB per layer. That is a working buffer for one call,
+Memory per call (int32): ``4 * B*H*nQB*(cap + 1)`` bytes of indices; Wan-1.3B 480p (B=1, H=12,
+nQB=256, S_kv=32,760, block_n=1) is 403 MB per layer at cap = nKB, 121 MB under a 0.3 budget. That is a working buffer for one call,
 rebuilt from the mask; it is not the form to keep 30 layers of masks in.
 
 ``SliceBitmap`` / :func:`pack_bits` / :func:`unpack_bits` (the storage form): the last axis of
@@ -39,7 +43,7 @@ layer, 30 layers = 377 MB (360 MiB), inside 1 GiB whatever the density (int32 in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -106,27 +110,29 @@ class PackedSlices:
         return sum(t.numel() * t.element_size() for t in ts)
 
 
-def _compact(keep: torch.Tensor, chunk_elems: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
-    """counts (...,) int32 and ascending indices (..., n) int32 of the True entries of the last axis,
-    with a cumulative sum and a scatter (no host synchronisation). Works on chunks of rows so that
-    the int64 scatter index stays small."""
+def _compact(keep: torch.Tensor, cap: Optional[int] = None, chunk_elems: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """counts (...,) int32 and ascending indices (..., cap) int32 (cap = n by default) of the True
+    entries of the last axis (the first ``cap`` of them), with a cumulative sum and a scatter (no
+    host synchronisation). Works on chunks of rows so that the int64 scatter index stays small."""
     lead, n = keep.shape[:-1], keep.shape[-1]
+    cap = n if cap is None else min(int(cap), n)
     rows = keep.reshape(-1, n)
     r = rows.shape[0]
     counts = torch.zeros((r,), device=keep.device, dtype=torch.int32)
-    out = torch.zeros((r, n + 1), device=keep.device, dtype=torch.int32)
+    out = torch.zeros((r, cap + 1), device=keep.device, dtype=torch.int32)
     if n == 0 or r == 0:
-        return counts.reshape(lead), out[:, :n].reshape(lead + (n,))
+        return counts.reshape(lead), out[:, :cap].reshape(lead + (cap,))
     step = max(1, chunk_elems // n)
     src = torch.arange(n, device=keep.device, dtype=torch.int32)
     for r0 in range(0, r, step):
         kc = rows[r0 : r0 + step]
         pos = torch.cumsum(kc.to(torch.int32), dim=-1, dtype=torch.int32)
-        counts[r0 : r0 + step] = pos[:, -1]
-        # kept entry j goes to slot pos[j] - 1; the others to a spill column n, cut off below.
-        slot = torch.where(kc, pos - 1, n).to(torch.int64)
+        counts[r0 : r0 + step] = pos[:, -1].clamp_max(cap)
+        # kept entry j goes to slot pos[j] - 1; the others (and slots past cap) to a spill column
+        # cap, cut off below.
+        slot = torch.where(kc & (pos <= cap), pos - 1, cap).to(torch.int64)
         out[r0 : r0 + step].scatter_(-1, slot, src.expand_as(pos))
-    return counts.reshape(lead), out[:, :n].reshape(lead + (n,))
+    return counts.reshape(lead), out[:, :cap].reshape(lead + (cap,))
 
 
 def pack_slices(
@@ -135,12 +141,14 @@ def pack_slices(
     block_n: int,
     seq_len_kv: int,
     full_tile: int = DEFAULT_FULL_TILE,
+    cap: Optional[int] = None,
 ) -> PackedSlices:
     """Pack a bool keep mask (B, H, nQB, nKB) into a :class:`PackedSlices` on its device, with no
     host synchronisation. ``seq_len_kv`` is S_kv (nKB must equal ceil(S_kv / block_n)).
     ``full_tile``: keys per full tile of the contiguous fast path (a multiple of block_n, a
-    power of two >= 16), or 0 to gather every key. Inputs are not validated here (see
-    ``fgcompile.attention.pack_slices``)."""
+    power of two >= 16), or 0 to gather every key. ``cap``: columns of ``indices`` (a bound on
+    every row's count that the caller guarantees; nKB by default). Inputs are not validated here
+    (see ``fgcompile.attention.pack_slices``)."""
     B, H, nqb, nkb = keep.shape
     keep = keep.to(torch.bool)
     use_full = full_tile > 0 and full_tile % block_n == 0 and seq_len_kv >= full_tile
@@ -152,9 +160,9 @@ def pack_slices(
         full_counts, full_tiles = _compact(full)
         rest = keep.clone()
         rest[..., : nt * per] &= ~full.repeat_interleave(per, dim=-1)
-        counts, indices = _compact(rest)
+        counts, indices = _compact(rest, cap)
     else:
-        counts, indices = _compact(keep)
+        counts, indices = _compact(keep, cap)
         full_counts = torch.zeros_like(counts)
         full_tiles = torch.zeros((B, H, nqb, 1), device=keep.device, dtype=torch.int32)
         full_tile = 0
@@ -277,6 +285,7 @@ def packed_from_bits(
     seq_len_kv: int,
     full_tile: int = DEFAULT_FULL_TILE,
     *,
+    cap: Optional[int] = None,
     impl: str = "auto",
 ) -> PackedSlices:
     """A :class:`PackedSlices` straight from a stored bitmap (int32 words (B, H, nQB, ceil(n/32)),
@@ -285,13 +294,14 @@ def packed_from_bits(
     The same tensors as ``pack_slices(unpack_bits(words, n), ...)``. On CUDA (``impl="auto"``) one
     Triton kernel (``triton_pack.packed_from_bits_triton``: one program per mask row, reads the
     words once, writes every output once); ``impl="triton"`` also runs it on the CPU under
-    TRITON_INTERPRET=1; ``impl="torch"`` (and meta/fake tensors) the torch ops."""
+    TRITON_INTERPRET=1; ``impl="torch"`` (and meta/fake tensors) the torch ops. ``cap``: columns
+    of ``indices`` (see :class:`PackedSlices`; nKB by default)."""
     full_ok = full_tile == 0 or (full_tile & (full_tile - 1) == 0 and full_tile <= 1024)
     if full_ok and _use_triton(words, impl):
         from .triton_pack import packed_from_bits_triton
 
-        return packed_from_bits_triton(words, n, block_m, block_n, seq_len_kv, full_tile)
-    return pack_slices(unpack_bits(words, n), block_m, block_n, seq_len_kv, full_tile)
+        return packed_from_bits_triton(words, n, block_m, block_n, seq_len_kv, full_tile, cap=cap)
+    return pack_slices(unpack_bits(words, n), block_m, block_n, seq_len_kv, full_tile, cap)
 
 
 def popcount_rows(words: torch.Tensor) -> torch.Tensor:

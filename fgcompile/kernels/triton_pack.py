@@ -6,10 +6,10 @@ mask row (b, h, query block). It walks the row's int32 words in chunks of ``CHUN
 expands the bits, finds the fully kept tiles (``per = full_tile // block_n`` consecutive key
 blocks, aligned, inside the sequence: the minimum of the bits of a tile), removes their keys, and
 compacts the remaining kept key-block indices with ``tl.cumsum`` (a masked scatter store to
-``count + position``). Then it zero-fills the rest of the row, so the outputs are exactly the
+``count + position``, inside the row's ``cap`` columns). Then it zero-fills the rest of the row, so the outputs are exactly the
 :class:`~fgcompile.kernels.packing.PackedSlices` contract (``pack_slices`` on the unpacked mask
-gives the same tensors). Each row is written once: the cost is the 4 * nKB bytes of indices per row
-(403 MB at Wan 480p), a memory-bandwidth bound.
+gives the same tensors). Each row is written once: the cost is the 4 * cap bytes of indices per row
+(cap = nKB: 403 MB at Wan 480p), a memory-bandwidth bound.
 
 ``pack_bits_triton(keep)``: bool (..., n) -> int32 (..., ceil(n / 32)), bit j % 32 of word j // 32.
 """
@@ -33,7 +33,7 @@ PACK_WARPS = 4
 @triton.jit
 def _packed_from_bits(
     W, COUNTS, IDX, FCOUNTS, FTILES,
-    NW, NKB, NT, NT_COLS,
+    NW, NKB, CAP, NT, NT_COLS,
     CHUNK: tl.constexpr,
     PER: tl.constexpr,
     USE_FULL: tl.constexpr,
@@ -41,7 +41,7 @@ def _packed_from_bits(
 ):
     r = tl.program_id(0).to(tl.int64)
     w_base = W + r * NW
-    i_base = IDX + r * NKB
+    i_base = IDX + r * CAP
     f_base = FTILES + r * NT_COLS
     WPC: tl.constexpr = CHUNK // 32
     offs_w = tl.arange(0, WPC)
@@ -81,14 +81,16 @@ def _packed_from_bits(
         # slot of kept bit (word i, bit s): kept bits before word i + kept bits of word i up to s
         wc = tl.sum(bits, 1)
         pos = tl.cumsum(bits, 1) + (tl.cumsum(wc, 0) - wc)[:, None]
-        tl.store(i_base + (count + pos - 1), kb, mask=bits != 0)
+        slot = count + pos - 1
+        tl.store(i_base + slot, kb, mask=(bits != 0) & (slot < CAP))
         count += tl.sum(wc, 0)
+    count = tl.minimum(count, CAP)  # a row over the caller's bound keeps its first CAP (see packing)
     tl.store(COUNTS + r, count)
     tl.store(FCOUNTS + r, fcount)
     zo = tl.arange(0, ZBLOCK)
-    for z0 in range((count // ZBLOCK) * ZBLOCK, NKB, ZBLOCK):
+    for z0 in range((count // ZBLOCK) * ZBLOCK, CAP, ZBLOCK):
         z = z0 + zo
-        tl.store(i_base + z, tl.zeros([ZBLOCK], tl.int32), mask=(z >= count) & (z < NKB))
+        tl.store(i_base + z, tl.zeros([ZBLOCK], tl.int32), mask=(z >= count) & (z < CAP))
     for z0 in range((fcount // ZBLOCK) * ZBLOCK, NT_COLS, ZBLOCK):
         z = z0 + zo
         tl.store(f_base + z, tl.zeros([ZBLOCK], tl.int32), mask=(z >= fcount) & (z < NT_COLS))
@@ -106,13 +108,14 @@ def packed_from_bits_triton(
     seq_len_kv: int,
     full_tile: int,
     *,
+    cap: int | None = None,
     chunk: int | None = None,
     num_warps: int | None = None,
 ):
     """The :class:`~fgcompile.kernels.packing.PackedSlices` of a bitmap (int32 words
-    (B, H, nQB, ceil(n / 32)), n = nKB = ceil(seq_len_kv / block_n)). ``full_tile`` must be 0 or a
-    power of two multiple of block_n (the callers check; ``packing.packed_from_bits`` falls back to
-    torch otherwise). No host synchronisation."""
+    (B, H, nQB, ceil(n / 32)), n = nKB = ceil(seq_len_kv / block_n)), with ``cap`` index columns
+    (n by default). ``full_tile`` must be 0 or a power of two multiple of block_n (the callers
+    check; ``packing.packed_from_bits`` falls back to torch otherwise). No host synchronisation."""
     from .packing import PackedSlices
 
     B, H, nqb, nw = words.shape
@@ -134,13 +137,14 @@ def packed_from_bits_triton(
     R = B * H * nqb
     counts = torch.empty((B, H, nqb), device=dev, dtype=torch.int32)
     fcounts = torch.empty((B, H, nqb), device=dev, dtype=torch.int32)
-    indices = torch.empty((B, H, nqb, n), device=dev, dtype=torch.int32)
+    cap = n if cap is None else max(0, min(int(cap), n))
+    indices = torch.empty((B, H, nqb, cap), device=dev, dtype=torch.int32)
     ftiles = torch.empty((B, H, nqb, nt_cols), device=dev, dtype=torch.int32)
     if R > 0:
         _packed_from_bits[(R,)](
             words, counts, indices, fcounts, ftiles,
-            nw, n, nt, nt_cols,
-            CHUNK=chunk, PER=per, USE_FULL=use_full, ZBLOCK=min(1024, max(32, _pow2_at_least(n))) if not interp else 64,
+            nw, n, cap, nt, nt_cols,
+            CHUNK=chunk, PER=per, USE_FULL=use_full, ZBLOCK=min(1024, max(32, _pow2_at_least(cap))) if not interp else 64,
             num_warps=num_warps,
         )
     return PackedSlices(

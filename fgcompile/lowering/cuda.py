@@ -5,7 +5,8 @@ Design (issue 6). After the rewrite pass every sparse site is one opaque
 Dynamo graph at compile time) this pass replaces it by::
 
     counts, indices, full_counts, full_tiles, dense_out, use_dense = fgcompile::site_plan(
-        q, k, v, key_padding, scale, site, owner, block_m, block_n, full_tile)   # opaque, stateful
+        q, k, v, key_padding, scale, site, owner, block_m, block_n, full_tile,
+        index_cap)                                                               # opaque, stateful
     sparse = fgcompile::sparse_attention(q, k, v, counts, indices, full_counts, full_tiles,
                                          scale, block_m, block_n, S_kv, full_tile) # triton_op
     out = torch.where(use_dense, dense_out, sparse)
@@ -48,7 +49,7 @@ import torch.fx as fx
 
 from . import ops as _ops
 
-__all__ = ["lower_cuda_sites", "lowering_blocker", "full_tile_for"]
+__all__ = ["lower_cuda_sites", "lowering_blocker", "full_tile_for", "index_cap_for"]
 
 log = logging.getLogger("fgcompile")
 
@@ -69,6 +70,19 @@ def full_tile_for(block_n: int) -> int:
     from ..kernels.packing import DEFAULT_FULL_TILE
 
     return DEFAULT_FULL_TILE if DEFAULT_FULL_TILE % block_n == 0 else 0
+
+
+def index_cap_for(s_kv: Any, block_n: int, density: Optional[float]) -> int:
+    """The index columns of a site's ``site_plan`` (0 = nKB): the density budget's bound on every
+    row, when the site is compiled with a budget and a static S_kv. A later ``configure()`` that
+    raises the budget runs those calls' kernel inside ``site_plan`` (``runtime.plan_site``)."""
+    from ..predictors import density_budget
+
+    if density is None or not isinstance(s_kv, int):
+        return 0
+    n_kb = -(-s_kv // block_n)
+    cap = density_budget(n_kb, density)
+    return cap if cap < n_kb else 0
 
 
 def lowering_blocker(q: Any, k: Any, v: Any, config: Any) -> Optional[str]:
@@ -133,9 +147,10 @@ def lower_cuda_sites(gm: fx.GraphModule) -> int:
         meta = {k_: node.meta[k_] for k_ in ("nn_module_stack", "stack_trace", "source_fn_stack") if k_ in node.meta}
         bm, bn = int(cfg.block_m), int(cfg.block_n)
         ft = full_tile_for(bn)
+        cap = index_cap_for(kv.shape[2], bn, cfg.density)
         with graph.inserting_before(node):
             plan = _insert(graph, meta, fake_mode, torch.ops.fgcompile.site_plan.default,
-                           (q, k, v, kp, float(scale), int(site), owner, bm, bn, ft))
+                           (q, k, v, kp, float(scale), int(site), owner, bm, bn, ft, cap))
             parts = [_insert(graph, meta, fake_mode, operator.getitem, (plan, i)) for i in range(6)]
             counts, indices, full_counts, full_tiles, dense_out, use_dense = parts
             s_kv = kv.shape[2]

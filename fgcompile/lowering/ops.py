@@ -15,12 +15,14 @@
 
 On CUDA the backend splits a site in two (``fgcompile.lowering.cuda``):
 
-``fgcompile::site_plan(q, k, v, key_padding, scale, site, owner, block_m, block_n, full_tile)
--> (counts, indices, full_counts, full_tiles, dense_out, use_dense)``
+``fgcompile::site_plan(q, k, v, key_padding, scale, site, owner, block_m, block_n, full_tile,
+index_cap=0) -> (counts, indices, full_counts, full_tiles, dense_out, use_dense)``
     The schedule step (``fgcompile.runtime.plan_site`` -> ``SiteState.plan``), opaque, stateful,
     tagged ``torch.Tag.cudagraph_unsafe`` so that Inductor's graph partitioning keeps it out of
     CUDA graphs. All outputs are fresh, contiguous tensors of fixed shapes (the fake's):
-    counts / full_counts int32 (B, H, nQB); indices int32 (B, H, nQB, nKB); full_tiles int32
+    counts / full_counts int32 (B, H, nQB); indices int32 (B, H, nQB, index_cap or nKB: the
+    lowering passes the density budget's bound ``predictors.density_budget(nKB, density)`` of a
+    site compiled with one, 0 = nKB; at 720p and density 0.3, 0.64 GB instead of 2.1 GB per call); full_tiles int32
     (B, H, nQB, max(S_kv // full_tile, 1)) (one column when full_tile is 0); dense_out (B, H, S_q,
     D_v) in q's dtype; use_dense a 0-d bool.
     - sparse call: the ``PackedSlices`` of the call; ``use_dense`` False, ``dense_out``
@@ -83,8 +85,9 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def plan_shapes(q, k, v, block_m: int, block_n: int, full_tile: int) -> dict:
-    """The shapes of ``site_plan``'s outputs (ints or SymInts)."""
+def plan_shapes(q, k, v, block_m: int, block_n: int, full_tile: int, index_cap: int = 0) -> dict:
+    """The shapes of ``site_plan``'s outputs (ints or SymInts). ``index_cap``: index columns (a
+    bound on every row's kept key blocks, the density budget's), 0 for nKB."""
     B, H, S_q, _ = q.shape
     S_kv = k.shape[2]
     nqb = _cdiv(S_q, block_m)
@@ -92,7 +95,7 @@ def plan_shapes(q, k, v, block_m: int, block_n: int, full_tile: int) -> dict:
     cols = torch.sym_max(S_kv // full_tile, 1) if full_tile > 0 else 1
     return {
         "counts": (B, H, nqb),
-        "indices": (B, H, nqb, nkb),
+        "indices": (B, H, nqb, index_cap if index_cap > 0 else nkb),
         "full_counts": (B, H, nqb),
         "full_tiles": (B, H, nqb, cols),
         "dense_out": (B, H, S_q, v.shape[-1]),
@@ -114,12 +117,13 @@ def site_plan(
     block_m: int,
     block_n: int,
     full_tile: int,
+    index_cap: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .. import runtime
 
-    shapes = plan_shapes(q, k, v, block_m, block_n, full_tile)
+    shapes = plan_shapes(q, k, v, block_m, block_n, full_tile, index_cap)
     dev = q.device
-    out, packed = runtime.plan_site(site, q, k, v, key_padding, scale, owner)
+    out, packed = runtime.plan_site(site, q, k, v, key_padding, scale, owner, int(shapes["indices"][-1]))
     if packed is None:  # a dense call: the exact output is known; the kernel keeps nothing
         tensors = [
             torch.zeros(shapes["counts"], device=dev, dtype=torch.int32),
@@ -174,8 +178,8 @@ def _may_alias(t: torch.Tensor, others) -> bool:
 
 
 @site_plan.register_fake
-def _site_plan_fake(q, k, v, key_padding, scale, site, owner, block_m, block_n, full_tile):
-    s = plan_shapes(q, k, v, block_m, block_n, full_tile)
+def _site_plan_fake(q, k, v, key_padding, scale, site, owner, block_m, block_n, full_tile, index_cap=0):
+    s = plan_shapes(q, k, v, block_m, block_n, full_tile, index_cap)
     i32 = dict(dtype=torch.int32, device=q.device)
     return (
         q.new_empty(s["counts"], **i32),
