@@ -103,6 +103,8 @@ class SiteStats:
     density_last: Optional[list[float]]
     density_mean: Optional[list[float]]
     fallback: Optional[str] = None  # why the site runs dense from now on (a failed sparse path)
+    direct_calls: int = 0  # sparse calls whose kernel ran inside site_plan (lists wider than the compiled buffer)
+    mask_bytes: int = 0  # device memory held by the cached mask (a bitmap)
 
     @property
     def mean_density(self) -> Optional[float]:
@@ -123,6 +125,7 @@ class SiteState:
     n_dense: int = 0
     n_profiled: int = 0
     n_sparse: int = 0
+    n_direct: int = 0  # of n_sparse: kernel run inside site_plan (see runtime.plan_site)
     mask: Optional[torch.Tensor] = None  # the keep mask as a bitmap: int32 (B, H, nQB, ceil(nKB / 32))
     mask_key: Optional[tuple] = None  # (q.shape, k.shape, block_m, block_n) the mask was computed for
     mask_density: Optional[float] = None  # fraction of slices the cached mask keeps (host copy)
@@ -302,7 +305,7 @@ class SiteState:
 
     def reset(self) -> None:
         """Forget the schedule position, the cached mask and the statistics."""
-        self.calls = self.n_dense = self.n_profiled = self.n_sparse = 0
+        self.calls = self.n_dense = self.n_profiled = self.n_sparse = self.n_direct = 0
         self.fallback = None
         self.mask = None
         self.mask_key = None
@@ -318,7 +321,9 @@ class SiteState:
             if self._density_sum is not None
             else None
         )
-        return SiteStats(self.name, self.calls, self.n_dense, self.n_profiled, self.n_sparse, last, mean, self.fallback)
+        mask_bytes = self.mask.numel() * self.mask.element_size() if self.mask is not None else 0
+        return SiteStats(self.name, self.calls, self.n_dense, self.n_profiled, self.n_sparse, last, mean, self.fallback,
+                         self.n_direct, mask_bytes)
 
 
 class ModelState:
@@ -582,12 +587,14 @@ def plan_site(
         from . import attention
 
         cfg = site.config
+        site.n_direct += 1
         try:
             out = attention.sparse_attention(
                 q, k, v, packed, block_m=cfg.block_m, block_n=cfg.block_n, scale=scale, impl=cfg.impl
             )
         except Exception as e:
             site.n_sparse -= 1  # counted by plan(); this call runs dense
+            site.n_direct -= 1
             out = site._fail(e, q, k, v, key_padding, scale)
         packed = None
     return out, packed

@@ -308,4 +308,6 @@ def test_index_cap_from_the_density_budget():
     sparse_before = site.n_sparse
     out, none = runtime.plan_site(h, q, k, v, None, 0.125, index_cap=bound - 8)  # too narrow: kernel runs here
     assert none is None and site.n_sparse == sparse_before + 1
+    st = site.stats()
+    assert st.direct_calls == 1 and st.mask_bytes == site.mask.numel() * 4
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
