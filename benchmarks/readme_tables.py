@@ -39,16 +39,57 @@ def e2e_table(path: Path) -> str:
         f"End to end, {d['config']} transformer forward, {d['device']}, torch {d['torch']}, triton {d['triton']}, "
         f"{d['compile']} (`python benchmarks/e2e_wan.py`, {path.name}):",
         "",
-        "| size | batch | setting | density | default compile ms | fgattn ms | speedup | limit speedup | peak memory ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| size | batch | setting | density | default compile ms | fgattn ms | speedup | limit speedup | model memory ratio | masks GB | process memory ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in d["rows"]:
         lim = f"{r['limit_speedup']:.2f}x" if r.get("limit_speedup") else "-"
         mem = f"{r['memory_ratio']:.3f}" if r.get("memory_ratio") else "-"
+        proc = f"{r['process_memory_ratio']:.3f}" if r.get("process_memory_ratio") else "-"
+        masks = f"{r['mask_bytes'] / 1e9:.2f}" if r.get("mask_bytes") is not None else "-"
+        note = " (kernel inside site_plan)" if r.get("direct_calls_timed") else ""
         lines.append(
-            f"| {r['size']} | {r['batch']} | {r['setting']} | {r['density']:.3f} | {r['ms_default']:.1f} | "
-            f"{r['ms_fgattn']:.1f} | {r['speedup']:.2f}x | {lim} | {mem} |"
+            f"| {r['size']} | {r['batch']} | {r['setting']}{note} | {r['density']:.3f} | {r['ms_default']:.1f} | "
+            f"{r['ms_fgattn']:.1f} | {r['speedup']:.2f}x | {lim} | {mem} | {masks} | {proc} |"
         )
+    if "memory_definition" in d.get("summary", {}):
+        lines += ["", "Model memory: " + d["summary"]["memory_definition"] + "."]
+    return "\n".join(lines)
+
+
+def quality_video_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    lines = [
+        f"Quality on the trained toy video DiT ({d['tokens']} tokens, {d['steps']} steps, {len(d['seeds'])} videos), "
+        f"{d['device']} (`python benchmarks/quality_video.py --device cuda`, {path.name}): PSNR against the dense "
+        "video of the same seed, per setting; the density where each granularity reaches 30 dB:",
+        "",
+        "| granularity | settings (alpha or tau) | density at 30 dB | how found | best PSNR at density <= 0.6 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for g, v in d["density_at_30db"].items():
+        rows = [r for r in d["settings"] if r["granularity"] == g]
+        vals = ", ".join(f"{r.get('alpha', r.get('tau')):g}" for r in rows)
+        low = [r["psnr_mean"] for r in rows if r["density"] is not None and r["density"] <= 0.6]
+        dens = f"{v['density']:.3f}" if v["density"] is not None else "-"
+        best = f"{max(low):.1f} dB" if low else "-"
+        lines.append(f"| {rows[0]['label'] if rows else g} | {vals} | {dens} | {v['bound']} | {best} |")
+    s = d.get("slices_vs_tiles128", {})
+    lines += ["", f"M x 1 slices vs 128 x 128 tiles at 30 dB: density saving {s.get('density_saving')}, target {s.get('target')}, met: {s.get('met')}."]
+    return "\n".join(lines)
+
+
+def lowering_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    lines = [f"Lowering, {d['device']} (`python benchmarks/lowering_bench.py`, {path.name}):", "",
+             "| case | compile s (default) | compile s (fgattn) | compile time ratio | lowered / direct kernel time |",
+             "| --- | --- | --- | --- | --- |"]
+    for case in ("toy", "wan"):
+        c, r = d[case].get("compile"), d[case].get("runtime")
+        if not c or not r:
+            continue
+        lines.append(f"| {case} | {c['compile_s']['inductor']:.1f} | {c['compile_s']['fgattn']:.1f} | "
+                     f"{c['compile_time_ratio']:.2f} | {r['runtime_ratio_lowered_vs_direct']:.4f} |")
     return "\n".join(lines)
 
 
@@ -59,6 +100,11 @@ def main() -> None:
     for p in sorted(RESULTS.glob("e2e_wan_*.json")):
         if "cpu" not in p.name:
             parts.append(e2e_table(p))
+    for p in sorted(RESULTS.glob("lowering_*.json")):
+        parts.append(lowering_table(p))
+    for p in sorted(RESULTS.glob("quality_video*.json")):
+        if "tiny" not in p.name:
+            parts.append(quality_video_table(p))
     print("\n\n".join(parts))
 
 
