@@ -97,6 +97,26 @@ def _resolve_scale(scale, D: int) -> float:
     return float(scale)
 
 
+def _prologue(q, k, v, impl, scale, block_m) -> tuple[int, int, int, int, int, str, float, int]:
+    """The argument checks shared by the entry points: (B, H, S_q, D, S_kv, impl, scale, block_m),
+    impl resolved for q's device, scale defaulted to D ** -0.5."""
+    _check_qkv(q, k, v)
+    B, H, S_q, D = q.shape
+    return B, H, S_q, D, k.shape[2], _resolve_impl(impl, q.device), _resolve_scale(scale, D), _check_int("block_m", block_m)
+
+
+def _check_key_padding(key_padding, B: int, S_kv: int, device) -> None:
+    if key_padding is None:
+        return
+    if not isinstance(key_padding, torch.Tensor) or key_padding.dtype != torch.bool:
+        got = getattr(key_padding, "dtype", type(key_padding).__name__)
+        raise ValueError(f"key_padding: expected a bool tensor (B, S_kv) or None, got {got}")
+    if tuple(key_padding.shape) != (B, S_kv):
+        raise ValueError(f"key_padding: expected shape (B, S_kv) = {(B, S_kv)}, got {tuple(key_padding.shape)}")
+    if key_padding.device != device:
+        raise ValueError(f"key_padding: expected the device of q ({device}), got {key_padding.device}")
+
+
 def pack_slices(
     keep: torch.Tensor,
     *,
@@ -169,12 +189,7 @@ def sparse_attention(
 
     No host synchronisation: with a bool ``keep`` the Triton path packs it on the device first.
     """
-    _check_qkv(q, k, v)
-    B, H, S_q, D = q.shape
-    S_kv = k.shape[2]
-    impl = _resolve_impl(impl, q.device)
-    scale = _resolve_scale(scale, D)
-    block_m = _check_int("block_m", block_m)
+    B, H, S_q, D, S_kv, impl, scale, block_m = _prologue(q, k, v, impl, scale, block_m)
     block_n = _check_int("block_n", block_n)
     if isinstance(keep, PackedSlices):
         if (block_m != 128 and block_m != keep.block_m) or (block_n != 1 and block_n != keep.block_n):
@@ -239,19 +254,8 @@ def profile_attention(
     S_q x S_kv (two passes: row log-sum-exp, then probabilities). Same dtypes, shapes and impl
     rules as :func:`sparse_attention`.
     """
-    _check_qkv(q, k, v)
-    B, H, S_q, D = q.shape
-    S_kv = k.shape[2]
-    impl = _resolve_impl(impl, q.device)
-    scale = _resolve_scale(scale, D)
-    block_m = _check_int("block_m", block_m)
-    if key_padding is not None:
-        if not isinstance(key_padding, torch.Tensor) or key_padding.dtype != torch.bool:
-            raise ValueError(f"key_padding: expected a bool tensor (B, S_kv) or None, got {getattr(key_padding, 'dtype', type(key_padding).__name__)}")
-        if tuple(key_padding.shape) != (B, S_kv):
-            raise ValueError(f"key_padding: expected shape (B, S_kv) = {(B, S_kv)}, got {tuple(key_padding.shape)}")
-        if key_padding.device != q.device:
-            raise ValueError(f"key_padding: expected the device of q ({q.device}), got {key_padding.device}")
+    B, H, S_q, D, S_kv, impl, scale, block_m = _prologue(q, k, v, impl, scale, block_m)
+    _check_key_padding(key_padding, B, S_kv, q.device)
     if impl == "reference":
         from .kernels.reference import block_max_probs_reference, dense_attention_reference
 
@@ -305,23 +309,15 @@ def profile_attention_bits(
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha: expected a finite number > 0, got {alpha!r}")
-    _check_qkv(q, k, v)
-    B, H, S_q, D = q.shape
-    S_kv = k.shape[2]
-    r_impl = _resolve_impl(impl, q.device)
+    B, H, S_q, D, S_kv, r_impl, r_scale, block_m = _prologue(q, k, v, impl, scale, block_m)
+    _check_key_padding(key_padding, B, S_kv, q.device)
     if r_impl == "reference":
         out, probs = profile_attention(q, k, v, block_m=block_m, scale=scale, key_padding=key_padding, impl=impl)
         thr = profile_thresholds(float(alpha), B, S_kv, key_padding, q.device)
         keep = probs > thr[:, None, None, None]
         bits = packing.pack_bits(keep)
         return out, bits, keep.sum(-1, dtype=torch.int32)
-    scale = _resolve_scale(scale, D)
-    block_m = _check_int("block_m", block_m)
-    if key_padding is not None:
-        if not isinstance(key_padding, torch.Tensor) or key_padding.dtype != torch.bool or tuple(key_padding.shape) != (B, S_kv):
-            raise ValueError(f"key_padding: expected a bool tensor of shape (B, S_kv) = {(B, S_kv)} or None")
-        if key_padding.device != q.device:
-            raise ValueError(f"key_padding: expected the device of q ({q.device}), got {key_padding.device}")
+    scale = r_scale
     _check_triton_shapes(D, block_m)
     from .kernels.triton_profile import profile_attention_triton
 
