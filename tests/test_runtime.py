@@ -136,9 +136,10 @@ def test_pooled_predictor_runs_every_call():
     assert _rel(out, ref) < 0.2
 
 
-def test_save_load_round_trip(tmp_path):
+@pytest.mark.parametrize("density", [None, 0.3])
+def test_save_load_round_trip(tmp_path, density):
     x = _inputs()
-    cfg = _cfg(profile_every=50)
+    cfg = _cfg(profile_every=50, density=density)
     a = ToyVideoDiT(SMALL, seed=3).eval()
     ca = torch.compile(a, backend=fgcompile.backend(cfg))
     with torch.no_grad():
@@ -157,6 +158,16 @@ def test_save_load_round_trip(tmp_path):
     # the loaded counters continue from a's (1 profiled, 1 sparse call), plus this sparse call
     for (na, sa), (nb, sb) in zip(fgcompile.stats(ca).items(), fgcompile.stats(cb).items()):
         assert na == nb and (sb.calls, sb.profiled_calls, sb.sparse_calls) == (3, 1, 2)
+    # a loaded mask's index bound is its largest row (counted at load time), within the budget
+    from fgcompile import predictors, runtime
+    from fgcompile.kernels.packing import popcount_rows
+
+    for site in runtime.state_of(cb).sites.values():
+        if site.mask is None:
+            continue
+        n_kb = site.mask_key[1][2]  # block_n = 1
+        assert site.mask_cap == int(popcount_rows(site.mask).max())
+        assert site.mask_cap <= predictors.density_budget(n_kb, density)
 
 
 def test_load_state_mismatch_errors(tmp_path):
