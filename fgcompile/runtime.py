@@ -309,6 +309,7 @@ class SiteState:
         self.fallback = None
         self.mask = None
         self.mask_key = None
+        self.mask_cap = None
         self.mask_density = None
         self._mask_density_pending = None
         self._density_last = self._density_sum = None

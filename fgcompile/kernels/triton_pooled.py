@@ -46,8 +46,8 @@ def _pool_queries(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    i = tl.program_id(1)
+    i = tl.program_id(0)  # query block: the long axis on grid axis 0 (axis 1 stops at 65,535)
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -85,7 +85,7 @@ def pool_queries_triton(q: torch.Tensor, block_m: int, gamma: float, scale: floa
         return qbar, dis.bool()
     block_d = max(16, _pow2_at_least(D))
     warps = 4 if interpreting() else (8 if block_m * block_d >= 128 * 128 else 4)
-    _pool_queries[(B * H, n_qb)](
+    _pool_queries[(n_qb, B * H)](
         q, qbar, dis, q.stride(0), q.stride(1), q.stride(2),
         H, S_q, n_qb, float(gamma), float(scale),
         BLOCK_M=block_m, D=D, BLOCK_D=block_d, num_warps=warps,
