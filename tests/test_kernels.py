@@ -493,3 +493,24 @@ def test_kernel_compiles_for_sm90_with_cp_async_and_wgmma():
     # num_stages=3: two tiles of K/V copies stay in flight in both loops (not a full wait per step)
     assert info["waits"].count(2) >= 2, info
     assert info["shared"] <= 227 * 1024, info
+
+
+def test_tuning_space_pruned_by_shape():
+    """The autotuner's configs after the prune predicate: 128-row blocks of 128-dim heads keep the
+    four 8-warp configs (at least 4: the lowering's contract); 64-dim heads keep more; 64-row
+    blocks never get 8 warps."""
+    import triton
+
+    from fgcompile.kernels.triton_sparse import TUNE_SPACE, _prune
+
+    configs = [triton.Config({"BLOCK_N": bn, "FULL_N": fn}, num_warps=w, num_stages=st) for (bn, w, st, fn) in TUNE_SPACE]
+    q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
+
+    def kept(d_pad, bm):
+        nargs = {"Q": q, "HEAD_DIM_PAD": d_pad, "BLOCK_M": bm, "KEY_BLOCK": 1, "FULL_TILE": 128, "UPCAST": False}
+        return [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in _prune(configs, nargs)]
+
+    big = kept(128, 128)
+    assert len(big) == 4 and all(w == 8 for _, w, _ in big) and (128, 8, 3) in big
+    assert len(kept(64, 128)) > len(big)
+    assert all(w == 4 for _, w, _ in kept(128, 64))

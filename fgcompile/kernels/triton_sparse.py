@@ -243,6 +243,12 @@ def _fits(c: triton.Config, nargs: dict) -> bool:
         return False  # 8 warps on a 64-row block leaves warps without wgmma rows
     if bm * max(bn, c.kwargs.get("FULL_N", bn)) >= 128 * 128 and c.num_warps < 8:
         return False  # 128 x 128 scores in 4 warps spill
+    if bm >= 128 and nargs["HEAD_DIM_PAD"] >= 128 and c.num_warps < 8:
+        # 128-row blocks of 128-dim heads: every autotuner pick recorded on the H100
+        # (results/kernel_h100.json, lowering_h100.json: S buckets 8,192 to 131,072, with and
+        # without full tiles) was BLOCK_N 128, 8 warps, 3 stages; each 4-warp config costs ~2 s of
+        # compile at the first call (benchmarks/NOTES.md, compile time). Four configs remain.
+        return False
     return _smem_estimate(c, nargs) <= _SMEM_LIMIT
 
 
