@@ -44,3 +44,19 @@ def test_e2e_wan_benchmark_smoke(tmp_path):
     d03 = next(r for r in d["rows"] if (r["setting"], r["batch"]) == ("d0.3", 1))
     assert abs(d03["density"] - 0.3) < 0.05 and d["summary"]["speedup_480p_b2_d03"] is not None
     assert (tmp_path / "e2e.png").is_file()
+
+
+def test_predictor_trajectory_smoke(tmp_path):
+    """The trajectory diagnostic runs on the shipped weights (one step, one layer) and reports,
+    per CFG half, a density in (0, 1] and an error that shrinks as the profile rule keeps more."""
+    import json
+
+    out = tmp_path / "traj.json"
+    _run("benchmarks/predictor_trajectory.py", "--sample-steps", "2", "--at-steps", "0", "--layers", "1",
+         "--alphas", "1", "8", "--taus", "0.9", "--out", str(out))
+    d = json.loads(out.read_text())
+    rows = d["rows"]
+    assert [(r["predictor"], r["layer"], r["step"]) for r in rows] == [("profile", 1, 0)] * 2 + [("pooled", 1, 0)]
+    assert all(len(r["density"]) == 2 and all(0 < x <= 1 for x in r["density"]) for r in rows)
+    loose, tight = rows[0], rows[1]  # alpha 1 keeps more than alpha 8
+    assert loose["density"][0] > tight["density"][0] and loose["rel_err"][0] < tight["rel_err"][0]
