@@ -24,3 +24,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not _HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test compiles from a clean Dynamo cache: without it, the compiles of earlier tests
+    in the same worker count towards Dynamo's recompile limit (8 per code object), and a test
+    that lands after enough of them runs its model eagerly, with no fgcompile state attached
+    (which tests share a worker depends on pytest-xdist's distribution)."""
+    torch._dynamo.reset()
+    yield
