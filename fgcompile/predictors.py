@@ -127,6 +127,13 @@ def _check_padding(key_padding, B: int, S_kv: int, device) -> None:
         raise ValueError(f"key_padding: expected a tensor on {device}, got one on {key_padding.device}")
 
 
+def _check_tau_gamma(tau, gamma) -> None:
+    if not _is_real(tau) or not 0 < tau <= 1:
+        raise ValueError(f"tau: expected a number in (0, 1], got {tau!r}")
+    if not _is_real(gamma) or not -1 <= gamma <= 1:
+        raise ValueError(f"gamma: expected a number in [-1, 1], got {gamma!r}")
+
+
 def _check_density(density) -> None:
     if density is not None and (not _is_real(density) or not 0 < density <= 1):
         raise ValueError(f"density: expected None or a number in (0, 1], got {density!r}")
@@ -412,10 +419,7 @@ def pooled_slices(
     probable (``apply_density``). Computed in float32 (float64 for float64 inputs); about
     2 + ``CDF_STEPS`` passes over the (B, H, n_qb, n_kb) pooled scores.
     """
-    if not _is_real(tau) or not 0 < tau <= 1:
-        raise ValueError(f"tau: expected a number in (0, 1], got {tau!r}")
-    if not _is_real(gamma) or not -1 <= gamma <= 1:
-        raise ValueError(f"gamma: expected a number in [-1, 1], got {gamma!r}")
+    _check_tau_gamma(tau, gamma)
     scale = _check_qk(q, k, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding, density=density)
     logits, dissimilar, valid_kb = _pooled_parts(q, k, gamma=gamma, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding)
     if valid_kb is not None:
@@ -533,10 +537,7 @@ def pooled_bits(
             q, k, tau=tau, gamma=gamma, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding, density=density
         )
         return pack_bits(keep)
-    if not _is_real(tau) or not 0 < tau <= 1:
-        raise ValueError(f"tau: expected a number in (0, 1], got {tau!r}")
-    if not _is_real(gamma) or not -1 <= gamma <= 1:
-        raise ValueError(f"gamma: expected a number in [-1, 1], got {gamma!r}")
+    _check_tau_gamma(tau, gamma)
     scale = _check_qk(q, k, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding, density=density)
     from .kernels.triton_pooled import pooled_select_bits_triton
 

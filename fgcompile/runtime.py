@@ -151,15 +151,23 @@ class SiteState:
         out, packed = self.plan(q, k, v, key_padding, scale)
         if out is not None:
             return out
+        return self.run_sparse(q, k, v, key_padding, scale, packed)
+
+    def run_sparse(self, q, k, v, key_padding, scale, packed, direct: bool = False) -> torch.Tensor:
+        """The sparse kernel on the ``packed`` lists of a call that ``plan()`` counted as sparse;
+        a failure runs the call dense (``_fail``). ``direct``: the call runs here rather than in the
+        compiled graph (``plan_site``), counted in ``n_direct``."""
         from . import attention
 
         cfg = self.config
+        self.n_direct += direct
         try:
             return attention.sparse_attention(
                 q, k, v, packed, block_m=cfg.block_m, block_n=cfg.block_n, scale=scale, impl=cfg.impl
             )
         except Exception as e:
             self.n_sparse -= 1  # counted by plan(); this call runs dense
+            self.n_direct -= direct
             return self._fail(e, q, k, v, key_padding, scale)
 
     def _fail(self, e: Exception, q, k, v, key_padding, scale) -> torch.Tensor:
@@ -405,10 +413,7 @@ def state_of(model: Any) -> ModelState:
 
 
 def _site(handle: int, owner: Optional[torch.Tensor]) -> SiteState:
-    template = _TEMPLATES.get(handle)
-    if template is None:
-        raise RuntimeError(f"fgcompile: unknown attention site handle {handle}")
-    return _state_of_owner(owner).site(template)
+    return _state_of_owner(owner).site(template_of(handle))
 
 
 def run_site(
@@ -585,19 +590,7 @@ def plan_site(
         if packed is not None and index_cap is not None and packed.indices.shape[-1] != index_cap:
             packed = None  # does not fit the graph's buffers: the kernel sees no work this time
     elif out is None and index_cap is not None and packed.indices.shape[-1] != index_cap:
-        from . import attention
-
-        cfg = site.config
-        site.n_direct += 1
-        try:
-            out = attention.sparse_attention(
-                q, k, v, packed, block_m=cfg.block_m, block_n=cfg.block_n, scale=scale, impl=cfg.impl
-            )
-        except Exception as e:
-            site.n_sparse -= 1  # counted by plan(); this call runs dense
-            site.n_direct -= 1
-            out = site._fail(e, q, k, v, key_padding, scale)
-        packed = None
+        out, packed = site.run_sparse(q, k, v, key_padding, scale, packed, direct=True), None
     return out, packed
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_sparse import interpreting
+from .triton_sparse import interpreting, pow2_at_least
 
 __all__ = ["packed_from_bits_triton", "pack_bits_triton", "PACK_CHUNK", "PACK_WARPS"]
 
@@ -96,9 +96,6 @@ def _packed_from_bits(
         tl.store(f_base + z, tl.zeros([ZBLOCK], tl.int32), mask=(z >= fcount) & (z < NT_COLS))
 
 
-def _pow2_at_least(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
 
 def packed_from_bits_triton(
     words: torch.Tensor,
@@ -133,7 +130,7 @@ def packed_from_bits_triton(
     if num_warps is None:
         num_warps = 4 if interp else PACK_WARPS
     chunk = max(int(chunk), per, 32)
-    chunk = min(chunk, max(_pow2_at_least(n), per, 32))
+    chunk = min(chunk, max(pow2_at_least(n), per, 32))
     R = B * H * nqb
     counts = torch.empty((B, H, nqb), device=dev, dtype=torch.int32)
     fcounts = torch.empty((B, H, nqb), device=dev, dtype=torch.int32)
@@ -144,7 +141,7 @@ def packed_from_bits_triton(
         _packed_from_bits[(R,)](
             words, counts, indices, fcounts, ftiles,
             nw, n, cap, nt, nt_cols,
-            CHUNK=chunk, PER=per, USE_FULL=use_full, ZBLOCK=min(1024, max(32, _pow2_at_least(cap))) if not interp else 64,
+            CHUNK=chunk, PER=per, USE_FULL=use_full, ZBLOCK=min(1024, max(32, pow2_at_least(cap))) if not interp else 64,
             num_warps=num_warps,
         )
     return PackedSlices(
@@ -175,6 +172,6 @@ def pack_bits_triton(keep: torch.Tensor) -> torch.Tensor:
     out = torch.empty((R, nw), device=keep.device, dtype=torch.int32)
     if R > 0 and nw > 0:
         bw = 128 if not interpreting() else 16
-        bw = min(bw, _pow2_at_least(nw))
+        bw = min(bw, pow2_at_least(nw))
         _pack_bits[(R, triton.cdiv(nw, bw))](x, out, n, nw, BLOCK_W=bw, num_warps=4)
     return out.reshape(lead + (nw,))

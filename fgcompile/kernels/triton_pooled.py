@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_sparse import interpreting
+from .triton_sparse import interpreting, pow2_at_least
 
 __all__ = ["pool_queries_triton", "pooled_select_bits_triton", "ROW_REG_MAX"]
 
@@ -83,7 +83,7 @@ def pool_queries_triton(q: torch.Tensor, block_m: int, gamma: float, scale: floa
     dis = torch.empty((B, H, n_qb), device=q.device, dtype=torch.int8)
     if B * H * n_qb == 0:
         return qbar, dis.bool()
-    block_d = max(16, _pow2_at_least(D))
+    block_d = max(16, pow2_at_least(D))
     warps = 4 if interpreting() else (8 if block_m * block_d >= 128 * 128 else 4)
     _pool_queries[(n_qb, B * H)](
         q, qbar, dis, q.stride(0), q.stride(1), q.stride(2),
@@ -91,6 +91,27 @@ def pool_queries_triton(q: torch.Tensor, block_m: int, gamma: float, scale: floa
         BLOCK_M=block_m, D=D, BLOCK_D=block_d, num_warps=warps,
     )
     return qbar, dis.view(torch.bool)
+
+
+@triton.jit
+def _row_logits(l_base, v_base, j, NKB, HAS_VALID: tl.constexpr):
+    """The logits of keys ``j`` of one row, float32, -inf where a key is out of range or not
+    valid; and the valid mask."""
+    ok = j < NKB
+    valid = ok
+    if HAS_VALID:
+        valid = valid & (tl.load(v_base + j, mask=ok, other=0) != 0)
+    lg = tl.load(l_base + j, mask=ok, other=float("-inf")).to(tl.float32)
+    return tl.where(valid, lg, float("-inf")), valid
+
+
+@triton.jit
+def _store_bits(w_base, keep, word0, NW, TILE: tl.constexpr):
+    """Store ``keep`` (TILE,) as TILE // 32 int32 words from word ``word0`` of the row."""
+    shifts = tl.arange(0, 32)
+    words = tl.sum(tl.reshape(keep.to(tl.int32), [TILE // 32, 32]) << shifts[None, :], axis=1)
+    widx = word0 + tl.arange(0, TILE // 32)
+    tl.store(w_base + widx, words, mask=widx < NW)
 
 
 @triton.jit
@@ -109,20 +130,13 @@ def _pooled_select(
     v_base = VALID + b * stride_vb
     w_base = BITS + r * NW
     offs = tl.arange(0, TILE)
-    shifts = tl.arange(0, 32)
-    offs_w = tl.arange(0, TILE // 32)
     dis = tl.load(DIS + r) != 0
     if TAU_ONE:
         search = False
     else:
         search = dis == 0
     if IN_REG:
-        ok = offs < NKB
-        valid = ok
-        if HAS_VALID:
-            valid = valid & (tl.load(v_base + offs, mask=ok, other=0) != 0)
-        lg = tl.load(l_base + offs, mask=ok, other=float("-inf")).to(tl.float32)
-        lg = tl.where(valid, lg, float("-inf"))
+        lg, valid = _row_logits(l_base, v_base, offs, NKB, HAS_VALID)
         m = tl.max(lg, 0)
         m = tl.where(m == float("-inf"), 0.0, m)
         e = tl.exp(lg - m)  # 0 where not valid
@@ -139,22 +153,14 @@ def _pooled_select(
                 lo = tl.where(good, mid, lo)
                 hi = tl.where(good, hi, mid)
         keep = (e >= tl.exp(lo)) & (e > 0.0)  # e > 0 only if Z > 0
-        keep = tl.where(search, keep, valid)
-        words = tl.sum(tl.reshape(keep.to(tl.int32), [TILE // 32, 32]) << shifts[None, :], axis=1)
-        tl.store(w_base + offs_w, words, mask=offs_w < NW)
+        _store_bits(w_base, tl.where(search, keep, valid), 0, NW, TILE)
     else:
         # pass 1: max, normaliser (online) and the count of valid keys
         m = tl.full([], float("-inf"), tl.float32)
         z = tl.full([], 0.0, tl.float32)
         n = tl.full([], 0.0, tl.float32)
         for start in range(0, NKB, TILE):
-            j = start + offs
-            ok = j < NKB
-            valid = ok
-            if HAS_VALID:
-                valid = valid & (tl.load(v_base + j, mask=ok, other=0) != 0)
-            lg = tl.load(l_base + j, mask=ok, other=float("-inf")).to(tl.float32)
-            lg = tl.where(valid, lg, float("-inf"))
+            lg, valid = _row_logits(l_base, v_base, start + offs, NKB, HAS_VALID)
             m_new = tl.maximum(m, tl.max(lg, 0))
             m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
             z = z * tl.exp(m - m_s) + tl.sum(tl.exp(lg - m_s), 0)
@@ -171,12 +177,7 @@ def _pooled_select(
                 t = tl.exp(mid)
                 mass = tl.full([], 0.0, tl.float32)
                 for start in range(0, NKB, TILE):
-                    j = start + offs
-                    ok = j < NKB
-                    valid = ok
-                    if HAS_VALID:
-                        valid = valid & (tl.load(v_base + j, mask=ok, other=0) != 0)
-                    lg = tl.load(l_base + j, mask=ok, other=float("-inf")).to(tl.float32)
+                    lg, valid = _row_logits(l_base, v_base, start + offs, NKB, HAS_VALID)
                     e = tl.where(valid, tl.exp(lg - m), 0.0)
                     mass += tl.sum(tl.where(e >= t, e, 0.0), 0)
                 good = mass >= target
@@ -184,22 +185,11 @@ def _pooled_select(
                 hi = tl.where(good, hi, mid)
         t = tl.exp(lo)
         for start in range(0, NKB, TILE):
-            j = start + offs
-            ok = j < NKB
-            valid = ok
-            if HAS_VALID:
-                valid = valid & (tl.load(v_base + j, mask=ok, other=0) != 0)
-            lg = tl.load(l_base + j, mask=ok, other=float("-inf")).to(tl.float32)
+            lg, valid = _row_logits(l_base, v_base, start + offs, NKB, HAS_VALID)
             e = tl.where(valid, tl.exp(lg - m), 0.0)
             keep = (e >= t) & (e > 0.0)
-            keep = tl.where(search, keep, valid)
-            words = tl.sum(tl.reshape(keep.to(tl.int32), [TILE // 32, 32]) << shifts[None, :], axis=1)
-            widx = start // 32 + offs_w
-            tl.store(w_base + widx, words, mask=widx < NW)
+            _store_bits(w_base, tl.where(search, keep, valid), start // 32, NW, TILE)
 
-
-def _pow2_at_least(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def pooled_select_bits_triton(
@@ -235,7 +225,7 @@ def pooled_select_bits_triton(
     else:
         v, stride_vb, has_valid = dis, 0, False
     interp = interpreting()
-    row = max(32, _pow2_at_least(nkb))
+    row = max(32, pow2_at_least(nkb))
     reg_max = row_reg_max if row_reg_max is not None else (ROW_REG_MAX if not interp else 1024)
     in_reg = row <= reg_max
     if in_reg:

@@ -43,6 +43,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def pow2_at_least(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1): tile sizes of the helper kernels."""
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
 @triton.jit
 def _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, MASKED: tl.constexpr):
     qk = tl.dot(q, tl.trans(k))
