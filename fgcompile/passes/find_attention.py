@@ -246,6 +246,30 @@ def _is_one(a: Any) -> bool:
     return size_of(a) == 1
 
 
+def _fill_mask(words, cond, fill, invert, mask_kind, mask_node, mask_invert, dense):
+    """A boolean fill of the scores (``masked_fill(mask, value)`` or ``where(cond, s, fill)``;
+    ``words``: the op, its condition and its fill, for the reasons): returns the new
+    ``(mask_kind, mask_node, mask_invert)``. A single boolean condition with a -inf (very negative)
+    fill is a key mask ("bool", inverted when True marks the masked keys); anything else makes the
+    site dense, with its reason appended to ``dense``."""
+    op, cond_word, fill_word = words
+    if mask_kind != "none":
+        dense.append("more than one mask")
+        mask_kind = "other"
+    elif not isinstance(cond, fx.Node) or _tensor(cond) is None or _tensor(cond).dtype != torch.bool:
+        mask_kind = "other"
+        dense.append(f"{op} with a non-boolean {cond_word}")
+    elif _const_number(fill) is None or _const_number(fill) > _LOWEST:
+        mask_kind = "other"
+        dense.append(f"{op} with {fill_word} {fill} (not a -inf / very negative fill)")
+    else:
+        mask_kind = "bool"
+        mask_node, mask_invert = cond, invert
+    if isinstance(cond, fx.Node) and mask_node is None:
+        mask_node = cond
+    return mask_kind, mask_node, mask_invert
+
+
 def _const_number(x: Any) -> Optional[float]:
     if isinstance(x, bool):
         return None
@@ -685,20 +709,9 @@ class _Finder:
                 s_in = cur.args[0]
                 mk = _get(cur, 1, "mask")
                 val = _get(cur, 2, "value")
-                if mask_kind != "none":
-                    dense.append("more than one mask")
-                    mask_kind = "other"
-                elif not isinstance(mk, fx.Node) or _tensor(mk) is None or _tensor(mk).dtype != torch.bool:
-                    mask_kind = "other"
-                    dense.append("masked_fill with a non-boolean mask")
-                elif _const_number(val) is None or _const_number(val) > _LOWEST:
-                    mask_kind = "other"
-                    dense.append(f"masked_fill with value {val} (not a -inf / very negative fill)")
-                else:
-                    mask_kind = "bool"
-                    mask_node, mask_invert = mk, True
-                if isinstance(mk, fx.Node) and mask_node is None:
-                    mask_node = mk
+                mask_kind, mask_node, mask_invert = _fill_mask(
+                    ("masked_fill", "mask", "value"), mk, val, True, mask_kind, mask_node, mask_invert, dense
+                )
                 cur = s_in
                 continue
             if _is_fn(cur, _WHERE_FNS, ("where",)) and len(cur.args) == 3:
@@ -709,20 +722,9 @@ class _Finder:
                     s_in, fill, inv = b_, a_, True
                 else:
                     raise _Reject("where over two tensors")
-                if mask_kind != "none":
-                    dense.append("more than one mask")
-                    mask_kind = "other"
-                elif not isinstance(cond, fx.Node) or _tensor(cond) is None or _tensor(cond).dtype != torch.bool:
-                    mask_kind = "other"
-                    dense.append("where with a non-boolean condition")
-                elif _const_number(fill) is None or _const_number(fill) > _LOWEST:
-                    mask_kind = "other"
-                    dense.append(f"where with fill {fill} (not a -inf / very negative fill)")
-                else:
-                    mask_kind = "bool"
-                    mask_node, mask_invert = cond, inv
-                if isinstance(cond, fx.Node) and mask_node is None:
-                    mask_node = cond
+                mask_kind, mask_node, mask_invert = _fill_mask(
+                    ("where", "condition", "fill"), cond, fill, inv, mask_kind, mask_node, mask_invert, dense
+                )
                 cur = s_in
                 continue
             raise _Reject(f"{cur.name} ({cur.target}) between the scores and the softmax")

@@ -108,28 +108,24 @@ def _std(b: _Builder, node: fx.Node, perm: Any, transpose: bool = False) -> fx.N
     return node
 
 
+#: the size-1 dims a layout lacks (or has) against (B, H, S, D), in the order they are added
+_MISSING_DIMS = {"bh": (), "1n": (0,), "n1": (1,), "11": (0, 0)}
+
+
+def _layout_dims(b: _Builder, node: fx.Node, layout: str, method: str) -> fx.Node:
+    if layout not in _MISSING_DIMS:
+        raise ValueError(f"layout: unknown {layout!r}")
+    for dim in _MISSING_DIMS[layout]:
+        node = b.method(method, node, dim)
+    return node
+
+
 def _to4d(b: _Builder, node: fx.Node, layout: str) -> fx.Node:
-    if layout == "bh":
-        return node
-    if layout == "1n":
-        return b.method("unsqueeze", node, 0)
-    if layout == "n1":
-        return b.method("unsqueeze", node, 1)
-    if layout == "11":
-        return b.method("unsqueeze", b.method("unsqueeze", node, 0), 0)
-    raise ValueError(f"layout: unknown {layout!r}")
+    return _layout_dims(b, node, layout, "unsqueeze")
 
 
 def _from4d(b: _Builder, node: fx.Node, layout: str) -> fx.Node:
-    if layout == "bh":
-        return node
-    if layout == "1n":
-        return b.method("squeeze", node, 0)
-    if layout == "n1":
-        return b.method("squeeze", node, 1)
-    if layout == "11":
-        return b.method("squeeze", b.method("squeeze", node, 0), 0)
-    raise ValueError(f"layout: unknown {layout!r}")
+    return _layout_dims(b, node, layout, "squeeze")
 
 
 def _key_padding(b: _Builder, m: SiteMatch, q4: fx.Node, k4: fx.Node) -> Optional[fx.Node]:
