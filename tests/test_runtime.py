@@ -322,3 +322,28 @@ def test_index_cap_from_the_density_budget():
     st = site.stats()
     assert st.direct_calls == 1 and st.mask_bytes == site.mask.numel() * 4
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_direct_kernel_failure_in_plan_site_falls_back_to_dense(monkeypatch, caplog):
+    """A call whose lists exceed the graph's buffers runs the kernel inside plan_site; if that
+    kernel fails, the call (and the site from then on) runs dense, logged, counted as dense."""
+    import fgcompile.attention as attention
+    from fgcompile import runtime
+
+    h = runtime.register_site("runtime.direct_failure", _cfg(profile_every=100, density=0.25))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 128, 64, generator=g) for _ in range(3))
+    runtime.plan_site(h, q, k, v, None, 0.125)  # profiled
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("synthetic direct failure")
+
+    monkeypatch.setattr(attention, "sparse_attention", boom)
+    monkeypatch.delenv("FGCOMPILE_STRICT", raising=False)
+    with caplog.at_level("WARNING", logger="fgcompile"):
+        out, packed = runtime.plan_site(h, q, k, v, None, 0.125, index_cap=8)  # bound 32 > 8: direct
+    assert packed is None and "synthetic direct failure" in caplog.text
+    torch.testing.assert_close(out, runtime.dense_attention(q, k, v, None, 0.125), rtol=1e-5, atol=1e-5)
+    st = runtime._site(h, None).stats()
+    assert (st.sparse_calls, st.direct_calls, st.dense_calls) == (0, 0, 1)
+    assert "synthetic direct failure" in st.fallback
