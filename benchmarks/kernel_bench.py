@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+os.environ.setdefault("FGCOMPILE_AUTOTUNE", "1")  # the direct launches autotune (the recorded picks)
 import sys
 import time
 

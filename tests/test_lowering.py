@@ -254,3 +254,34 @@ def test_kernel_config_patches_exist_in_this_torch():
         assert hasattr(icfg, key)
     if hasattr(icfg, "_use_fp64_for_unbacked_floats"):
         assert p == {"_use_fp64_for_unbacked_floats": False}
+
+
+def test_precompile_only_for_cuda_sites(monkeypatch):
+    """``fgcompile.lowering.warmup`` compiles the schedule step's kernels in the background for
+    CUDA sites with static shapes only; off under the interpreter and with FGCOMPILE_PRECOMPILE=0."""
+    from fgcompile.lowering import warmup
+
+    q = torch.zeros(1, 2, 256, 64).transpose(1, 2)
+    assert warmup._spec(q) == ((1, 256, 2, 64), q.stride(), torch.float32, q.device)
+    assert warmup._nbytes(warmup._spec(q)) == q.numel() * 4
+    assert not warmup.enabled()  # the test suite runs under TRITON_INTERPRET=1
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert warmup.enabled()
+    assert not warmup.schedule("s", FGAttnConfig(), q, q, q, None, 0.125, None, lowered=False)  # CPU tensors
+    assert not warmup._PENDING
+    monkeypatch.setenv("FGCOMPILE_PRECOMPILE", "0")
+    assert not warmup.enabled()
+
+
+@pytest.mark.parametrize("predictor,density", [("profile", None), ("profile", 0.3), ("pooled", None)])
+def test_precompile_step_on_the_cpu(predictor, density):
+    """The scratch schedule step itself (what the background job runs on CUDA), here on the CPU."""
+    from fgcompile.lowering import warmup
+    from fgcompile.predictors import density_budget
+
+    q = torch.zeros(1, 2, 256, 32)
+    specs = tuple(warmup._spec(t) for t in (q, q, q))
+    cfg = FGAttnConfig(predictor=predictor, density=density, block_m=64, min_seq_len=64)
+    for lowered in (True, False):
+        cols = density_budget(256, density) if density else 256
+        warmup._step("t", cfg, (*specs, None), 32 ** -0.5, cols if lowered else None, lowered)

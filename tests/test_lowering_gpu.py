@@ -68,13 +68,16 @@ def _kernel_configs(code: str) -> int:
     return count_kernel_configs(code)
 
 
-def test_output_code_holds_the_autotuned_kernel():
-    m = _model()
-    c = _compile(m)
+def _output_code(c) -> str:
     x = _inputs()
     with torch.no_grad():
         _, codes = run_and_get_code(c, *x)
-    code = "\n".join(codes)
+    return "\n".join(codes)
+
+
+def test_output_code_holds_the_autotuned_kernel(monkeypatch):
+    monkeypatch.setenv("FGCOMPILE_AUTOTUNE", "1")
+    code = _output_code(_compile(_model()))
     assert "torch.ops.fgcompile.site_plan.default" in code
     assert "def _fg_sparse_fwd(" in code and "@triton.jit" in code
     assert "user_autotune" in code
@@ -91,6 +94,21 @@ def test_output_code_holds_the_autotuned_kernel():
         if "_fg_sparse_fwd" in line and ".run(" in line:
             print("launch:", line.strip()[:400])
     assert "site_attention" not in code  # every site lowered
+
+
+def test_max_autotune_mode_autotunes_and_default_mode_does_not(monkeypatch):
+    """Inductor's rule for its own templates: autotune in mode="max-autotune" only. The default
+    mode launches the heuristic config (one compile)."""
+    monkeypatch.delenv("FGCOMPILE_AUTOTUNE", raising=False)
+    code = _output_code(_compile(_model(depth=1)))
+    assert "def _fg_sparse_fwd(" in code
+    n_default = _kernel_configs(code)
+    assert n_default == 1, n_default
+    torch._dynamo.reset()
+    code = _output_code(_compile(_model(depth=1), mode="max-autotune-no-cudagraphs"))
+    n_tuned = _kernel_configs(code)
+    print("configs: default mode", n_default, "max-autotune", n_tuned)
+    assert n_tuned >= 4
 
 
 @pytest.mark.parametrize("density", [None, 0.3])
@@ -199,3 +217,32 @@ def test_toy_dit_compiled_vs_eager():
     assert _rel(p, ref) < 1e-2
     assert _rel(s, ref) < 0.05, _rel(s, ref)
     assert all(v.sparse_calls == 1 for v in fgcompile.stats(c).values())
+
+
+@pytest.mark.parametrize("lowered", [True, False])
+@pytest.mark.parametrize("setting", ["profile", "budget", "pooled"])
+def test_precompile_step_runs(lowered, setting):
+    """The background precompile's scratch step (``fgcompile.lowering.warmup._step``) runs the
+    schedule step's kernels for each predictor, for lowered and opaque sites; it raises on failure."""
+    from fgcompile.lowering import warmup
+
+    cfg = {"profile": CFG, "budget": dataclasses.replace(CFG, density=0.3),
+           "pooled": dataclasses.replace(CFG, predictor="pooled")}[setting]
+    q = torch.empty(1, 4, 1000, 128, device="cuda", dtype=DT).transpose(1, 2).contiguous().transpose(1, 2)
+    k, v = (torch.empty(1, 2, 1000, 128, device="cuda", dtype=DT) for _ in range(2))
+    specs = tuple(warmup._spec(t) for t in (q, k, v))
+    assert specs[0][1] == q.stride()
+    from fgcompile.predictors import density_budget
+
+    cols = density_budget(1000, 0.3) if setting == "budget" else 1000
+    warmup._step("t", cfg, (*specs, None), 128 ** -0.5, cols if lowered else None, lowered)
+
+
+def test_compile_precompiles_the_schedule_step():
+    from fgcompile.lowering import warmup
+
+    c = _compile(_model(depth=1))
+    with torch.no_grad():
+        c(*_inputs())
+    assert not warmup._PENDING  # joined at the first call
+    assert any(key[-1] is True for key in warmup._DONE_KEYS), warmup._DONE_KEYS

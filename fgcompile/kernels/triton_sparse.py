@@ -274,23 +274,38 @@ _fg_sparse_fwd_tuned = triton.autotune(
     do_bench=_bench_quick,
 )(_fg_sparse_fwd)
 
-#: the config used without autotuning (the interpreter, or FGCOMPILE_AUTOTUNE=0).
-DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "FULL_N": 128}
+#: the configs used without autotuning, best first; the first that fits (``_fits``) is used. The
+#: first is every autotuner pick recorded on the H100 for 128-row blocks (results/kernel_h100.json,
+#: lowering_h100.json); the others serve blocks and head dims it does not fit.
+HEURISTIC_CONFIGS = [
+    {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "FULL_N": 128},
+    {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "FULL_N": 128},
+    {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "FULL_N": 64},
+    {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "FULL_N": 32},
+]
 INTERPRET_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 
 
-#: fallbacks without autotuning, best first; the first that fits in shared memory is used.
-_FALLBACKS = [DEFAULT_CONFIG, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "FULL_N": 64},
-              {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "FULL_N": 32}]
-
-
-def _default_config(q: torch.Tensor, meta: dict) -> dict:
+def heuristic_config(q: torch.Tensor, meta: dict) -> dict:
+    """The config a launch without autotuning uses: the first of ``HEURISTIC_CONFIGS`` that the
+    prune predicate keeps for these constexprs (``meta``) and q's dtype."""
     nargs = dict(meta, Q=q)
-    for c in _FALLBACKS:
+    for c in HEURISTIC_CONFIGS:
         cfg = triton.Config({"BLOCK_N": c["BLOCK_N"], "FULL_N": c["FULL_N"]}, num_warps=c["num_warps"], num_stages=c["num_stages"])
         if _fits(cfg, nargs):
             return c
-    return _FALLBACKS[-1]
+    return HEURISTIC_CONFIGS[-1]
+
+
+def autotune_wanted(requested: Optional[bool] = None) -> bool:
+    """Whether a launch autotunes: ``FGCOMPILE_AUTOTUNE=1`` always, ``=0`` never; otherwise
+    ``requested`` (the lowering passes True inside ``mode="max-autotune"`` compiles, as Inductor
+    autotunes its own templates only there). Autotuning compiles every config the prune predicate
+    keeps (~2 s each) and times them at the first call of each key; the heuristic compiles one."""
+    env = os.environ.get("FGCOMPILE_AUTOTUNE", "")
+    if env in ("0", "1"):
+        return env == "1"
+    return bool(requested)
 
 
 def _seq_bucket(s: int) -> int:
@@ -317,12 +332,15 @@ def launch_sparse_kernel(
     full_tile: int,
     *,
     config: Optional[dict] = None,
+    autotune: Optional[bool] = None,
     wrap=None,
 ) -> torch.Tensor:
     """THE launch of the sparse kernel, shared by the direct call (:func:`sparse_attention_triton`)
     and the ``fgcompile::sparse_attention`` triton_op (``fgcompile.lowering.ops``), which passes
     ``wrap=torch.library.wrap_triton`` so that Inductor traces the launch into its program.
-    Writes ``out`` (B, H, S_q, D) and returns it. Sizes may be SymInts when traced. No host sync."""
+    Writes ``out`` (B, H, S_q, D) and returns it. Sizes may be SymInts when traced. No host sync.
+    ``config``: {"BLOCK_N", "num_warps", "num_stages", "FULL_N"}; None: the autotuner where
+    ``autotune_wanted(autotune)``, else ``heuristic_config``."""
     B, H, S_q, D = q.shape
     H_kv, S_kv = k.shape[1], k.shape[2]
     upcast = interpreting() and q.dtype != torch.float32
@@ -346,8 +364,10 @@ def launch_sparse_kernel(
         FULL_TILE=full_tile,
         UPCAST=upcast,
     )
-    if config is None and (interpreting() or os.environ.get("FGCOMPILE_AUTOTUNE", "1") == "0"):
-        config = INTERPRET_CONFIG if interpreting() else _default_config(q, meta)
+    if config is None and interpreting():
+        config = INTERPRET_CONFIG
+    elif config is None and not autotune_wanted(autotune):
+        config = heuristic_config(q, meta)
     w = wrap if wrap is not None else (lambda f: f)
     if config is None:
         w(_fg_sparse_fwd_tuned)[grid](*args, **meta)
@@ -376,7 +396,8 @@ def sparse_attention_triton(
     """Launch the kernel. q (B, H, S_q, D), k/v (B, H_kv, S_kv, D), any strides; ``packed`` from
     ``pack_slices`` for block_m = packed.block_m. Inputs are assumed validated
     (``fgcompile.attention.sparse_attention`` does it). Returns (B, H, S_q, D) in q.dtype.
-    ``config``: {"BLOCK_N", "num_warps", "num_stages"} to bypass the autotuner. No host sync."""
+    ``config``: {"BLOCK_N", "num_warps", "num_stages"}; None: ``heuristic_config``, or the
+    autotuner with ``FGCOMPILE_AUTOTUNE=1`` (``autotune_wanted``). No host sync."""
     B, H, S_q, D = q.shape
     if out is None:
         out = torch.empty((B, H, S_q, D), device=q.device, dtype=q.dtype)

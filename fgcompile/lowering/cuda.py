@@ -36,6 +36,9 @@ Sites the kernel cannot take stay opaque ``site_attention`` nodes (also on CUDA)
 a head dim that is not a multiple of 8 up to 128 or is symbolic, D_v != D, block_m outside
 (16, 32, 64, 128), a dtype other than fp16/bf16/fp32. On the CPU nothing changes. ``FGCOMPILE_LOWERING=0`` keeps every
 site opaque (the pre-issue-6 path; for comparisons and as an escape hatch).
+
+Every CUDA site that runs the Triton kernels also gets its schedule step's kernels compiled in the
+background while Inductor compiles the graph (``fgcompile.lowering.warmup``).
 """
 
 from __future__ import annotations
@@ -123,9 +126,9 @@ def lower_cuda_sites(gm: fx.GraphModule) -> int:
     import os
 
     from .. import runtime
+    from . import warmup
 
-    if os.environ.get("FGCOMPILE_LOWERING", "1") == "0":
-        return 0
+    lowering_on = os.environ.get("FGCOMPILE_LOWERING", "1") != "0"
     op = torch.ops.fgcompile.site_attention.default
     graph = gm.graph
     lowered = 0
@@ -137,10 +140,12 @@ def lower_cuda_sites(gm: fx.GraphModule) -> int:
         template = runtime.template_of(int(site))
         cfg = template.config
         qv, kv, vv = _val(q), _val(k), _val(v)
-        why = lowering_blocker(qv, kv, vv, cfg)
+        why = lowering_blocker(qv, kv, vv, cfg) if lowering_on else "FGCOMPILE_LOWERING=0"
         if why is not None:
             if isinstance(qv, torch.Tensor) and qv.device.type == "cuda":
                 log.info("fgcompile: site %s stays an opaque op on CUDA: %s", template.name, why)
+                if not lowering_on:  # the opaque op launches the same Triton kernels
+                    warmup.schedule(template.name, cfg, qv, kv, vv, _val(kp), float(scale), None, lowered=False)
             continue
         sparse_op = _ops.sparse_attention_op()  # raises naming the API if this torch lacks triton_op
         fake_mode = getattr(qv, "fake_mode", None)
@@ -165,6 +170,9 @@ def lower_cuda_sites(gm: fx.GraphModule) -> int:
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         lowered += 1
+        cols = cap or (-(-s_kv // bn) if isinstance(s_kv, int) else None)  # site_plan's index columns
+        if cols is not None:
+            warmup.schedule(template.name, cfg, qv, kv, vv, _val(kp), float(scale), cols, lowered=True)
         log.info(
             "fgcompile: site %s lowered for CUDA: site_plan + sparse_attention (Triton, block_m=%d, block_n=%d, full_tile=%d)",
             template.name, bm, bn, ft,

@@ -11,6 +11,10 @@ Touched here:
   2.13); the sparse kernel's ``qk_scale`` then promotes the softmax to fp64 and ``tl.dot``'s fp32
   accumulator assertion fails at compile time. Patched to False (fp32, what Triton's own JIT
   uses) in compiles holding the lowered op; without the flag, floats are already fp32;
+- the private ``torch._inductor.config.max_autotune``: read while Inductor traces the sparse
+  kernel's launch; the kernel autotunes its configs only in ``mode="max-autotune"`` compiles
+  (Inductor's own rule for its templates), else it launches one heuristic config
+  (``fgcompile.kernels.triton_sparse.autotune_wanted``);
 - ``torch._inductor.utils.run_and_get_code`` (private; tests and benchmarks only): the generated
   program's source.
 
@@ -23,7 +27,10 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["triton_op_api", "partition_config_patches", "kernel_config_patches", "run_and_get_code", "PLAN_OP_NAME"]
+__all__ = [
+    "triton_op_api", "partition_config_patches", "kernel_config_patches", "max_autotune_enabled",
+    "run_and_get_code", "PLAN_OP_NAME",
+]
 
 PLAN_OP_NAME = "fgcompile::site_plan"
 
@@ -83,6 +90,16 @@ def kernel_config_patches() -> dict[str, Any]:
     return {}
 
 
+def max_autotune_enabled() -> bool:
+    """Whether the Inductor compile in progress autotunes (``mode="max-autotune"`` or
+    ``options={"max_autotune": True}``); False where this torch lacks the setting."""
+    try:
+        from torch._inductor import config as inductor_config
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(getattr(inductor_config, "max_autotune", False))
+
+
 def run_and_get_code(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
     """``torch._inductor.utils.run_and_get_code``: (fn's result, the output code of every graph
     Inductor compiled while running it)."""
@@ -95,16 +112,19 @@ def run_and_get_code(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, list
 
 def count_kernel_configs(code: str, kernel: str = "_fg_sparse_fwd") -> int:
     """How many autotune configs Inductor's generated ``code`` lists for the user-defined Triton
-    ``kernel`` (its ``user_autotune(configs=[...])`` literal, parsed with ast). Used by the lowering
-    tests and benchmark to check that Inductor autotunes the inlined kernel."""
+    ``kernel`` (the ``user_autotune(configs=[...])`` literal before its source, parsed with ast; 1
+    where there is none or it is empty: one launch config). Used by the lowering tests and benchmark to check when Inductor
+    autotunes the inlined kernel."""
     import ast
 
     i = code.index(f"def {kernel}(")
-    start = code.rindex("user_autotune(", 0, i)
+    start = code.rfind("user_autotune(", 0, i)
+    if start < 0:  # launched without Inductor's autotuning decorator
+        return 1
     j = code.index("configs=", start) + len("configs=")
     depth = 0
     for end in range(j, i):
         depth += {"[": 1, "]": -1}.get(code[end], 0)
         if depth == 0:
             break
-    return len(ast.literal_eval(code[j : end + 1]))
+    return max(1, len(ast.literal_eval(code[j : end + 1])))

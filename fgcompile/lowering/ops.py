@@ -46,7 +46,9 @@ block_n, seq_len_kv, full_tile) -> out``
     ``fgcompile.kernels.triton_sparse.launch_sparse_kernel`` (the same launch as the direct call)
     with ``wrap_triton``: Inductor traces the launch, copies the kernel's source into its output
     code, specialised by head dim, dtype, tile sizes (constexprs) and GQA ratio (a constant
-    argument of the launch), and autotunes the configs the kernel's prune predicate keeps. Returns
+    argument of the launch). In ``mode="max-autotune"`` compiles Inductor autotunes the configs the
+    kernel's prune predicate keeps; otherwise the launch uses one heuristic config (the H100's
+    autotuner pick for 128-row blocks), which keeps compile time near the default backend's. Returns
     a contiguous (B, H, S_q, D) tensor of q's dtype. Callable eagerly too (it launches the kernel).
 """
 
@@ -70,7 +72,9 @@ def site_attention(
     owner: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     from .. import runtime
+    from . import warmup
 
+    warmup.wait()
     return runtime.run_site(site, q, k, v, key_padding, scale, owner)
 
 
@@ -120,7 +124,9 @@ def site_plan(
     index_cap: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .. import runtime
+    from . import warmup
 
+    warmup.wait()
     shapes = plan_shapes(q, k, v, block_m, block_n, full_tile, index_cap)
     dev = q.device
     out, packed = runtime.plan_site(site, q, k, v, key_padding, scale, owner, int(shapes["indices"][-1]))
@@ -200,7 +206,7 @@ def sparse_attention_op():
     global _SPARSE_OP
     if _SPARSE_OP is not None:
         return _SPARSE_OP
-    from .inductor import triton_op_api
+    from .inductor import max_autotune_enabled, triton_op_api
 
     triton_op, wrap_triton = triton_op_api()
     from ..kernels.triton_sparse import launch_sparse_kernel
@@ -224,7 +230,7 @@ def sparse_attention_op():
         out = torch.empty((B, H, S_q, D), device=q.device, dtype=q.dtype)
         return launch_sparse_kernel(
             q, k, v, out, counts, indices, full_counts, full_tiles,
-            scale, block_m, block_n, full_tile, wrap=wrap_triton,
+            scale, block_m, block_n, full_tile, autotune=max_autotune_enabled(), wrap=wrap_triton,
         )
 
     _SPARSE_OP = torch.ops.fgcompile.sparse_attention.default

@@ -1,0 +1,163 @@
+"""Compile the schedule step's Triton kernels while Inductor compiles the graph.
+
+A CUDA site's schedule step (``fgcompile::site_plan`` / ``site_attention``) launches Triton
+kernels of its own: the profiling kernel at profiled calls, the pooled predictor's kernels, the
+packing of a bitmap into index lists, and (sites left opaque) the sparse kernel. Triton compiles
+each at its first launch, which is the model's first call: seconds of compile time on top of
+Inductor's, serial, on the caller's thread.
+
+``schedule(...)``, called by the lowering pass for every CUDA site it sees, instead runs one
+throwaway schedule step per distinct site shape in a background thread, on scratch tensors with
+the fake tensors' exact sizes, strides and dtypes (a Triton binary is specialised on dtypes and on
+which integer arguments are 1 or multiples of 16, so scaled-down tensors could compile a different
+binary). Triton's compiler releases the GIL, so these compiles overlap Inductor's lowering and
+code generation; the binaries land in Triton's caches, where the first real launch finds them.
+``wait()`` (called at the first run of a site op) joins what is still compiling, so that no kernel
+is compiled twice.
+
+The scratch step computes on zeros on the current CUDA stream and frees everything at its end.
+It is skipped, and logged, where the scratch tensors would take more than a quarter of the free
+device memory, for symbolic shapes, under the Triton interpreter, and with
+``FGCOMPILE_PRECOMPILE=0``. A failure is logged at DEBUG level and changes nothing else: the
+kernels then compile at the first call, as without this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["schedule", "wait", "enabled"]
+
+log = logging.getLogger("fgcompile")
+
+_POOL: Optional[ThreadPoolExecutor] = None
+_PENDING: list[Future] = []
+_DONE_KEYS: set = set()
+_LOCK = threading.Lock()
+
+
+def enabled() -> bool:
+    """False under the Triton interpreter or with ``FGCOMPILE_PRECOMPILE=0``."""
+    from ..kernels.triton_sparse import interpreting
+
+    return os.environ.get("FGCOMPILE_PRECOMPILE", "1") != "0" and not interpreting()
+
+
+def _spec(t: Any) -> Optional[tuple]:
+    """(sizes, strides, dtype, device) of a fake tensor with static sizes; None otherwise."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        size, stride = tuple(int(s) for s in t.shape), tuple(int(s) for s in t.stride())
+    except (TypeError, ValueError, RuntimeError):  # symbolic
+        return None
+    if any(isinstance(s, torch.SymInt) for s in (*t.shape, *t.stride())):
+        return None
+    return size, stride, t.dtype, t.device
+
+
+def _scratch(spec: tuple) -> torch.Tensor:
+    size, stride, dtype, device = spec
+    return torch.empty_strided(size, stride, dtype=dtype, device=device).zero_()
+
+
+def _nbytes(spec: tuple) -> int:
+    size, stride, dtype, _ = spec
+    span = 1 + sum((s - 1) * st for s, st in zip(size, stride) if s > 0)
+    return span * torch.empty((), dtype=dtype).element_size()
+
+
+def _step(name: str, config: Any, specs: tuple, scale: float, index_cap: Optional[int], lowered: bool) -> None:
+    """One throwaway schedule step of a fresh site state: the profiled (or pooled) call, the
+    packing of its mask, and, for a site left opaque, the sparse kernel on that packing."""
+    from ..runtime import SiteState
+
+    q_spec, k_spec, v_spec, kp_spec = specs
+    cfg = dataclasses.replace(config, dense_calls=0, dense_sites=(), max_density=1.0)
+    site = SiteState(name=f"{name} (precompile)", config=cfg)
+    dev = q_spec[3]
+    with torch.no_grad(), torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        q, k, v = _scratch(q_spec), _scratch(k_spec), _scratch(v_spec)
+        kp = None if kp_spec is None else torch.ones(kp_spec[0], dtype=torch.bool, device=kp_spec[3])
+        out, packed = site.plan(q, k, v, kp, scale, index_cap)
+        if site.fallback is not None:
+            raise RuntimeError(site.fallback)
+        if packed is None and site.mask is not None:
+            packed = site.packed(site.mask, k, index_cap)
+        if packed is not None and not lowered:
+            site.run_sparse(q, k, v, kp, scale, packed)
+        del q, k, v, kp, out, packed, site  # freed in stream order: the memory is reusable at once
+
+
+def _run(key: tuple, *args: Any) -> None:
+    try:
+        _step(*args)
+    except Exception as e:  # never affects the compile: the kernels then compile at the first call
+        log.debug("fgcompile: precompiling the schedule step of %s failed: %s: %s", args[0], type(e).__name__, e)
+        with _LOCK:
+            _DONE_KEYS.discard(key)
+
+
+def schedule(
+    name: str,
+    config: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    key_padding: Any,
+    scale: float,
+    index_cap: Optional[int],
+    lowered: bool,
+) -> bool:
+    """Start compiling the schedule-step kernels of a site in the background (q, k, v,
+    key_padding: the node's fake tensors; ``index_cap``: the graph's index columns, None for an
+    opaque site). Returns whether a job was started (False: disabled, symbolic or non-CUDA shapes,
+    not enough free memory, or the same shapes and config already scheduled)."""
+    global _POOL
+    if not enabled():
+        return False
+    specs = tuple(_spec(t) for t in (q, k, v))
+    if any(s is None for s in specs) or specs[0][3].type != "cuda":
+        return False
+    kp_spec = None
+    if key_padding is not None:
+        kp_spec = _spec(key_padding)
+        if kp_spec is None:
+            return False
+    key = (specs, kp_spec, config, float(scale), index_cap, lowered)
+    with _LOCK:
+        if key in _DONE_KEYS:
+            return False
+        need = sum(_nbytes(s) for s in specs) * 6  # q, k, v, dense output, mask, index lists
+        try:
+            free, _ = torch.cuda.mem_get_info(specs[0][3])
+        except Exception:  # pragma: no cover - no driver
+            return False
+        if need > free // 4:
+            log.info("fgcompile: site %s: not precompiling its kernels (%d MB of scratch, %d MB free)",
+                     name, need >> 20, free >> 20)
+            return False
+        _DONE_KEYS.add(key)
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fgcompile-precompile")
+        _PENDING.append(_POOL.submit(_run, key, name, config, (*specs, kp_spec), float(scale), index_cap, lowered))
+    return True
+
+
+def wait() -> None:
+    """Join the background compiles still running (a no-op once they are done)."""
+    if not _PENDING:
+        return
+    with _LOCK:
+        pending = list(_PENDING)
+        _PENDING.clear()
+    for f in pending:
+        f.result()
