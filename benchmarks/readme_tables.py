@@ -39,8 +39,8 @@ def e2e_table(path: Path) -> str:
         f"End to end, {d['config']} transformer forward, {d['device']}, torch {d['torch']}, triton {d['triton']}, "
         f"{d['compile']} (`python benchmarks/e2e_wan.py`, {path.name}):",
         "",
-        "| size | batch | setting | density | default compile ms | fgattn ms | speedup | limit speedup | model memory ratio | masks GB | process memory ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| size | batch | setting | density | default compile ms | fgattn ms | speedup | limit speedup | model memory ratio | mask storage | masks on GPU, GB | process memory ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in d["rows"]:
         lim = f"{r['limit_speedup']:.2f}x" if r.get("limit_speedup") else "-"
@@ -50,7 +50,7 @@ def e2e_table(path: Path) -> str:
         note = " (kernel inside site_plan)" if r.get("direct_calls_timed") else ""
         lines.append(
             f"| {r['size']} | {r['batch']} | {r['setting']}{note} | {r['density']:.3f} | {r['ms_default']:.1f} | "
-            f"{r['ms_fgattn']:.1f} | {r['speedup']:.2f}x | {lim} | {mem} | {masks} | {proc} |"
+            f"{r['ms_fgattn']:.1f} | {r['speedup']:.2f}x | {lim} | {mem} | {r.get('mask_storage', 'device')} | {masks} | {proc} |"
         )
     if "memory_definition" in d.get("summary", {}):
         lines += ["", "Model memory: " + d["summary"]["memory_definition"] + "."]
@@ -81,15 +81,20 @@ def quality_video_table(path: Path) -> str:
 
 def lowering_table(path: Path) -> str:
     d = json.loads(path.read_text())
-    lines = [f"Lowering, {d['device']} (`python benchmarks/lowering_bench.py`, {path.name}):", "",
-             "| case | compile s (default) | compile s (fgattn) | compile time ratio | lowered / direct kernel time |",
+    cmd = "python benchmarks/lowering_bench.py" + (" --compile-only" if "--compile-only" in d.get("command", "") else "")
+    earlier = " (an earlier run's)" if d.get("runtime_from") else ""
+    mode = d.get("summary", {}).get("compile_mode", "")
+    lines = [f"Lowering, {d['device']}, torch {d.get('torch')}, triton {d.get('triton')} (`{cmd}`, {path.name})"
+             f"{'; compile mode: ' + mode if mode else ''}:", "",
+             f"| case | compile s (default) | compile s (fgattn) | compile time ratio | lowered / direct kernel time{earlier} |",
              "| --- | --- | --- | --- | --- |"]
-    for case in ("toy", "wan"):
-        c, r = d[case].get("compile"), d[case].get("runtime")
-        if not c or not r:
+    for case in ("toy", "wan", "wan_model"):
+        c, r = d.get(case, {}).get("compile"), d.get(case, {}).get("runtime")
+        if not c:
             continue
+        rt = f"{r['runtime_ratio_lowered_vs_direct']:.4f}" if r else "-"
         lines.append(f"| {case} | {c['compile_s']['inductor']:.1f} | {c['compile_s']['fgattn']:.1f} | "
-                     f"{c['compile_time_ratio']:.2f} | {r['runtime_ratio_lowered_vs_direct']:.4f} |")
+                     f"{c['compile_time_ratio']:.2f} | {rt} |")
     return "\n".join(lines)
 
 

@@ -66,8 +66,10 @@ def transform(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
     config: FGAttnConfig,
+    autotune: bool = False,
 ) -> TransformResult:
-    """Run fgcompile's FX passes on a Dynamo graph, in place: detect, decide, register, rewrite."""
+    """Run fgcompile's FX passes on a Dynamo graph, in place: detect, decide, register, rewrite,
+    lower (CUDA). ``autotune``: whether the lowered sparse kernel autotunes its configs."""
     from .lowering.ops import site_attention
     from .passes.find_attention import find_attention_sites
     from .passes.rewrite import rewrite_sites
@@ -99,7 +101,7 @@ def transform(
     gm.recompile()
     from .lowering.cuda import lower_cuda_sites
 
-    lowered = lower_cuda_sites(gm)
+    lowered = lower_cuda_sites(gm, autotune)
     for m in matches:
         i = m.info
         log.info(
@@ -140,8 +142,13 @@ class FGAttnBackend:
         options: Optional[Mapping[str, Any]] = None,
     ) -> Callable:
         config = self.config if options is None else FGAttnConfig.from_options({"config": self.config, **options})
+        patches = torch_private.inductor_mode_options(mode)
         try:
-            transform(gm, example_inputs, config)
+            from .kernels.triton_sparse import autotune_wanted
+            from .lowering.inductor import max_autotune_enabled
+
+            autotune = autotune_wanted(bool(patches.get("max_autotune")) or max_autotune_enabled())
+            transform(gm, example_inputs, config, autotune)
         except Exception as e:  # never crash a user's compile: sites not yet rewritten stay dense
             log.warning(
                 "fgcompile: the attention passes failed (%s: %s); the sites not rewritten yet stay dense",
@@ -149,7 +156,6 @@ class FGAttnBackend:
             )
             if strict_mode():
                 raise
-        patches = torch_private.inductor_mode_options(mode)
         if any(n.op == "call_function" and n.target is ops.site_plan._opoverload for n in gm.graph.nodes):
             from .lowering.inductor import kernel_config_patches, partition_config_patches
 

@@ -21,6 +21,13 @@ Schedule of one site, call ``c`` (0-based, counted per site):
             mask = block_max > alpha / S_kv  (per M x N tile; density budget)
         else: sparse_attention(q, k, v, cached mask)
     elif predictor == "pooled":   sparse_attention(q, k, v, pooled_slices(q, k))
+
+Mask storage (``config.mask_storage``, CUDA only): ``"device"`` keeps each cached mask in GPU
+memory; ``"host"`` keeps it in pinned host memory (copied there on a side stream after the profiled
+call that made it) and brings it back for each sparse call only. Sites learn the order in which
+they run (each site's ``successor``, per thread, across models: with regional compilation every
+block has its own ``ModelState``), and after each call the next site's host mask is prefetched on
+the side stream while this site runs.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -77,6 +85,8 @@ _TEMPLATES: dict[int, SiteTemplate] = {}
 # owner parameter -> ModelState (weak: the state dies with the model's parameters)
 # (by identity: a WeakKeyDictionary would compare tensors with ==, which is elementwise)
 _OWNED: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
+_SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # CUDA device index -> the stream mask copies run on
+_ORDER = threading.local()  # .last: weakref to the site this thread called last (see SiteState.successor)
 
 
 def register_site(name: str, config: FGAttnConfig, info: Any = None, owner_name: Optional[str] = None) -> int:
@@ -104,7 +114,8 @@ class SiteStats:
     density_mean: Optional[list[float]]
     fallback: Optional[str] = None  # why the site runs dense from now on (a failed sparse path)
     direct_calls: int = 0  # sparse calls whose kernel ran inside site_plan (lists wider than the compiled buffer)
-    mask_bytes: int = 0  # device memory held by the cached mask (a bitmap)
+    mask_bytes: int = 0  # device memory held by the cached mask (a bitmap; a prefetched copy is not counted)
+    host_mask_bytes: int = 0  # pinned host memory held by the cached mask (mask_storage="host" on CUDA)
 
     @property
     def mean_density(self) -> Optional[float]:
@@ -131,6 +142,11 @@ class SiteState:
     mask_density: Optional[float] = None  # fraction of slices the cached mask keeps (host copy)
     mask_cap: Optional[int] = None  # most key blocks any row of the cached mask keeps (a bound; None: nKB)
     _mask_density_pending: Optional[tuple] = None  # (pinned host scalar, CUDA event) in flight
+    _mask_ready: Optional[Any] = None  # CUDA event: the copy of a host mask from the device has completed
+    _prefetched: Optional[tuple] = None  # (device copy, CUDA event, the host mask it copies) for the next call
+    _profiled_bits: Optional[torch.Tensor] = None  # this call's new mask on the device (for plan_site), profiled calls
+    _successor: Optional[Any] = None  # weakref to the site called after this one last time
+    _device: Optional[torch.device] = None  # of the last call
     _density_last: Optional[torch.Tensor] = None  # (H,) float32 on the device
     _density_sum: Optional[torch.Tensor] = None
     _density_count: int = 0
@@ -149,6 +165,7 @@ class SiteState:
     ) -> torch.Tensor:
         """One call of the site: the schedule's step, then the sparse kernel if the step asks for it."""
         out, packed = self.plan(q, k, v, key_padding, scale)
+        self._profiled_bits = None
         if out is not None:
             return out
         return self.run_sparse(q, k, v, key_padding, scale, packed)
@@ -195,20 +212,37 @@ class SiteState:
         Returns ``(out, None)`` when the call's output is already computed (a dense warm-up call,
         ``predictor="dense"``, or a profiled call, whose output is dense attention), or
         ``(None, packed)`` for a sparse call: the ``PackedSlices`` the sparse kernel must compute
-        (cached mask or this call's prediction, padded keys removed). No host synchronisation."""
-        cfg = self.config
+        (cached mask or this call's prediction, padded keys removed). A profiled call leaves the
+        mask it made, on q's device, in ``_profiled_bits`` for the caller (which clears it). Then
+        learns the call order and prefetches the next site's host mask (``_note_call``). No host
+        synchronisation."""
         call = self.calls
         self.calls += 1
         self.last_shapes = (tuple(q.shape), tuple(k.shape))
-        if self.fallback is not None or cfg.predictor == "dense" or call < cfg.dense_calls or cfg.is_dense_site(self.name):
+        self._device = q.device
+        prefetched, self._prefetched = self._prefetched, None  # for this call only: used or dropped
+        self._profiled_bits = None
+        if self._dense_call(call):
             self.n_dense += 1
-            return dense_attention(q, k, v, key_padding, scale), None
-        try:
-            return self._plan_sparse(call, q, k, v, key_padding, scale, index_cap)
-        except Exception as e:
-            return self._fail(e, q, k, v, key_padding, scale), None
+            out, packed = dense_attention(q, k, v, key_padding, scale), None
+        else:
+            try:
+                out, packed = self._plan_sparse(call, q, k, v, key_padding, scale, index_cap, prefetched)
+            except Exception as e:
+                out, packed = self._fail(e, q, k, v, key_padding, scale), None
+        del prefetched  # an unused prefetched copy is freed before the next site's is made
+        _note_call(self)
+        return out, packed
 
-    def _plan_sparse(self, call: int, q, k, v, key_padding, scale, index_cap=None) -> tuple[Optional[torch.Tensor], Optional[Any]]:
+    def _dense_call(self, call: int) -> bool:
+        """Whether the schedule runs call ``call`` dense whatever the mask: a failed sparse path,
+        ``predictor="dense"``, a warm-up call, or a site matching ``dense_sites``."""
+        cfg = self.config
+        return self.fallback is not None or cfg.predictor == "dense" or call < cfg.dense_calls or cfg.is_dense_site(self.name)
+
+    def _plan_sparse(
+        self, call: int, q, k, v, key_padding, scale, index_cap=None, prefetched: Optional[tuple] = None
+    ) -> tuple[Optional[torch.Tensor], Optional[Any]]:
         cfg = self.config
 
         from . import predictors
@@ -217,15 +251,17 @@ class SiteState:
         key = (tuple(q.shape), tuple(k.shape), cfg.block_m, cfg.block_n)
         if cfg.predictor == "profile":
             if cfg.is_profiled_call(call) or self.mask is None or self.mask_key != key:
-                out, self.mask, kept = predictors.profile_bits(
+                out, bits, kept = predictors.profile_bits(
                     q, k, v, alpha=cfg.alpha, block_m=cfg.block_m, block_n=cfg.block_n, scale=scale,
                     key_padding=key_padding, density=cfg.density, impl=cfg.impl,
                 )
+                self._keep_mask(bits)
                 self.mask_key = key
                 self.mask_cap = predictors.density_budget(-(-k.shape[2] // cfg.block_n), cfg.density)
                 self._note_mask_density(kept.mean())
                 self.n_profiled += 1
                 self._record(kept)
+                self._profiled_bits = bits
                 return out, None
             if self.mask_density is None and self._mask_density_pending is not None:
                 host, event = self._mask_density_pending
@@ -237,9 +273,7 @@ class SiteState:
                 self.n_dense += 1
                 self._record(torch.ones(q.shape[1], device=q.device))
                 return dense_attention(q, k, v, key_padding, scale), None
-            if self.mask.device != q.device:  # loaded from a file
-                self.mask = self.mask.to(q.device)
-            bits = self.mask
+            bits = self._mask_for_call(q.device, prefetched)
         else:  # pooled
             bits = predictors.pooled_bits(
                 q,
@@ -286,6 +320,109 @@ class SiteState:
             cap = index_cap
         return packing.packed_from_bits(bits, n_kb, cfg.block_m, cfg.block_n, k.shape[2], cap=cap)
 
+    # ----------------------------------------------------------------- mask storage
+    def _host_storage(self, device: torch.device) -> bool:
+        """Whether the cached mask of calls on ``device`` lives in pinned host memory:
+        ``mask_storage="host"`` on CUDA (on the CPU the mask is in host memory either way)."""
+        return self.config.mask_storage == "host" and device.type == "cuda"
+
+    def _keep_mask(self, bits: torch.Tensor) -> None:
+        """Cache ``bits`` (a bitmap made or used by this call on its device, int32 (B, H, nQB,
+        ceil(nKB / 32))) where ``mask_storage`` asks: the tensor itself, or (host storage) a pinned
+        host copy made on the device's side stream once the current stream has produced ``bits``;
+        ``_mask_ready`` marks the copy's completion. The call may go on using ``bits`` on the
+        current stream; its memory is not reused before the copy has read it. No host sync."""
+        self._mask_ready = None
+        if not self._host_storage(bits.device):
+            self.mask = bits
+            return
+        side = _side_stream(bits.device)
+        side.wait_stream(torch.cuda.current_stream(bits.device))
+        host = torch.empty(bits.shape, dtype=bits.dtype, pin_memory=True)
+        with torch.cuda.stream(side):
+            host.copy_(bits, non_blocking=True)
+        bits.record_stream(side)  # the allocator must not hand out bits' memory before the copy ran
+        self.mask, self._mask_ready = host, side.record_event()
+
+    def _copy_mask(self, device: torch.device, stream: Optional["torch.cuda.Stream"] = None) -> torch.Tensor:
+        """A copy of the cached mask on ``device``. On CUDA enqueued on ``stream`` (default: the
+        current stream), after the mask's own copy from the device (``_keep_mask``) if one is in
+        flight, asynchronous from pinned memory: no host sync."""
+        if device.type != "cuda":
+            return self.mask.to(device)
+        stream = stream if stream is not None else torch.cuda.current_stream(device)
+        if self._mask_ready is not None:
+            stream.wait_event(self._mask_ready)
+        with torch.cuda.stream(stream):
+            return self.mask.to(device, non_blocking=True)
+
+    def _mask_for_call(self, device: torch.device, prefetched: Optional[tuple]) -> torch.Tensor:
+        """The cached mask on ``device`` for a sparse call, int32 (B, H, nQB, ceil(nKB / 32)); no
+        host sync. Device storage: the cached tensor, moved to ``device`` once (a mask loaded from
+        a file, or kept on the host before ``configure`` chose the device). Host storage: a copy
+        for this call only, dropped after it: ``prefetched`` when it is a copy of the current mask
+        on ``device``, else one made now on the current stream (a mask still on the device, cached
+        before ``configure`` chose the host, moves there)."""
+        if not self._host_storage(device):
+            if self.mask.device != device:
+                self.mask = self._copy_mask(device)
+                self._mask_ready = None
+            return self.mask
+        if self.mask.device.type == "cuda":
+            bits = self.mask.to(device)
+            self._keep_mask(bits)
+            return bits
+        if prefetched is not None:
+            bits, copied, source = prefetched
+            if source is self.mask and bits.device == device:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(copied)
+                bits.record_stream(current)  # made on the side stream, read on this one
+                return bits
+        return self._copy_mask(device)
+
+    def _wants_prefetch(self) -> bool:
+        """Whether the site's next call should find its host mask on the device already: host
+        storage on CUDA, nothing prefetched yet, and a next step that is a sparse call with the
+        cached mask, as far as the host knows without the call's shapes."""
+        cfg = self.config
+        return (
+            self._prefetched is None
+            and self.mask is not None
+            and self.mask.device.type == "cpu"
+            and self._device is not None
+            and self._host_storage(self._device)
+            and cfg.predictor == "profile"
+            and not self._dense_call(self.calls)
+            and not cfg.is_profiled_call(self.calls)
+            and not (self.mask_density is not None and self.mask_density > cfg.max_density)
+        )
+
+    def prefetch(self) -> None:
+        """Start copying the host mask to the device of the site's last call on the device's side
+        stream; the next call uses the copy if the mask has not changed since (``_mask_for_call``),
+        else drops it."""
+        side = _side_stream(self._device)
+        bits = self._copy_mask(self._device, side)
+        self._prefetched = (bits, side.record_event(), self.mask)
+
+    @property
+    def successor(self) -> Optional["SiteState"]:
+        """The site that ran right after this one last time (in this thread, in any model), whose
+        host mask this site's calls prefetch; None until learned."""
+        return self._successor() if self._successor is not None else None
+
+    def host_mask(self) -> torch.Tensor:
+        """The cached mask in host memory, for saving: waits for a copy from the device still in
+        flight (a host sync: never called by steady-state calls)."""
+        if self._mask_ready is not None:
+            self._mask_ready.synchronize()
+        return self.mask.cpu()
+
+    def _drop_mask(self) -> None:
+        """Forget the cached mask and every copy of it (in flight, prefetched)."""
+        self.mask = self.mask_key = self._mask_ready = self._prefetched = self._profiled_bits = None
+
     def _note_mask_density(self, d: torch.Tensor) -> None:
         """Bring the new mask's kept fraction to the host without synchronising: on CUDA an
         asynchronous copy to pinned memory, read by a later call once its event has completed (until
@@ -315,8 +452,7 @@ class SiteState:
         """Forget the schedule position, the cached mask and the statistics."""
         self.calls = self.n_dense = self.n_profiled = self.n_sparse = self.n_direct = 0
         self.fallback = None
-        self.mask = None
-        self.mask_key = None
+        self._drop_mask()
         self.mask_cap = None
         self.mask_density = None
         self._mask_density_pending = None
@@ -330,9 +466,10 @@ class SiteState:
             if self._density_sum is not None
             else None
         )
-        mask_bytes = self.mask.numel() * self.mask.element_size() if self.mask is not None else 0
+        nbytes = self.mask.numel() * self.mask.element_size() if self.mask is not None else 0
+        pinned = nbytes > 0 and self.mask.device.type == "cpu" and self.mask.is_pinned()
         return SiteStats(self.name, self.calls, self.n_dense, self.n_profiled, self.n_sparse, last, mean, self.fallback,
-                         self.n_direct, mask_bytes)
+                         self.n_direct, 0 if pinned else nbytes, nbytes if pinned else 0)
 
 
 class ModelState:
@@ -355,8 +492,7 @@ class ModelState:
             self.sites[template.name] = site
         elif site._template_config != template.config:
             site.config = site._template_config = template.config
-            site.mask = None
-            site.mask_key = None
+            site._drop_mask()
         return site
 
 
@@ -410,6 +546,40 @@ def state_of(model: Any) -> ModelState:
         for name, site in st.sites.items():
             merged.sites[f"{prefix}.{name}" if prefix else name] = site
     return merged
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The stream that copies masks between host and the CUDA ``device`` (one per device, created
+    on first use)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _SIDE_STREAMS.get(index)
+    if stream is None:
+        with _LOCK:
+            stream = _SIDE_STREAMS.get(index)
+            if stream is None:
+                stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return stream
+
+
+def _note_call(site: SiteState) -> None:
+    """After a call of ``site``: learn the call order (the site this thread called before is
+    followed by ``site``; kept per thread and across models, so that blocks compiled one by one,
+    each with its own ModelState, are linked too), then prefetch the host mask of the site that
+    followed ``site`` last time, when its next call will read it."""
+    ref = weakref.ref(site)
+    last = getattr(_ORDER, "last", None)
+    last = last() if last is not None else None
+    if last is not None:
+        last._successor = ref
+    _ORDER.last = ref
+    nxt = site.successor
+    if nxt is not None and nxt._wants_prefetch():
+        try:
+            nxt.prefetch()
+        except Exception as e:  # only speed depends on it: the next call copies its mask itself
+            if strict_mode():
+                raise
+            log.warning("fgcompile: site %s: prefetching its cached mask failed: %s", nxt.name, e)
 
 
 def _site(handle: int, owner: Optional[torch.Tensor]) -> SiteState:
@@ -470,8 +640,8 @@ def configure(model: Any, **changes: Any) -> None:
             continue
         mask_fields = ("predictor", "alpha", "tau", "gamma", "density", "block_m", "block_n")
         if any(getattr(new, f) != getattr(site.config, f) for f in mask_fields):
-            site.mask = None
-            site.mask_key = None
+            site._drop_mask()
+        site._prefetched = None  # made under the old settings; a new mask_storage applies at the next call
         site.config = new
 
 
@@ -507,7 +677,7 @@ def save_state(model: Any, path: str) -> None:
             q_shape, k_shape, bm, bn = s.mask_key
             entry["mask_key"] = [list(q_shape), list(k_shape), bm, bn]
             entry["mask_shape"] = list(s.mask.shape)
-            entry["mask_bits"] = s.mask.cpu()
+            entry["mask_bits"] = s.host_mask()
         sites[name] = entry
     torch.save({"format": "fgcompile-state", "version": STATE_VERSION, "config": config.to_dict() if config else None, "sites": sites}, path)
 
@@ -541,7 +711,8 @@ def load_state(model: Any, path: str) -> None:
             )
     for name, entry in blob["sites"].items():
         site = st.sites[name]
-        site.config = FGAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["config"].items()})
+        saved = FGAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["config"].items()})
+        site.config = saved.replace(mask_storage=site.config.mask_storage)  # where masks live: this machine's choice
         site.reset()
         site.calls = entry["calls"]
         site.n_dense, site.n_profiled, site.n_sparse = entry["counts"]
@@ -550,6 +721,8 @@ def load_state(model: Any, path: str) -> None:
             from .kernels.packing import popcount_rows
 
             site.mask = entry["mask_bits"]
+            if site.config.mask_storage == "host" and torch.cuda.is_available():
+                site.mask = site.mask.pin_memory()
             site.mask_key = (tuple(q_shape), tuple(k_shape), bm, bn)
             n_kb = -(-k_shape[2] // bn)
             rows = popcount_rows(site.mask)
@@ -570,20 +743,22 @@ def plan_site(
     """Entry point of the ``fgcompile::site_plan`` op (the CUDA lowering): one schedule step of
     the site (``SiteState.plan``). Returns ``(None, PackedSlices)`` for a sparse call (the kernel
     in the compiled graph computes the output), ``(out, None)`` for a dense call, and ``(out,
-    PackedSlices)`` for a profiled call: the exact output plus the packing of the mask it just
-    made. The graph selects ``out``; the kernel still runs on a real mask, so that the autotuner,
-    which tunes on the first launch (a profiled call by default), sees real work.
+    PackedSlices)`` for the site's first profiled call (since its state began or was reset): the
+    exact output plus the packing of the mask it just made. The graph selects ``out``; the kernel
+    still runs on a real mask, so that the autotuner (``mode="max-autotune"``), which tunes on the
+    first launch, sees real work. Later profiled calls return ``(out, None)``: the kernel then
+    keeps nothing (a few microseconds) instead of a pass at the mask's density.
 
     ``index_cap``: the index columns the compiled graph holds (``ops.plan_shapes``). A sparse call
     whose mask's bound is larger (a ``configure()`` that raised the density budget after
     compiling, a loaded mask) cannot fit: the kernel runs here, directly, and the call returns
     ``(out, None)``, the graph selecting it like a dense output."""
     site = _site(handle, owner)
-    profiled_before = site.n_profiled
     out, packed = site.plan(q, k, v, key_padding, scale, index_cap)
-    if out is not None and site.n_profiled > profiled_before and site.mask is not None:
+    bits, site._profiled_bits = site._profiled_bits, None
+    if bits is not None and site.n_profiled == 1:  # the first profiled call: the packing of its mask
         try:
-            packed = site.packed(site.mask, k, index_cap)
+            packed = site.packed(bits, k, index_cap)
         except Exception as e:  # only the autotuner's view of the call depends on it
             log.warning("fgcompile: site %s: packing the profiled mask failed (%s); the kernel sees no work", site.name, e)
             packed = None

@@ -147,6 +147,7 @@ def test_fake_cuda_site_is_lowered(heads, kv_heads, block_n, density):
     assert tuple(dense_out.shape) == (2, heads, 256, 64) and dense_out.device.type == "cuda"
     assert use_dense.shape == () and use_dense.dtype == torch.bool
     sp = next(n for n in gm.graph.nodes if n.target is sparse_op)
+    assert sp.args[-1] is False  # no autotuning outside mode="max-autotune": one heuristic config
     assert sp.args[3:7] == tuple(n for n in gm.graph.nodes if n.op == "call_function" and n.args and n.args[0] is plan)[:4]
     where = next(n for n in gm.graph.nodes if n.target is torch.where)
     assert where.args[2] is sp and where.args[1].args == (plan, 4) and where.args[0].args == (plan, 5)
@@ -285,3 +286,24 @@ def test_precompile_step_on_the_cpu(predictor, density):
     for lowered in (True, False):
         cols = density_budget(256, density) if density else 256
         warmup._step("t", cfg, (*specs, None), 32 ** -0.5, cols if lowered else None, lowered)
+
+
+def test_autotune_decision_is_part_of_the_graph(monkeypatch):
+    """The sparse kernel autotunes in mode="max-autotune" or with FGCOMPILE_AUTOTUNE=1 (=0: never).
+    The backend decides before Inductor runs and passes the decision as an argument of the op, so
+    Inductor's graph cache cannot replay a graph compiled under the other setting."""
+    from fgcompile.kernels.triton_sparse import autotune_wanted
+
+    monkeypatch.delenv("FGCOMPILE_AUTOTUNE", raising=False)
+    assert autotune_wanted(True) and not autotune_wanted(False) and not autotune_wanted()
+    monkeypatch.setenv("FGCOMPILE_AUTOTUNE", "1")
+    assert autotune_wanted(False)
+    monkeypatch.setenv("FGCOMPILE_AUTOTUNE", "0")
+    assert not autotune_wanted(True)
+    m = Attn(64).eval()
+    gm, ex = _capture(m, torch.randn(2, 256, 64))
+    fakes = _as_fake_cuda(gm, ex)
+    with torch.no_grad():
+        transform(gm, fakes, FGAttnConfig(min_seq_len=64, block_m=64), autotune=True)
+    sp = next(n for n in gm.graph.nodes if n.target is lops.sparse_attention_op())
+    assert sp.args[-1] is True

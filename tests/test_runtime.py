@@ -283,12 +283,15 @@ def test_plan_site_survives_a_failed_packing_of_the_profiled_mask(monkeypatch, c
     q, k, v = torch.randn(1, 2, 128, 64), torch.randn(1, 2, 128, 64), torch.randn(1, 2, 128, 64)
     out, packed = runtime.plan_site(h, q, k, v, None, 0.125)  # profiled: exact output + the mask's packing
     assert out is not None and packed is not None
+    site = runtime._site(h, None)
+    site.calls = 100  # the next profiled call: exact output, no packing (the kernel keeps nothing)
+    out, packed = runtime.plan_site(h, q, k, v, None, 0.125)
+    assert site.n_profiled == 2 and out is not None and packed is None
 
     def boom(self, bits, k, index_cap=None):
         raise RuntimeError("synthetic packing failure")
 
     monkeypatch.setattr(runtime.SiteState, "packed", boom)
-    site = runtime._site(h, None)
     site.reset()
     with caplog.at_level("WARNING", logger="fgcompile"):
         out, packed = runtime.plan_site(h, q, k, v, None, 0.125)  # profiled again: packing fails

@@ -298,10 +298,11 @@ def heuristic_config(q: torch.Tensor, meta: dict) -> dict:
 
 
 def autotune_wanted(requested: Optional[bool] = None) -> bool:
-    """Whether a launch autotunes: ``FGCOMPILE_AUTOTUNE=1`` always, ``=0`` never; otherwise
-    ``requested`` (the lowering passes True inside ``mode="max-autotune"`` compiles, as Inductor
-    autotunes its own templates only there). Autotuning compiles every config the prune predicate
-    keeps (~2 s each) and times them at the first call of each key; the heuristic compiles one."""
+    """Whether the sparse kernel autotunes: ``FGCOMPILE_AUTOTUNE=1`` always, ``=0`` never;
+    otherwise ``requested`` (the backend requests it in ``mode="max-autotune"`` compiles, as
+    Inductor autotunes its own templates only there; direct calls request nothing). Autotuning
+    compiles every config the prune predicate keeps (~2 s each) and times them at the first call
+    of each key; the heuristic config compiles once."""
     env = os.environ.get("FGCOMPILE_AUTOTUNE", "")
     if env in ("0", "1"):
         return env == "1"
@@ -339,8 +340,8 @@ def launch_sparse_kernel(
     and the ``fgcompile::sparse_attention`` triton_op (``fgcompile.lowering.ops``), which passes
     ``wrap=torch.library.wrap_triton`` so that Inductor traces the launch into its program.
     Writes ``out`` (B, H, S_q, D) and returns it. Sizes may be SymInts when traced. No host sync.
-    ``config``: {"BLOCK_N", "num_warps", "num_stages", "FULL_N"}; None: the autotuner where
-    ``autotune_wanted(autotune)``, else ``heuristic_config``."""
+    ``config``: {"BLOCK_N", "num_warps", "num_stages", "FULL_N"}; None: the autotuner if
+    ``autotune`` (None: ``autotune_wanted()``, the environment), else ``heuristic_config``."""
     B, H, S_q, D = q.shape
     H_kv, S_kv = k.shape[1], k.shape[2]
     upcast = interpreting() and q.dtype != torch.float32
@@ -366,7 +367,7 @@ def launch_sparse_kernel(
     )
     if config is None and interpreting():
         config = INTERPRET_CONFIG
-    elif config is None and not autotune_wanted(autotune):
+    elif config is None and not (autotune_wanted() if autotune is None else autotune):
         config = heuristic_config(q, meta)
     w = wrap if wrap is not None else (lambda f: f)
     if config is None:

@@ -8,7 +8,8 @@ Dynamo graph at compile time) this pass replaces it by::
         q, k, v, key_padding, scale, site, owner, block_m, block_n, full_tile,
         index_cap)                                                               # opaque, stateful
     sparse = fgcompile::sparse_attention(q, k, v, counts, indices, full_counts, full_tiles,
-                                         scale, block_m, block_n, S_kv, full_tile) # triton_op
+                                         scale, block_m, block_n, S_kv, full_tile,
+                                         autotune)                                # triton_op
     out = torch.where(use_dense, dense_out, sparse)
 
 Why ``torch.library.triton_op`` + ``wrap_triton`` and not a registered lowering building a Triton
@@ -120,9 +121,11 @@ def _insert(graph: fx.Graph, meta: dict, fake_mode, target, args, value_fn=None)
     return n
 
 
-def lower_cuda_sites(gm: fx.GraphModule) -> int:
+def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False) -> int:
     """Replace every CUDA ``site_attention`` node of ``gm`` that the kernel can take by
-    ``site_plan`` + ``sparse_attention`` + ``where`` (in place). Returns how many were lowered."""
+    ``site_plan`` + ``sparse_attention`` + ``where`` (in place). ``autotune``: whether the sparse
+    kernel autotunes (``triton_sparse.autotune_wanted`` of the compile's mode). Returns how many
+    were lowered."""
     import os
 
     from .. import runtime
@@ -163,7 +166,7 @@ def lower_cuda_sites(gm: fx.GraphModule) -> int:
                 s_kv = _insert(graph, meta, fake_mode, torch.ops.aten.sym_size.int, (k, 2))
             sparse = _insert(
                 graph, meta, fake_mode, sparse_op,
-                (q, k, v, counts, indices, full_counts, full_tiles, float(scale), bm, bn, s_kv, ft),
+                (q, k, v, counts, indices, full_counts, full_tiles, float(scale), bm, bn, s_kv, ft, bool(autotune)),
                 value_fn=lambda q_, *rest: q_.new_empty(q_.shape).contiguous(),
             )
             out = _insert(graph, meta, fake_mode, torch.where, (use_dense, dense_out, sparse))

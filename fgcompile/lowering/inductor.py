@@ -11,10 +11,10 @@ Touched here:
   2.13); the sparse kernel's ``qk_scale`` then promotes the softmax to fp64 and ``tl.dot``'s fp32
   accumulator assertion fails at compile time. Patched to False (fp32, what Triton's own JIT
   uses) in compiles holding the lowered op; without the flag, floats are already fp32;
-- the private ``torch._inductor.config.max_autotune``: read while Inductor traces the sparse
-  kernel's launch; the kernel autotunes its configs only in ``mode="max-autotune"`` compiles
-  (Inductor's own rule for its templates), else it launches one heuristic config
-  (``fgcompile.kernels.triton_sparse.autotune_wanted``);
+- the private ``torch._inductor.config.max_autotune``: read by the backend before its passes
+  (besides the compile's ``mode``): the sparse kernel autotunes its configs only in
+  ``mode="max-autotune"`` compiles (Inductor's own rule for its templates), else it launches one
+  heuristic config (``fgcompile.kernels.triton_sparse.autotune_wanted``);
 - ``torch._inductor.utils.run_and_get_code`` (private; tests and benchmarks only): the generated
   program's source.
 

@@ -41,14 +41,16 @@ index_cap=0) -> (counts, indices, full_counts, full_tiles, dense_out, use_dense)
     (the output permute), and is bitwise exact for both kinds of calls.
 
 ``fgcompile::sparse_attention(q, k, v, counts, indices, full_counts, full_tiles, scale, block_m,
-block_n, seq_len_kv, full_tile) -> out``
+block_n, seq_len_kv, full_tile, autotune=False) -> out``
     The sparse kernel as a ``torch.library.triton_op`` around
     ``fgcompile.kernels.triton_sparse.launch_sparse_kernel`` (the same launch as the direct call)
     with ``wrap_triton``: Inductor traces the launch, copies the kernel's source into its output
     code, specialised by head dim, dtype, tile sizes (constexprs) and GQA ratio (a constant
-    argument of the launch). In ``mode="max-autotune"`` compiles Inductor autotunes the configs the
-    kernel's prune predicate keeps; otherwise the launch uses one heuristic config (the H100's
-    autotuner pick for 128-row blocks), which keeps compile time near the default backend's. Returns
+    argument of the launch). ``autotune`` (decided by the lowering pass: ``mode="max-autotune"`` or
+    ``FGCOMPILE_AUTOTUNE=1``): Inductor autotunes the configs the kernel's prune predicate keeps;
+    otherwise the launch uses one heuristic config (the H100's autotuner pick for 128-row blocks),
+    which keeps compile time near the default backend's. It is an argument, not read from the
+    environment at trace time, so that it is part of the graph and of Inductor's cache key. Returns
     a contiguous (B, H, S_q, D) tensor of q's dtype. Callable eagerly too (it launches the kernel).
 """
 
@@ -206,7 +208,7 @@ def sparse_attention_op():
     global _SPARSE_OP
     if _SPARSE_OP is not None:
         return _SPARSE_OP
-    from .inductor import max_autotune_enabled, triton_op_api
+    from .inductor import triton_op_api
 
     triton_op, wrap_triton = triton_op_api()
     from ..kernels.triton_sparse import launch_sparse_kernel
@@ -225,12 +227,13 @@ def sparse_attention_op():
         block_n: int,
         seq_len_kv: int,
         full_tile: int,
+        autotune: bool = False,
     ) -> torch.Tensor:
         B, H, S_q, D = q.shape
         out = torch.empty((B, H, S_q, D), device=q.device, dtype=q.dtype)
         return launch_sparse_kernel(
             q, k, v, out, counts, indices, full_counts, full_tiles,
-            scale, block_m, block_n, full_tile, autotune=max_autotune_enabled(), wrap=wrap_triton,
+            scale, block_m, block_n, full_tile, autotune=autotune, wrap=wrap_triton,
         )
 
     _SPARSE_OP = torch.ops.fgcompile.sparse_attention.default

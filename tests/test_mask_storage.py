@@ -1,0 +1,147 @@
+"""FGAttnConfig.mask_storage on the CPU: the option's validation and plumbing, "host" giving exactly
+the outputs of "device" (on the CPU both keep the mask in host memory), the call order the sites
+learn (each site's successor, whose mask a call prefetches on CUDA), stats' host_mask_bytes, and
+saving/loading and configure() with either storage. The CUDA side (pinned masks, prefetch on a side
+stream, no host sync, peak memory) is tests/test_mask_storage_gpu.py."""
+
+import os
+
+import pytest
+import torch
+
+import fgcompile
+from fgcompile import FGAttnConfig, runtime
+from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
+
+os.environ["FGCOMPILE_STRICT"] = "1"
+
+SMALL = ToyDiTConfig(depth=3, width=128, heads=2)
+SITES = ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
+
+
+def _inputs(batch=1, frames=2, hw=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, 4, frames, hw, hw, generator=g),
+        torch.rand(batch, generator=g),
+        torch.randn(batch, 16, 64, generator=g),
+    )
+
+
+def _cfg(**kw):
+    base = dict(min_seq_len=64, block_m=64, profile_every=3, max_density=1.0)
+    base.update(kw)
+    return FGAttnConfig(**base)
+
+
+def _run(storage, calls=5, seed=7, **kw):
+    model = ToyVideoDiT(SMALL, seed=seed).eval()
+    c = torch.compile(model, backend=fgcompile.backend(_cfg(mask_storage=storage, **kw)))
+    with torch.no_grad():
+        outs = [c(*_inputs(seed=i)) for i in range(calls)]
+    return c, outs
+
+
+def test_mask_storage_is_validated_and_plumbed():
+    with pytest.raises(ValueError, match=r"FGAttnConfig\.mask_storage: expected one of \('device', 'host'\)"):
+        FGAttnConfig(mask_storage="gpu")
+    assert FGAttnConfig().mask_storage == "host"
+    assert FGAttnConfig.from_options({"mask_storage": "device"}).mask_storage == "device"
+    assert FGAttnConfig.from_options({"mask_storage": "host"}).mask_storage == "host"
+    assert fgcompile.backend(mask_storage="host").config.mask_storage == "host"
+    assert FGAttnConfig(mask_storage="host").to_dict()["mask_storage"] == "host"
+
+
+def test_host_storage_gives_exactly_the_device_outputs():
+    # profiled at calls 0 and 3, sparse with the cached masks at 1, 2 and 4
+    cd, dev = _run("device")
+    ch, host = _run("host")
+    for a, b in zip(dev, host):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    for s in fgcompile.stats(ch).values():
+        assert (s.calls, s.profiled_calls, s.sparse_calls) == (5, 2, 3)
+
+
+def test_sites_learn_the_call_order():
+    model = ToyVideoDiT(SMALL).eval()
+    c = torch.compile(model, backend=fgcompile.backend(_cfg(mask_storage="host")))
+    with torch.no_grad():
+        c(*_inputs())
+    sites = runtime.state_of(c).sites
+    assert list(sites) == SITES
+    for a, b in zip(SITES, SITES[1:]):
+        assert sites[a].successor is sites[b]
+    with torch.no_grad():
+        c(*_inputs())
+    assert sites[SITES[-1]].successor is sites[SITES[0]]  # the next forward starts over
+
+
+def test_call_order_links_blocks_compiled_one_by_one():
+    """Regional compilation: every block has its own ModelState; the order still links them."""
+    model = ToyVideoDiT(SMALL).eval()
+    be = fgcompile.backend(_cfg(mask_storage="host"))
+    for blk in model.blocks:
+        blk.compile(backend=be)
+    with torch.no_grad():
+        model(*_inputs())
+        model(*_inputs())
+    sites = runtime.state_of(model).sites
+    assert list(sites) == SITES
+    order = SITES + SITES[:1]
+    for a, b in zip(order, order[1:]):
+        assert sites[a].successor is sites[b]
+
+
+def test_stats_host_mask_bytes():
+    ch, _ = _run("host", calls=2)
+    cd, _ = _run("device", calls=2)
+    for (n, h), (_, d) in zip(fgcompile.stats(ch).items(), fgcompile.stats(cd).items()):
+        site = runtime.state_of(ch).sites[n]
+        assert h.mask_bytes == d.mask_bytes == site.mask.numel() * 4 > 0  # the CPU: no pinned memory
+        assert h.host_mask_bytes == d.host_mask_bytes == 0
+
+
+@pytest.mark.parametrize("saved,loaded", [("device", "host"), ("host", "device")])
+def test_save_load_across_storages(tmp_path, saved, loaded):
+    """A loaded mask goes where the loading model's config says (its mask_storage is kept)."""
+    x = _inputs()
+    a = ToyVideoDiT(SMALL, seed=3).eval()
+    ca = torch.compile(a, backend=fgcompile.backend(_cfg(profile_every=50, mask_storage=saved)))
+    with torch.no_grad():
+        ca(*x)
+        expected = ca(*x)
+    path = tmp_path / "state.pt"
+    fgcompile.save_state(ca, str(path))
+
+    b = ToyVideoDiT(SMALL, seed=3).eval()
+    cb = torch.compile(b, backend=fgcompile.backend(_cfg(profile_every=50, mask_storage=loaded)))
+    with torch.no_grad():
+        cb(*_inputs(seed=5))
+        fgcompile.load_state(cb, str(path))
+        got = cb(*x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for s in runtime.state_of(cb).sites.values():
+        assert s.config.mask_storage == loaded and s.n_sparse == 2
+
+
+def test_configure_switches_storage_and_drops_prefetched_copies():
+    cd, dev = _run("device", calls=5)
+    model = ToyVideoDiT(SMALL, seed=7).eval()
+    c = torch.compile(model, backend=fgcompile.backend(_cfg(mask_storage="device")))
+    outs = []
+    with torch.no_grad():
+        for i in range(5):
+            if i == 2:
+                fgcompile.configure(c, mask_storage="host")
+            if i == 4:
+                fgcompile.configure(c, mask_storage="device")
+            outs.append(c(*_inputs(seed=i)))
+    for a, b in zip(dev, outs):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    for s in runtime.state_of(c).sites.values():
+        assert s.config.mask_storage == "device" and s.mask is not None and s._prefetched is None
+    with pytest.raises(ValueError, match="mask_storage"):
+        fgcompile.configure(c, mask_storage="disk")
+    fgcompile.reset(c)
+    for s in runtime.state_of(c).sites.values():
+        assert s.mask is None and s._prefetched is None and s._mask_ready is None
