@@ -122,22 +122,44 @@ def _child_compile(case: str, backend: str) -> dict:
     return res
 
 
-def compile_times(case: str) -> dict:
-    out = {}
-    for backend in ("inductor", "fgattn"):
-        with tempfile.TemporaryDirectory() as d:
-            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(d, "inductor"), TRITON_CACHE_DIR=os.path.join(d, "triton"))
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH")) if p)
-            r = subprocess.run([sys.executable, __file__, "--child", case, backend], env=env, capture_output=True, text=True, timeout=400)
-            if r.returncode != 0:
-                raise RuntimeError(f"child {case}/{backend} failed:\n{r.stderr[-4000:]}")
-            out[backend] = json.loads(r.stdout.strip().splitlines()[-1])
+#: compile-time variants: backend of the child and extra environment
+VARIANTS = {
+    "inductor": ("inductor", {}),
+    "fgattn": ("fgattn", {}),
+    "fgattn_noprecompile": ("fgattn", {"FGCOMPILE_PRECOMPILE": "0"}),  # without the background JIT
+}
+
+
+def _child(case: str, variant: str) -> dict:
+    backend, extra = VARIANTS[variant]
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(d, "inductor"), TRITON_CACHE_DIR=os.path.join(d, "triton"), **extra)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH")) if p)
+        r = subprocess.run([sys.executable, __file__, "--child", case, backend], env=env, capture_output=True, text=True, timeout=400)
+        if r.returncode != 0:
+            raise RuntimeError(f"child {case}/{variant} failed:\n{r.stderr[-4000:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def compile_times(case: str, repeats: int = 1, variants=("inductor", "fgattn")) -> dict:
+    """Cold-compile times of ``case`` per variant, ``repeats`` fresh processes each (the variants
+    interleaved, so that drift of the machine hits all alike); the ratio of the medians."""
+    import statistics
+
+    runs: dict = {v: [] for v in variants}
+    for _ in range(repeats):
+        for v in variants:
+            runs[v].append(_child(case, v))
+    out = {v: runs[v][0] for v in variants}  # the first sample's details, as before
     # compile time = first call minus one steady call (the first call also runs the model once)
-    ci = out["inductor"]["first_call_s"] - out["inductor"]["steady_call_s"]
-    cf = out["fgattn"]["first_call_s"] - out["fgattn"]["steady_call_s"]
-    out["compile_s"] = {"inductor": ci, "fgattn": cf}
-    out["compile_time_ratio"] = cf / ci
+    samples = {v: [r["first_call_s"] - r["steady_call_s"] for r in runs[v]] for v in variants}
+    out["compile_s_samples"] = samples
+    out["compile_s"] = {v: statistics.median(x) for v, x in samples.items()}
+    out["compile_time_ratio"] = out["compile_s"]["fgattn"] / out["compile_s"]["inductor"]
+    if "fgattn_noprecompile" in variants:
+        out["compile_time_ratio_without_precompile"] = out["compile_s"]["fgattn_noprecompile"] / out["compile_s"]["inductor"]
     out["fgattn_first_sparse_call_s"] = out["fgattn"]["second_call_s"]
+    out["repeats"] = repeats
     return out
 
 
@@ -222,6 +244,8 @@ def main() -> None:
     ap.add_argument("--compile-only", action="store_true",
                     help="measure compile times only; keep the runtime figures of the JSON already at --out")
     ap.add_argument("--cases", default="toy,wan,wan_model", help="compile-time cases (wan_model needs diffusers)")
+    ap.add_argument("--repeats", type=int, default=1, help="fresh-process compiles per variant; the ratio of the medians")
+    ap.add_argument("--variants", default="inductor,fgattn", help=f"compile-time variants, of {sorted(VARIANTS)}")
     a = ap.parse_args()
     if a.child:
         print(json.dumps(_child_compile(*a.child)))
@@ -244,13 +268,15 @@ def main() -> None:
             result[case]["runtime"] = old[case]["runtime"]
         result["runtime_from"] = {k: old.get(k) for k in ("device", "torch", "triton", "command")}
         result["command"] += " --compile-only"
+    if a.repeats != 1 or a.variants != "inductor,fgattn":
+        result["command"] += f" --repeats {a.repeats} --variants {a.variants}"
     else:
         result["toy"]["runtime"] = runtime_ratio(1, TOY["heads"], TOY["latents"][2] * TOY["latents"][3] * TOY["latents"][4] // 4, TOY["width"] // TOY["heads"])
         result["wan"]["runtime"] = runtime_ratio(WAN["B"], WAN["H"], WAN["S"], WAN["D"])
     print(json.dumps(result, indent=1), flush=True)
     cases = a.cases.split(",")
     for case in cases:
-        result.setdefault(case, {})["compile"] = compile_times(case)
+        result.setdefault(case, {})["compile"] = compile_times(case, a.repeats, tuple(a.variants.split(",")))
         with open(a.out, "w") as f:  # partial (a run cut short keeps the cases done)
             json.dump({**result, "partial": f"compile cases done up to {case}"}, f, indent=1)
         print(case, json.dumps(result[case]["compile"]["compile_s"]), result[case]["compile"]["compile_time_ratio"], flush=True)
