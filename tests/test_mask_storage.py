@@ -11,7 +11,7 @@ import torch
 
 import fgcompile
 from fgcompile import FGAttnConfig, runtime
-from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
+from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT, toy_inputs
 
 os.environ["FGCOMPILE_STRICT"] = "1"
 
@@ -20,12 +20,7 @@ SITES = ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
 
 
 def _inputs(batch=1, frames=2, hw=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(batch, 4, frames, hw, hw, generator=g),
-        torch.rand(batch, generator=g),
-        torch.randn(batch, 16, 64, generator=g),
-    )
+    return toy_inputs(SMALL, batch, frames, hw, seed)
 
 
 def _cfg(**kw):

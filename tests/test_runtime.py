@@ -8,7 +8,7 @@ import torch
 
 import fgcompile
 from fgcompile import FGAttnConfig
-from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
+from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT, toy_inputs
 
 os.environ["FGCOMPILE_STRICT"] = "1"
 
@@ -17,12 +17,7 @@ SITES = ["blocks.0.attn", "blocks.1.attn"]
 
 
 def _inputs(batch=1, frames=2, hw=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(batch, 4, frames, hw, hw, generator=g),
-        torch.rand(batch, generator=g),
-        torch.randn(batch, 16, 64, generator=g),
-    )
+    return toy_inputs(SMALL, batch, frames, hw, seed)
 
 
 def _cfg(**kw):

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ToyDiTConfig", "ToyVideoDiT", "rope_3d"]
+__all__ = ["ToyDiTConfig", "ToyVideoDiT", "rope_3d", "toy_inputs"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,17 @@ class ToyDiTConfig:
     @property
     def head_dim(self) -> int:
         return self.width // self.heads
+
+
+def toy_inputs(cfg: ToyDiTConfig = ToyDiTConfig(), batch: int = 1, frames: int = 2, hw: int = 16, seed: int = 0):
+    """Seeded random inputs of a ``ToyVideoDiT(cfg)``: latents (batch, in_channels, frames, hw,
+    hw), timesteps (batch,) in [0, 1), text (batch, text_tokens, text_dim); float32, CPU."""
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, cfg.in_channels, frames, hw, hw, generator=g),
+        torch.rand(batch, generator=g),
+        torch.randn(batch, cfg.text_tokens, cfg.text_dim, generator=g),
+    )
 
 
 def _rope_freqs(dim: int, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
