@@ -265,6 +265,12 @@ def test_precompile_only_for_cuda_sites(monkeypatch):
     q = torch.zeros(1, 2, 256, 64).transpose(1, 2)
     assert warmup._spec(q) == ((1, 256, 2, 64), q.stride(), torch.float32, q.device)
     assert warmup._nbytes(warmup._spec(q)) == q.numel() * 4
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    env = ShapeEnv()
+    dyn = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.STATIC, DimDynamic.DYNAMIC, DimDynamic.STATIC])
+    sym = FakeTensorMode(shape_env=env).from_tensor(torch.zeros(1, 2, 256, 64), symbolic_context=dyn)
+    assert warmup._spec(sym) is None and not env.guards  # symbolic: skipped, no guard added
     assert not warmup.enabled()  # the test suite runs under TRITON_INTERPRET=1
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert warmup.enabled()

@@ -55,13 +55,10 @@ def _spec(t: Any) -> Optional[tuple]:
     """(sizes, strides, dtype, device) of a fake tensor with static sizes; None otherwise."""
     if not isinstance(t, torch.Tensor):
         return None
-    try:
-        size, stride = tuple(int(s) for s in t.shape), tuple(int(s) for s in t.stride())
-    except (TypeError, ValueError, RuntimeError):  # symbolic
+    dims = (*t.shape, *t.stride())
+    if not all(isinstance(s, int) for s in dims):  # symbolic: int() would specialise the graph on it
         return None
-    if any(isinstance(s, torch.SymInt) for s in (*t.shape, *t.stride())):
-        return None
-    return size, stride, t.dtype, t.device
+    return tuple(t.shape), tuple(t.stride()), t.dtype, t.device
 
 
 def _scratch(spec: tuple) -> torch.Tensor:
