@@ -147,6 +147,7 @@ class SiteState:
     _profiled_bits: Optional[torch.Tensor] = None  # this call's new mask on the device (for plan_site), profiled calls
     _successor: Optional[Any] = None  # weakref to the site called after this one last time
     _device: Optional[torch.device] = None  # of the last call
+    _pin_failed: bool = False  # host storage could not pin a mask (warned once; such masks stay on the device)
     _density_last: Optional[torch.Tensor] = None  # (H,) float32 on the device
     _density_sum: Optional[torch.Tensor] = None
     _density_count: int = 0
@@ -324,7 +325,7 @@ class SiteState:
     def _host_storage(self, device: torch.device) -> bool:
         """Whether the cached mask of calls on ``device`` lives in pinned host memory:
         ``mask_storage="host"`` on CUDA (on the CPU the mask is in host memory either way)."""
-        return self.config.mask_storage == "host" and device.type == "cuda"
+        return self.config.mask_storage == "host" and device.type == "cuda" and not self._pin_failed
 
     def _keep_mask(self, bits: torch.Tensor) -> None:
         """Cache ``bits`` (a bitmap made or used by this call on its device, int32 (B, H, nQB,
@@ -336,9 +337,17 @@ class SiteState:
         if not self._host_storage(bits.device):
             self.mask = bits
             return
+        try:
+            host = torch.empty(bits.shape, dtype=bits.dtype, pin_memory=True)
+        except RuntimeError as e:  # no pinned memory to be had: keep this mask on the device
+            if not self._pin_failed:
+                log.warning("fgcompile: site %s: cannot pin %d bytes of host memory for its mask (%s); "
+                            "it stays on the GPU", self.name, bits.numel() * bits.element_size(), e)
+            self._pin_failed = True
+            self.mask = bits
+            return
         side = _side_stream(bits.device)
         side.wait_stream(torch.cuda.current_stream(bits.device))
-        host = torch.empty(bits.shape, dtype=bits.dtype, pin_memory=True)
         with torch.cuda.stream(side):
             host.copy_(bits, non_blocking=True)
         bits.record_stream(side)  # the allocator must not hand out bits' memory before the copy ran

@@ -57,6 +57,26 @@ def test_host_storage_gives_exactly_the_device_outputs():
         assert (s.calls, s.profiled_calls, s.sparse_calls) == (5, 2, 3)
 
 
+def test_host_storage_without_pinned_memory_keeps_masks_where_they_are(monkeypatch, caplog):
+    """Where no pinned memory can be had (here: the CPU build, with host storage forced on), the
+    mask stays on the device, one warning per site says why, and the outputs are unchanged: the
+    site does not fall back to dense attention."""
+    _, dev = _run("device")
+
+    def forced(self, device):
+        return self.config.mask_storage == "host" and not self._pin_failed
+
+    monkeypatch.setattr(runtime.SiteState, "_host_storage", forced)
+    with caplog.at_level("WARNING", logger="fgcompile"):
+        ch, host = _run("host")
+    for a, b in zip(dev, host):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    warned = [r for r in caplog.records if "cannot pin" in r.getMessage()]
+    assert len(warned) == len(SITES)
+    for s in fgcompile.stats(ch).values():
+        assert s.fallback is None and (s.profiled_calls, s.sparse_calls) == (2, 3) and s.mask_bytes > 0
+
+
 def test_sites_learn_the_call_order():
     model = ToyVideoDiT(SMALL).eval()
     c = torch.compile(model, backend=fgcompile.backend(_cfg(mask_storage="host")))
