@@ -281,17 +281,36 @@ def test_precompile_only_for_cuda_sites(monkeypatch):
 
 
 @pytest.mark.parametrize("predictor,density", [("profile", None), ("profile", 0.3), ("pooled", None)])
-def test_precompile_step_on_the_cpu(predictor, density):
-    """The scratch schedule step itself (what the background job runs on CUDA), here on the CPU."""
+def test_precompile_step_on_the_cpu(monkeypatch, predictor, density):
+    """The scratch schedule step itself (what the background job runs on CUDA), here on the CPU:
+    it packs a mask for the graph's index columns (the packing kernel) and, for an opaque site,
+    runs the sparse kernel on it."""
     from fgcompile.lowering import warmup
     from fgcompile.predictors import density_budget
 
+    seen = []
+    packed, run_sparse = runtime.SiteState.packed, runtime.SiteState.run_sparse
+
+    def spy_packed(self, bits, k, index_cap=None):
+        p = packed(self, bits, k, index_cap)
+        seen.append(("packed", bits.device.type, p.indices.shape[-1]))
+        return p
+
+    def spy_run(self, *a, **kw):
+        seen.append(("sparse",))
+        return run_sparse(self, *a, **kw)
+
+    monkeypatch.setattr(runtime.SiteState, "packed", spy_packed)
+    monkeypatch.setattr(runtime.SiteState, "run_sparse", spy_run)
     q = torch.zeros(1, 2, 256, 32)
     specs = tuple(warmup._spec(t) for t in (q, q, q))
     cfg = FGAttnConfig(predictor=predictor, density=density, block_m=64, min_seq_len=64)
     for lowered in (True, False):
+        seen.clear()
         cols = density_budget(256, density) if density else 256
         warmup._step("t", cfg, (*specs, None), 32 ** -0.5, cols if lowered else None, lowered)
+        assert seen[0] == ("packed", "cpu", cols), seen
+        assert (("sparse",) in seen) == (not lowered)
 
 
 def test_autotune_decision_is_part_of_the_graph(monkeypatch):

@@ -78,7 +78,7 @@ def _step(name: str, config: Any, specs: tuple, scale: float, index_cap: Optiona
     from ..runtime import SiteState
 
     q_spec, k_spec, v_spec, kp_spec = specs
-    cfg = dataclasses.replace(config, dense_calls=0, dense_sites=(), max_density=1.0)
+    cfg = dataclasses.replace(config, dense_calls=0, dense_sites=(), max_density=1.0, mask_storage="device")
     site = SiteState(name=f"{name} (precompile)", config=cfg)
     dev = q_spec[3]
     with torch.no_grad(), torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
@@ -87,8 +87,8 @@ def _step(name: str, config: Any, specs: tuple, scale: float, index_cap: Optiona
         out, packed = site.plan(q, k, v, kp, scale, index_cap)
         if site.fallback is not None:
             raise RuntimeError(site.fallback)
-        if packed is None and site.mask is not None:
-            packed = site.packed(site.mask, k, index_cap)
+        if packed is None and site._profiled_bits is not None:  # a profiled call: pack its new mask
+            packed = site.packed(site._profiled_bits, k, index_cap)
         if packed is not None and not lowered:
             site.run_sparse(q, k, v, kp, scale, packed)
         del q, k, v, kp, out, packed, site  # freed in stream order: the memory is reusable at once
