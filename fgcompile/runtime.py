@@ -730,8 +730,12 @@ def load_state(model: Any, path: str) -> None:
             from .kernels.packing import popcount_rows
 
             site.mask = entry["mask_bits"]
-            if site.config.mask_storage == "host" and torch.cuda.is_available():
-                site.mask = site.mask.pin_memory()
+            if site.config.mask_storage == "host" and torch.cuda.is_available() and not site._pin_failed:
+                try:
+                    site.mask = site.mask.pin_memory()
+                except RuntimeError as e:  # no pinned memory to be had: the mask goes to the device at first use
+                    log.warning("fgcompile: site %s: cannot pin its loaded mask (%s); it will stay on the GPU", name, e)
+                    site._pin_failed = True
             site.mask_key = (tuple(q_shape), tuple(k_shape), bm, bn)
             n_kb = -(-k_shape[2] // bn)
             rows = popcount_rows(site.mask)

@@ -139,6 +139,31 @@ def test_save_load_across_storages(tmp_path, saved, loaded):
         assert s.config.mask_storage == loaded and s.n_sparse == 2
 
 
+def test_load_state_without_pinned_memory(tmp_path, monkeypatch, caplog):
+    """Loading into host storage where pinning fails (here: a CPU build that claims CUDA while
+    loading) warns once per site and keeps the mask usable; outputs are the saved model's."""
+    x = _inputs()
+    a = ToyVideoDiT(SMALL, seed=3).eval()
+    ca = torch.compile(a, backend=fgcompile.backend(_cfg(profile_every=50)))
+    with torch.no_grad():
+        ca(*x)
+        expected = ca(*x)
+    path = tmp_path / "state.pt"
+    fgcompile.save_state(ca, str(path))
+    b = ToyVideoDiT(SMALL, seed=3).eval()
+    cb = torch.compile(b, backend=fgcompile.backend(_cfg(profile_every=50, mask_storage="host")))
+    with torch.no_grad():
+        cb(*_inputs(seed=5))
+        with monkeypatch.context() as m, caplog.at_level("WARNING", logger="fgcompile"):
+            m.setattr(torch.cuda, "is_available", lambda: True)
+            fgcompile.load_state(cb, str(path))
+        got = cb(*x)
+    assert sum("cannot pin its loaded mask" in r.getMessage() for r in caplog.records) == len(SITES)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for s in runtime.state_of(cb).sites.values():
+        assert s._pin_failed and s.fallback is None and s.n_sparse == 2
+
+
 def test_configure_switches_storage_and_drops_prefetched_copies():
     cd, dev = _run("device", calls=5)
     model = ToyVideoDiT(SMALL, seed=7).eval()
