@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU work of one session, in two calls of the device tool (each under 10 minutes), from the
 # repository root on the H100 machine, results under $OUT:
-#   bash benchmarks/h100_session.sh A   # GPU tests, then lowering_bench.py --compile-only, toy and Wan layer,
-#                                       # medians of 3 cold compiles per backend
+#   bash benchmarks/h100_session.sh A   # GPU tests, overhead_bench.py (the pooled selection's search plans),
+#                                       # then lowering_bench.py --compile-only, toy and Wan layer, medians of
+#                                       # 3 cold compiles per backend
 #   bash benchmarks/h100_session.sh B   # e2e_wan.py (all rows), then the compile time of Wan2.1-1.3B itself
 #                                       # (3 cold compiles per variant, with and without the background JIT)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -18,11 +19,14 @@ case "$1" in
 A)
   timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests --durations=8 > "$OUT/gpu_tests.txt" 2>&1
   echo "gpu tests rc=$?"
+  timeout 90 python3 benchmarks/overhead_bench.py --seqs 32760 --no-sweep --out "$OUT/overhead_h100.json" > "$OUT/overhead.txt" 2>&1
+  echo "overhead rc=$?"
   cp benchmarks/results/lowering_h100.json "$OUT/lowering_h100.json"
-  timeout 330 python3 benchmarks/lowering_bench.py --compile-only --cases toy,wan --repeats 3 \
+  timeout 300 python3 benchmarks/lowering_bench.py --compile-only --cases toy,wan --repeats 3 \
       --out "$OUT/lowering_h100.json" > "$OUT/lowering.txt" 2>&1
   echo "lowering rc=$?"
-  grep -E "passed|failed|error" "$OUT/gpu_tests.txt" | tail -15; tail -12 "$OUT/lowering.txt"
+  grep -E "passed|failed|error" "$OUT/gpu_tests.txt" | tail -15; tail -1 "$OUT/overhead.txt" | cut -c1-1500
+  tail -12 "$OUT/lowering.txt"
   ;;
 B)
   timeout 240 python3 benchmarks/e2e_wan.py --reps 3 --out "$OUT/e2e_wan_h100.json" > "$OUT/e2e.txt" 2>&1

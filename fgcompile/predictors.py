@@ -43,6 +43,7 @@ __all__ = [
     "apply_density",
     "top_cdf",
     "CDF_STEPS",
+    "CDF_ARITY",
     "density_budget",
 ]
 
@@ -52,6 +53,13 @@ __all__ = [
 # probability is within a relative 0.4% of the exact threshold (at n = 75,600, tau = 0.99: 0.41%).
 # Each step is one block-wide reduction of the selection kernel (its cost is linear in the steps).
 CDF_STEPS = 12
+# Thresholds tried per search pass: 1 is bisection. With arity A each pass splits the bracket into
+# A + 1 equal parts with A independent reductions (whose latencies overlap in the kernel), so
+# (A + 1) ** passes = 2 ** 12 gives the same precision in fewer dependent passes: A = 3 in 6, A = 7
+# in 4 (``CDF_PLANS``). Which is fastest is measured by benchmarks/overhead_bench.py.
+CDF_ARITY = 1
+#: (arity, passes) of equal precision (a 4,096-point grid)
+CDF_PLANS = ((1, 12), (3, 6), (7, 4), (15, 3))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -354,7 +362,7 @@ def _block_counts(S: int, block: int, device) -> torch.Tensor:
     return counts
 
 
-def top_cdf(logits: torch.Tensor, tau: float, *, steps: int = CDF_STEPS) -> torch.Tensor:
+def top_cdf(logits: torch.Tensor, tau: float, *, steps: int = CDF_STEPS, arity: int = CDF_ARITY) -> torch.Tensor:
     """Top-CDF selection along the last dim, sort-free and without host synchronisation.
 
     ``logits`` (..., n) float, ``-inf`` for entries that cannot be kept. With
@@ -365,6 +373,11 @@ def top_cdf(logits: torch.Tensor, tau: float, *, steps: int = CDF_STEPS) -> torc
     1 - tau), so the kept mass is always >= tau; the mask is the exact top-CDF set plus, at most,
     entries within ``(1 + ln(n / (1 - tau))) / 2**steps`` nats of the exact threshold. ``tau >= 1``
     keeps every entry whose logit is finite. A row with no finite logit keeps nothing.
+
+    ``arity`` > 1: each of the ``steps`` passes tries ``arity`` thresholds ``lo + j * w``,
+    ``w = (hi - lo) / (arity + 1)``, and keeps the bracket around the largest feasible one (the
+    precision is then the bracket / (arity + 1) ** steps). The Triton selection kernel runs the
+    same arithmetic (``fgcompile.kernels.triton_pooled``).
     """
     valid = logits > float("-inf")
     if tau >= 1:
@@ -379,12 +392,23 @@ def top_cdf(logits: torch.Tensor, tau: float, *, steps: int = CDF_STEPS) -> torc
     hi = torch.ones_like(lo)  # e <= 1 < exp(1): keeps nothing, infeasible
     target = tau * Z
     zero = torch.zeros((), dtype=e.dtype, device=e.device)
+    if not isinstance(arity, int) or isinstance(arity, bool) or arity < 1:
+        raise ValueError(f"arity: expected an int >= 1, got {arity!r}")
     for _ in range(steps):
-        mid = 0.5 * (lo + hi)
-        mass = torch.where(e >= mid.exp(), e, zero).sum(-1, keepdim=True)
-        ok = mass >= target
-        lo = torch.where(ok, mid, lo)
-        hi = torch.where(ok, hi, mid)
+        if arity == 1:
+            mid = 0.5 * (lo + hi)
+            mass = torch.where(e >= mid.exp(), e, zero).sum(-1, keepdim=True)
+            ok = mass >= target
+            lo = torch.where(ok, mid, lo)
+            hi = torch.where(ok, hi, mid)
+            continue
+        w = (hi - lo) / (arity + 1)
+        best = torch.zeros_like(lo)  # the largest j whose threshold keeps enough mass (0: none)
+        for j in range(1, arity + 1):
+            mass = torch.where(e >= (lo + j * w).exp(), e, zero).sum(-1, keepdim=True)
+            best = torch.where(mass >= target, torch.full_like(best, float(j)), best)
+        hi = torch.where(best < arity, lo + (best + 1.0) * w, hi)
+        lo = lo + best * w
     return (e >= lo.exp()) & valid & (Z > 0)
 
 
@@ -545,7 +569,7 @@ def pooled_bits(
         q, k, gamma=gamma, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding, keep_lowp=True,
         pool_kernel=block_m & (block_m - 1) == 0 and block_m * max(16, q.shape[-1]) <= 128 * 256,
     )
-    return pooled_select_bits_triton(logits, valid_kb, dissimilar, float(tau), CDF_STEPS)
+    return pooled_select_bits_triton(logits, valid_kb, dissimilar, float(tau), CDF_STEPS, arity=CDF_ARITY)
 
 
 # ----------------------------------------------------------------------------- density budget

@@ -386,6 +386,40 @@ def test_pooled_bits_kernel_matches_bruteforce(gqa, padding, block_n, tau):
     assert torch.equal(tiled, bits)
 
 
+@pytest.mark.parametrize("arity,steps", P.CDF_PLANS)
+def test_top_cdf_search_plans_of_equal_precision(arity, steps):
+    """k-ary passes ((arity + 1) ** steps = 4,096 grid points) keep the set bisection keeps, and
+    always at least tau of the mass; a bad arity is refused by name."""
+    lg = torch.randn(64, 4000, generator=torch.Generator().manual_seed(1)) * 4
+    lg[:3, 100:] = float("-inf")  # rows with few valid entries
+    keep = P.top_cdf(lg, 0.9, steps=steps, arity=arity)
+    assert torch.equal(keep, P.top_cdf(lg, 0.9))
+    assert (torch.softmax(lg, -1) * keep).sum(-1).min() >= 0.9 - 1e-6
+    with pytest.raises(ValueError, match="arity"):
+        P.top_cdf(lg, 0.9, arity=0)
+
+
+@pytest.mark.skipif(not _INTERP and not torch.cuda.is_available(), reason="needs TRITON_INTERPRET=1 or CUDA")
+@pytest.mark.parametrize("arity,steps", P.CDF_PLANS[1:])
+@pytest.mark.parametrize("row_reg_max", [None, 16])
+def test_pooled_select_kernel_kary_matches_top_cdf(arity, steps, row_reg_max):
+    """The selection kernel's k-ary passes (rows in registers, and the tiled long-row variant)
+    against the torch definition with the same plan, bit for bit."""
+    from fgcompile.kernels.packing import pack_bits
+    from fgcompile.kernels.triton_pooled import pooled_select_bits_triton
+
+    g = torch.Generator().manual_seed(arity)
+    logits = torch.randn(2, 3, 5, 300, generator=g) * 3
+    valid = torch.rand(2, 300, generator=g) > 0.1
+    dis = torch.rand(2, 3, 5, generator=g) < 0.2
+    kw = dict(row_reg_max=row_reg_max, tile=64) if row_reg_max else {}
+    bits = pooled_select_bits_triton(logits, valid, dis, 0.9, steps, arity=arity, **kw)
+    keep = P.top_cdf(logits.masked_fill(~valid[:, None, None, :], float("-inf")), 0.9, steps=steps, arity=arity)
+    keep = torch.where(dis[..., None], valid[:, None, None, :].expand_as(keep), keep)
+    assert torch.equal(bits, pack_bits(keep))
+    assert 0.05 < keep.float().mean() < 0.9
+
+
 @pytest.mark.skipif(not _INTERP and not torch.cuda.is_available(), reason="needs TRITON_INTERPRET=1 or CUDA")
 @pytest.mark.parametrize("S,D,bm,dtype", [(70, 40, 16, torch.float32), (64, 64, 32, torch.bfloat16), (33, 16, 16, torch.float16)])
 def test_pool_queries_kernel_matches_torch(S, D, bm, dtype):

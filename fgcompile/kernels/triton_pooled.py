@@ -14,6 +14,8 @@
     e = exp(logit - max logit) (0 where not valid); Z = sum e; n = count of valid
     lo = log((1 - tau) / n) + log Z; hi = 1; target = tau * Z
     STEPS times: mid = (lo + hi) / 2; if sum(e where e >= exp(mid)) >= target: lo = mid else hi = mid
+      (ARITY > 1: w = (hi - lo) / (ARITY + 1), the ARITY sums at lo + j * w, j = 1..ARITY, in one
+      pass; the bracket moves to [lo + j* w, lo + (j* + 1) w] around the largest feasible j*)
     keep = (e >= exp(lo)) and Z > 0;  keep = valid where the block is dissimilar or tau >= 1
     bits of keep -> int32 words (bit j % 32 of word j // 32)
 
@@ -115,6 +117,27 @@ def _store_bits(w_base, keep, word0, NW, TILE: tl.constexpr):
 
 
 @triton.jit
+def _kary_masses(acc, e, lo, w, ARITY: tl.constexpr, AP: tl.constexpr):
+    """acc (AP,) += the mass of ``e`` at or above each of the ARITY thresholds exp(lo + j * w),
+    j = 1..ARITY, in lane j - 1 (independent reductions: their latencies overlap)."""
+    lanes = tl.arange(0, AP)
+    for j in tl.static_range(1, ARITY + 1):
+        s = tl.sum(tl.where(e >= tl.exp(lo + j * w), e, 0.0), 0)
+        acc += tl.where(lanes == j - 1, s, 0.0)
+    return acc
+
+
+@triton.jit
+def _kary_bracket(acc, target, lo, hi, w, ARITY: tl.constexpr, AP: tl.constexpr):
+    """The new bracket of a k-ary pass: around the largest threshold whose mass reaches target
+    (``predictors.top_cdf`` with arity > 1, the same arithmetic)."""
+    lanes = tl.arange(0, AP)
+    best = tl.max(tl.where((acc >= target) & (lanes < ARITY), (lanes + 1).to(tl.float32), 0.0), 0)
+    hi = tl.where(best < ARITY, lo + (best + 1.0) * w, hi)
+    return lo + best * w, hi
+
+
+@triton.jit
 def _pooled_select(
     L, VALID, DIS, BITS,
     tau, one_minus_tau, HQ, NKB, NW, stride_vb,
@@ -123,6 +146,8 @@ def _pooled_select(
     STEPS: tl.constexpr,
     TILE: tl.constexpr,
     IN_REG: tl.constexpr,
+    ARITY: tl.constexpr,
+    AP: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     b = r // HQ
@@ -147,11 +172,16 @@ def _pooled_select(
         target = tau * z
         if search:
             for _ in range(STEPS):
-                mid = 0.5 * (lo + hi)
-                mass = tl.sum(tl.where(e >= tl.exp(mid), e, 0.0), 0)
-                good = mass >= target
-                lo = tl.where(good, mid, lo)
-                hi = tl.where(good, hi, mid)
+                if ARITY == 1:
+                    mid = 0.5 * (lo + hi)
+                    mass = tl.sum(tl.where(e >= tl.exp(mid), e, 0.0), 0)
+                    good = mass >= target
+                    lo = tl.where(good, mid, lo)
+                    hi = tl.where(good, hi, mid)
+                else:
+                    w = (hi - lo) / (ARITY + 1)
+                    acc = _kary_masses(tl.zeros([AP], tl.float32), e, lo, w, ARITY, AP)
+                    lo, hi = _kary_bracket(acc, target, lo, hi, w, ARITY, AP)
         keep = (e >= tl.exp(lo)) & (e > 0.0)  # e > 0 only if Z > 0
         _store_bits(w_base, tl.where(search, keep, valid), 0, NW, TILE)
     else:
@@ -173,16 +203,25 @@ def _pooled_select(
         target = tau * z
         if search:
             for _ in range(STEPS):
-                mid = 0.5 * (lo + hi)
-                t = tl.exp(mid)
-                mass = tl.full([], 0.0, tl.float32)
-                for start in range(0, NKB, TILE):
-                    lg, valid = _row_logits(l_base, v_base, start + offs, NKB, HAS_VALID)
-                    e = tl.where(valid, tl.exp(lg - m), 0.0)
-                    mass += tl.sum(tl.where(e >= t, e, 0.0), 0)
-                good = mass >= target
-                lo = tl.where(good, mid, lo)
-                hi = tl.where(good, hi, mid)
+                if ARITY == 1:
+                    mid = 0.5 * (lo + hi)
+                    t = tl.exp(mid)
+                    mass = tl.full([], 0.0, tl.float32)
+                    for start in range(0, NKB, TILE):
+                        lg, valid = _row_logits(l_base, v_base, start + offs, NKB, HAS_VALID)
+                        e = tl.where(valid, tl.exp(lg - m), 0.0)
+                        mass += tl.sum(tl.where(e >= t, e, 0.0), 0)
+                    good = mass >= target
+                    lo = tl.where(good, mid, lo)
+                    hi = tl.where(good, hi, mid)
+                else:
+                    w = (hi - lo) / (ARITY + 1)
+                    acc = tl.zeros([AP], tl.float32)
+                    for start in range(0, NKB, TILE):
+                        lg, valid = _row_logits(l_base, v_base, start + offs, NKB, HAS_VALID)
+                        e = tl.where(valid, tl.exp(lg - m), 0.0)
+                        acc = _kary_masses(acc, e, lo, w, ARITY, AP)
+                    lo, hi = _kary_bracket(acc, target, lo, hi, w, ARITY, AP)
         t = tl.exp(lo)
         for start in range(0, NKB, TILE):
             lg, valid = _row_logits(l_base, v_base, start + offs, NKB, HAS_VALID)
@@ -202,14 +241,19 @@ def pooled_select_bits_triton(
     row_reg_max: int | None = None,
     tile: int | None = None,
     num_warps: int | None = None,
+    arity: int = 1,
 ) -> torch.Tensor:
     """Top-CDF selection + gamma fallback + bit packing.
 
     logits: float (B, H, n_qb, n_kb) (any float dtype; the last axis contiguous after
     ``.contiguous()``), NOT masked: ``valid`` (bool (B, n_kb) or None = all valid) says which key
     blocks may be kept; dissimilar: bool (B, H, n_qb), rows that keep every valid key block; tau in
-    (0, 1] (>= 1: every valid key block). Returns int32 (B, H, n_qb, ceil(n_kb / 32)). No host sync.
+    (0, 1] (>= 1: every valid key block). ``steps`` search passes of ``arity`` thresholds each
+    (``predictors.top_cdf``'s arithmetic). Returns int32 (B, H, n_qb, ceil(n_kb / 32)). No host
+    sync.
     """
+    if not isinstance(arity, int) or isinstance(arity, bool) or arity < 1:
+        raise ValueError(f"arity: expected an int >= 1, got {arity!r}")
     B, H, nqb, nkb = logits.shape
     logits = logits.contiguous()
     dev = logits.device
@@ -237,6 +281,6 @@ def pooled_select_bits_triton(
         logits, v, dis, out,
         float(tau), float(1.0 - tau), H * nqb, nkb, nw, stride_vb,
         HAS_VALID=has_valid, TAU_ONE=bool(tau >= 1), STEPS=int(steps), TILE=t, IN_REG=in_reg,
-        num_warps=warps,
+        ARITY=int(arity), AP=pow2_at_least(arity), num_warps=warps,
     )
     return out
