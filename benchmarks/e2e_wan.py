@@ -237,6 +237,7 @@ def main(argv=None):
             f, h, w = sizes[size]
             torch._dynamo.reset()
             compiled_for[0] = None
+            compile_fg_s = None  # a row that reuses the previous row's compile reports None
             x = inputs(batch, f, h, w, text_len, cfg["text_dim"], device, dtype)
             tokens = f * (h // 2) * (w // 2)
 
