@@ -116,22 +116,33 @@ def test_stats_host_mask_bytes():
         assert h.host_mask_bytes == d.host_mask_bytes == 0
 
 
-@pytest.mark.parametrize("saved,loaded", [("device", "host"), ("host", "device")])
-def test_save_load_across_storages(tmp_path, saved, loaded):
-    """A loaded mask goes where the loading model's config says (its mask_storage is kept)."""
+def _saved_state(tmp_path, storage):
+    """A model profiled once and run sparse once, its state saved: (inputs, the sparse call's
+    output, the file)."""
     x = _inputs()
-    a = ToyVideoDiT(SMALL, seed=3).eval()
-    ca = torch.compile(a, backend=fgcompile.backend(_cfg(profile_every=50, mask_storage=saved)))
+    ca = torch.compile(ToyVideoDiT(SMALL, seed=3).eval(), backend=fgcompile.backend(_cfg(profile_every=50, mask_storage=storage)))
     with torch.no_grad():
         ca(*x)
         expected = ca(*x)
     path = tmp_path / "state.pt"
     fgcompile.save_state(ca, str(path))
+    return x, expected, path
 
-    b = ToyVideoDiT(SMALL, seed=3).eval()
-    cb = torch.compile(b, backend=fgcompile.backend(_cfg(profile_every=50, mask_storage=loaded)))
+
+def _loading_model(storage):
+    """The same model compiled with ``storage``, run once (its state exists) on other inputs."""
+    cb = torch.compile(ToyVideoDiT(SMALL, seed=3).eval(), backend=fgcompile.backend(_cfg(profile_every=50, mask_storage=storage)))
     with torch.no_grad():
         cb(*_inputs(seed=5))
+    return cb
+
+
+@pytest.mark.parametrize("saved,loaded", [("device", "host"), ("host", "device")])
+def test_save_load_across_storages(tmp_path, saved, loaded):
+    """A loaded mask goes where the loading model's config says (its mask_storage is kept)."""
+    x, expected, path = _saved_state(tmp_path, saved)
+    cb = _loading_model(loaded)
+    with torch.no_grad():
         fgcompile.load_state(cb, str(path))
         got = cb(*x)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
@@ -142,18 +153,9 @@ def test_save_load_across_storages(tmp_path, saved, loaded):
 def test_load_state_without_pinned_memory(tmp_path, monkeypatch, caplog):
     """Loading into host storage where pinning fails (here: a CPU build that claims CUDA while
     loading) warns once per site and keeps the mask usable; outputs are the saved model's."""
-    x = _inputs()
-    a = ToyVideoDiT(SMALL, seed=3).eval()
-    ca = torch.compile(a, backend=fgcompile.backend(_cfg(profile_every=50)))
+    x, expected, path = _saved_state(tmp_path, "host")
+    cb = _loading_model("host")
     with torch.no_grad():
-        ca(*x)
-        expected = ca(*x)
-    path = tmp_path / "state.pt"
-    fgcompile.save_state(ca, str(path))
-    b = ToyVideoDiT(SMALL, seed=3).eval()
-    cb = torch.compile(b, backend=fgcompile.backend(_cfg(profile_every=50, mask_storage="host")))
-    with torch.no_grad():
-        cb(*_inputs(seed=5))
         with monkeypatch.context() as m, caplog.at_level("WARNING", logger="fgcompile"):
             m.setattr(torch.cuda, "is_available", lambda: True)
             fgcompile.load_state(cb, str(path))
