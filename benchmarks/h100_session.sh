@@ -2,7 +2,8 @@
 # The GPU work of one session, in two calls of the device tool (each under 10 minutes), from the
 # repository root on the H100 machine, results under $OUT:
 #   bash benchmarks/h100_session.sh A   # GPU tests, overhead_bench.py (the pooled selection's search plans),
-#                                       # then lowering_bench.py --compile-only, toy and Wan layer, medians of
+#                                       # kernel_in_model.py (the kernel on Wan's own masks, in the model and alone)
+#   bash benchmarks/h100_session.sh C   # lowering_bench.py --compile-only, toy and Wan layer, medians of
 #                                       # 3 cold compiles per backend
 #   bash benchmarks/h100_session.sh B   # e2e_wan.py (all rows), then the compile time of Wan2.1-1.3B itself
 #                                       # (3 cold compiles per variant, with and without the background JIT)
@@ -21,11 +22,16 @@ A)
   echo "gpu tests rc=$?"
   timeout 90 python3 benchmarks/overhead_bench.py --seqs 32760 --no-sweep --out "$OUT/overhead_h100.json" > "$OUT/overhead.txt" 2>&1
   echo "overhead rc=$?"
+  timeout 240 python3 benchmarks/kernel_in_model.py --out "$OUT/kernel_in_model_h100.json" > "$OUT/kernel_in_model.txt" 2>&1
+  echo "kernel_in_model rc=$?"
+  grep -E "passed|failed|error" "$OUT/gpu_tests.txt" | tail -15; tail -1 "$OUT/overhead.txt" | cut -c1-1500
+  grep -vE "Warning|warn|^ *$" "$OUT/kernel_in_model.txt" | tail -60
+  ;;
+C)
   cp benchmarks/results/lowering_h100.json "$OUT/lowering_h100.json"
   timeout 300 python3 benchmarks/lowering_bench.py --compile-only --cases toy,wan --repeats 3 \
       --out "$OUT/lowering_h100.json" > "$OUT/lowering.txt" 2>&1
   echo "lowering rc=$?"
-  grep -E "passed|failed|error" "$OUT/gpu_tests.txt" | tail -15; tail -1 "$OUT/overhead.txt" | cut -c1-1500
   tail -12 "$OUT/lowering.txt"
   ;;
 B)
@@ -37,5 +43,5 @@ B)
   echo "lowering (Wan model) rc=$?"
   tail -14 "$OUT/e2e.txt"; tail -12 "$OUT/lowering_wm.txt"
   ;;
-*) echo "usage: $0 A|B"; exit 2 ;;
+*) echo "usage: $0 A|B|C"; exit 2 ;;
 esac

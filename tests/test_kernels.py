@@ -175,6 +175,22 @@ def test_triton_strided_inputs_and_packed_input():
         assert _rel(o, ref) < 1e-5
     # the reference path accepts a PackedSlices too
     assert _rel(sparse_attention(q, k, v, packed, scale=0.1, impl="reference"), ref) < 1e-6
+    # 64-bit and 32-bit key offsets (the launcher picks 32 bits here) give the same output
+    from fgcompile.kernels.triton_sparse import INTERPRET_CONFIG, needs_64bit_offsets, sparse_attention_triton
+
+    assert not needs_64bit_offsets(k, v)
+    outs = [sparse_attention_triton(q, k, v, packed, 0.1, config={**INTERPRET_CONFIG, "OFFS_64": o}) for o in (True, False)]
+    assert torch.equal(outs[0], outs[1]) and _rel(outs[0], ref) < 1e-5
+
+
+def test_64bit_offsets_decided_by_the_largest_row_offset():
+    from fgcompile.kernels.triton_sparse import needs_64bit_offsets
+
+    small = torch.empty_strided((1, 2, 1000, 128), (0, 128, 256, 1), device="meta")
+    assert not needs_64bit_offsets(small, small)
+    # one head's rows reach past 2**31 elements: (S - 1) * stride_s >= 2**31 - 1
+    big = torch.empty_strided((1, 1, 2**21 + 1, 128), (0, 0, 1024, 1), device="meta")
+    assert needs_64bit_offsets(small, big) and needs_64bit_offsets(big, small)
 
 
 @needs_interp
@@ -469,14 +485,18 @@ def test_validation_of_pack_and_profile_and_triton_on_cpu(monkeypatch):
 _COMPILE_SCRIPT = r"""
 import json, re
 from fgcompile.kernels.triton_sparse import compile_for_target
-ck = compile_for_target(90, dtype="bf16", head_dim=128, block_m=128, key_block=1, block_n=128, num_warps=8, num_stages=3)
-ptx, ttgir = ck.asm["ptx"], ck.asm["ttgir"]
-print(json.dumps({
-    "cp_async_16": len(re.findall(r"cp\.async\.cg\.shared\.global[^\n]*0x10", ptx)),
-    "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
-    "waits": [int(x) for x in re.findall(r"async_wait [^\n]*num = (\d+)", ttgir)],
-    "shared": ck.metadata.shared,
-}))
+out = []
+for offs_64 in (True, False):
+    ck = compile_for_target(90, dtype="bf16", head_dim=128, block_m=128, key_block=1, block_n=128, num_warps=8,
+                            num_stages=3, offs_64=offs_64)
+    ptx, ttgir = ck.asm["ptx"], ck.asm["ttgir"]
+    out.append({
+        "cp_async_16": len(re.findall(r"cp\.async\.cg\.shared\.global[^\n]*0x10", ptx)),
+        "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+        "waits": [int(x) for x in re.findall(r"async_wait [^\n]*num = (\d+)", ttgir)],
+        "shared": ck.metadata.shared,
+    })
+print(json.dumps(out))
 """
 
 
@@ -487,12 +507,12 @@ def test_kernel_compiles_for_sm90_with_cp_async_and_wgmma():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    info = json.loads(res.stdout.strip().splitlines()[-1])
-    assert info["cp_async_16"] > 0, info  # the gathered K/V rows: 16-byte asynchronous copies
-    assert info["wgmma"] > 0, info  # Hopper tensor-core instructions
-    # num_stages=3: two tiles of K/V copies stay in flight in both loops (not a full wait per step)
-    assert info["waits"].count(2) >= 2, info
-    assert info["shared"] <= 227 * 1024, info
+    for info in json.loads(res.stdout.strip().splitlines()[-1]):  # 64-bit, then 32-bit key offsets
+        assert info["cp_async_16"] > 0, info  # the gathered K/V rows: 16-byte asynchronous copies
+        assert info["wgmma"] > 0, info  # Hopper tensor-core instructions
+        # num_stages=3: two tiles of K/V copies stay in flight in both loops (not a full wait per step)
+        assert info["waits"].count(2) >= 2, info
+        assert info["shared"] <= 227 * 1024, info
 
 
 def test_tuning_space_pruned_by_shape():

@@ -78,6 +78,16 @@ def _load_index_tile(i_base, start, offs_n, n_keys, KEY_BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _key_rows(kpos, OFFS_64: tl.constexpr):
+    """Key row numbers as the offset type of the K/V addresses: int64 unless every row offset of
+    the head fits in int32 (``OFFS_64`` False: 32-bit address arithmetic, fewer registers)."""
+    if OFFS_64:
+        return kpos.to(tl.int64)
+    else:
+        return kpos
+
+
+@triton.jit
 def _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd,
              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, UPCAST: tl.constexpr):
     if HEAD_DIM == HEAD_DIM_PAD:
@@ -114,6 +124,7 @@ def _fg_sparse_fwd(
     KEY_BLOCK: tl.constexpr,
     FULL_TILE: tl.constexpr,
     UPCAST: tl.constexpr,
+    OFFS_64: tl.constexpr = True,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -156,16 +167,8 @@ def _fg_sparse_fwd(
         for it in range(0, n_full_it):
             t = t_next
             t_next = tl.load(f_base + (it + 1) // R, mask=it + 1 < n_full_it, other=0)
-            kpos = (t * FULL_TILE + (it % R) * FN + offs_f).to(tl.int64)
-            if HEAD_DIM == HEAD_DIM_PAD:
-                k = tl.load(k_base + kpos[:, None] * stride_ks + offs_d[None, :] * stride_kd)
-                v = tl.load(v_base + kpos[:, None] * stride_vs + offs_d[None, :] * stride_vd)
-            else:
-                k = tl.load(k_base + kpos[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=d_ok[None, :], other=0.0)
-                v = tl.load(v_base + kpos[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=d_ok[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            kpos = _key_rows(t * FULL_TILE + (it % R) * FN + offs_f, OFFS_64)
+            k, v = _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
             acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, offs_f >= 0, qk_scale, False)
 
     # ---- 2. the other kept keys: gathered by index, BLOCK_N keys per tile
@@ -186,9 +189,9 @@ def _fg_sparse_fwd(
         j = j_next
         j_next = _load_index_tile(i_base, start + BLOCK_N, offs_n, n_keys, KEY_BLOCK)
         if KEY_BLOCK == 1:
-            kpos = j.to(tl.int64)
+            kpos = _key_rows(j, OFFS_64)
         else:
-            kpos = (j * KEY_BLOCK + (start + offs_n) % KEY_BLOCK).to(tl.int64)
+            kpos = _key_rows(j * KEY_BLOCK + (start + offs_n) % KEY_BLOCK, OFFS_64)
         k, v = _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
         acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, offs_n >= 0, qk_scale, False)
     if n_tiles > 0:
@@ -201,7 +204,7 @@ def _fg_sparse_fwd(
             kpos = j_next * KEY_BLOCK + vpos % KEY_BLOCK
         valid = in_list & (kpos < S_KV)
         # out-of-range slots read a real row (clamped) and are masked in the scores
-        kpos = tl.minimum(kpos, S_KV - 1).to(tl.int64)
+        kpos = _key_rows(tl.minimum(kpos, S_KV - 1), OFFS_64)
         k, v = _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
         acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, True)
 
@@ -318,6 +321,19 @@ def head_dim_pad(d: int) -> int:
     return max(16, 1 << (int(d) - 1).bit_length())
 
 
+def needs_64bit_offsets(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether a key row's offset within its (batch, kv head) can pass int32: the kernel adds
+    ``row * stride_s + d * stride_d`` to the head's base pointer. True (64-bit) when a size or
+    stride is symbolic (a traced graph must not specialise on it)."""
+    limit = 0
+    for t in (k, v):
+        sizes, strides = t.shape[2:], t.stride()[2:]
+        if not all(isinstance(x, int) for x in (*sizes, *strides)):
+            return True
+        limit = max(limit, sum((n - 1) * abs(st) for n, st in zip(sizes, strides)))
+    return limit >= 2**31 - 1
+
+
 def launch_sparse_kernel(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -340,7 +356,8 @@ def launch_sparse_kernel(
     and the ``fgcompile::sparse_attention`` triton_op (``fgcompile.lowering.ops``), which passes
     ``wrap=torch.library.wrap_triton`` so that Inductor traces the launch into its program.
     Writes ``out`` (B, H, S_q, D) and returns it. Sizes may be SymInts when traced. No host sync.
-    ``config``: {"BLOCK_N", "num_warps", "num_stages", "FULL_N"}; None: the autotuner if
+    ``config``: {"BLOCK_N", "num_warps", "num_stages", "FULL_N"} (and optionally "OFFS_64", else
+    :func:`needs_64bit_offsets`); None: the autotuner if
     ``autotune`` (None: ``autotune_wanted()``, the environment), else ``heuristic_config``."""
     B, H, S_q, D = q.shape
     H_kv, S_kv = k.shape[1], k.shape[2]
@@ -364,6 +381,7 @@ def launch_sparse_kernel(
         KEY_BLOCK=key_block,
         FULL_TILE=full_tile,
         UPCAST=upcast,
+        OFFS_64=needs_64bit_offsets(k, v) if config is None or "OFFS_64" not in config else bool(config["OFFS_64"]),
     )
     if config is None and interpreting():
         config = INTERPRET_CONFIG
@@ -424,6 +442,7 @@ def compile_for_target(
     block_n: int = 128,
     num_warps: int = 8,
     num_stages: int = 3,
+    offs_64: bool = True,
 ):
     """Compile the sparse kernel ahead of time for ``sm_<arch>`` (no GPU needed; not under the
     interpreter) and return Triton's compiled kernel (``.asm`` holds ttgir, ptx, cubin...)."""
@@ -437,6 +456,7 @@ def compile_for_target(
     consts = {
         "HEAD_DIM": head_dim, "HEAD_DIM_PAD": head_dim_pad(head_dim), "BLOCK_M": block_m, "BLOCK_N": block_n,
         "KEY_BLOCK": key_block, "FULL_TILE": full_tile, "UPCAST": False, "FULL_N": block_n,
+        "OFFS_64": offs_64,
     }
     # mimic the JIT's specialisation for contiguous (B, H, S, D) tensors: unit strides become
     # constants, pointers and the other q/k/v/out strides are multiples of 16.
