@@ -33,7 +33,6 @@ CONFIGS = {
     "offs64": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "FULL_N": 128, "OFFS_64": True},
     "offs32": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "FULL_N": 128, "OFFS_64": False},
     "n128_s2": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "FULL_N": 128},
-    "n128_s4": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 4, "FULL_N": 128},
     "n64_s3": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "FULL_N": 128},
     "n64_s4": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "FULL_N": 64},
 }
@@ -109,6 +108,7 @@ def main(argv=None) -> None:
               "shape": dict(B=B, H=H, S=S, D=D, dtype="bf16", block_m=128, block_n=1), "densities": {}}
     with torch.no_grad():
         result["cudnn_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))
+        model(*x, return_dict=False)  # compiles (the state exists from here on)
         for density in (0.3, 0.6):
             fgcompile.configure(model, density=density)
             fgcompile.reset(model)
@@ -142,7 +142,11 @@ def main(argv=None) -> None:
                         if ft == 0 and cname not in ("default", "offs64"):
                             continue
                         o = torch.full_like(ref, float("nan"))
-                        sparse_attention_triton(q, k, v, pk, scale, config=c, out=o)
+                        try:
+                            sparse_attention_triton(q, k, v, pk, scale, config=c, out=o)
+                        except Exception as e:  # a config that does not fit (shared memory)
+                            times[f"full{ft}_{cname}"] = {"ms": float("nan"), "error": str(e)[:120]}
+                            continue
                         same = torch.allclose(o.float(), ref.float(), atol=2e-2, rtol=2e-2) and not o.isnan().any().item()
                         times[f"full{ft}_{cname}"] = {"ms": bench(lambda: sparse_attention_triton(q, k, v, pk, scale, config=c)),
                                                       "matches_default": bool(same)}

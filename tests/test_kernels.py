@@ -183,6 +183,33 @@ def test_triton_strided_inputs_and_packed_input():
     assert torch.equal(outs[0], outs[1]) and _rel(outs[0], ref) < 1e-5
 
 
+@needs_interp
+def test_kernel_epilogue_writes_dense_out_where_use_dense_holds():
+    """The lowered graph's select: ``use_dense`` True writes ``dense_out`` (the lists are empty on
+    those calls), False the sparse result without reading ``dense_out``; ``out`` may be a permuted
+    view (q's layout)."""
+    from fgcompile.kernels.triton_sparse import launch_sparse_kernel, sparse_attention_triton
+
+    B, H, S, D, bm = 1, 2, 128, 32, 64
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (t.transpose(1, 2) for t in torch.randn(3, B, S, H, D, generator=g).to(DEV).unbind(0))
+    keep = _mask(B, H, S, S, bm, 1, "random", seed=2).to(DEV)
+    packed = pack_slices(keep, block_m=bm, seq_len_kv=S)
+    ref = sparse_attention_triton(q, k, v, packed, 0.2)
+    dense = torch.randn(B, H, S, D, generator=g).to(DEV)
+    empty = pack_slices(torch.zeros_like(keep), block_m=bm, seq_len_kv=S)
+    for flag, p, want in ((False, packed, ref), (True, empty, dense)):
+        out = torch.empty_like(q).fill_(float("nan"))
+        assert out.stride() == q.stride()
+        d = dense if flag else torch.full_like(dense, float("nan"))  # never read on a sparse call
+        launch_sparse_kernel(q, k, v, out, p.counts, p.indices, p.full_counts, p.full_tiles, 0.2, bm, 1, p.full_tile,
+                             dense_out=d, use_dense=torch.tensor(flag, device=DEV))
+        assert torch.equal(out, want), flag
+    with pytest.raises(ValueError, match="dense_out and use_dense"):
+        launch_sparse_kernel(q, k, v, out, p.counts, p.indices, p.full_counts, p.full_tiles, 0.2, bm, 1, p.full_tile,
+                             dense_out=dense)
+
+
 def test_64bit_offsets_decided_by_the_largest_row_offset():
     from fgcompile.kernels.triton_sparse import needs_64bit_offsets
 

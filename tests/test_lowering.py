@@ -130,7 +130,7 @@ def test_fake_cuda_site_is_lowered(heads, kv_heads, block_n, density):
     t = _targets(gm)
     sparse_op = lops.sparse_attention_op()
     assert SITE not in t
-    assert t.count(PLAN) == 1 and t.count(sparse_op) == 1 and torch.where in t
+    assert t.count(PLAN) == 1 and t.count(sparse_op) == 1 and torch.where not in t
     plan = next(n for n in gm.graph.nodes if n.target is PLAN)
     q, k, v, kp, scale, site, owner, bm, bn, ft, cap = plan.args
     assert (bm, bn, ft) == (64, block_n, full_tile_for(block_n))
@@ -147,10 +147,14 @@ def test_fake_cuda_site_is_lowered(heads, kv_heads, block_n, density):
     assert tuple(dense_out.shape) == (2, heads, 256, 64) and dense_out.device.type == "cuda"
     assert use_dense.shape == () and use_dense.dtype == torch.bool
     sp = next(n for n in gm.graph.nodes if n.target is sparse_op)
-    assert sp.args[-1] is False  # no autotuning outside mode="max-autotune": one heuristic config
-    assert sp.args[3:7] == tuple(n for n in gm.graph.nodes if n.op == "call_function" and n.args and n.args[0] is plan)[:4]
-    where = next(n for n in gm.graph.nodes if n.target is torch.where)
-    assert where.args[2] is sp and where.args[1].args == (plan, 4) and where.args[0].args == (plan, 5)
+    assert sp.args[-3] is False  # no autotuning outside mode="max-autotune": one heuristic config
+    parts = tuple(n for n in gm.graph.nodes if n.op == "call_function" and n.args and n.args[0] is plan)
+    # the lists, then dense_out and use_dense: the kernel's epilogue selects (no torch.where)
+    assert sp.args[3:7] == parts[:4] and sp.args[-2:] == parts[4:6]
+    assert [a.args[1] for a in sp.args[-2:]] == [4, 5]
+    # the output has q's layout: a permuted (B, S, H, D) q gives a permuted output
+    qv, ov = sp.args[0].meta["example_value"], sp.meta["example_value"]
+    assert ov.stride() == qv.stride()
     out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0][0].meta["example_value"]
     assert tuple(out.shape) == (2, 256, 64 * heads) and out.device.type == "cuda"
 
@@ -205,8 +209,9 @@ def _split_call(site, q, k, v, scale, owner, cfg):
     for real, f in zip(outs, fake):  # what Inductor asserts on an extern op's outputs
         assert real.shape == f.shape and real.stride() == f.stride() and real.dtype == f.dtype, (real.shape, f.shape)
     c, ix, fc, ftl, dense_out, use_dense = outs
-    sp = lops.sparse_attention_op()(q, k, v, c, ix, fc, ftl, scale, cfg.block_m, cfg.block_n, k.shape[2], ft)
-    return torch.where(use_dense, dense_out, sp), bool(use_dense)
+    out = lops.sparse_attention_op()(q, k, v, c, ix, fc, ftl, scale, cfg.block_m, cfg.block_n, k.shape[2], ft,
+                                     False, dense_out, use_dense)
+    return out, bool(use_dense)
 
 
 @pytest.mark.parametrize("block_n,kv_heads", [(1, 2), (16, 1)])
@@ -331,4 +336,4 @@ def test_autotune_decision_is_part_of_the_graph(monkeypatch):
     with torch.no_grad():
         transform(gm, fakes, FGAttnConfig(min_seq_len=64, block_m=64), autotune=True)
     sp = next(n for n in gm.graph.nodes if n.target is lops.sparse_attention_op())
-    assert sp.args[-1] is True
+    assert sp.args[-3] is True

@@ -85,7 +85,7 @@ def _spy_copies(monkeypatch) -> list:
 
 
 def test_host_masks_are_pinned_prefetched_and_match_device_storage(monkeypatch, tmp_path):
-    c = _compile(_model())
+    c = _compile(_model(), dataclasses.replace(CFG, mask_storage="device"))  # "host" is the default
     calls = 7
     outs = {}
     with torch.no_grad():
@@ -146,7 +146,7 @@ def test_no_host_sync_in_steady_state_with_host_masks():
 def test_host_storage_lowers_peak_memory():
     """Device storage holds every site's mask through a sparse forward; host storage at most the
     call's copy and the next site's prefetched one."""
-    c = _compile(_model())
+    c = _compile(_model(), dataclasses.replace(CFG, mask_storage="device"))
     peak, mask_bytes = {}, None
     with torch.no_grad():
         for storage in ("device", "host"):

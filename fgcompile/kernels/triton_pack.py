@@ -48,9 +48,13 @@ def _packed_from_bits(
     shifts = tl.arange(0, 32)
     count = tl.full([], 0, tl.int32)
     fcount = tl.full([], 0, tl.int32)
+    # the words of the next chunk are loaded one iteration ahead (loop-carried), so their latency
+    # overlaps this chunk's scans and stores
+    w_next = tl.load(w_base + offs_w, mask=offs_w < NW, other=0)
     for c0 in range(0, NKB, CHUNK):
-        widx = c0 // 32 + offs_w
-        w = tl.load(w_base + widx, mask=widx < NW, other=0)
+        w = w_next
+        widx = (c0 + CHUNK) // 32 + offs_w
+        w_next = tl.load(w_base + widx, mask=widx < NW, other=0)
         if USE_FULL:
             if PER % 32 == 0:
                 # whole-word tiles: a tile is full iff its PER // 32 words are all ones (-1)

@@ -106,6 +106,7 @@ def _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs
 def _fg_sparse_fwd(
     Q, K, V, O,
     COUNTS, IDX, FCOUNTS, FIDX,
+    DENSE, USE_DENSE,
     qk_scale,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -115,6 +116,7 @@ def _fg_sparse_fwd(
     stride_ib, stride_ih, stride_iq,
     stride_fcb, stride_fch, stride_fcq,
     stride_fb, stride_fh, stride_fq,
+    stride_db, stride_dh, stride_ds, stride_dd,
     H, GROUP, S_Q, S_KV, S_KV_BUCKET,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -125,6 +127,7 @@ def _fg_sparse_fwd(
     FULL_TILE: tl.constexpr,
     UPCAST: tl.constexpr,
     OFFS_64: tl.constexpr = True,
+    HAS_DENSE: tl.constexpr = False,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -210,6 +213,14 @@ def _fg_sparse_fwd(
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]  # rows with nothing kept: acc == 0 -> zeros
+    if HAS_DENSE:
+        # a call whose output the schedule step already computed (dense / profiled: its lists are
+        # empty, so the loops above did nothing): write that output, in O's layout. The load is
+        # predicated off on sparse calls (DENSE is then never read).
+        use_dense = tl.load(USE_DENSE) != 0
+        d_ptrs = DENSE + b64 * stride_db + h64 * stride_dh + offs_m[:, None].to(tl.int64) * stride_ds + offs_d[None, :] * stride_dd
+        dense = tl.load(d_ptrs, mask=m_ok[:, None] & d_ok[None, :] & use_dense, other=0.0)
+        out = tl.where(use_dense, dense.to(tl.float32), out)
     o_ptrs = O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -351,11 +362,16 @@ def launch_sparse_kernel(
     config: Optional[dict] = None,
     autotune: Optional[bool] = None,
     wrap=None,
+    dense_out: Optional[torch.Tensor] = None,
+    use_dense: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """THE launch of the sparse kernel, shared by the direct call (:func:`sparse_attention_triton`)
     and the ``fgcompile::sparse_attention`` triton_op (``fgcompile.lowering.ops``), which passes
     ``wrap=torch.library.wrap_triton`` so that Inductor traces the launch into its program.
-    Writes ``out`` (B, H, S_q, D) and returns it. Sizes may be SymInts when traced. No host sync.
+    Writes ``out`` (B, H, S_q, D), any strides, and returns it. Sizes may be SymInts when traced.
+    No host sync. ``dense_out`` (B, H, S_q, D) and ``use_dense`` (a 0-d bool tensor), together or
+    not at all: where ``use_dense`` holds, ``out`` gets ``dense_out`` (copied in the kernel's
+    epilogue; the lists are then empty), else the sparse result (``dense_out`` is not read).
     ``config``: {"BLOCK_N", "num_warps", "num_stages", "FULL_N"} (and optionally "OFFS_64", else
     :func:`needs_64bit_offsets`); None: the autotuner if
     ``autotune`` (None: ``autotune_wanted()``, the environment), else ``heuristic_config``."""
@@ -364,14 +380,18 @@ def launch_sparse_kernel(
     upcast = interpreting() and q.dtype != torch.float32
     grid = (triton.cdiv(S_q, block_m), B * H)
     c, ix, fc, fx = counts, indices, full_counts, full_tiles
+    has_dense = dense_out is not None
+    if has_dense != (use_dense is not None):
+        raise ValueError("dense_out and use_dense: expected both or neither")
+    d_out, u_dense = (dense_out, use_dense) if has_dense else (out, counts)  # unused pointers when absent
     # S_KV_BUCKET is only the triton.autotune key (unused by the kernel body); a symbolic S_kv is
     # passed as is (bucketing it would specialise the traced graph on its value).
     bucket = _seq_bucket(S_kv) if isinstance(S_kv, int) else S_kv
     args = (
-        q, k, v, out, c, ix, fc, fx,
+        q, k, v, out, c, ix, fc, fx, d_out, u_dense,
         float(scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *c.stride(), *ix.stride()[:3], *fc.stride(), *fx.stride()[:3],
+        *c.stride(), *ix.stride()[:3], *fc.stride(), *fx.stride()[:3], *(d_out.stride() if has_dense else (0, 0, 0, 0)),
         H, H // H_kv, S_q, S_kv, bucket,
     )
     meta = dict(
@@ -382,6 +402,7 @@ def launch_sparse_kernel(
         FULL_TILE=full_tile,
         UPCAST=upcast,
         OFFS_64=needs_64bit_offsets(k, v) if config is None or "OFFS_64" not in config else bool(config["OFFS_64"]),
+        HAS_DENSE=has_dense,
     )
     if config is None and interpreting():
         config = INTERPRET_CONFIG

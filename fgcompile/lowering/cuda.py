@@ -7,10 +7,9 @@ Dynamo graph at compile time) this pass replaces it by::
     counts, indices, full_counts, full_tiles, dense_out, use_dense = fgcompile::site_plan(
         q, k, v, key_padding, scale, site, owner, block_m, block_n, full_tile,
         index_cap)                                                               # opaque, stateful
-    sparse = fgcompile::sparse_attention(q, k, v, counts, indices, full_counts, full_tiles,
-                                         scale, block_m, block_n, S_kv, full_tile,
-                                         autotune)                                # triton_op
-    out = torch.where(use_dense, dense_out, sparse)
+    out = fgcompile::sparse_attention(q, k, v, counts, indices, full_counts, full_tiles,
+                                      scale, block_m, block_n, S_kv, full_tile,
+                                      autotune, dense_out, use_dense)             # triton_op
 
 Why ``torch.library.triton_op`` + ``wrap_triton`` and not a registered lowering building a Triton
 template (as FlexAttention does in torch/_inductor/kernel/flex/): the kernel already exists, is
@@ -30,8 +29,9 @@ What does NOT change per call is in the op's arguments; what does (the schedule,
 ``site_plan``'s outputs, which the graph consumes as tensors: no host synchronisation, no
 recompilation when the mask changes, and ``site_plan`` is tagged ``torch.Tag.cudagraph_unsafe``
 so that ``mode="reduce-overhead"`` (graph partitioning) replays everything else in CUDA graphs and
-runs the schedule eagerly between them. Why the ``dense_out``/``use_dense`` select instead of an
-all-kept packing for dense/profiled calls: see ``fgcompile.lowering.ops``.
+runs the schedule eagerly between them. Why the ``dense_out``/``use_dense`` select (in the
+kernel's epilogue) instead of an all-kept packing for dense/profiled calls: see
+``fgcompile.lowering.ops``.
 
 Sites the kernel cannot take stay opaque ``site_attention`` nodes (also on CUDA): impl="reference",
 a head dim that is not a multiple of 8 up to 128 or is symbolic, D_v != D, block_m outside
@@ -123,7 +123,7 @@ def _insert(graph: fx.Graph, meta: dict, fake_mode, target, args, value_fn=None)
 
 def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False) -> int:
     """Replace every CUDA ``site_attention`` node of ``gm`` that the kernel can take by
-    ``site_plan`` + ``sparse_attention`` + ``where`` (in place). ``autotune``: whether the sparse
+    ``site_plan`` + ``sparse_attention`` (in place). ``autotune``: whether the sparse
     kernel autotunes (``triton_sparse.autotune_wanted`` of the compile's mode). Returns how many
     were lowered."""
     import os
@@ -164,12 +164,12 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False) -> int:
             s_kv = kv.shape[2]
             if not isinstance(s_kv, int):
                 s_kv = _insert(graph, meta, fake_mode, torch.ops.aten.sym_size.int, (k, 2))
-            sparse = _insert(
+            out = _insert(
                 graph, meta, fake_mode, sparse_op,
-                (q, k, v, counts, indices, full_counts, full_tiles, float(scale), bm, bn, s_kv, ft, bool(autotune)),
-                value_fn=lambda q_, *rest: q_.new_empty(q_.shape).contiguous(),
+                (q, k, v, counts, indices, full_counts, full_tiles, float(scale), bm, bn, s_kv, ft, bool(autotune),
+                 dense_out, use_dense),
+                value_fn=lambda q_, *rest: torch.empty_like(q_),
             )
-            out = _insert(graph, meta, fake_mode, torch.where, (use_dense, dense_out, sparse))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         lowered += 1

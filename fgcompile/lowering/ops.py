@@ -30,18 +30,20 @@ index_cap=0) -> (counts, indices, full_counts, full_tiles, dense_out, use_dense)
     - dense / profiled call: ``plan()`` has already computed the exact output: it is returned as
       ``dense_out`` with ``use_dense`` True, and the packing keeps NOTHING (counts and full_counts
       0; the kernel then only writes zeros, a few microseconds).
-    The graph computes ``torch.where(use_dense, dense_out, sparse_attention(...))``.
+    The graph passes ``dense_out`` and ``use_dense`` on to ``sparse_attention``, whose epilogue
+    writes ``dense_out`` where ``use_dense`` holds.
 
     Why not the all-kept packing (the kernel recomputing dense attention)? It would run a dense
     pass of the sparse kernel (~1.23x cuDNN, 14 ms at Wan-1.3B's shape) on top of the profiled
     call's own dense pass, at every warm-up and profiled call (one call in ten by default: ~+20%
     of a site's time), its output would differ from ``site_attention``'s by rounding, and its
-    index lists (403 MB at Wan's shape) would have to be cached or rebuilt. The select costs one
-    extra read of the output inside the pointwise kernel Inductor already runs after the site
-    (the output permute), and is bitwise exact for both kinds of calls.
+    index lists (403 MB at Wan's shape) would have to be cached or rebuilt. The select in the
+    kernel's epilogue reads ``dense_out`` only on those calls, is bitwise exact for both kinds of
+    calls, and writes the output in q's layout (no permute copy after the site where q is a
+    permuted view, as in diffusers; a ``torch.where`` after the kernel cost 0.1 ms per Wan layer).
 
 ``fgcompile::sparse_attention(q, k, v, counts, indices, full_counts, full_tiles, scale, block_m,
-block_n, seq_len_kv, full_tile, autotune=False) -> out``
+block_n, seq_len_kv, full_tile, autotune=False, dense_out=None, use_dense=None) -> out``
     The sparse kernel as a ``torch.library.triton_op`` around
     ``fgcompile.kernels.triton_sparse.launch_sparse_kernel`` (the same launch as the direct call)
     with ``wrap_triton``: Inductor traces the launch, copies the kernel's source into its output
@@ -51,7 +53,9 @@ block_n, seq_len_kv, full_tile, autotune=False) -> out``
     otherwise the launch uses one heuristic config (the H100's autotuner pick for 128-row blocks),
     which keeps compile time near the default backend's. It is an argument, not read from the
     environment at trace time, so that it is part of the graph and of Inductor's cache key. Returns
-    a contiguous (B, H, S_q, D) tensor of q's dtype. Callable eagerly too (it launches the kernel).
+    a (B, H, S_q, D) tensor of q's dtype in q's layout (``torch.empty_like(q)``): dense_out where
+    the 0-d bool ``use_dense`` holds (both given by ``site_plan``), else the sparse result.
+    Callable eagerly too (it launches the kernel).
 """
 
 from __future__ import annotations
@@ -228,12 +232,14 @@ def sparse_attention_op():
         seq_len_kv: int,
         full_tile: int,
         autotune: bool = False,
+        dense_out: Optional[torch.Tensor] = None,
+        use_dense: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        B, H, S_q, D = q.shape
-        out = torch.empty((B, H, S_q, D), device=q.device, dtype=q.dtype)
+        out = torch.empty_like(q)  # q's layout (a permuted (B, S, H, D) q gives the same permutation)
         return launch_sparse_kernel(
             q, k, v, out, counts, indices, full_counts, full_tiles,
             scale, block_m, block_n, full_tile, autotune=autotune, wrap=wrap_triton,
+            dense_out=dense_out, use_dense=use_dense,
         )
 
     _SPARSE_OP = torch.ops.fgcompile.sparse_attention.default
