@@ -101,7 +101,10 @@ def kernel_breakdown(fn, device):
         if e.key.startswith("cudaLaunch") or t == 0:
             continue
         name = e.key.lower()
-        if any(m in name for m in ATTN_KERNEL_MARKERS):
+        # Inductor's generated kernels (triton_poi/red/per_...) are named after the ops they fuse,
+        # which can include "scaled_dot_product_..." (a norm fused with the SDPA input permute):
+        # never attention
+        if any(m in name for m in ATTN_KERNEL_MARKERS) and not name.startswith("triton_"):
             attn += t
         else:
             other += t

@@ -513,9 +513,9 @@ _COMPILE_SCRIPT = r"""
 import json, re
 from fgcompile.kernels.triton_sparse import compile_for_target
 out = []
-for offs_64 in (True, False):
+for offs_64, has_dense in ((True, False), (False, True)):
     ck = compile_for_target(90, dtype="bf16", head_dim=128, block_m=128, key_block=1, block_n=128, num_warps=8,
-                            num_stages=3, offs_64=offs_64)
+                            num_stages=3, offs_64=offs_64, has_dense=has_dense)
     ptx, ttgir = ck.asm["ptx"], ck.asm["ttgir"]
     out.append({
         "cp_async_16": len(re.findall(r"cp\.async\.cg\.shared\.global[^\n]*0x10", ptx)),
@@ -534,7 +534,7 @@ def test_kernel_compiles_for_sm90_with_cp_async_and_wgmma():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    for info in json.loads(res.stdout.strip().splitlines()[-1]):  # 64-bit, then 32-bit key offsets
+    for info in json.loads(res.stdout.strip().splitlines()[-1]):  # 64-bit offsets; 32-bit with the dense epilogue
         assert info["cp_async_16"] > 0, info  # the gathered K/V rows: 16-byte asynchronous copies
         assert info["wgmma"] > 0, info  # Hopper tensor-core instructions
         # num_stages=3: two tiles of K/V copies stay in flight in both loops (not a full wait per step)

@@ -464,6 +464,7 @@ def compile_for_target(
     num_warps: int = 8,
     num_stages: int = 3,
     offs_64: bool = True,
+    has_dense: bool = False,
 ):
     """Compile the sparse kernel ahead of time for ``sm_<arch>`` (no GPU needed; not under the
     interpreter) and return Triton's compiled kernel (``.asm`` holds ttgir, ptx, cubin...)."""
@@ -473,15 +474,16 @@ def compile_for_target(
     fn = _fg_sparse_fwd
     sig = {}
     ptr_args = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}",
-                "COUNTS": "*i32", "IDX": "*i32", "FCOUNTS": "*i32", "FIDX": "*i32"}
+                "COUNTS": "*i32", "IDX": "*i32", "FCOUNTS": "*i32", "FIDX": "*i32",
+                "DENSE": f"*{dtype}", "USE_DENSE": "*i1"}
     consts = {
         "HEAD_DIM": head_dim, "HEAD_DIM_PAD": head_dim_pad(head_dim), "BLOCK_M": block_m, "BLOCK_N": block_n,
         "KEY_BLOCK": key_block, "FULL_TILE": full_tile, "UPCAST": False, "FULL_N": block_n,
-        "OFFS_64": offs_64,
+        "OFFS_64": offs_64, "HAS_DENSE": has_dense,
     }
     # mimic the JIT's specialisation for contiguous (B, H, S, D) tensors: unit strides become
     # constants, pointers and the other q/k/v/out strides are multiples of 16.
-    ones = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_cq", "stride_fcq"}
+    ones = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "stride_cq", "stride_fcq"}
     attrs = {}
     for i, name in enumerate(fn.arg_names):
         if name in ptr_args:
