@@ -337,3 +337,28 @@ def test_autotune_decision_is_part_of_the_graph(monkeypatch):
         transform(gm, fakes, FGAttnConfig(min_seq_len=64, block_m=64), autotune=True)
     sp = next(n for n in gm.graph.nodes if n.target is lops.sparse_attention_op())
     assert sp.args[-3] is True
+
+
+_EXIT_SCRIPT = r"""
+import time
+from concurrent.futures import ThreadPoolExecutor
+from fgcompile.lowering import warmup
+warmup._POOL = ThreadPoolExecutor(max_workers=1)
+warmup._cancel_at_exit()
+for _ in range(5):
+    warmup._POOL.submit(time.sleep, 1.5)
+print(time.time())  # the end of the script: what follows is the exit
+"""
+
+
+def test_exit_drops_queued_precompiles():
+    """A process that ends with background compiles queued waits for the running one only (five
+    1.5 s jobs queued: the executor's own exit hook alone would take 7.5 s)."""
+    import subprocess
+    import sys
+    import time
+
+    res = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT], capture_output=True, text=True, timeout=60)
+    exit_s = time.time() - float(res.stdout.split()[-1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert exit_s < 4.5, exit_s

@@ -145,8 +145,30 @@ def schedule(
         _DONE_KEYS.add(key)
         if _POOL is None:
             _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fgcompile-precompile")
+            _cancel_at_exit()
         _PENDING.append(_POOL.submit(_run, key, name, config, (*specs, kp_spec), float(scale), index_cap, lowered))
     return True
+
+
+def _cancel_at_exit() -> None:
+    """At interpreter exit, drop the compiles not started yet: the executor's own exit hook would
+    run every queued one first (seconds each) before the process can end. Registered with
+    ``threading._register_atexit`` (CPython's hook, the one ``concurrent.futures`` uses, which runs
+    before ``atexit`` handlers and in reverse order of registration, so before the executor's);
+    feature-detected: without it exit just waits for the queue, as before."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:  # pragma: no cover - other Python implementations
+        return
+
+    def cancel() -> None:
+        pool = _POOL
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    try:
+        register(cancel)
+    except RuntimeError:  # pragma: no cover - already shutting down
+        pass
 
 
 def wait() -> None:
@@ -157,4 +179,5 @@ def wait() -> None:
         pending = list(_PENDING)
         _PENDING.clear()
     for f in pending:
-        f.result()
+        if not f.cancelled():
+            f.result()
