@@ -5,8 +5,10 @@
 #                                       # plans), e2e_wan.py (all rows)
 #   bash benchmarks/h100_session.sh B   # lowering_bench.py --compile-only, toy and Wan layer: medians of 3 cold
 #                                       # compiles per variant, with and without the background JIT
-#   bash benchmarks/h100_session.sh C   # the compile time of Wan2.1-1.3B itself (3 cold compiles per backend)
+#   bash benchmarks/h100_session.sh C   # the compile time of one Wan layer and of Wan2.1-1.3B itself (3 cold
+#                                       # compiles per backend, fresh processes)
 #   bash benchmarks/h100_session.sh K   # kernel_in_model.py (the kernel on Wan's own masks, in the model and alone)
+#   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
 OUT=${OUT:-/tmp/out}
@@ -35,16 +37,25 @@ B)
   tail -12 "$OUT/lowering.txt"
   ;;
 C)
-  cp benchmarks/results/lowering_h100.json "$OUT/lowering_h100_wan_model.json"
-  timeout 330 python3 benchmarks/lowering_bench.py --compile-only --cases wan_model --repeats 3 \
-      --variants inductor,fgattn --out "$OUT/lowering_h100_wan_model.json" > "$OUT/lowering_wm.txt" 2>&1
-  echo "lowering (Wan model) rc=$?"
-  tail -12 "$OUT/lowering_wm.txt"
+  cp benchmarks/results/lowering_h100.json "$OUT/lowering_h100_wan.json"
+  timeout 540 python3 benchmarks/lowering_bench.py --compile-only --cases wan,wan_model --repeats 3 \
+      --variants inductor,fgattn --out "$OUT/lowering_h100_wan.json" > "$OUT/lowering_wan.txt" 2>&1
+  echo "lowering (Wan layer, Wan model) rc=$?"
+  grep -E "^(wan|wan_model) " "$OUT/lowering_wan.txt"
+  ;;
+P)
+  timeout 200 python3 benchmarks/pack_probe.py --out "$OUT/pack_probe_h100.json" > "$OUT/pack_probe.txt" 2>&1
+  echo "pack_probe rc=$?"
+  timeout 200 ncu --clock-control none -k regex:_packed_from_bits -c 1 --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+      python3 benchmarks/pack_probe.py --once > "$OUT/pack_ncu.txt" 2>&1
+  echo "ncu rc=$?"
+  grep -E "^d0" "$OUT/pack_probe.txt" | tail -4; grep -vE "^==PROF==|^\s*$" "$OUT/pack_ncu.txt" | tail -60
   ;;
 K)
   timeout 300 python3 benchmarks/kernel_in_model.py --out "$OUT/kernel_in_model_h100.json" > "$OUT/kernel_in_model.txt" 2>&1
   echo "kernel_in_model rc=$?"
   grep -vE "Warning|warn|^ *$|float32:" "$OUT/kernel_in_model.txt" | tail -60
   ;;
-*) echo "usage: $0 A|B|C|K"; exit 2 ;;
+*) echo "usage: $0 A|B|C|K|P"; exit 2 ;;
 esac

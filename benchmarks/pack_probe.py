@@ -1,0 +1,92 @@
+"""What bounds the bitmap -> kept-key lists packing (``packed_from_bits``) at Wan 480p?
+
+At every sparse call with a cached mask the run time packs the site's bitmap into index lists. In
+the model (``kernel_in_model_h100.json``) that costs 0.30 ms per layer at density 0.3 and 0.73 ms
+at 0.6 (cap = the budget), in proportion to the kept keys written (~0.4 TB/s), while the same
+kernel writes a 0.3-dense mask's lists at cap = nKB (zero-filled tails: 3.3x the bytes) in
+0.34 ms. This script times the kernel on masks with exactly the budget's count per row (as the
+density budget makes them), at densities 0.3 and 0.6 and cap = the budget, over a grid of its
+two launch parameters (keys per loop step ``chunk`` and ``num_warps``), and checks every variant
+against the default one.
+
+    python benchmarks/pack_probe.py [--out OUT.json]       # the timing grid
+    python benchmarks/pack_probe.py --once                  # one launch of the default, for ncu:
+    ncu --clock-control none -k regex:_packed_from_bits -c 1 --section SpeedOfLight \\
+        --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \\
+        python benchmarks/pack_probe.py --once
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+B, H, S, BLOCK_M = 1, 12, 32760, 128
+
+
+def budget_bits(density: float, gen: torch.Generator):
+    """A bitmap whose rows each keep exactly round(density * S) random keys, and that count."""
+    from fgcompile.kernels.packing import pack_bits
+
+    per_row = int(round(density * S))
+    scores = torch.rand(B, H, -(-S // BLOCK_M), S, device=gen.device, generator=gen)
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(per_row, -1).indices, True)
+    return pack_bits(keep), per_row
+
+
+def main(argv=None) -> None:
+    import triton
+
+    from fgcompile.kernels.triton_pack import PACK_CHUNK, PACK_WARPS, packed_from_bits_triton
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None)
+    p.add_argument("--once", action="store_true", help="one launch of the default config at density 0.3 (for ncu)")
+    args = p.parse_args(argv)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.once:
+        bits, cap = budget_bits(0.3, gen)
+        packed_from_bits_triton(bits, S, BLOCK_M, 1, S, 128, cap=cap)
+        torch.cuda.synchronize()
+        return
+    rows = []
+    for density in (0.3, 0.6):
+        bits, cap = budget_bits(density, gen)
+        ref = packed_from_bits_triton(bits, S, BLOCK_M, 1, S, 128, cap=cap)
+        idx_bytes = ref.indices.numel() * 4
+        for chunk in (512, 1024, 2048, 4096):
+            for warps in (1, 2, 4, 8):
+                got = packed_from_bits_triton(bits, S, BLOCK_M, 1, S, 128, cap=cap, chunk=chunk, num_warps=warps)
+                same = all(torch.equal(a, b) for a, b in zip(
+                    (got.counts, got.indices, got.full_counts), (ref.counts, ref.indices, ref.full_counts)))
+                ms = triton.testing.do_bench(
+                    lambda: packed_from_bits_triton(bits, S, BLOCK_M, 1, S, 128, cap=cap, chunk=chunk, num_warps=warps),
+                    warmup=10, rep=100, return_mode="median")
+                rows.append(dict(density=density, cap=cap, chunk=chunk, num_warps=warps, ms=ms, equal=same,
+                                 index_GBps=idx_bytes / ms / 1e6,
+                                 default=(chunk == PACK_CHUNK and warps == PACK_WARPS)))
+                print(f"d{density} chunk {chunk:5d} warps {warps}: {ms:.4f} ms  {idx_bytes / ms / 1e6:7.1f} GB/s"
+                      f"{'  (default)' if rows[-1]['default'] else ''}{'' if same else '  MISMATCH'}", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "shape": dict(B=B, H=H, S=S, block_m=BLOCK_M, block_n=1, full_tile=128), "rows": rows}
+    for d in (0.3, 0.6):
+        best = min((r for r in rows if r["density"] == d), key=lambda r: r["ms"])
+        dflt = next(r for r in rows if r["density"] == d and r["default"])
+        result[f"best_d{d}"] = best
+        result[f"default_over_best_d{d}"] = dflt["ms"] / best["ms"]
+        print(f"d{d}: default {dflt['ms']:.4f} ms, best {best['ms']:.4f} ms (chunk {best['chunk']}, warps {best['num_warps']})")
+    tag = torch.cuda.get_device_name().split()[1].lower()
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"pack_probe_{tag}.json")
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
