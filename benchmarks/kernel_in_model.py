@@ -19,7 +19,6 @@ where kernel_bench.py measures 4.5 ms on a random mask of the same density. This
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -77,6 +76,7 @@ def mask_shape(bits: torch.Tensor, n_kb: int, full_tile: int = 128) -> dict:
 
 def main(argv=None) -> None:
     import triton
+    from results_io import write_result
 
     import fgcompile
     from fgcompile.kernels.packing import pack_slices, packed_from_bits
@@ -170,11 +170,7 @@ def main(argv=None) -> None:
                   f"over {len(sparse_calls)} calls; cuDNN alone {result['cudnn_ms']:.3f} ms", flush=True)
             for n, r in list(entry["in_model_top_kernels"].items())[:12]:
                 print(f"   {r[0]:4d} x {r[1]:9.3f} ms  {n}", flush=True)
-    tag = torch.cuda.get_device_name().split()[1].lower()
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernel_in_model_{tag}.json")
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=1)
-    print("wrote", out)
+    write_result(result, "kernel_in_model", args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ fine-grained mask at density 0.3 (the kernel's heuristic config):
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:
@@ -63,10 +63,9 @@ def main() -> None:
         "outputs_equal_across_layouts": same, **rows,
         "permuted_over_contiguous": rows["kernel_permuted_ms"] / rows["kernel_contiguous_ms"],
     }
-    tag = torch.cuda.get_device_name().split()[1].lower()
-    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"layout_{tag}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    from results_io import write_result
+
+    write_result(result, "layout", sys.argv[1] if len(sys.argv) > 1 else None)
     for k, v in result.items():
         print(f"{k:36s} {v}")
 

@@ -19,13 +19,13 @@ against the default one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 B, H, S, BLOCK_M = 1, 12, 32760, 128
 
@@ -42,6 +42,7 @@ def budget_bits(density: float, gen: torch.Generator):
 
 def main(argv=None) -> None:
     import triton
+    from results_io import write_result
 
     from fgcompile.kernels.triton_pack import PACK_CHUNK, PACK_WARPS, packed_from_bits_triton
 
@@ -81,11 +82,7 @@ def main(argv=None) -> None:
         result[f"best_d{d}"] = best
         result[f"default_over_best_d{d}"] = dflt["ms"] / best["ms"]
         print(f"d{d}: default {dflt['ms']:.4f} ms, best {best['ms']:.4f} ms (chunk {best['chunk']}, warps {best['num_warps']})")
-    tag = torch.cuda.get_device_name().split()[1].lower()
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"pack_probe_{tag}.json")
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=1)
-    print("wrote", out)
+    write_result(result, "pack_probe", args.out)
 
 
 if __name__ == "__main__":
