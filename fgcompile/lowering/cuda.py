@@ -9,7 +9,7 @@ Dynamo graph at compile time) this pass replaces it by::
         index_cap)                                                               # opaque, stateful
     out = fgcompile::sparse_attention(q, k, v, counts, indices, full_counts, full_tiles,
                                       scale, block_m, block_n, S_kv, full_tile,
-                                      autotune, dense_out, use_dense)             # triton_op
+                                      autotune, dense_out, use_dense, like_q)     # triton_op
 
 Why ``torch.library.triton_op`` + ``wrap_triton`` and not a registered lowering building a Triton
 template (as FlexAttention does in torch/_inductor/kernel/flex/): the kernel already exists, is
@@ -156,6 +156,8 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False) -> int:
         bm, bn = int(cfg.block_m), int(cfg.block_n)
         ft = full_tile_for(bn)
         cap = index_cap_for(kv.shape[2], bn, cfg.density)
+        # the output's layout: what eager gave the graph after the site (see ops.sparse_attention_op)
+        like_q = getattr(template.info, "pattern", "sdpa") == "sdpa"
         with graph.inserting_before(node):
             plan = _insert(graph, meta, fake_mode, torch.ops.fgcompile.site_plan.default,
                            (q, k, v, kp, float(scale), int(site), owner, bm, bn, ft, cap))
@@ -167,8 +169,8 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False) -> int:
             out = _insert(
                 graph, meta, fake_mode, sparse_op,
                 (q, k, v, counts, indices, full_counts, full_tiles, float(scale), bm, bn, s_kv, ft, bool(autotune),
-                 dense_out, use_dense),
-                value_fn=lambda q_, *rest: torch.empty_like(q_),
+                 dense_out, use_dense, like_q),
+                value_fn=lambda q_, *rest: torch.empty_like(q_) if like_q else q_.new_empty(q_.shape),
             )
         node.replace_all_uses_with(out)
         graph.erase_node(node)

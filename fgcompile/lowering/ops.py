@@ -43,7 +43,7 @@ index_cap=0) -> (counts, indices, full_counts, full_tiles, dense_out, use_dense)
     permuted view, as in diffusers; a ``torch.where`` after the kernel cost 0.1 ms per Wan layer).
 
 ``fgcompile::sparse_attention(q, k, v, counts, indices, full_counts, full_tiles, scale, block_m,
-block_n, seq_len_kv, full_tile, autotune=False, dense_out=None, use_dense=None) -> out``
+block_n, seq_len_kv, full_tile, autotune=False, dense_out=None, use_dense=None, out_like_q=True) -> out``
     The sparse kernel as a ``torch.library.triton_op`` around
     ``fgcompile.kernels.triton_sparse.launch_sparse_kernel`` (the same launch as the direct call)
     with ``wrap_triton``: Inductor traces the launch, copies the kernel's source into its output
@@ -53,8 +53,12 @@ block_n, seq_len_kv, full_tile, autotune=False, dense_out=None, use_dense=None) 
     otherwise the launch uses one heuristic config (the H100's autotuner pick for 128-row blocks),
     which keeps compile time near the default backend's. It is an argument, not read from the
     environment at trace time, so that it is part of the graph and of Inductor's cache key. Returns
-    a (B, H, S_q, D) tensor of q's dtype in q's layout (``torch.empty_like(q)``): dense_out where
-    the 0-d bool ``use_dense`` holds (both given by ``site_plan``), else the sparse result.
+    a (B, H, S_q, D) tensor of q's dtype: dense_out where the 0-d bool ``use_dense`` holds (both
+    given by ``site_plan``), else the sparse result; in q's layout (``torch.empty_like(q)``) with
+    ``out_like_q``, else contiguous. The lowering asks for q's layout at SDPA sites (eager cuDNN
+    and flash SDPA return q's, or the (B, S, H, D) permuted, layout) and for contiguous at
+    hand-written ones (a matmul's output is contiguous), so the graph after the site sees the
+    strides it saw in eager and a ``.view`` there keeps working.
     Callable eagerly too (it launches the kernel).
 """
 
@@ -234,8 +238,10 @@ def sparse_attention_op():
         autotune: bool = False,
         dense_out: Optional[torch.Tensor] = None,
         use_dense: Optional[torch.Tensor] = None,
+        out_like_q: bool = True,
     ) -> torch.Tensor:
-        out = torch.empty_like(q)  # q's layout (a permuted (B, S, H, D) q gives the same permutation)
+        # q's layout (a permuted (B, S, H, D) q gives the same permutation), or contiguous
+        out = torch.empty_like(q) if out_like_q else q.new_empty(q.shape)
         return launch_sparse_kernel(
             q, k, v, out, counts, indices, full_counts, full_tiles,
             scale, block_m, block_n, full_tile, autotune=autotune, wrap=wrap_triton,
