@@ -16,7 +16,11 @@ registers and walks the key blocks that ``PackedSlices`` lists for (b, h, i):
 Both loops run the online softmax in base 2 (log2(e) folded into the scale), accumulate in fp32,
 and mask the tail (slots past the count, keys past S_kv). The loop bounds are read from the
 count tensors inside the kernel: the launcher never synchronises with the device. A query block
-with no kept key writes zeros.
+with no kept key writes zeros. ``HAS_DENSE`` adds the compiled graph's select to the epilogue:
+where the 0-d flag ``USE_DENSE`` holds (a dense or profiled call, whose lists are empty) the
+program writes the rows of ``DENSE`` instead. ``OFFS_64`` keeps the K/V row offsets in 64 bits;
+the launcher clears it when every row offset of a head fits in int32 (5-8% faster on the H100,
+benchmarks/NOTES.md, session 4).
 
 Supports any strides of q/k/v/out, GQA (kv head = h // (H // H_kv)), head dims up to 128 (a dim
 that is not a power of two, e.g. 96, is padded to the next one with a mask on D), fp16/bf16/fp32
