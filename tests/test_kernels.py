@@ -523,6 +523,17 @@ for offs_64, has_dense in ((True, False), (False, True)):
         "waits": [int(x) for x in re.findall(r"async_wait [^\n]*num = (\d+)", ttgir)],
         "shared": ck.metadata.shared,
     })
+# the packing kernel: slots from POPC (no scan over the bits of a word)
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import triton
+from fgcompile.kernels.triton_pack import _packed_from_bits as fn
+consts = {"CHUNK": 2048, "PER": 128, "USE_FULL": True, "ZBLOCK": 1024, "HW_POPC": True}
+sig = {n: ("*i32" if n in ("W", "COUNTS", "IDX", "FCOUNTS", "FTILES") else "constexpr" if n in consts else "i32")
+       for n in fn.arg_names}
+pk = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                    options={"num_warps": 4})
+out.append({"pack_popc": len(re.findall(r"popc\.b32", pk.asm["ptx"]))})
 print(json.dumps(out))
 """
 
@@ -534,7 +545,9 @@ def test_kernel_compiles_for_sm90_with_cp_async_and_wgmma():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    for info in json.loads(res.stdout.strip().splitlines()[-1]):  # 64-bit offsets; 32-bit with the dense epilogue
+    *infos, pack = json.loads(res.stdout.strip().splitlines()[-1])
+    assert pack["pack_popc"] > 0, pack
+    for info in infos:  # 64-bit offsets; 32-bit with the dense epilogue
         assert info["cp_async_16"] > 0, info  # the gathered K/V rows: 16-byte asynchronous copies
         assert info["wgmma"] > 0, info  # Hopper tensor-core instructions
         # num_stages=3: two tiles of K/V copies stay in flight in both loops (not a full wait per step)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .triton_sparse import interpreting, pow2_at_least
 
@@ -31,6 +32,20 @@ PACK_WARPS = 4
 
 
 @triton.jit
+def _popc(x, HW: tl.constexpr):
+    """Set bits of each int32 of ``x`` (int32): the POPC instruction on the GPU (``HW``), a SWAR
+    count under the interpreter (which has no libdevice)."""
+    if HW:
+        return libdevice.popc(x)
+    else:
+        u = x.to(tl.uint32, bitcast=True)
+        u = u - ((u >> 1) & 0x55555555)
+        u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+        u = (u + (u >> 4)) & 0x0F0F0F0F
+        return ((u * 0x01010101) >> 24).to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def _packed_from_bits(
     W, COUNTS, IDX, FCOUNTS, FTILES,
     NW, NKB, CAP, NT, NT_COLS,
@@ -38,6 +53,7 @@ def _packed_from_bits(
     PER: tl.constexpr,
     USE_FULL: tl.constexpr,
     ZBLOCK: tl.constexpr,
+    HW_POPC: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     w_base = W + r * NW
@@ -46,15 +62,20 @@ def _packed_from_bits(
     WPC: tl.constexpr = CHUNK // 32
     offs_w = tl.arange(0, WPC)
     shifts = tl.arange(0, 32)
+    below = (tl.full([32], 1, tl.uint32) << shifts.to(tl.uint32)) - 1  # bits under bit s
+    below = below.to(tl.int32, bitcast=True)
     count = tl.full([], 0, tl.int32)
     fcount = tl.full([], 0, tl.int32)
     # the words of the next chunk are loaded one iteration ahead (loop-carried), so their latency
-    # overlaps this chunk's scans and stores
+    # overlaps this chunk's work
     w_next = tl.load(w_base + offs_w, mask=offs_w < NW, other=0)
     for c0 in range(0, NKB, CHUNK):
         w = w_next
         widx = (c0 + CHUNK) // 32 + offs_w
         w_next = tl.load(w_base + widx, mask=widx < NW, other=0)
+        # bits past NKB (in the last word) are not keys
+        n_in = NKB - (c0 + offs_w * 32)
+        w = tl.where(n_in >= 32, w, tl.where(n_in <= 0, 0, w & ((tl.full([WPC], 1, tl.int32) << tl.maximum(n_in, 0)) - 1)))
         if USE_FULL:
             if PER % 32 == 0:
                 # whole-word tiles: a tile is full iff its PER // 32 words are all ones (-1)
@@ -68,25 +89,27 @@ def _packed_from_bits(
                 fpos = tl.cumsum(full, 0)
                 tl.store(f_base + (fcount + fpos - 1), tidx, mask=full != 0)
                 fcount += tl.sum(full, 0)
-        kb = c0 + offs_w[:, None] * 32 + shifts[None, :]  # (WPC, 32) key-block index
-        bits = tl.where(kb < NKB, (w[:, None] >> shifts[None, :]) & 1, 0)
-        if USE_FULL:
-            if PER % 32 != 0:
+            else:
                 # sub-word tiles (PER in 1..16): PER consecutive bits of one word
                 TPW: tl.constexpr = 32 // PER
+                bits = (w[:, None] >> shifts[None, :]) & 1
                 t3 = tl.reshape(bits, [WPC * TPW, PER])
                 tidx2 = c0 // PER + tl.arange(0, WPC * TPW)
                 full2 = tl.where(tidx2 < NT, tl.min(t3, axis=1), 0)
                 t3 = tl.where(full2[:, None] != 0, 0, t3)
-                bits = tl.reshape(t3, [WPC, 32])
+                # distinct powers of two: their int32 sum is their bitwise or
+                w = tl.sum(tl.reshape(t3, [WPC, 32]) << shifts[None, :], axis=1)
                 fpos2 = tl.cumsum(full2, 0)
                 tl.store(f_base + (fcount + fpos2 - 1), tidx2, mask=full2 != 0)
                 fcount += tl.sum(full2, 0)
-        # slot of kept bit (word i, bit s): kept bits before word i + kept bits of word i up to s
-        wc = tl.sum(bits, 1)
-        pos = tl.cumsum(bits, 1) + (tl.cumsum(wc, 0) - wc)[:, None]
-        slot = count + pos - 1
-        tl.store(i_base + slot, kb, mask=(bits != 0) & (slot < CAP))
+        # slot of kept bit (word i, bit s): kept bits of the words before i (a scan over the
+        # chunk's words) + kept bits of word i under bit s (a popcount)
+        wc = _popc(w, HW_POPC)
+        first = tl.cumsum(wc, 0) - wc
+        kb = c0 + offs_w[:, None] * 32 + shifts[None, :]  # (WPC, 32) key-block index
+        kept = ((w[:, None] >> shifts[None, :]) & 1) != 0
+        slot = count + first[:, None] + _popc(w[:, None] & below[None, :], HW_POPC)
+        tl.store(i_base + slot, kb, mask=kept & (slot < CAP))
         count += tl.sum(wc, 0)
     count = tl.minimum(count, CAP)  # a row over the caller's bound keeps its first CAP (see packing)
     tl.store(COUNTS + r, count)
@@ -98,7 +121,6 @@ def _packed_from_bits(
     for z0 in range((fcount // ZBLOCK) * ZBLOCK, NT_COLS, ZBLOCK):
         z = z0 + zo
         tl.store(f_base + z, tl.zeros([ZBLOCK], tl.int32), mask=(z >= fcount) & (z < NT_COLS))
-
 
 
 def packed_from_bits_triton(
@@ -146,7 +168,7 @@ def packed_from_bits_triton(
             words, counts, indices, fcounts, ftiles,
             nw, n, cap, nt, nt_cols,
             CHUNK=chunk, PER=per, USE_FULL=use_full, ZBLOCK=min(1024, max(32, pow2_at_least(cap))) if not interp else 64,
-            num_warps=num_warps,
+            HW_POPC=not interp, num_warps=num_warps,
         )
     return PackedSlices(
         counts, indices, fcounts, ftiles, int(block_m), int(block_n), int(seq_len_kv), int(full_tile) if use_full else 0
