@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .triton_sparse import interpreting, pow2_at_least
+from .triton_common import interpreting, pow2_at_least
 
 __all__ = ["packed_from_bits_triton", "pack_bits_triton", "PACK_CHUNK", "PACK_WARPS"]
 

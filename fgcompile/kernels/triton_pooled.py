@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_sparse import interpreting, pow2_at_least
+from .triton_common import interpreting, pow2_at_least
 
 __all__ = ["pool_queries_triton", "pooled_select_bits_triton", "ROW_REG_MAX"]
 

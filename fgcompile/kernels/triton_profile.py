@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_sparse import LOG2E, head_dim_pad, interpreting
+from .triton_common import LOG2E, _online_softmax_step, _softmax_state, _out_ptrs, _program_heads, _q_tile, head_dim_pad, interpreting
 
 
 @triton.jit
@@ -45,29 +45,13 @@ def _profile_fwd(
     HAS_KP: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    mb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mb, bh, b64, h64, hk64 = _program_heads(H, GROUP)
+    q, offs_m, offs_d, m_ok, d_ok = _q_tile(Q, b64, h64, mb, stride_qb, stride_qh, stride_qs, stride_qd, S_Q,
+                                            BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
     offs_n = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < HEAD_DIM
-    m_ok = offs_m < S_Q
-    q = tl.load(
-        Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd,
-        mask=m_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        q = q.to(tl.float32)
     k_base = K + b64 * stride_kb + hk64 * stride_kh
     v_base = V + b64 * stride_vb + hk64 * stride_vh
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    m_i, l_i, acc = _softmax_state(BLOCK_M, HEAD_DIM_PAD)
     for start in range(0, S_KV, BLOCK_N):
         kpos = start + offs_n
         valid = kpos < S_KV
@@ -80,23 +64,11 @@ def _profile_fwd(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k))
-        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, True)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(
-        O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :] * stride_od,
-        out.to(O.dtype.element_ty),
-        mask=m_ok[:, None] & d_ok[None, :],
-    )
+    o_ptrs = _out_ptrs(O, b64, h64, offs_m, offs_d, stride_ob, stride_oh, stride_os, stride_od)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     lse2 = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe), float("inf"))  # +inf: every prob is 0
     tl.store(LSE + bh.to(tl.int64) * S_Q + offs_m, lse2, mask=m_ok)
 
@@ -117,30 +89,16 @@ def _profile_probs(
     UPCAST: tl.constexpr,
     WRITE_BITS: tl.constexpr,
 ):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    qb, bh, b64, h64, hk64 = _program_heads(H, GROUP)
+    q, offs_m, offs_d, m_ok, d_ok = _q_tile(Q, b64, h64, qb, stride_qb, stride_qh, stride_qs, stride_qd, S_Q,
+                                            BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
     offs_n = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < HEAD_DIM
-    m_ok = offs_m < S_Q
-    q = tl.load(
-        Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd,
-        mask=m_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        q = q.to(tl.float32)
     lse2 = tl.load(LSE + bh.to(tl.int64) * S_Q + offs_m, mask=m_ok, other=float("inf"))
     k_base = K + b64 * stride_kb + hk64 * stride_kh
     row = bh.to(tl.int64) * NQB + qb
     p_base = P + row * S_KV
     if WRITE_BITS:
-        thr = tl.load(THR + b)  # log2(alpha / real keys of batch b), float32; +inf: keep nothing
+        thr = tl.load(THR + b64)  # log2(alpha / real keys of batch b), float32; +inf: keep nothing
         shifts = tl.arange(0, 32)
         offs_w = tl.arange(0, BLOCK_N // 32)
         kept = tl.full([], 0, tl.int32)

@@ -38,39 +38,7 @@ import triton
 import triton.language as tl
 
 from .packing import PackedSlices
-
-LOG2E = 1.4426950408889634
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def pow2_at_least(x: int) -> int:
-    """The smallest power of two >= x (1 for x <= 1): tile sizes of the helper kernels."""
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-@triton.jit
-def _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, MASKED: tl.constexpr):
-    qk = tl.dot(q, tl.trans(k))
-    if MASKED:
-        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # rows whose running max is still -inf (nothing valid yet) must not produce NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, m_new, l_i
-
+from .triton_common import LOG2E, _online_softmax_step, _softmax_state, _out_ptrs, _program_heads, _q_tile, head_dim_pad, interpreting, pow2_at_least  # noqa: F401  (re-exported)
 
 @triton.jit
 def _load_index_tile(i_base, start, offs_n, n_keys, KEY_BLOCK: tl.constexpr):
@@ -133,32 +101,15 @@ def _fg_sparse_fwd(
     OFFS_64: tl.constexpr = True,
     HAS_DENSE: tl.constexpr = False,
 ):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    hk64 = hk.to(tl.int64)
-
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    qb, bh, b64, h64, hk64 = _program_heads(H, GROUP)
+    q, offs_m, offs_d, m_ok, d_ok = _q_tile(Q, b64, h64, qb, stride_qb, stride_qh, stride_qs, stride_qd, S_Q,
+                                            BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
     offs_n = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < HEAD_DIM
-    m_ok = offs_m < S_Q
-
-    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
 
     k_base = K + b64 * stride_kb + hk64 * stride_kh
     v_base = V + b64 * stride_vb + hk64 * stride_vh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    m_i, l_i, acc = _softmax_state(BLOCK_M, HEAD_DIM_PAD)
 
     # ---- 1. fully kept tiles: contiguous keys, no per-key index, no key mask. Each tile of
     # FULL_TILE keys is walked in sub-tiles of FN = min(FULL_N, FULL_TILE) keys; the tile number
@@ -167,7 +118,7 @@ def _fg_sparse_fwd(
         FN: tl.constexpr = FULL_N if FULL_N < FULL_TILE else FULL_TILE
         R: tl.constexpr = FULL_TILE // FN
         offs_f = tl.arange(0, FN)
-        n_full = tl.load(FCOUNTS + b * stride_fcb + h * stride_fch + qb * stride_fcq)
+        n_full = tl.load(FCOUNTS + b64 * stride_fcb + h64 * stride_fch + qb * stride_fcq)
         n_full_it = n_full * R
         f_base = FIDX + b64 * stride_fb + h64 * stride_fh + qb * stride_fq
         t_next = tl.load(f_base)
@@ -179,7 +130,7 @@ def _fg_sparse_fwd(
             acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, offs_f >= 0, qk_scale, False)
 
     # ---- 2. the other kept keys: gathered by index, BLOCK_N keys per tile
-    count = tl.load(COUNTS + b * stride_cb + h * stride_ch + qb * stride_cq)
+    count = tl.load(COUNTS + b64 * stride_cb + h64 * stride_ch + qb * stride_cq)
     n_keys = count * KEY_BLOCK  # length of the virtual list of kept keys
     i_base = IDX + b64 * stride_ib + h64 * stride_ih + qb * stride_iq
     # The index tile is loaded one iteration ahead into registers (a loop-carried value): the
@@ -222,10 +173,10 @@ def _fg_sparse_fwd(
         # empty, so the loops above did nothing): write that output, in O's layout. The load is
         # predicated off on sparse calls (DENSE is then never read).
         use_dense = tl.load(USE_DENSE) != 0
-        d_ptrs = DENSE + b64 * stride_db + h64 * stride_dh + offs_m[:, None].to(tl.int64) * stride_ds + offs_d[None, :] * stride_dd
+        d_ptrs = _out_ptrs(DENSE, b64, h64, offs_m, offs_d, stride_db, stride_dh, stride_ds, stride_dd)
         dense = tl.load(d_ptrs, mask=m_ok[:, None] & d_ok[None, :] & use_dense, other=0.0)
         out = tl.where(use_dense, dense.to(tl.float32), out)
-    o_ptrs = O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :] * stride_od
+    o_ptrs = _out_ptrs(O, b64, h64, offs_m, offs_d, stride_ob, stride_oh, stride_os, stride_od)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
@@ -330,10 +281,6 @@ def autotune_wanted(requested: Optional[bool] = None) -> bool:
 def _seq_bucket(s: int) -> int:
     """Sequence lengths bucketed to the next power of two (the autotuning key)."""
     return 1 << max(0, int(s - 1).bit_length())
-
-
-def head_dim_pad(d: int) -> int:
-    return max(16, 1 << (int(d) - 1).bit_length())
 
 
 def needs_64bit_offsets(k: torch.Tensor, v: torch.Tensor) -> bool:

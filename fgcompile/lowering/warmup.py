@@ -46,7 +46,7 @@ _LOCK = threading.Lock()
 
 def enabled() -> bool:
     """False under the Triton interpreter or with ``FGCOMPILE_PRECOMPILE=0``."""
-    from ..kernels.triton_sparse import interpreting
+    from ..kernels.triton_common import interpreting
 
     return os.environ.get("FGCOMPILE_PRECOMPILE", "1") != "0" and not interpreting()
 
