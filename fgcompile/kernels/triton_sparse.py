@@ -17,8 +17,9 @@ Both loops run the online softmax in base 2 (log2(e) folded into the scale), acc
 and mask the tail (slots past the count, keys past S_kv). The loop bounds are read from the
 count tensors inside the kernel: the launcher never synchronises with the device. A query block
 with no kept key writes zeros. ``HAS_DENSE`` adds the compiled graph's select to the epilogue:
-where the 0-d flag ``USE_DENSE`` holds (a dense or profiled call, whose lists are empty) the
-program writes the rows of ``DENSE`` instead. ``OFFS_64`` keeps the K/V row offsets in 64 bits;
+where the 0-d flag ``USE_DENSE`` holds (a dense or profiled call; its lists are empty, except at
+a site's first profiled call, which runs the loops on the new mask so that autotuning sees real
+work) the program writes the rows of ``DENSE`` instead. ``OFFS_64`` keeps the K/V row offsets in 64 bits;
 the launcher clears it when every row offset of a head fits in int32 (5-8% faster on the H100,
 benchmarks/NOTES.md, session 4).
 
@@ -169,9 +170,9 @@ def _fg_sparse_fwd(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]  # rows with nothing kept: acc == 0 -> zeros
     if HAS_DENSE:
-        # a call whose output the schedule step already computed (dense / profiled: its lists are
-        # empty, so the loops above did nothing): write that output, in O's layout. The load is
-        # predicated off on sparse calls (DENSE is then never read).
+        # a call whose output the schedule step already computed (dense / profiled): write that
+        # output, in O's layout, over whatever the loops above computed. The load is predicated
+        # off on sparse calls (DENSE is then never read).
         use_dense = tl.load(USE_DENSE) != 0
         d_ptrs = _out_ptrs(DENSE, b64, h64, offs_m, offs_d, stride_db, stride_dh, stride_ds, stride_dd)
         dense = tl.load(d_ptrs, mask=m_ok[:, None] & d_ok[None, :] & use_dense, other=0.0)
@@ -322,7 +323,7 @@ def launch_sparse_kernel(
     Writes ``out`` (B, H, S_q, D), any strides, and returns it. Sizes may be SymInts when traced.
     No host sync. ``dense_out`` (B, H, S_q, D) and ``use_dense`` (a 0-d bool tensor), together or
     not at all: where ``use_dense`` holds, ``out`` gets ``dense_out`` (copied in the kernel's
-    epilogue; the lists are then empty), else the sparse result (``dense_out`` is not read).
+    epilogue, whatever the lists hold), else the sparse result (``dense_out`` is not read).
     ``config``: {"BLOCK_N", "num_warps", "num_stages", "FULL_N"} (and optionally "OFFS_64", else
     :func:`needs_64bit_offsets`); None: the autotuner if
     ``autotune`` (None: ``autotune_wanted()``, the environment), else ``heuristic_config``."""
