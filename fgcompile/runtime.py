@@ -319,7 +319,8 @@ class SiteState:
         cap = self.index_bound(k)
         if index_cap is not None and cap <= index_cap <= n_kb:
             cap = index_cap
-        return packing.packed_from_bits(bits, n_kb, cfg.block_m, cfg.block_n, k.shape[2], cap=cap)
+        return packing.packed_from_bits(bits, n_kb, cfg.block_m, cfg.block_n, k.shape[2],
+                                        packing.model_full_tile(cfg.block_n), cap=cap)
 
     # ----------------------------------------------------------------- mask storage
     def _host_storage(self, device: torch.device) -> bool:

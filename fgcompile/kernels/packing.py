@@ -59,10 +59,28 @@ __all__ = [
     "kept_per_head",
     "popcount_rows",
     "DEFAULT_FULL_TILE",
+    "MODEL_FULL_TILE",
+    "model_full_tile",
 ]
 
-#: keys per "full tile" (the contiguous fast path) unless told otherwise.
+#: keys per "full tile" (the contiguous fast path) of ``pack_slices`` / ``packed_from_bits`` unless
+#: told otherwise.
 DEFAULT_FULL_TILE = 128
+
+#: the full tile of the compiled model's packings (``model_full_tile``): none. On the H100 the fast
+#: path gains nothing measurable (every key kept at S = 32,760: 14.33 ms with or without it; at
+#: 75,600: 85.9 ms with it, 75.8 ms without), the density-budget masks of Wan2.1 have no fully
+#: kept tile at all (``benchmarks/results/kernel_in_model_h100.json``), and the kernel without its
+#: full-tile loop compiles faster (0.9 s instead of 1.3-1.6 s for sm_90 on a 2-core CPU), which
+#: is on the critical path of a model's compile.
+MODEL_FULL_TILE = 0
+
+
+def model_full_tile(block_n: int) -> int:
+    """The full-tile size of a compiled model's site with key blocks of ``block_n`` keys
+    (``MODEL_FULL_TILE`` where it divides into key blocks, else 0): what its run-time packing
+    uses and what its lowered kernel is specialised for."""
+    return MODEL_FULL_TILE if MODEL_FULL_TILE and MODEL_FULL_TILE % block_n == 0 else 0
 
 
 @dataclass(frozen=True)

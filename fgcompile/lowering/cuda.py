@@ -68,12 +68,12 @@ def _val(x: Any) -> Any:
 
 
 def full_tile_for(block_n: int) -> int:
-    """The full-tile size the compiled kernel is specialised for (the packing's default when it
-    divides into key blocks, else 0). A packing without full tiles (S_kv shorter than a tile)
-    runs on the same kernel: its full_counts are 0."""
-    from ..kernels.packing import DEFAULT_FULL_TILE
+    """The full-tile size the compiled kernel is specialised for: the run-time packing's
+    (``packing.model_full_tile``). A packing without full tiles (S_kv shorter than a tile) runs on
+    the same kernel: its full_counts are 0."""
+    from ..kernels.packing import model_full_tile
 
-    return DEFAULT_FULL_TILE if DEFAULT_FULL_TILE % block_n == 0 else 0
+    return model_full_tile(block_n)
 
 
 def index_cap_for(s_kv: Any, block_n: int, density: Optional[float]) -> int:
