@@ -6,8 +6,9 @@ at 0.6 (cap = the budget), in proportion to the kept keys written (~0.4 TB/s), w
 kernel writes a 0.3-dense mask's lists at cap = nKB (zero-filled tails: 3.3x the bytes) in
 0.34 ms. This script times the kernel on masks with exactly the budget's count per row (as the
 density budget makes them), at densities 0.3 and 0.6 and cap = the budget, over a grid of its
-two launch parameters (keys per loop step ``chunk`` and ``num_warps``), and checks every variant
-against the default one.
+two launch parameters (keys per loop step ``chunk`` and ``num_warps``) and with int16 lists (half
+the bytes scattered: is the kernel bound by its stores?), and checks every variant against the
+default one.
 
     python benchmarks/pack_probe.py [--out OUT.json]       # the timing grid
     python benchmarks/pack_probe.py --once                  # one launch of the default, for ncu:
@@ -69,15 +70,24 @@ def main(argv=None) -> None:
                 ms = triton.testing.do_bench(
                     lambda: packed_from_bits_triton(bits, S, BLOCK_M, 1, S, 128, cap=cap, chunk=chunk, num_warps=warps),
                     warmup=10, rep=100, return_mode="median")
-                rows.append(dict(density=density, cap=cap, chunk=chunk, num_warps=warps, ms=ms, equal=same,
+                rows.append(dict(density=density, cap=cap, chunk=chunk, num_warps=warps, index_dtype="int32", ms=ms, equal=same,
                                  index_GBps=idx_bytes / ms / 1e6,
                                  default=(chunk == PACK_CHUNK and warps == PACK_WARPS)))
                 print(f"d{density} chunk {chunk:5d} warps {warps}: {ms:.4f} ms  {idx_bytes / ms / 1e6:7.1f} GB/s"
                       f"{'  (default)' if rows[-1]['default'] else ''}{'' if same else '  MISMATCH'}", flush=True)
+        # the same writes in half the bytes: is the kernel bound by the bytes it scatters?
+        got16 = packed_from_bits_triton(bits, S, BLOCK_M, 1, S, 128, cap=cap, index_dtype=torch.int16)
+        same16 = torch.equal(got16.indices.to(torch.int32), ref.indices)
+        ms16 = triton.testing.do_bench(
+            lambda: packed_from_bits_triton(bits, S, BLOCK_M, 1, S, 128, cap=cap, index_dtype=torch.int16),
+            warmup=10, rep=100, return_mode="median")
+        rows.append(dict(density=density, cap=cap, chunk=PACK_CHUNK, num_warps=PACK_WARPS, index_dtype="int16", ms=ms16,
+                         equal=same16, index_GBps=idx_bytes / 2 / ms16 / 1e6, default=False))
+        print(f"d{density} int16 lists (default launch): {ms16:.4f} ms{'' if same16 else '  MISMATCH'}", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "shape": dict(B=B, H=H, S=S, block_m=BLOCK_M, block_n=1, full_tile=128), "rows": rows}
     for d in (0.3, 0.6):
-        best = min((r for r in rows if r["density"] == d), key=lambda r: r["ms"])
+        best = min((r for r in rows if r["density"] == d and r["index_dtype"] == "int32"), key=lambda r: r["ms"])
         dflt = next(r for r in rows if r["density"] == d and r["default"])
         result[f"best_d{d}"] = best
         result[f"default_over_best_d{d}"] = dflt["ms"] / best["ms"]

@@ -367,6 +367,11 @@ def test_packed_from_bits_triton_equals_torch(block_n, full_tile, S_kv):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert a.full_tile == b.full_tile and torch.equal(unpack_slices(a), keep)
     assert torch.equal(packing.popcount_rows(words), keep.sum(-1, dtype=torch.int32))
+    if S_kv == 300:  # int16 lists (benchmarks/pack_probe.py): the same indices
+        from fgcompile.kernels.triton_pack import packed_from_bits_triton
+
+        c = packed_from_bits_triton(words, nkb, 64, block_n, S_kv, full_tile, index_dtype=torch.int16)
+        assert c.indices.dtype == torch.int16 and torch.equal(c.indices.to(torch.int32), a.indices)
 
 
 @needs_interp

@@ -134,11 +134,14 @@ def packed_from_bits_triton(
     cap: int | None = None,
     chunk: int | None = None,
     num_warps: int | None = None,
+    index_dtype: torch.dtype = torch.int32,
 ):
     """The :class:`~fgcompile.kernels.packing.PackedSlices` of a bitmap (int32 words
     (B, H, nQB, ceil(n / 32)), n = nKB = ceil(seq_len_kv / block_n)), with ``cap`` index columns
     (n by default). ``full_tile`` must be 0 or a power of two multiple of block_n (the callers
-    check; ``packing.packed_from_bits`` falls back to torch otherwise). No host synchronisation."""
+    check; ``packing.packed_from_bits`` falls back to torch otherwise). No host synchronisation.
+    ``index_dtype``: int32 (the ``PackedSlices`` contract), or int16 (n <= 32,768; half the bytes
+    written, for ``benchmarks/pack_probe.py``: the sparse kernel consumes int32 lists)."""
     from .packing import PackedSlices
 
     B, H, nqb, nw = words.shape
@@ -161,7 +164,10 @@ def packed_from_bits_triton(
     counts = torch.empty((B, H, nqb), device=dev, dtype=torch.int32)
     fcounts = torch.empty((B, H, nqb), device=dev, dtype=torch.int32)
     cap = n if cap is None else max(0, min(int(cap), n))
-    indices = torch.empty((B, H, nqb, cap), device=dev, dtype=torch.int32)
+    if index_dtype not in (torch.int32, torch.int16) or (index_dtype == torch.int16 and n > 2**15):
+        raise ValueError(f"index_dtype: expected torch.int32, or torch.int16 for at most 32,768 key blocks "
+                         f"(got {index_dtype} for {n})")
+    indices = torch.empty((B, H, nqb, cap), device=dev, dtype=index_dtype)
     ftiles = torch.empty((B, H, nqb, nt_cols), device=dev, dtype=torch.int32)
     if R > 0:
         _packed_from_bits[(R,)](
