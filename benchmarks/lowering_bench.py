@@ -183,7 +183,9 @@ def runtime_ratio(B, H, S, D, density=0.3, dtype=torch.bfloat16) -> dict:
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype) for _ in range(3))
     keep = torch.rand(B, H, -(-S // 128), S, device="cuda") < density
-    p = pack_slices(keep, block_n=1, seq_len_kv=S, block_m=128)
+    from fgcompile.kernels.packing import model_full_tile
+
+    p = pack_slices(keep, block_n=1, seq_len_kv=S, block_m=128, full_tile=model_full_tile(1))  # the compiled model's packing
     scale = D ** -0.5
 
     def lowered(q, k, v, c, ix, fc, ft):
