@@ -338,13 +338,11 @@ class SiteState:
         if not self._host_storage(bits.device):
             self.mask = bits
             return
-        try:
-            host = torch.empty(bits.shape, dtype=bits.dtype, pin_memory=True)
-        except RuntimeError as e:  # no pinned memory to be had: keep this mask on the device
-            if not self._pin_failed:
-                log.warning("fgcompile: site %s: cannot pin %d bytes of host memory for its mask (%s); "
-                            "it stays on the GPU", self.name, bits.numel() * bits.element_size(), e)
-            self._pin_failed = True
+        host = self._pinned(
+            lambda: torch.empty(bits.shape, dtype=bits.dtype, pin_memory=True),
+            f"cannot pin {bits.numel() * bits.element_size()} bytes of host memory for its mask (%s); it stays on the GPU",
+        )
+        if host is None:  # no pinned memory to be had: keep this mask on the device
             self.mask = bits
             return
         side = _side_stream(bits.device)
@@ -353,6 +351,18 @@ class SiteState:
             host.copy_(bits, non_blocking=True)
         bits.record_stream(side)  # the allocator must not hand out bits' memory before the copy ran
         self.mask, self._mask_ready = host, side.record_event()
+
+    def _pinned(self, make: Any, why: str) -> Optional[torch.Tensor]:
+        """``make()`` (a pinned host tensor), or None where pinned memory cannot be had: the site
+        then keeps its masks on the device (``_pin_failed``) and logs ``why`` (``%s``: the error)
+        once."""
+        try:
+            return make()
+        except RuntimeError as e:
+            if not self._pin_failed:
+                log.warning("fgcompile: site %s: " + why, self.name, e)
+            self._pin_failed = True
+            return None
 
     def _copy_mask(self, device: torch.device, stream: Optional["torch.cuda.Stream"] = None) -> torch.Tensor:
         """A copy of the cached mask on ``device``. On CUDA enqueued on ``stream`` (default: the
@@ -732,11 +742,10 @@ def load_state(model: Any, path: str) -> None:
 
             site.mask = entry["mask_bits"]
             if site.config.mask_storage == "host" and torch.cuda.is_available() and not site._pin_failed:
-                try:
-                    site.mask = site.mask.pin_memory()
-                except RuntimeError as e:  # no pinned memory to be had: the mask goes to the device at first use
-                    log.warning("fgcompile: site %s: cannot pin its loaded mask (%s); it will stay on the GPU", name, e)
-                    site._pin_failed = True
+                # no pinned memory to be had: the mask goes to the device at first use
+                pinned = site._pinned(site.mask.pin_memory, "cannot pin its loaded mask (%s); it will stay on the GPU")
+                if pinned is not None:
+                    site.mask = pinned
             site.mask_key = (tuple(q_shape), tuple(k_shape), bm, bn)
             n_kb = -(-k_shape[2] // bn)
             rows = popcount_rows(site.mask)

@@ -74,8 +74,8 @@ def _packed_from_bits(
         widx = (c0 + CHUNK) // 32 + offs_w
         w_next = tl.load(w_base + widx, mask=widx < NW, other=0)
         # bits past NKB (in the last word) are not keys
-        n_in = NKB - (c0 + offs_w * 32)
-        w = tl.where(n_in >= 32, w, tl.where(n_in <= 0, 0, w & ((tl.full([WPC], 1, tl.int32) << tl.maximum(n_in, 0)) - 1)))
+        n_in = tl.minimum(tl.maximum(NKB - (c0 + offs_w * 32), 0), 32)  # key bits of each word
+        w = w & tl.where(n_in == 32, -1, (tl.full([WPC], 1, tl.int32) << tl.minimum(n_in, 31)) - 1)
         if USE_FULL:
             if PER % 32 == 0:
                 # whole-word tiles: a tile is full iff its PER // 32 words are all ones (-1)

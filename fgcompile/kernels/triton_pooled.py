@@ -117,6 +117,14 @@ def _store_bits(w_base, keep, word0, NW, TILE: tl.constexpr):
 
 
 @triton.jit
+def _bisect_bracket(mass, target, mid, lo, hi):
+    """The new bracket of a bisection pass: [mid, hi] where the mass at or above exp(mid) reaches
+    target (mid keeps enough), else [lo, mid] (``predictors.top_cdf``, the same arithmetic)."""
+    good = mass >= target
+    return tl.where(good, mid, lo), tl.where(good, hi, mid)
+
+
+@triton.jit
 def _kary_masses(acc, e, lo, w, ARITY: tl.constexpr, AP: tl.constexpr):
     """acc (AP,) += the mass of ``e`` at or above each of the ARITY thresholds exp(lo + j * w),
     j = 1..ARITY, in lane j - 1 (independent reductions: their latencies overlap)."""
@@ -174,10 +182,7 @@ def _pooled_select(
             for _ in range(STEPS):
                 if ARITY == 1:
                     mid = 0.5 * (lo + hi)
-                    mass = tl.sum(tl.where(e >= tl.exp(mid), e, 0.0), 0)
-                    good = mass >= target
-                    lo = tl.where(good, mid, lo)
-                    hi = tl.where(good, hi, mid)
+                    lo, hi = _bisect_bracket(tl.sum(tl.where(e >= tl.exp(mid), e, 0.0), 0), target, mid, lo, hi)
                 else:
                     w = (hi - lo) / (ARITY + 1)
                     acc = _kary_masses(tl.zeros([AP], tl.float32), e, lo, w, ARITY, AP)
@@ -211,9 +216,7 @@ def _pooled_select(
                         lg, valid = _row_logits(l_base, v_base, start + offs, NKB, HAS_VALID)
                         e = tl.where(valid, tl.exp(lg - m), 0.0)
                         mass += tl.sum(tl.where(e >= t, e, 0.0), 0)
-                    good = mass >= target
-                    lo = tl.where(good, mid, lo)
-                    hi = tl.where(good, hi, mid)
+                    lo, hi = _bisect_bracket(mass, target, mid, lo, hi)
                 else:
                     w = (hi - lo) / (ARITY + 1)
                     acc = tl.zeros([AP], tl.float32)

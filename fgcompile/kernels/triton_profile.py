@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, _online_softmax_step, _softmax_state, _out_ptrs, _program_heads, _q_tile, head_dim_pad, interpreting
+from .triton_common import LOG2E, _online_softmax_step, _out_ptrs, _program_heads, _q_tile, _softmax_state, head_dim_pad, interpreting
 
 
 @triton.jit

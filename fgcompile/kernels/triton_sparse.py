@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .packing import PackedSlices
-from .triton_common import LOG2E, _online_softmax_step, _softmax_state, _out_ptrs, _program_heads, _q_tile, head_dim_pad, interpreting, pow2_at_least  # noqa: F401  (re-exported)
+from .triton_common import LOG2E, _online_softmax_step, _out_ptrs, _program_heads, _q_tile, _softmax_state, head_dim_pad, interpreting
 
 @triton.jit
 def _load_index_tile(i_base, start, offs_n, n_keys, KEY_BLOCK: tl.constexpr):

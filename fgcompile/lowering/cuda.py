@@ -170,7 +170,7 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False) -> int:
                 graph, meta, fake_mode, sparse_op,
                 (q, k, v, counts, indices, full_counts, full_tiles, float(scale), bm, bn, s_kv, ft, bool(autotune),
                  dense_out, use_dense, like_q),
-                value_fn=lambda q_, *rest: torch.empty_like(q_) if like_q else q_.new_empty(q_.shape),
+                value_fn=lambda q_, *rest: _ops.sparse_out(q_, like_q),
             )
         node.replace_all_uses_with(out)
         graph.erase_node(node)

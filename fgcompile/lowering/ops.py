@@ -68,7 +68,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["site_attention", "site_plan", "plan_shapes", "sparse_attention_op"]
+__all__ = ["site_attention", "site_plan", "plan_shapes", "sparse_out", "sparse_attention_op"]
 
 
 @torch.library.custom_op("fgcompile::site_attention", mutates_args=())
@@ -207,6 +207,13 @@ def _site_plan_fake(q, k, v, key_padding, scale, site, owner, block_m, block_n, 
     )
 
 
+def sparse_out(q: torch.Tensor, out_like_q: bool) -> torch.Tensor:
+    """The (uninitialised) output of ``sparse_attention`` for ``q`` (B, H, S_q, D): q's layout
+    (``torch.empty_like``: a permuted (B, S, H, D) q gives the same permutation), or contiguous.
+    The op allocates it; the lowering pass uses it for the node's fake value."""
+    return torch.empty_like(q) if out_like_q else q.new_empty(q.shape)
+
+
 _SPARSE_OP = None
 
 
@@ -240,8 +247,7 @@ def sparse_attention_op():
         use_dense: Optional[torch.Tensor] = None,
         out_like_q: bool = True,
     ) -> torch.Tensor:
-        # q's layout (a permuted (B, S, H, D) q gives the same permutation), or contiguous
-        out = torch.empty_like(q) if out_like_q else q.new_empty(q.shape)
+        out = sparse_out(q, out_like_q)
         return launch_sparse_kernel(
             q, k, v, out, counts, indices, full_counts, full_tiles,
             scale, block_m, block_n, full_tile, autotune=autotune, wrap=wrap_triton,
