@@ -372,6 +372,10 @@ def test_packed_from_bits_triton_equals_torch(block_n, full_tile, S_kv):
 
         c = packed_from_bits_triton(words, nkb, 64, block_n, S_kv, full_tile, index_dtype=torch.int16)
         assert c.indices.dtype == torch.int16 and torch.equal(c.indices.to(torch.int32), a.indices)
+        with pytest.raises(ValueError, match="index_dtype"):  # int16 cannot hold more key blocks
+            packed_from_bits_triton(words, 2**15 + 1, 64, block_n, S_kv, full_tile, index_dtype=torch.int16)
+        with pytest.raises(ValueError, match="index_dtype"):
+            packed_from_bits_triton(words, nkb, 64, block_n, S_kv, full_tile, index_dtype=torch.int64)
 
 
 @needs_interp
