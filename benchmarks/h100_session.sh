@@ -8,6 +8,7 @@
 #   bash benchmarks/h100_session.sh C   # the compile time of one Wan layer and of Wan2.1-1.3B itself (3 cold
 #                                       # compiles per backend, fresh processes)
 #   bash benchmarks/h100_session.sh K   # kernel_in_model.py (the kernel on Wan's own masks, in the model and alone)
+#   bash benchmarks/h100_session.sh D   # compile_profile.py (where the Wan layer's cold compile goes) and pack_probe.py
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
@@ -18,33 +19,35 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+# results are named after the GPU model: "h100" on an H100, "h200" on an H200
+TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')
 case "$1" in
 A)
   timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests -n 4 --durations=8 > "$OUT/gpu_tests.txt" 2>&1
   echo "gpu tests rc=$?"
-  timeout 90 python3 benchmarks/overhead_bench.py --seqs 32760 --no-sweep --out "$OUT/overhead_h100.json" > "$OUT/overhead.txt" 2>&1
+  timeout 90 python3 benchmarks/overhead_bench.py --seqs 32760 --no-sweep --out "$OUT/overhead_${TAG}.json" > "$OUT/overhead.txt" 2>&1
   echo "overhead rc=$?"
-  timeout 270 python3 benchmarks/e2e_wan.py --reps 3 --out "$OUT/e2e_wan_h100.json" > "$OUT/e2e.txt" 2>&1
+  timeout 270 python3 benchmarks/e2e_wan.py --reps 3 --out "$OUT/e2e_wan_${TAG}.json" > "$OUT/e2e.txt" 2>&1
   echo "e2e rc=$?"
   grep -E "passed|failed|error" "$OUT/gpu_tests.txt" | tail -15; tail -1 "$OUT/overhead.txt" | cut -c1-1200
   tail -14 "$OUT/e2e.txt"
   ;;
 B)
-  cp benchmarks/results/lowering_h100.json "$OUT/lowering_h100.json"
+  [ -f benchmarks/results/lowering_${TAG}.json ] && cp benchmarks/results/lowering_${TAG}.json "$OUT/lowering_${TAG}.json"
   timeout 420 python3 benchmarks/lowering_bench.py --compile-only --cases toy --repeats 3 \
-      --variants inductor,fgattn,fgattn_noprecompile --out "$OUT/lowering_h100.json" > "$OUT/lowering.txt" 2>&1
+      --variants inductor,fgattn,fgattn_noprecompile --out "$OUT/lowering_${TAG}.json" > "$OUT/lowering.txt" 2>&1
   echo "lowering rc=$?"
   tail -12 "$OUT/lowering.txt"
   ;;
 C)
-  cp benchmarks/results/lowering_h100.json "$OUT/lowering_h100_wan.json"
+  [ -f benchmarks/results/lowering_${TAG}.json ] && cp benchmarks/results/lowering_${TAG}.json "$OUT/lowering_${TAG}_wan.json"
   timeout 540 python3 benchmarks/lowering_bench.py --compile-only --cases wan,wan_model --repeats 3 \
-      --variants inductor,fgattn --out "$OUT/lowering_h100_wan.json" > "$OUT/lowering_wan.txt" 2>&1
+      --variants inductor,fgattn --out "$OUT/lowering_${TAG}_wan.json" > "$OUT/lowering_wan.txt" 2>&1
   echo "lowering (Wan layer, Wan model) rc=$?"
   grep -E "^(wan|wan_model) " "$OUT/lowering_wan.txt"
   ;;
 P)
-  timeout 200 python3 benchmarks/pack_probe.py --out "$OUT/pack_probe_h100.json" > "$OUT/pack_probe.txt" 2>&1
+  timeout 200 python3 benchmarks/pack_probe.py --out "$OUT/pack_probe_${TAG}.json" > "$OUT/pack_probe.txt" 2>&1
   echo "pack_probe rc=$?"
   timeout 200 ncu --clock-control none -k regex:_packed_from_bits -c 1 --section SpeedOfLight \
       --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
@@ -52,10 +55,17 @@ P)
   echo "ncu rc=$?"
   grep -E "^d0" "$OUT/pack_probe.txt" | tail -4; grep -vE "^==PROF==|^\s*$" "$OUT/pack_ncu.txt" | tail -60
   ;;
+D)
+  timeout 240 python3 benchmarks/compile_profile.py --case wan > "$OUT/compile_profile.txt" 2>&1
+  echo "compile_profile rc=$?"
+  timeout 200 python3 benchmarks/pack_probe.py --out "$OUT/pack_probe_${TAG}.json" > "$OUT/pack_probe.txt" 2>&1
+  echo "pack_probe rc=$?"
+  grep -E "^(=====|child|log)" "$OUT/compile_profile.txt" | cut -c1-300; grep -E "^d0" "$OUT/pack_probe.txt" | tail -4
+  ;;
 K)
-  timeout 300 python3 benchmarks/kernel_in_model.py --out "$OUT/kernel_in_model_h100.json" > "$OUT/kernel_in_model.txt" 2>&1
+  timeout 300 python3 benchmarks/kernel_in_model.py --out "$OUT/kernel_in_model_${TAG}.json" > "$OUT/kernel_in_model.txt" 2>&1
   echo "kernel_in_model rc=$?"
   grep -vE "Warning|warn|^ *$|float32:" "$OUT/kernel_in_model.txt" | tail -60
   ;;
-*) echo "usage: $0 A|B|C|K|P"; exit 2 ;;
+*) echo "usage: $0 A|B|C|D|K|P"; exit 2 ;;
 esac

@@ -6,7 +6,7 @@ at 0.6 (cap = the budget), in proportion to the kept keys written (~0.4 TB/s), w
 kernel writes a 0.3-dense mask's lists at cap = nKB (zero-filled tails: 3.3x the bytes) in
 0.34 ms. This script times the kernel on masks with exactly the budget's count per row (as the
 density budget makes them), at densities 0.3 and 0.6 and cap = the budget, over a grid of its
-two launch parameters (keys per loop step ``chunk`` and ``num_warps``) and with int16 lists (half
+launch parameters (keys per loop step ``chunk``, ``num_warps`` and programs per row ``segments``) and with int16 lists (half
 the bytes scattered: is the kernel bound by its stores?), and checks every variant against the
 default one.
 
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 B, H, S, BLOCK_M = 1, 12, 32760, 128
+FT = 0  # full_tile of the packing, set in main()
 
 
 def budget_bits(density: float, gen: torch.Generator):
@@ -45,7 +46,11 @@ def main(argv=None) -> None:
     import triton
     from results_io import write_result
 
+    from fgcompile.kernels.packing import model_full_tile
     from fgcompile.kernels.triton_pack import PACK_CHUNK, PACK_WARPS, packed_from_bits_triton
+
+    global FT
+    FT = model_full_tile(1)  # the compiled model's packing (no full tiles: rows may be split into segments)
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None)
@@ -54,44 +59,48 @@ def main(argv=None) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     if args.once:
         bits, cap = budget_bits(0.3, gen)
-        packed_from_bits_triton(bits, S, BLOCK_M, 1, S, 128, cap=cap)
+        packed_from_bits_triton(bits, S, BLOCK_M, 1, S, FT, cap=cap)
         torch.cuda.synchronize()
         return
     rows = []
     for density in (0.3, 0.6):
         bits, cap = budget_bits(density, gen)
-        ref = packed_from_bits_triton(bits, S, BLOCK_M, 1, S, 128, cap=cap)
+        ref = packed_from_bits_triton(bits, S, BLOCK_M, 1, S, FT, cap=cap, segments=1)
         idx_bytes = ref.indices.numel() * 4
-        for chunk in (512, 1024, 2048, 4096):
-            for warps in (1, 2, 4, 8):
-                got = packed_from_bits_triton(bits, S, BLOCK_M, 1, S, 128, cap=cap, chunk=chunk, num_warps=warps)
-                same = all(torch.equal(a, b) for a, b in zip(
-                    (got.counts, got.indices, got.full_counts), (ref.counts, ref.indices, ref.full_counts)))
-                ms = triton.testing.do_bench(
-                    lambda: packed_from_bits_triton(bits, S, BLOCK_M, 1, S, 128, cap=cap, chunk=chunk, num_warps=warps),
-                    warmup=10, rep=100, return_mode="median")
-                rows.append(dict(density=density, cap=cap, chunk=chunk, num_warps=warps, index_dtype="int32", ms=ms, equal=same,
-                                 index_GBps=idx_bytes / ms / 1e6,
-                                 default=(chunk == PACK_CHUNK and warps == PACK_WARPS)))
-                print(f"d{density} chunk {chunk:5d} warps {warps}: {ms:.4f} ms  {idx_bytes / ms / 1e6:7.1f} GB/s"
-                      f"{'  (default)' if rows[-1]['default'] else ''}{'' if same else '  MISMATCH'}", flush=True)
+        grid = [(c, w, g) for c in (512, 1024, 2048) for w in (2, 4, 8) for g in (1, 2, 4, 8)]
+        grid.append((PACK_CHUNK, PACK_WARPS, None))  # the default launch (segments for ~PACK_PROGRAMS programs)
+        for chunk, warps, seg in grid:
+            kw = dict(cap=cap, chunk=chunk, num_warps=warps, segments=seg)
+            got = packed_from_bits_triton(bits, S, BLOCK_M, 1, S, FT, **kw)
+            same = all(torch.equal(a, b) for a, b in zip(
+                (got.counts, got.indices, got.full_counts), (ref.counts, ref.indices, ref.full_counts)))
+            ms = triton.testing.do_bench(lambda: packed_from_bits_triton(bits, S, BLOCK_M, 1, S, FT, **kw),
+                                         warmup=10, rep=100, return_mode="median")
+            rows.append(dict(density=density, cap=cap, chunk=chunk, num_warps=warps, segments=seg, index_dtype="int32",
+                             ms=ms, equal=same, index_GBps=idx_bytes / ms / 1e6, default=seg is None))
+            print(f"d{density} chunk {chunk:5d} warps {warps} segments {seg}: {ms:.4f} ms  {idx_bytes / ms / 1e6:7.1f} GB/s"
+                  f"{'  (default)' if seg is None else ''}{'' if same else '  MISMATCH'}", flush=True)
         # the same writes in half the bytes: is the kernel bound by the bytes it scatters?
-        got16 = packed_from_bits_triton(bits, S, BLOCK_M, 1, S, 128, cap=cap, index_dtype=torch.int16)
+        got16 = packed_from_bits_triton(bits, S, BLOCK_M, 1, S, FT, cap=cap, index_dtype=torch.int16)
         same16 = torch.equal(got16.indices.to(torch.int32), ref.indices)
         ms16 = triton.testing.do_bench(
-            lambda: packed_from_bits_triton(bits, S, BLOCK_M, 1, S, 128, cap=cap, index_dtype=torch.int16),
+            lambda: packed_from_bits_triton(bits, S, BLOCK_M, 1, S, FT, cap=cap, index_dtype=torch.int16),
             warmup=10, rep=100, return_mode="median")
-        rows.append(dict(density=density, cap=cap, chunk=PACK_CHUNK, num_warps=PACK_WARPS, index_dtype="int16", ms=ms16,
+        rows.append(dict(density=density, cap=cap, chunk=PACK_CHUNK, num_warps=PACK_WARPS, segments=None, index_dtype="int16", ms=ms16,
                          equal=same16, index_GBps=idx_bytes / 2 / ms16 / 1e6, default=False))
         print(f"d{density} int16 lists (default launch): {ms16:.4f} ms{'' if same16 else '  MISMATCH'}", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "shape": dict(B=B, H=H, S=S, block_m=BLOCK_M, block_n=1, full_tile=128), "rows": rows}
+              "shape": dict(B=B, H=H, S=S, block_m=BLOCK_M, block_n=1, full_tile=FT), "rows": rows}
     for d in (0.3, 0.6):
         best = min((r for r in rows if r["density"] == d and r["index_dtype"] == "int32"), key=lambda r: r["ms"])
         dflt = next(r for r in rows if r["density"] == d and r["default"])
         result[f"best_d{d}"] = best
         result[f"default_over_best_d{d}"] = dflt["ms"] / best["ms"]
-        print(f"d{d}: default {dflt['ms']:.4f} ms, best {best['ms']:.4f} ms (chunk {best['chunk']}, warps {best['num_warps']})")
+        one = next(r for r in rows if r["density"] == d and r["chunk"] == PACK_CHUNK and r["num_warps"] == PACK_WARPS
+                   and r["segments"] == 1)
+        result[f"one_segment_over_default_d{d}"] = one["ms"] / dflt["ms"]
+        print(f"d{d}: default {dflt['ms']:.4f} ms, one segment per row {one['ms']:.4f} ms, best {best['ms']:.4f} ms "
+              f"(chunk {best['chunk']}, warps {best['num_warps']}, segments {best['segments']})")
     write_result(result, "pack_probe", args.out)
 
 

@@ -379,6 +379,25 @@ def test_packed_from_bits_triton_equals_torch(block_n, full_tile, S_kv):
 
 
 @needs_interp
+@pytest.mark.parametrize("segments,chunk,cap", [(2, 32, None), (3, 32, 50), (5, 64, 7), (64, 32, None)])
+def test_packed_from_bits_triton_segments(segments, chunk, cap):
+    """Rows split into segments (several programs per row, each counting the kept bits before its
+    segment): the same lists as one program per row, caps and an uneven last segment included."""
+    from fgcompile.kernels.triton_pack import packed_from_bits_triton
+
+    B, H, nqb, nkb = 1, 2, 3, 203
+    g = torch.Generator().manual_seed(segments * 100 + chunk)
+    keep = torch.rand(B, H, nqb, nkb, generator=g) < torch.rand(B, H, nqb, 1, generator=g)
+    keep[0, 0, 0] = True
+    keep[0, 1, 1] = False
+    words = pack_bits(keep)
+    ref = packing.packed_from_bits(words, nkb, 64, 1, nkb, 0, cap=cap, impl="torch")
+    got = packed_from_bits_triton(words, nkb, 64, 1, nkb, 0, cap=cap, chunk=chunk, segments=segments)
+    for name in ("counts", "indices", "full_counts", "full_tiles"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+
+
+@needs_interp
 @pytest.mark.parametrize("full_tile", [0, 16])
 def test_packed_index_cap(full_tile):
     """cap index columns: the same lists where every row fits (a density budget's mask); a row

@@ -2,7 +2,9 @@
 bool keep mask -> bitmap, on the device, with no host synchronisation.
 
 ``packed_from_bits_triton(words, n, block_m, block_n, seq_len_kv, full_tile)``: one program per
-mask row (b, h, query block). It walks the row's int32 words in chunks of ``CHUNK`` key blocks:
+mask row (b, h, query block) and segment (without full tiles a row may be split into segments of
+whole chunks: each program first counts the kept bits before its segment, and the row's last
+segment writes its count and zero-fills). It walks its int32 words in chunks of ``CHUNK`` key blocks:
 expands the bits, finds the fully kept tiles (``per = full_tile // block_n`` consecutive key
 blocks, aligned, inside the sequence: the minimum of the bits of a tile), removes their keys, and
 compacts the remaining kept key-block indices with ``tl.cumsum`` (a masked scatter store to
@@ -23,12 +25,15 @@ from triton.language.extra import libdevice
 
 from .triton_common import interpreting, pow2_at_least
 
-__all__ = ["packed_from_bits_triton", "pack_bits_triton", "PACK_CHUNK", "PACK_WARPS"]
+__all__ = ["packed_from_bits_triton", "pack_bits_triton", "PACK_CHUNK", "PACK_WARPS", "PACK_PROGRAMS"]
 
 #: key blocks per loop step and warps of the bitmap -> PackedSlices kernel (H100, see
 #: benchmarks/overhead_bench.py)
 PACK_CHUNK = 2048
 PACK_WARPS = 4
+#: programs the launch aims at without full tiles: rows are split into segments until there are
+#: about this many (Wan 480p: 3,072 rows of 16 chunks)
+PACK_PROGRAMS = 12288
 
 
 @triton.jit
@@ -48,7 +53,7 @@ def _popc(x, HW: tl.constexpr):
 @triton.jit
 def _packed_from_bits(
     W, COUNTS, IDX, FCOUNTS, FTILES,
-    NW, NKB, CAP, NT, NT_COLS,
+    NW, NKB, CAP, NT, NT_COLS, SEG_KEYS,
     CHUNK: tl.constexpr,
     PER: tl.constexpr,
     USE_FULL: tl.constexpr,
@@ -56,6 +61,8 @@ def _packed_from_bits(
     HW_POPC: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)  # the row's segment: key blocks [g * SEG_KEYS, (g + 1) * SEG_KEYS)
+    last = g == tl.num_programs(1) - 1
     w_base = W + r * NW
     i_base = IDX + r * CAP
     f_base = FTILES + r * NT_COLS
@@ -64,12 +71,18 @@ def _packed_from_bits(
     shifts = tl.arange(0, 32)
     below = (tl.full([32], 1, tl.uint32) << shifts.to(tl.uint32)) - 1  # bits under bit s
     below = below.to(tl.int32, bitcast=True)
+    seg_lo = g * SEG_KEYS
+    seg_hi = tl.minimum(seg_lo + SEG_KEYS, NKB)
+    # the kept key blocks before the segment (whole words, all inside the row: see the launch)
     count = tl.full([], 0, tl.int32)
+    for p0 in range(0, seg_lo // 32, WPC):
+        pw = tl.load(w_base + p0 + offs_w, mask=p0 + offs_w < seg_lo // 32, other=0)
+        count += tl.sum(_popc(pw, HW_POPC), 0)
     fcount = tl.full([], 0, tl.int32)
     # the words of the next chunk are loaded one iteration ahead (loop-carried), so their latency
     # overlaps this chunk's work
-    w_next = tl.load(w_base + offs_w, mask=offs_w < NW, other=0)
-    for c0 in range(0, NKB, CHUNK):
+    w_next = tl.load(w_base + seg_lo // 32 + offs_w, mask=seg_lo // 32 + offs_w < NW, other=0)
+    for c0 in range(seg_lo, seg_hi, CHUNK):
         w = w_next
         widx = (c0 + CHUNK) // 32 + offs_w
         w_next = tl.load(w_base + widx, mask=widx < NW, other=0)
@@ -111,16 +124,17 @@ def _packed_from_bits(
         slot = count + first[:, None] + _popc(w[:, None] & below[None, :], HW_POPC)
         tl.store(i_base + slot, kb, mask=kept & (slot < CAP))
         count += tl.sum(wc, 0)
-    count = tl.minimum(count, CAP)  # a row over the caller's bound keeps its first CAP (see packing)
-    tl.store(COUNTS + r, count)
-    tl.store(FCOUNTS + r, fcount)
-    zo = tl.arange(0, ZBLOCK)
-    for z0 in range((count // ZBLOCK) * ZBLOCK, CAP, ZBLOCK):
-        z = z0 + zo
-        tl.store(i_base + z, tl.zeros([ZBLOCK], tl.int32), mask=(z >= count) & (z < CAP))
-    for z0 in range((fcount // ZBLOCK) * ZBLOCK, NT_COLS, ZBLOCK):
-        z = z0 + zo
-        tl.store(f_base + z, tl.zeros([ZBLOCK], tl.int32), mask=(z >= fcount) & (z < NT_COLS))
+    if last:  # the row's last segment knows its totals (full tiles: one segment per row)
+        count = tl.minimum(count, CAP)  # a row over the caller's bound keeps its first CAP (see packing)
+        tl.store(COUNTS + r, count)
+        tl.store(FCOUNTS + r, fcount)
+        zo = tl.arange(0, ZBLOCK)
+        for z0 in range((count // ZBLOCK) * ZBLOCK, CAP, ZBLOCK):
+            z = z0 + zo
+            tl.store(i_base + z, tl.zeros([ZBLOCK], tl.int32), mask=(z >= count) & (z < CAP))
+        for z0 in range((fcount // ZBLOCK) * ZBLOCK, NT_COLS, ZBLOCK):
+            z = z0 + zo
+            tl.store(f_base + z, tl.zeros([ZBLOCK], tl.int32), mask=(z >= fcount) & (z < NT_COLS))
 
 
 def packed_from_bits_triton(
@@ -134,6 +148,7 @@ def packed_from_bits_triton(
     cap: int | None = None,
     chunk: int | None = None,
     num_warps: int | None = None,
+    segments: int | None = None,
     index_dtype: torch.dtype = torch.int32,
 ):
     """The :class:`~fgcompile.kernels.packing.PackedSlices` of a bitmap (int32 words
@@ -141,7 +156,10 @@ def packed_from_bits_triton(
     (n by default). ``full_tile`` must be 0 or a power of two multiple of block_n (the callers
     check; ``packing.packed_from_bits`` falls back to torch otherwise). No host synchronisation.
     ``index_dtype``: int32 (the ``PackedSlices`` contract), or int16 (n <= 32,768; half the bytes
-    written, for ``benchmarks/pack_probe.py``: the sparse kernel consumes int32 lists)."""
+    written, for ``benchmarks/pack_probe.py``: the sparse kernel consumes int32 lists).
+    ``chunk``, ``num_warps``, ``segments`` (programs per row; 1 with full tiles): launch
+    parameters, by default ``PACK_CHUNK``, ``PACK_WARPS`` and enough segments for about
+    ``PACK_PROGRAMS`` programs."""
     from .packing import PackedSlices
 
     B, H, nqb, nw = words.shape
@@ -169,10 +187,18 @@ def packed_from_bits_triton(
                          f"(got {index_dtype} for {n})")
     indices = torch.empty((B, H, nqb, cap), device=dev, dtype=index_dtype)
     ftiles = torch.empty((B, H, nqb, nt_cols), device=dev, dtype=torch.int32)
+    # segments per row: rows split into runs of whole chunks, each program counting the kept bits
+    # before its run (more programs than rows, for short grids); one per row with full tiles
+    n_chunks = max(1, -(-n // chunk))
+    if segments is None:
+        segments = 1 if interp else -(-PACK_PROGRAMS // max(R, 1))
+    segments = 1 if use_full else max(1, min(int(segments), n_chunks))
+    seg_keys = -(-n_chunks // segments) * chunk
+    segments = max(1, -(-n // seg_keys))  # every segment starts inside the row
     if R > 0:
-        _packed_from_bits[(R,)](
+        _packed_from_bits[(R, segments)](
             words, counts, indices, fcounts, ftiles,
-            nw, n, cap, nt, nt_cols,
+            nw, n, cap, nt, nt_cols, seg_keys,
             CHUNK=chunk, PER=per, USE_FULL=use_full, ZBLOCK=min(1024, max(32, pow2_at_least(cap))) if not interp else 64,
             HW_POPC=not interp, num_warps=num_warps,
         )

@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -95,8 +96,10 @@ def _step(name: str, config: Any, specs: tuple, scale: float, index_cap: Optiona
 
 
 def _run(key: tuple, *args: Any) -> None:
+    t0 = time.perf_counter()
     try:
         _step(*args)
+        log.debug("fgcompile: precompiled the schedule step of %s in %.2f s", args[0], time.perf_counter() - t0)
     except Exception as e:  # never affects the compile: the kernels then compile at the first call
         log.debug("fgcompile: precompiling the schedule step of %s failed: %s: %s", args[0], type(e).__name__, e)
         with _LOCK:
@@ -178,6 +181,8 @@ def wait() -> None:
     with _LOCK:
         pending = list(_PENDING)
         _PENDING.clear()
+    t0 = time.perf_counter()
     for f in pending:
         if not f.cancelled():
             f.result()
+    log.debug("fgcompile: waited %.2f s for %d background compile(s)", time.perf_counter() - t0, len(pending))
