@@ -606,3 +606,39 @@ def test_tuning_space_pruned_by_shape():
     assert len(big) == 4 and all(w == 8 for _, w, _ in big) and (128, 8, 3) in big
     assert len(kept(64, 128)) > len(big)
     assert all(w == 4 for _, w, _ in kept(128, 64))
+
+
+def test_launch_collects_compile_thunks():
+    """``triton_common.launch`` launches, except inside ``collect_compiles()`` on the same thread,
+    where it records a thunk calling the kernel's ``warmup`` with the launch's arguments and grid."""
+    import threading
+
+    from fgcompile.kernels.triton_common import collect_compiles, launch
+
+    calls = []
+
+    class Kernel:
+        __name__ = "k"
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append(("launch", grid, a, kw))
+
+        def warmup(self, *a, grid, **kw):
+            calls.append(("warmup", grid, a, kw))
+
+    k = Kernel()
+    launch(k, (2, 3), 1, X=4)
+    assert calls == [("launch", (2, 3), (1,), {"X": 4})]
+    with collect_compiles() as thunks:
+        launch(k, (5,), 7, X=8)
+        other = threading.Thread(target=launch, args=(k, (9,), 0))  # another thread launches as usual
+        other.start()
+        other.join()
+        with collect_compiles() as inner:
+            launch(k, (6,), 1)
+        assert len(inner) == 1
+    assert calls[1:] == [("launch", (9,), (0,), {})] and len(thunks) == 1
+    thunks[0]()
+    assert calls[-1] == ("warmup", (5,), (7,), {"X": 8})
+    launch(k, (1,))  # outside again: launches
+    assert calls[-1][0] == "launch"

@@ -235,7 +235,11 @@ def test_precompile_step_runs(lowered, setting):
     from fgcompile.predictors import density_budget
 
     cols = density_budget(1000, 0.3) if setting == "budget" else 1000
-    warmup._step("t", cfg, (*specs, None), 128 ** -0.5, cols if lowered else None, lowered)
+    thunks = warmup._step("t", cfg, (*specs, None), 128 ** -0.5, cols if lowered else None, lowered)
+    assert thunks  # the step's Triton kernels, to compile in parallel
+    for dev, t in thunks:
+        with torch.cuda.device(dev):
+            t()  # JITFunction.warmup: compiles, launches nothing
 
 
 def test_compile_precompiles_the_schedule_step():

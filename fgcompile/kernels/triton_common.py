@@ -10,12 +10,16 @@ in base 2: ``qk_scale`` is the softmax scale times log2(e) (``LOG2E``), and the 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import threading
+from typing import Any, Callable, Iterator
 
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "interpreting", "pow2_at_least", "head_dim_pad"]
+__all__ = ["LOG2E", "interpreting", "pow2_at_least", "head_dim_pad", "launch", "collect_compiles"]
 
 LOG2E = 1.4426950408889634
 
@@ -33,6 +37,33 @@ def pow2_at_least(x: int) -> int:
 def head_dim_pad(d: int) -> int:
     """The head dim a kernel tile uses: the next power of two, at least 16 (tl.dot's minimum)."""
     return max(16, 1 << (int(d) - 1).bit_length())
+
+
+_COLLECT = threading.local()  # .thunks: the compile thunks of this thread's launches, or None
+
+
+def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
+    """``kernel[grid](*args, **kwargs)``; inside ``collect_compiles()`` on this thread, no launch:
+    a thunk that compiles the binary this launch would need (``JITFunction.warmup``, the same
+    specialisation and cache entry) is recorded instead, and the launch's outputs stay unwritten."""
+    thunks = getattr(_COLLECT, "thunks", None)
+    if thunks is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        thunks.append(functools.partial(kernel.warmup, *args, grid=grid, **kwargs))
+
+
+@contextlib.contextmanager
+def collect_compiles() -> Iterator[list[Callable[[], Any]]]:
+    """Within it, this thread's ``launch`` calls record compile thunks instead of launching: the
+    yielded list holds them, one per launch, to be run later, e.g. in parallel threads
+    (``fgcompile.lowering.warmup``). Kernels launched otherwise run (and compile) as usual."""
+    prev = getattr(_COLLECT, "thunks", None)
+    _COLLECT.thunks = thunks = []
+    try:
+        yield thunks
+    finally:
+        _COLLECT.thunks = prev
 
 
 @triton.jit

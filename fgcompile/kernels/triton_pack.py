@@ -23,16 +23,17 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .triton_common import interpreting, pow2_at_least
+from .triton_common import interpreting, launch, pow2_at_least
 
 __all__ = ["packed_from_bits_triton", "pack_bits_triton", "PACK_CHUNK", "PACK_WARPS", "PACK_PROGRAMS"]
 
-#: key blocks per loop step and warps of the bitmap -> PackedSlices kernel (H100, see
-#: benchmarks/overhead_bench.py)
-PACK_CHUNK = 2048
+#: key blocks per loop step and warps of the bitmap -> PackedSlices kernel, and the programs the
+#: launch aims at without full tiles (rows are split into segments until there are about this
+#: many: 4 per row at Wan 480p's 3,072 rows of 64 chunks). Chosen on an H200 by
+#: benchmarks/pack_probe.py (results/pack_probe_h200.json, budget masks at Wan 480p): 0.14 ms at
+#: density 0.3 and 0.26 ms at 0.6, against 0.31 / 0.76 ms with 2,048-key chunks, one row per program
+PACK_CHUNK = 512
 PACK_WARPS = 4
-#: programs the launch aims at without full tiles: rows are split into segments until there are
-#: about this many (Wan 480p: 3,072 rows of 16 chunks)
 PACK_PROGRAMS = 12288
 
 
@@ -196,7 +197,7 @@ def packed_from_bits_triton(
     seg_keys = -(-n_chunks // segments) * chunk
     segments = max(1, -(-n // seg_keys))  # every segment starts inside the row
     if R > 0:
-        _packed_from_bits[(R, segments)](
+        launch(_packed_from_bits, (R, segments),
             words, counts, indices, fcounts, ftiles,
             nw, n, cap, nt, nt_cols, seg_keys,
             CHUNK=chunk, PER=per, USE_FULL=use_full, ZBLOCK=min(1024, max(32, pow2_at_least(cap))) if not interp else 64,
@@ -231,5 +232,5 @@ def pack_bits_triton(keep: torch.Tensor) -> torch.Tensor:
     if R > 0 and nw > 0:
         bw = 128 if not interpreting() else 16
         bw = min(bw, pow2_at_least(nw))
-        _pack_bits[(R, triton.cdiv(nw, bw))](x, out, n, nw, BLOCK_W=bw, num_warps=4)
+        launch(_pack_bits, (R, triton.cdiv(nw, bw)), x, out, n, nw, BLOCK_W=bw, num_warps=4)
     return out.reshape(lead + (nw,))

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import interpreting, pow2_at_least
+from .triton_common import interpreting, launch, pow2_at_least
 
 __all__ = ["pool_queries_triton", "pooled_select_bits_triton", "ROW_REG_MAX"]
 
@@ -87,7 +87,7 @@ def pool_queries_triton(q: torch.Tensor, block_m: int, gamma: float, scale: floa
         return qbar, dis.bool()
     block_d = max(16, pow2_at_least(D))
     warps = 4 if interpreting() else (8 if block_m * block_d >= 128 * 128 else 4)
-    _pool_queries[(n_qb, B * H)](
+    launch(_pool_queries, (n_qb, B * H),
         q, qbar, dis, q.stride(0), q.stride(1), q.stride(2),
         H, S_q, n_qb, float(gamma), float(scale),
         BLOCK_M=block_m, D=D, BLOCK_D=block_d, num_warps=warps,
@@ -280,7 +280,7 @@ def pooled_select_bits_triton(
     else:
         t = min(tile if tile is not None else (_TILE if not interp else 64), row)
     warps = num_warps if num_warps is not None else (4 if interp else max(4, min(16, t // 2048)))
-    _pooled_select[(R,)](
+    launch(_pooled_select, (R,),
         logits, v, dis, out,
         float(tau), float(1.0 - tau), H * nqb, nkb, nw, stride_vb,
         HAS_VALID=has_valid, TAU_ONE=bool(tau >= 1), STEPS=int(steps), TILE=t, IN_REG=in_reg,

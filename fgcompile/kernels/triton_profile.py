@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, _online_softmax_step, _out_ptrs, _program_heads, _q_tile, _softmax_state, head_dim_pad, interpreting
+from .triton_common import (
+    LOG2E, _online_softmax_step, _out_ptrs, _program_heads, _q_tile, _softmax_state, head_dim_pad, interpreting, launch,
+)
 
 
 @triton.jit
@@ -184,14 +186,14 @@ def profile_attention_triton(
         fwd_m, fwd_n, warps, stages, prob_n = 32, 16, 4, 1, 32
     else:
         fwd_m, fwd_n, warps, stages, prob_n = 128, 64, 8, 3, 64
-    _profile_fwd[(triton.cdiv(S_q, fwd_m), B * H)](
+    launch(_profile_fwd, (triton.cdiv(S_q, fwd_m), B * H),
         q, k, v, out, lse, kp, qk_scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), kp_stride,
         H, H // H_kv, S_q, S_kv,
         HEAD_DIM=D, HEAD_DIM_PAD=dpad, BLOCK_M=fwd_m, BLOCK_N=fwd_n, HAS_KP=has_kp, UPCAST=upcast,
         num_warps=warps, num_stages=stages,
     )
-    _profile_probs[(nqb, B * H)](
+    launch(_profile_probs, (nqb, B * H),
         q, k, lse, probs, kp, thr, bits, kept, qk_scale,
         *q.stride(), *k.stride(), kp_stride,
         H, H // H_kv, S_q, S_kv, nqb, nw,

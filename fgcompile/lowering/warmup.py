@@ -6,12 +6,15 @@ packing of a bitmap into index lists, and (sites left opaque) the sparse kernel.
 each at its first launch, which is the model's first call: seconds of compile time on top of
 Inductor's, serial, on the caller's thread.
 
-``schedule(...)``, called by the lowering pass for every CUDA site it sees, instead runs one
+``schedule(...)``, called by the lowering pass for every CUDA site it sees, instead traces one
 throwaway schedule step per distinct site shape in a background thread, on scratch tensors with
 the fake tensors' exact sizes, strides and dtypes (a Triton binary is specialised on dtypes and on
 which integer arguments are 1 or multiples of 16, so scaled-down tensors could compile a different
-binary). Triton's compiler releases the GIL, so these compiles overlap Inductor's lowering and
-code generation; the binaries land in Triton's caches, where the first real launch finds them.
+binary), under ``kernels.triton_common.collect_compiles``: the step's kernel launches become
+compile thunks (``JITFunction.warmup`` with the launch's own arguments), which the pool's threads
+run in parallel. Triton's compiler releases the GIL, so these compiles overlap each other and
+Inductor's lowering and code generation; the binaries land in Triton's caches, where the first
+real launch finds them.
 ``wait()`` (called at the first run of a site op) joins what is still compiling, so that no kernel
 is compiled twice.
 
@@ -39,6 +42,9 @@ __all__ = ["schedule", "wait", "enabled"]
 
 log = logging.getLogger("fgcompile")
 
+#: threads of the background pool: each schedule step, then each of its kernels' compiles, is a
+#: job (Triton releases the GIL while it compiles, so the kernels of a step compile in parallel)
+WORKERS = 4
 _POOL: Optional[ThreadPoolExecutor] = None
 _PENDING: list[Future] = []
 _DONE_KEYS: set = set()
@@ -73,16 +79,20 @@ def _nbytes(spec: tuple) -> int:
     return span * torch.empty((), dtype=dtype).element_size()
 
 
-def _step(name: str, config: Any, specs: tuple, scale: float, index_cap: Optional[int], lowered: bool) -> None:
+def _step(name: str, config: Any, specs: tuple, scale: float, index_cap: Optional[int], lowered: bool) -> list:
     """One throwaway schedule step of a fresh site state: the profiled (or pooled) call, the
-    packing of its mask, and, for a site left opaque, the sparse kernel on that packing."""
+    packing of its mask, and, for a site left opaque, the sparse kernel on that packing. Runs with
+    ``collect_compiles``: the kernels launched through ``triton_common.launch`` are not launched
+    but returned as compile thunks (for the pool to run in parallel); the others compile and run
+    here, on the scratch tensors."""
+    from ..kernels.triton_common import collect_compiles
     from ..runtime import SiteState
 
     q_spec, k_spec, v_spec, kp_spec = specs
     cfg = dataclasses.replace(config, dense_calls=0, dense_sites=(), max_density=1.0, mask_storage="device")
     site = SiteState(name=f"{name} (precompile)", config=cfg)
     dev = q_spec[3]
-    with torch.no_grad(), torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+    with torch.no_grad(), _on(dev), collect_compiles() as thunks:
         q, k, v = _scratch(q_spec), _scratch(k_spec), _scratch(v_spec)
         kp = None if kp_spec is None else torch.ones(kp_spec[0], dtype=torch.bool, device=kp_spec[3])
         out, packed = site.plan(q, k, v, kp, scale, index_cap)
@@ -93,17 +103,38 @@ def _step(name: str, config: Any, specs: tuple, scale: float, index_cap: Optiona
         if packed is not None and not lowered:
             site.run_sparse(q, k, v, kp, scale, packed)
         del q, k, v, kp, out, packed, site  # freed in stream order: the memory is reusable at once
+    return [(dev, t) for t in thunks]
+
+
+def _on(dev: torch.device) -> Any:
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
+
+def _compile(name: str, dev: torch.device, thunk: Any) -> None:
+    t0 = time.perf_counter()
+    try:
+        with _on(dev):
+            thunk()
+        log.debug("fgcompile: compiled %s for %s in %.2f s", getattr(thunk.func, "__name__", "a kernel"), name,
+                  time.perf_counter() - t0)
+    except Exception as e:  # that kernel then compiles at its first launch
+        log.debug("fgcompile: precompiling a kernel of %s failed: %s: %s", name, type(e).__name__, e)
 
 
 def _run(key: tuple, *args: Any) -> None:
     t0 = time.perf_counter()
     try:
-        _step(*args)
-        log.debug("fgcompile: precompiled the schedule step of %s in %.2f s", args[0], time.perf_counter() - t0)
+        thunks = _step(*args)
     except Exception as e:  # never affects the compile: the kernels then compile at the first call
         log.debug("fgcompile: precompiling the schedule step of %s failed: %s: %s", args[0], type(e).__name__, e)
         with _LOCK:
             _DONE_KEYS.discard(key)
+        return
+    log.debug("fgcompile: schedule step of %s traced in %.2f s: %d kernel(s) to compile", args[0],
+              time.perf_counter() - t0, len(thunks))
+    with _LOCK:
+        if _POOL is not None:
+            _PENDING.extend(_POOL.submit(_compile, args[0], dev, t) for dev, t in thunks)
 
 
 def schedule(
@@ -147,7 +178,7 @@ def schedule(
             return False
         _DONE_KEYS.add(key)
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fgcompile-precompile")
+            _POOL = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="fgcompile-precompile")
             _cancel_at_exit()
         _PENDING.append(_POOL.submit(_run, key, name, config, (*specs, kp_spec), float(scale), index_cap, lowered))
     return True
@@ -175,14 +206,19 @@ def _cancel_at_exit() -> None:
 
 
 def wait() -> None:
-    """Join the background compiles still running (a no-op once they are done)."""
+    """Join the background compiles still running (a no-op once they are done); a schedule step
+    joined here may have queued its kernels' compiles, which are joined too."""
     if not _PENDING:
         return
-    with _LOCK:
-        pending = list(_PENDING)
-        _PENDING.clear()
-    t0 = time.perf_counter()
-    for f in pending:
-        if not f.cancelled():
-            f.result()
-    log.debug("fgcompile: waited %.2f s for %d background compile(s)", time.perf_counter() - t0, len(pending))
+    t0, n = time.perf_counter(), 0
+    while True:
+        with _LOCK:
+            pending = list(_PENDING)
+            _PENDING.clear()
+        if not pending:
+            break
+        n += len(pending)
+        for f in pending:
+            if not f.cancelled():
+                f.result()
+    log.debug("fgcompile: waited %.2f s for %d background job(s)", time.perf_counter() - t0, n)
