@@ -8,6 +8,8 @@
 #   bash benchmarks/h100_session.sh C   # the compile time of one Wan layer and of Wan2.1-1.3B itself (3 cold
 #                                       # compiles per backend, fresh processes)
 #   bash benchmarks/h100_session.sh K   # kernel_in_model.py (the kernel on Wan's own masks, in the model and alone)
+#   bash benchmarks/h100_session.sh E   # GPU tests, then the runtime ratio and the Wan layer / Wan model compile
+#                                       # times (2 cold compiles per backend), within one short call
 #   bash benchmarks/h100_session.sh D   # compile_profile.py (where the Wan layer's cold compile goes) and pack_probe.py
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -55,6 +57,15 @@ P)
   echo "ncu rc=$?"
   grep -E "^d0" "$OUT/pack_probe.txt" | tail -4; grep -vE "^==PROF==|^\s*$" "$OUT/pack_ncu.txt" | tail -60
   ;;
+E)
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests -n 4 > "$OUT/gpu_tests.txt" 2>&1
+  echo "gpu tests rc=$?"
+  timeout 280 python3 benchmarks/lowering_bench.py --compile-only --cases wan,wan_model --repeats 2 \
+      --variants inductor,fgattn --out "$OUT/lowering_${TAG}.json" > "$OUT/lowering_wan.txt" 2>&1
+  echo "lowering (Wan layer, Wan model) rc=$?"
+  grep -E "passed|failed" "$OUT/gpu_tests.txt" | tail -3; grep -E "^FAILED" "$OUT/gpu_tests.txt" | head
+  grep -E "^(wan|wan_model) |runtime_ratio|compile_time_ratio" "$OUT/lowering_wan.txt" | tail -12
+  ;;
 D)
   timeout 240 python3 benchmarks/compile_profile.py --case wan > "$OUT/compile_profile.txt" 2>&1
   echo "compile_profile rc=$?"
@@ -67,5 +78,5 @@ K)
   echo "kernel_in_model rc=$?"
   grep -vE "Warning|warn|^ *$|float32:" "$OUT/kernel_in_model.txt" | tail -60
   ;;
-*) echo "usage: $0 A|B|C|D|K|P"; exit 2 ;;
+*) echo "usage: $0 A|B|C|D|E|K|P"; exit 2 ;;
 esac

@@ -263,16 +263,18 @@ def main() -> None:
         "wan": {"config": WAN},
     }
     t0 = time.time()
-    if a.compile_only and os.path.exists(a.out):  # else the runtime is measured here too
+    merged = a.compile_only and os.path.exists(a.out)  # else the runtime is measured here too
+    if merged:
         with open(a.out) as f:
             old = json.load(f)
         for case in ("toy", "wan"):
             result[case]["runtime"] = old[case]["runtime"]
         result["runtime_from"] = {k: old.get(k) for k in ("device", "torch", "triton", "command")}
+    if a.compile_only:
         result["command"] += " --compile-only"
     if a.repeats != 1 or a.variants != "inductor,fgattn":
         result["command"] += f" --repeats {a.repeats} --variants {a.variants}"
-    else:
+    if not merged:
         result["toy"]["runtime"] = runtime_ratio(1, TOY["heads"], TOY["latents"][2] * TOY["latents"][3] * TOY["latents"][4] // 4, TOY["width"] // TOY["heads"])
         result["wan"]["runtime"] = runtime_ratio(WAN["B"], WAN["H"], WAN["S"], WAN["D"])
     print(json.dumps(result, indent=1), flush=True)

@@ -39,7 +39,10 @@ import triton
 import triton.language as tl
 
 from .packing import PackedSlices
-from .triton_common import LOG2E, _online_softmax_step, _out_ptrs, _program_heads, _q_tile, _softmax_state, head_dim_pad, interpreting
+from .triton_common import (
+    LOG2E, _online_softmax_step, _out_ptrs, _program_heads, _q_tile, _softmax_state, head_dim_pad, interpreting, launch,
+)
+
 
 @triton.jit
 def _load_index_tile(i_base, start, offs_n, n_keys, KEY_BLOCK: tl.constexpr):
@@ -360,11 +363,16 @@ def launch_sparse_kernel(
         config = INTERPRET_CONFIG
     elif config is None and not (autotune_wanted() if autotune is None else autotune):
         config = heuristic_config(q, meta)
-    w = wrap if wrap is not None else (lambda f: f)
+    if wrap is None:  # a direct launch (a background precompile may collect it: triton_common.launch)
+        go = launch
+    else:  # traced into Inductor's graph
+        def go(kernel, grid, *a, **kw):
+            wrap(kernel)[grid](*a, **kw)
     if config is None:
-        w(_fg_sparse_fwd_tuned)[grid](*args, **meta)
+        go(_fg_sparse_fwd_tuned, grid, *args, **meta)
     else:
-        w(_fg_sparse_fwd)[grid](
+        go(
+            _fg_sparse_fwd, grid,
             *args,
             **meta,
             BLOCK_N=config["BLOCK_N"],
