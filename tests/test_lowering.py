@@ -390,3 +390,20 @@ def test_exit_drops_queued_precompiles():
     exit_s = time.time() - float(res.stdout.split()[-1])
     assert res.returncode == 0, res.stderr[-2000:]
     assert exit_s < 4.5, exit_s
+
+
+def test_precompile_threads_setting(monkeypatch, caplog):
+    """FGCOMPILE_PRECOMPILE_THREADS sets the background pool's threads (default 1); a bad value
+    warns and uses one thread instead of failing the compile."""
+    from fgcompile.lowering import warmup
+
+    monkeypatch.delenv("FGCOMPILE_PRECOMPILE_THREADS", raising=False)
+    assert warmup._workers() == 1
+    monkeypatch.setenv("FGCOMPILE_PRECOMPILE_THREADS", "3")
+    assert warmup._workers() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("FGCOMPILE_PRECOMPILE_THREADS", bad)
+        with caplog.at_level("WARNING", logger="fgcompile"):
+            assert warmup._workers() == 1
+        assert "FGCOMPILE_PRECOMPILE_THREADS" in caplog.text
+        caplog.clear()

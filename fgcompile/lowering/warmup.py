@@ -11,8 +11,8 @@ throwaway schedule step per distinct site shape in a background thread, on scrat
 the fake tensors' exact sizes, strides and dtypes (a Triton binary is specialised on dtypes and on
 which integer arguments are 1 or multiples of 16, so scaled-down tensors could compile a different
 binary), under ``kernels.triton_common.collect_compiles``: the step's kernel launches become
-compile thunks (``JITFunction.warmup`` with the launch's own arguments), which the pool's threads
-run in parallel. Triton's compiler releases the GIL, so these compiles overlap each other and
+compile thunks (``JITFunction.warmup`` with the launch's own arguments), which the pool's
+thread(s) then run. Triton's compiler releases the GIL in its back end, so these compiles overlap
 Inductor's lowering and code generation; the binaries land in Triton's caches, where the first
 real launch finds them.
 ``wait()`` (called at the first run of a site op) joins what is still compiling, so that no kernel
@@ -42,9 +42,23 @@ __all__ = ["schedule", "wait", "enabled"]
 
 log = logging.getLogger("fgcompile")
 
-#: threads of the background pool: each schedule step, then each of its kernels' compiles, is a
-#: job (Triton releases the GIL while it compiles, so the kernels of a step compile in parallel)
-WORKERS = 4
+#: threads of the background pool (``FGCOMPILE_PRECOMPILE_THREADS``, default 1): each schedule step,
+#: then each of its kernels' compiles, is a job. More threads compile a step's kernels in parallel,
+#: but Triton's front end holds the GIL and so slows Inductor's own (Python) compile on the calling
+#: thread: on an H200, 4 threads made the Wan layer's cold compile slower (6.9 s vs 5.9 s with one
+#: thread, medians of 2 and 3 fresh processes; benchmarks/NOTES.md, session 5)
+def _workers() -> int:
+    raw = os.environ.get("FGCOMPILE_PRECOMPILE_THREADS", "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:  # never fails a compile: warn and use one thread
+        log.warning("fgcompile: FGCOMPILE_PRECOMPILE_THREADS: expected a positive integer, got %r; using 1", raw)
+        return 1
+    return n
+
+
 _POOL: Optional[ThreadPoolExecutor] = None
 _PENDING: list[Future] = []
 _DONE_KEYS: set = set()
@@ -178,7 +192,7 @@ def schedule(
             return False
         _DONE_KEYS.add(key)
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="fgcompile-precompile")
+            _POOL = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="fgcompile-precompile")
             _cancel_at_exit()
         _PENDING.append(_POOL.submit(_run, key, name, config, (*specs, kp_spec), float(scale), index_cap, lowered))
     return True
