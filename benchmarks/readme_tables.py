@@ -96,6 +96,8 @@ def lowering_table(path: Path) -> str:
         n = c.get("repeats", 1)
         lines.append(f"| {case}{f' (median of {n})' if n > 1 else ''} | {c['compile_s']['inductor']:.1f} | "
                      f"{c['compile_s']['fgattn']:.1f} | {c['compile_time_ratio']:.2f} | {rt} |")
+    if d.get("note_added_after_run"):
+        lines += ["", f"Note: {d['note_added_after_run']}"]
     return "\n".join(lines)
 
 
