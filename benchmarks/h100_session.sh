@@ -9,7 +9,7 @@
 #                                       # compiles per backend, fresh processes)
 #   bash benchmarks/h100_session.sh K   # kernel_in_model.py (the kernel on Wan's own masks, in the model and alone)
 #   bash benchmarks/h100_session.sh E   # GPU tests, then the runtime ratio and the Wan layer / Wan model compile
-#                                       # times (2 cold compiles per backend), within one short call
+#                                       # times (2 cold compiles per variant, FGCOMPILE_PROFILE_FORWARD=sdpa too)
 #   bash benchmarks/h100_session.sh D   # compile_profile.py (where the Wan layer's cold compile goes) and pack_probe.py
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -60,8 +60,8 @@ P)
 E)
   timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests -n 4 > "$OUT/gpu_tests.txt" 2>&1
   echo "gpu tests rc=$?"
-  timeout 280 python3 benchmarks/lowering_bench.py --compile-only --cases wan,wan_model --repeats 2 \
-      --variants inductor,fgattn --out "$OUT/lowering_${TAG}.json" > "$OUT/lowering_wan.txt" 2>&1
+  timeout 330 python3 benchmarks/lowering_bench.py --compile-only --cases wan,wan_model --repeats 2 \
+      --variants inductor,fgattn,fgattn_sdpa_forward --out "$OUT/lowering_${TAG}.json" > "$OUT/lowering_wan.txt" 2>&1
   echo "lowering (Wan layer, Wan model) rc=$?"
   grep -E "passed|failed" "$OUT/gpu_tests.txt" | tail -3; grep -E "^FAILED" "$OUT/gpu_tests.txt" | head
   grep -E "^(wan|wan_model) |runtime_ratio|compile_time_ratio" "$OUT/lowering_wan.txt" | tail -12

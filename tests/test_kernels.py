@@ -5,6 +5,7 @@ ahead-of-time sm_90 compile (cp.async + wgmma in the PTX)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -642,3 +643,92 @@ def test_launch_collects_compile_thunks():
     assert calls[-1] == ("warmup", (5,), (7,), {"X": 8})
     launch(k, (1,))  # outside again: launches
     assert calls[-1][0] == "launch"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_forward_lse_matches_float64(dtype):
+    """PyTorch's fused attention (the CPU flash op here; cuDNN / flash on CUDA) as the profiled
+    call's forward: output and base-2 log-sum-exp against float64 math, GQA included."""
+    from fgcompile.kernels.sdpa_forward import dense_forward_lse
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 70, 32, generator=g).to(DEV, dtype)
+    k, v = (torch.randn(2, 2, 50, 32, generator=g).to(DEV, dtype) for _ in range(2))
+    got = dense_forward_lse(q, k, v, 0.2)
+    assert got is not None
+    out, lse2 = got
+    kk, vv = (t.double().repeat_interleave(2, dim=1) for t in (k, v))
+    s = q.double() @ kk.transpose(-1, -2) * 0.2
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert lse2.dtype == torch.float32 and lse2.shape == (2, 4, 70)
+    torch.testing.assert_close(lse2.double(), torch.logsumexp(s, -1) / math.log(2), atol=tol, rtol=0)
+    torch.testing.assert_close(out.double(), torch.softmax(s, -1) @ vv, atol=tol, rtol=tol)
+
+
+def test_sdpa_forward_skips_a_backend_that_fails_its_check(monkeypatch, caplog):
+    """A backend whose log-sum-exp is off (or that raises) is not used: the caller gets None and
+    runs the Triton forward; the check runs once per backend, device, dtype and head dim."""
+    from fgcompile.kernels import sdpa_forward
+
+    calls = []
+
+    def wrong(q, k, v, scale):
+        calls.append(1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[:2]
+        return out, lse * 2  # not a natural-log log-sum-exp
+
+    monkeypatch.setattr(sdpa_forward, "_CHECKED", {})
+    monkeypatch.setitem(sdpa_forward._BACKENDS, "cpu", [("wrong", "_scaled_dot_product_flash_attention_for_cpu", wrong)])
+    q = torch.randn(1, 2, 40, 16)
+    with caplog.at_level("INFO", logger="fgcompile"):
+        assert sdpa_forward.dense_forward_lse(q, q, q, 0.25) is None
+        assert sdpa_forward.dense_forward_lse(q, q, q, 0.25) is None
+    assert len(calls) == 1 and "wrong attention" in caplog.text  # checked once, never run on the input
+
+    def raises(q, k, v, scale):
+        raise RuntimeError("no kernel for this head dim")
+
+    monkeypatch.setitem(sdpa_forward._BACKENDS, "cpu", [("raises", "_scaled_dot_product_flash_attention_for_cpu", raises)])
+    assert sdpa_forward.dense_forward_lse(q, q, q, 0.25) is None
+
+
+def test_sdpa_forward_setting(monkeypatch, caplog):
+    from fgcompile.kernels.sdpa_forward import wanted
+
+    monkeypatch.delenv("FGCOMPILE_PROFILE_FORWARD", raising=False)
+    assert not wanted()
+    monkeypatch.setenv("FGCOMPILE_PROFILE_FORWARD", "sdpa")
+    assert wanted()
+    monkeypatch.setenv("FGCOMPILE_PROFILE_FORWARD", "cudnn")
+    with caplog.at_level("WARNING", logger="fgcompile"):
+        assert not wanted()
+    assert "FGCOMPILE_PROFILE_FORWARD" in caplog.text
+
+
+@needs_interp
+@pytest.mark.parametrize("padded", [False, True])
+def test_profile_bits_with_sdpa_forward(monkeypatch, padded):
+    """FGCOMPILE_PROFILE_FORWARD=sdpa: the profiled call's output and bitmap equal those of the
+    Triton forward (key padding: the Triton forward runs either way)."""
+    from fgcompile.attention import profile_attention_bits
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 150, 32, generator=g).to(DEV) for _ in range(3))
+    kp = None
+    if padded:
+        kp = torch.ones(1, 150, dtype=torch.bool, device=DEV)
+        kp[:, 120:] = False
+    monkeypatch.setenv("FGCOMPILE_PROFILE_FORWARD", "triton")
+    ref = profile_attention_bits(q, k, v, alpha=0.5, block_m=64, key_padding=kp, impl="triton")
+    from fgcompile.kernels import triton_profile
+
+    used = []
+    real = triton_profile.dense_forward_lse
+    monkeypatch.setattr(triton_profile, "dense_forward_lse", lambda *a: used.append(real(*a)) or used[-1])
+    monkeypatch.setenv("FGCOMPILE_PROFILE_FORWARD", "sdpa")
+    got = profile_attention_bits(q, k, v, alpha=0.5, block_m=64, key_padding=kp, impl="triton")
+    assert len(used) == (0 if padded else 1) and all(u is not None for u in used)  # padded: never asked
+    torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=1e-4)
+    mismatch = (got[1] ^ ref[1]).ne(0).sum().item()
+    assert mismatch <= 2, mismatch  # a few ulps of the threshold may straddle
+    assert (got[2] - ref[2]).abs().max().item() <= 2

@@ -97,9 +97,17 @@ def test_every_tuned_config(cfg, bn):
     "B,H,H_kv,S_q,S_kv,D,bm,padded",
     [(1, 4, 4, 4096, 4096, 128, 128, False), (2, 4, 2, 1000, 1100, 96, 64, True), (1, 2, 2, 512, 700, 64, 128, True)],
 )
-def test_profile_kernel_vs_reference(B, H, H_kv, S_q, S_kv, D, bm, padded):
+@pytest.mark.parametrize("forward", ["triton", "sdpa"])
+def test_profile_kernel_vs_reference(monkeypatch, B, H, H_kv, S_q, S_kv, D, bm, padded, forward):
+    """Also with FGCOMPILE_PROFILE_FORWARD=sdpa: the dense forward and its log-sum-exp from
+    PyTorch's cuDNN / flash attention (which must then be the path taken without key padding)."""
+    from fgcompile.kernels import sdpa_forward
+
+    monkeypatch.setenv("FGCOMPILE_PROFILE_FORWARD", forward)
     q, k, v = _inputs(B, H, H_kv, S_q, S_kv, D, torch.bfloat16)
     kp = (torch.rand(B, S_kv, device="cuda") < 0.8) if padded else None
+    if forward == "sdpa" and not padded:
+        assert sdpa_forward.dense_forward_lse(q, k, v, D ** -0.5) is not None, sdpa_forward._CHECKED
     out, probs = profile_attention(q, k, v, block_m=bm, key_padding=kp)
     torch.cuda.synchronize()
     assert not out.isnan().any() and not probs.isnan().any()

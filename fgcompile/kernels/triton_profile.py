@@ -8,7 +8,9 @@ each key, the largest softmax probability over the block's queries:
 computed in two passes so that no S_q x S_kv matrix is ever stored:
 
 1. ``_profile_fwd``: flash attention (online softmax, exp2, fp32 accumulation) over all (real)
-   keys, writing ``out`` and the per-row log-sum-exp in base 2, ``lse2 = m + log2(l)``;
+   keys, writing ``out`` and the per-row log-sum-exp in base 2, ``lse2 = m + log2(l)``; with
+   ``FGCOMPILE_PROFILE_FORWARD=sdpa`` and no key padding, PyTorch's fused attention gives both
+   instead where it passes its check (``fgcompile.kernels.sdpa_forward``: no Triton compile);
 2. ``_profile_probs``: per (query block, batch*head), recompute the scores tile by tile and store
    the column max of ``exp2(s * scale * log2(e) - lse2)`` over the block's rows: (B, H, nQB, S_kv)
    float32.
@@ -25,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sdpa_forward import dense_forward_lse
+from .sdpa_forward import wanted as sdpa_wanted
 from .triton_common import (
     LOG2E, _online_softmax_step, _out_ptrs, _program_heads, _q_tile, _softmax_state, head_dim_pad, interpreting, launch,
 )
@@ -186,13 +190,18 @@ def profile_attention_triton(
         fwd_m, fwd_n, warps, stages, prob_n = 32, 16, 4, 1, 32
     else:
         fwd_m, fwd_n, warps, stages, prob_n = 128, 64, 8, 3, 64
-    launch(_profile_fwd, (triton.cdiv(S_q, fwd_m), B * H),
-        q, k, v, out, lse, kp, qk_scale,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), kp_stride,
-        H, H // H_kv, S_q, S_kv,
-        HEAD_DIM=D, HEAD_DIM_PAD=dpad, BLOCK_M=fwd_m, BLOCK_N=fwd_n, HAS_KP=has_kp, UPCAST=upcast,
-        num_warps=warps, num_stages=stages,
-    )
+    fused = dense_forward_lse(q, k, v, scale) if (not has_kp and sdpa_wanted()) else None
+    if fused is not None:  # PyTorch's fused attention gave out and lse2: no forward kernel to compile
+        out.copy_(fused[0])
+        lse.copy_(fused[1])
+    else:
+        launch(_profile_fwd, (triton.cdiv(S_q, fwd_m), B * H),
+            q, k, v, out, lse, kp, qk_scale,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), kp_stride,
+            H, H // H_kv, S_q, S_kv,
+            HEAD_DIM=D, HEAD_DIM_PAD=dpad, BLOCK_M=fwd_m, BLOCK_N=fwd_n, HAS_KP=has_kp, UPCAST=upcast,
+            num_warps=warps, num_stages=stages,
+        )
     launch(_profile_probs, (nqb, B * H),
         q, k, lse, probs, kp, thr, bits, kept, qk_scale,
         *q.stride(), *k.stride(), kp_stride,
