@@ -407,3 +407,36 @@ def test_precompile_threads_setting(monkeypatch, caplog):
             assert warmup._workers() == 1
         assert "FGCOMPILE_PRECOMPILE_THREADS" in caplog.text
         caplog.clear()
+
+
+def test_precompile_jobs_queue_their_kernel_compiles(monkeypatch, caplog):
+    """A schedule-step job queues its kernels' compile thunks on the pool; ``wait()`` joins the
+    step and the compiles it queued (also those queued while it was joining); a failing compile
+    is logged, never raised."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fgcompile.lowering import warmup
+
+    done, gate = [], threading.Event()
+
+    def compile_ok():
+        gate.wait(5)
+        done.append("ok")
+
+    def compile_bad():
+        raise RuntimeError("no such kernel")
+
+    compile_ok.__name__ = "k"
+    fake_thunks = [(torch.device("cpu"), compile_ok), (torch.device("cpu"), compile_bad)]
+    monkeypatch.setattr(warmup, "_step", lambda *a: (gate.wait(5), fake_thunks)[1])
+    pool = ThreadPoolExecutor(max_workers=2)
+    monkeypatch.setattr(warmup, "_POOL", pool)
+    monkeypatch.setattr(warmup, "_PENDING", [])
+    warmup._PENDING.append(pool.submit(warmup._run, ("key",), "site", None, (), 1.0, None, True))
+    threading.Timer(0.2, gate.set).start()
+    with caplog.at_level("DEBUG", logger="fgcompile"):
+        warmup.wait()
+    assert done == ["ok"] and not warmup._PENDING
+    assert "compiled k for site" in caplog.text and "no such kernel" in caplog.text
+    pool.shutdown()

@@ -124,13 +124,18 @@ def _on(dev: torch.device) -> Any:
     return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
 
 
+def _thunk_name(thunk: Any) -> str:
+    """The kernel a compile thunk builds (``partial(kernel.warmup, ...)``), for the log."""
+    f = getattr(thunk, "func", thunk)
+    return str(getattr(getattr(f, "__self__", None), "__name__", None) or getattr(f, "__name__", "a kernel"))
+
+
 def _compile(name: str, dev: torch.device, thunk: Any) -> None:
     t0 = time.perf_counter()
     try:
         with _on(dev):
             thunk()
-        log.debug("fgcompile: compiled %s for %s in %.2f s", getattr(thunk.func, "__name__", "a kernel"), name,
-                  time.perf_counter() - t0)
+        log.debug("fgcompile: compiled %s for %s in %.2f s", _thunk_name(thunk), name, time.perf_counter() - t0)
     except Exception as e:  # that kernel then compiles at its first launch
         log.debug("fgcompile: precompiling a kernel of %s failed: %s: %s", name, type(e).__name__, e)
 
