@@ -41,7 +41,7 @@ def profile(case: str, variant: str, top: int) -> None:
         print(f"===== {case} / {variant}: rc {r.returncode}")
         print("child:", (r.stdout.strip().splitlines() or ["(no output)"])[-1])
         for line in r.stderr.splitlines():
-            if "precompile" in line or "waited" in line or "Traceback" in line or "Error" in line:
+            if "lowering/warmup.py" in line or "Traceback" in line or "Error" in line:  # the precompile's log
                 print("log:", line[-200:])
         if r.returncode != 0:
             print(r.stderr[-3000:])

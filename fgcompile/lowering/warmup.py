@@ -97,8 +97,8 @@ def _step(name: str, config: Any, specs: tuple, scale: float, index_cap: Optiona
     """One throwaway schedule step of a fresh site state: the profiled (or pooled) call, the
     packing of its mask, and, for a site left opaque, the sparse kernel on that packing. Runs with
     ``collect_compiles``: the kernels launched through ``triton_common.launch`` are not launched
-    but returned as compile thunks (for the pool to run in parallel); the others compile and run
-    here, on the scratch tensors."""
+    but returned as compile thunks (for the pool's thread or threads to run); the others compile
+    and run here, on the scratch tensors."""
     from ..kernels.triton_common import collect_compiles
     from ..runtime import SiteState
 
