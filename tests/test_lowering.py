@@ -432,6 +432,7 @@ def test_precompile_jobs_queue_their_kernel_compiles(monkeypatch, caplog):
     monkeypatch.setattr(warmup, "_step", lambda *a: (gate.wait(5), fake_thunks)[1])
     pool = ThreadPoolExecutor(max_workers=2)
     monkeypatch.setattr(warmup, "_POOL", pool)
+    monkeypatch.setattr(warmup, "_PROCS", None)  # the thunks are plain functions: the thread pool
     monkeypatch.setattr(warmup, "_PENDING", [])
     warmup._PENDING.append(pool.submit(warmup._run, ("key",), "site", None, (), 1.0, None, True))
     threading.Timer(0.2, gate.set).start()
@@ -440,3 +441,144 @@ def test_precompile_jobs_queue_their_kernel_compiles(monkeypatch, caplog):
     assert done == ["ok"] and not warmup._PENDING
     assert "compiled k for site" in caplog.text and "no such kernel" in caplog.text
     pool.shutdown()
+
+
+_PROBE = """
+import os
+
+
+class Probe:
+    # a stand-in for a Triton kernel: warmup() records which process ran it, with what
+
+    def warmup(self, *args, grid, **kwargs):
+        if kwargs.get("fail"):
+            raise ValueError("bad kernel")
+        with open(kwargs["path"], "w") as f:
+            f.write(repr((os.getpid(), [str(a) for a in args], tuple(grid))))
+
+
+probe = Probe()
+"""
+
+
+@pytest.fixture
+def probe_module(tmp_path, monkeypatch):
+    """A module-level fake kernel, importable here and in the compile workers (PYTHONPATH)."""
+    import importlib
+
+    (tmp_path / "fgprobe_kernel.py").write_text(_PROBE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    return importlib.import_module("fgprobe_kernel")
+
+
+def test_compile_job_portable_spec(probe_module):
+    """A collected launch travels to a worker process as plain values: tensors become dtypes (16-byte
+    aligned, as Triton's MockTensor); an unaligned tensor, an unknown argument type or a kernel that is
+    no module attribute keeps the compile in this process."""
+    from fgcompile.kernels.triton_common import CompileJob
+    from fgcompile.kernels.triton_sparse import _fg_sparse_fwd_tuned
+
+    x = torch.zeros(8, dtype=torch.bfloat16)
+    job = CompileJob(probe_module.probe, (4, 2), (x, 3, None, 0.5), {"BLOCK": 64, "FLAG": True})
+    assert job.portable() == ("fgprobe_kernel", "probe", (torch.bfloat16, 3, None, 0.5), {"BLOCK": 64, "FLAG": True}, (4, 2))
+    assert CompileJob(probe_module.probe, (1,), (x[1:],), {}).portable() is None  # 2-byte offset
+    assert CompileJob(probe_module.probe, (1,), (object(),), {}).portable() is None
+    assert CompileJob(probe_module.Probe(), (1,), (), {}).portable() is None  # not a module attribute
+    assert CompileJob(probe_module.probe, (lambda meta: (1,),), (), {}).portable()[-1] == (1,)
+    # an autotuned kernel is found through the JITFunction it wraps
+    assert CompileJob(_fg_sparse_fwd_tuned, (1,), (), {}).portable()[:2] == ("fgcompile.kernels.triton_sparse", "_fg_sparse_fwd_tuned")
+
+
+def test_compile_worker_runs_jobs_in_another_process(probe_module, tmp_path):
+    """Pool jobs run in a worker process; a job failing there raises WorkerError from its future (the
+    caller logs it), and the worker carries on with the next job."""
+    import ast
+
+    from fgcompile.kernels.triton_common import CompileJob
+    from fgcompile.lowering.compile_worker import Pool, WorkerError
+
+    pool = Pool(1)
+    try:
+        out = tmp_path / "ran.txt"
+        x = torch.zeros(4)
+        bad = pool.submit(CompileJob(probe_module.probe, (1,), (), {"fail": True}))
+        good = pool.submit(CompileJob(probe_module.probe, (3,), (x, 7), {"path": str(out)}))
+        with pytest.raises(WorkerError, match="bad kernel"):
+            bad.result(timeout=120)
+        assert good.result(timeout=120)[1] == "fgprobe_kernel.probe"
+        pid, args, grid = ast.literal_eval(out.read_text())
+        assert pid != os.getpid() and args == ["torch.float32", "7"] and grid == (3,)
+        with pytest.raises(ValueError, match="portable"):
+            pool.submit(CompileJob(probe_module.Probe(), (1,), (), {}))
+    finally:
+        pool.shutdown()
+
+
+def test_compile_worker_that_cannot_start_compiles_here(probe_module, tmp_path, monkeypatch):
+    """Where no worker process can start, the jobs compile in the calling process instead."""
+    import ast
+    import sys
+
+    from fgcompile.kernels.triton_common import CompileJob
+    from fgcompile.lowering import compile_worker
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    pool = compile_worker.Pool(1)
+    try:
+        out = tmp_path / "ran.txt"
+        fut = pool.submit(CompileJob(probe_module.probe, (1,), (), {"path": str(out)}))
+        assert fut.result(timeout=60)[1] == "compiled in the calling process"
+        assert ast.literal_eval(out.read_text())[0] == os.getpid()
+    finally:
+        pool.shutdown()
+
+
+def test_precompile_processes_setting(monkeypatch, caplog):
+    """FGCOMPILE_PRECOMPILE_PROCESSES: the compile worker processes (0: the background thread
+    compiles); by default a quarter of the CPUs, 1 to 4; a bad value warns and uses 0."""
+    from fgcompile.lowering.compile_worker import default_processes
+
+    monkeypatch.delenv("FGCOMPILE_PRECOMPILE_PROCESSES", raising=False)
+    assert 1 <= default_processes() <= 4
+    monkeypatch.setenv("FGCOMPILE_PRECOMPILE_PROCESSES", "2")
+    assert default_processes() == 2
+    for bad in ("two", "-1"):
+        monkeypatch.setenv("FGCOMPILE_PRECOMPILE_PROCESSES", bad)
+        with caplog.at_level("WARNING", logger="fgcompile"):
+            assert default_processes() == 0
+        assert "FGCOMPILE_PRECOMPILE_PROCESSES" in caplog.text
+        caplog.clear()
+
+
+def test_precompile_submits_portable_jobs_to_the_workers(probe_module, tmp_path, monkeypatch, caplog):
+    """warmup sends a step's portable compile jobs to the worker processes and the others to its
+    thread; wait() joins both, and a worker's failure is only logged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fgcompile.kernels.triton_common import CompileJob
+    from fgcompile.lowering import warmup
+    from fgcompile.lowering.compile_worker import Pool
+
+    out = tmp_path / "ran.txt"
+    here = []
+
+    def local():
+        here.append(1)
+
+    jobs = [CompileJob(probe_module.probe, (1,), (), {"path": str(out)}),
+            CompileJob(probe_module.probe, (1,), (), {"fail": True}), local]
+    monkeypatch.setattr(warmup, "_step", lambda *a: [(torch.device("cpu"), j) for j in jobs])
+    procs, pool = Pool(1), ThreadPoolExecutor(max_workers=1)
+    monkeypatch.setattr(warmup, "_POOL", pool)
+    monkeypatch.setattr(warmup, "_PROCS", procs)
+    monkeypatch.setattr(warmup, "_PENDING", [])
+    try:
+        warmup._PENDING.append(pool.submit(warmup._run, ("key",), "site", None, (), 1.0, None, True))
+        with caplog.at_level("DEBUG", logger="fgcompile"):
+            warmup.wait()
+        assert out.exists() and here == [1] and not warmup._PENDING
+        assert "(worker process)" in caplog.text and "bad kernel" in caplog.text
+    finally:
+        procs.shutdown()
+        pool.shutdown()
