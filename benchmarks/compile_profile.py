@@ -29,7 +29,7 @@ KEEP = ("compile_fx", "fx_codegen", "codegen", "async_compile", "wait", "fgcompi
         "compile_module", "PyCodeCache", "inductor")
 
 
-def profile(case: str, variant: str, top: int) -> None:
+def profile(case: str, variant: str, top: int, save: str = "") -> None:
     backend, extra = VARIANTS[variant]
     with tempfile.TemporaryDirectory() as d:
         prof = os.path.join(d, "prof.out")
@@ -46,6 +46,11 @@ def profile(case: str, variant: str, top: int) -> None:
         if r.returncode != 0:
             print(r.stderr[-3000:])
             return
+        if save:  # the whole profile, for pstats later (callers, callees)
+            os.makedirs(save, exist_ok=True)
+            import shutil
+
+            shutil.copy(prof, os.path.join(save, f"{case}_{variant}.prof"))
         st = pstats.Stats(prof)
         rows = []
         for (fn, line, name), (cc, nc, tt, ct, callers) in st.stats.items():
@@ -63,9 +68,10 @@ def main() -> None:
     ap.add_argument("--case", default="wan", choices=("toy", "wan", "wan_model"))
     ap.add_argument("--variants", default="inductor,fgattn,fgattn_noprecompile")
     ap.add_argument("--top", type=int, default=45)
+    ap.add_argument("--save", default="", help="a folder for the raw cProfile files (CASE_VARIANT.prof)")
     a = ap.parse_args()
     for v in a.variants.split(","):
-        profile(a.case, v, a.top)
+        profile(a.case, v, a.top, a.save)
 
 
 if __name__ == "__main__":

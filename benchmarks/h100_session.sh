@@ -12,6 +12,8 @@
 #                                       # times (2 cold compiles per variant, FGCOMPILE_PROFILE_FORWARD=sdpa too)
 #   bash benchmarks/h100_session.sh F   # GPU tests, the Wan layer's compile times (precompile in worker processes
 #                                       # vs in a thread, 2 cold compiles each) and compile_profile.py's log of it
+#   bash benchmarks/h100_session.sh G   # compile_profile.py of the Wan layer (inductor, fgattn; raw profiles kept)
+#                                       # and its compile times (2 cold compiles each)
 #   bash benchmarks/h100_session.sh D   # compile_profile.py (where the Wan layer's cold compile goes) and pack_probe.py
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -80,6 +82,15 @@ F)
   grep -E "^wan |compile_time_ratio" "$OUT/lowering_wan.txt" | tail -6
   grep -E "^(=====|child|log)" "$OUT/compile_profile.txt" | cut -c1-220
   ;;
+G)
+  timeout 150 python3 benchmarks/compile_profile.py --case wan --variants inductor,fgattn --top 25 --save "$OUT/prof" > "$OUT/compile_profile.txt" 2>&1
+  echo "compile_profile rc=$?"
+  timeout 200 python3 benchmarks/lowering_bench.py --compile-only --cases wan --repeats 2 \
+      --variants inductor,fgattn --out "$OUT/lowering_${TAG}_wan.json" > "$OUT/lowering_wan.txt" 2>&1
+  echo "lowering (Wan layer) rc=$?"
+  grep -E "^wan |compile_time_ratio\"" "$OUT/lowering_wan.txt" | tail -3
+  grep -E "^(=====|child|log)" "$OUT/compile_profile.txt" | cut -c1-220
+  ;;
 D)
   timeout 240 python3 benchmarks/compile_profile.py --case wan > "$OUT/compile_profile.txt" 2>&1
   echo "compile_profile rc=$?"
@@ -92,5 +103,5 @@ K)
   echo "kernel_in_model rc=$?"
   grep -vE "Warning|warn|^ *$|float32:" "$OUT/kernel_in_model.txt" | tail -60
   ;;
-*) echo "usage: $0 A|B|C|D|E|F|K|P"; exit 2 ;;
+*) echo "usage: $0 A|B|C|D|E|F|G|K|P"; exit 2 ;;
 esac

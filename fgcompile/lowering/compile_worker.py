@@ -16,7 +16,8 @@ goes to its stderr, which is the parent's):
 A job rebuilds ``getattr(importlib.import_module(module), attribute).warmup(*args, grid=grid,
 **kwargs)``, where tensors were replaced by their dtypes (``kernels.triton_common.CompileJob.
 portable``). A worker compiles for the GPU target of its current device (device 0 of the inherited
-``CUDA_VISIBLE_DEVICES``), without creating a CUDA context; a compile for another target is only a
+``CUDA_VISIBLE_DEVICES``), without creating a CUDA context, and builds the kernel's host launcher
+too (a C module per signature in Triton 3.6); a compile for another target is only a
 wasted job (the launch then compiles its own binary). The workers start at the first job, are
 reused for the life of the process and are killed at its exit.
 
@@ -179,6 +180,26 @@ class Pool:
             w.stop()
 
 
+def _build_launchers(compiled: Any) -> None:
+    """Build the host launcher of each compiled kernel here too (``driver.active.launcher_cls``:
+    Triton 3.6 compiles a C module per kernel signature with the host compiler, 0.3 s each, cached
+    on disk), so that the first launch in the compiling process only loads it. Best effort: a
+    Triton without it, or an autotuner's warmup (which returns no kernel), skips this."""
+    kernels = compiled if isinstance(compiled, (list, tuple)) else [compiled]
+    try:
+        from triton.runtime.driver import driver
+
+        make = driver.active.launcher_cls
+    except Exception:  # pragma: no cover - another Triton layout
+        return
+    for ck in kernels:
+        if hasattr(ck, "src") and hasattr(ck, "metadata"):
+            try:
+                make(ck.src, ck.metadata)
+            except Exception:  # pragma: no cover - the launch builds it instead
+                pass
+
+
 def _serve_forever() -> None:
     """The worker's loop: one job at a time from stdin, its result on the private stdout copy."""
     out = os.fdopen(os.dup(1), "wb")
@@ -192,7 +213,7 @@ def _serve_forever() -> None:
         t0 = time.perf_counter()
         try:
             kernel = getattr(importlib.import_module(module), attr)
-            kernel.warmup(*args, grid=grid, **kwargs)
+            _build_launchers(kernel.warmup(*args, grid=grid, **kwargs))
             res = (jid, True, time.perf_counter() - t0, f"{module}.{attr}")
         except BaseException as e:
             res = (jid, False, time.perf_counter() - t0, f"{module}.{attr}: {type(e).__name__}: {e}")
