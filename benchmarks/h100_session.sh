@@ -15,6 +15,7 @@
 #   bash benchmarks/h100_session.sh G   # compile_profile.py of the Wan layer (inductor, fgattn; raw profiles kept)
 #                                       # and its compile times (2 cold compiles each)
 #   bash benchmarks/h100_session.sh H   # the Wan layer's compile times: lowered, opaque, without precompile
+#   bash benchmarks/h100_session.sh I   # the Wan layer's compile times with their phases (backend_s, Dynamo's table)
 #   bash benchmarks/h100_session.sh D   # compile_profile.py (where the Wan layer's cold compile goes) and pack_probe.py
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -98,6 +99,12 @@ H)
   echo "lowering (Wan layer) rc=$?"
   grep -E "^wan |compile_time_ratio" "$OUT/lowering_wan.txt" | tail -8
   ;;
+I)
+  timeout 200 python3 benchmarks/lowering_bench.py --compile-only --cases wan --repeats 2 \
+      --variants inductor,fgattn --out "$OUT/lowering_${TAG}_wan_phases.json" > "$OUT/lowering_wan.txt" 2>&1
+  echo "lowering (Wan layer) rc=$?"
+  grep -E "^wan |compile_time_ratio\"" "$OUT/lowering_wan.txt" | tail -3
+  ;;
 D)
   timeout 240 python3 benchmarks/compile_profile.py --case wan > "$OUT/compile_profile.txt" 2>&1
   echo "compile_profile rc=$?"
@@ -110,5 +117,5 @@ K)
   echo "kernel_in_model rc=$?"
   grep -vE "Warning|warn|^ *$|float32:" "$OUT/kernel_in_model.txt" | tail -60
   ;;
-*) echo "usage: $0 A|B|C|D|E|F|G|H|K|P"; exit 2 ;;
+*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|P"; exit 2 ;;
 esac
