@@ -10,8 +10,6 @@
 #   bash benchmarks/h100_session.sh K   # kernel_in_model.py (the kernel on Wan's own masks, in the model and alone)
 #   bash benchmarks/h100_session.sh E   # GPU tests, then the runtime ratio and the Wan layer / Wan model compile
 #                                       # times (2 cold compiles per variant, FGCOMPILE_PROFILE_FORWARD=sdpa too)
-#   bash benchmarks/h100_session.sh F   # GPU tests, the Wan layer's compile times (precompile in worker processes
-#                                       # vs in a thread, 2 cold compiles each) and compile_profile.py's log of it
 #   bash benchmarks/h100_session.sh G   # compile_profile.py of the Wan layer (inductor, fgattn; raw profiles kept)
 #                                       # and its compile times (2 cold compiles each)
 #   bash benchmarks/h100_session.sh H   # the Wan layer's compile times: lowered, opaque, without precompile
@@ -72,18 +70,6 @@ E)
   grep -E "passed|failed" "$OUT/gpu_tests.txt" | tail -3; grep -E "^FAILED" "$OUT/gpu_tests.txt" | head
   grep -E "^(wan|wan_model) |runtime_ratio|compile_time_ratio" "$OUT/lowering_wan.txt" | tail -12
   ;;
-F)
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests -n 4 > "$OUT/gpu_tests.txt" 2>&1
-  echo "gpu tests rc=$?"
-  timeout 200 python3 benchmarks/lowering_bench.py --compile-only --cases wan --repeats 2 \
-      --variants inductor,fgattn,fgattn_thread --out "$OUT/lowering_${TAG}_wan.json" > "$OUT/lowering_wan.txt" 2>&1
-  echo "lowering (Wan layer) rc=$?"
-  timeout 100 python3 benchmarks/compile_profile.py --case wan --variants fgattn --top 12 > "$OUT/compile_profile.txt" 2>&1
-  echo "compile_profile rc=$?"
-  grep -E "passed|failed" "$OUT/gpu_tests.txt" | tail -3; grep -E "^FAILED" "$OUT/gpu_tests.txt" | head
-  grep -E "^wan |compile_time_ratio" "$OUT/lowering_wan.txt" | tail -6
-  grep -E "^(=====|child|log)" "$OUT/compile_profile.txt" | cut -c1-220
-  ;;
 G)
   timeout 150 python3 benchmarks/compile_profile.py --case wan --variants inductor,fgattn --top 25 --save "$OUT/prof" > "$OUT/compile_profile.txt" 2>&1
   echo "compile_profile rc=$?"
@@ -100,7 +86,7 @@ H)
   grep -E "^wan |compile_time_ratio" "$OUT/lowering_wan.txt" | tail -8
   ;;
 I)
-  timeout 200 python3 benchmarks/lowering_bench.py --compile-only --cases wan --repeats 2 \
+  timeout ${LIMIT:-200} python3 benchmarks/lowering_bench.py --compile-only --cases wan --repeats ${REPEATS:-2} \
       --variants inductor,fgattn --out "$OUT/lowering_${TAG}_wan_phases.json" > "$OUT/lowering_wan.txt" 2>&1
   echo "lowering (Wan layer) rc=$?"
   grep -E "^wan |compile_time_ratio\"" "$OUT/lowering_wan.txt" | tail -3
@@ -117,5 +103,5 @@ K)
   echo "kernel_in_model rc=$?"
   grep -vE "Warning|warn|^ *$|float32:" "$OUT/kernel_in_model.txt" | tail -60
   ;;
-*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|P"; exit 2 ;;
+*) echo "usage: $0 A|B|C|D|E|G|H|I|K|P"; exit 2 ;;
 esac

@@ -142,8 +142,6 @@ VARIANTS = {
     "fgattn_noprecompile": ("fgattn", {"FGCOMPILE_PRECOMPILE": "0"}),  # without the background JIT
     # every site left an opaque op (no wrap_triton kernel for Inductor to analyse and compile)
     "fgattn_opaque": ("fgattn", {"FGCOMPILE_LOWERING": "0"}),
-    # the background JIT in a thread of the compiling process (session 5's default), not in worker processes
-    "fgattn_thread": ("fgattn", {"FGCOMPILE_PRECOMPILE_PROCESSES": "0"}),
     # the profiled call's dense forward from PyTorch's fused attention: no profiling-forward compile
     "fgattn_sdpa_forward": ("fgattn", {"FGCOMPILE_PROFILE_FORWARD": "sdpa"}),
 }
@@ -179,8 +177,6 @@ def compile_times(case: str, repeats: int = 1, variants=("inductor", "fgattn")) 
         out["compile_time_ratio_without_precompile"] = out["compile_s"]["fgattn_noprecompile"] / out["compile_s"]["inductor"]
     if "fgattn_opaque" in variants:
         out["compile_time_ratio_opaque"] = out["compile_s"]["fgattn_opaque"] / out["compile_s"]["inductor"]
-    if "fgattn_thread" in variants:
-        out["compile_time_ratio_precompile_thread"] = out["compile_s"]["fgattn_thread"] / out["compile_s"]["inductor"]
     if "fgattn_sdpa_forward" in variants:
         out["compile_time_ratio_sdpa_forward"] = out["compile_s"]["fgattn_sdpa_forward"] / out["compile_s"]["inductor"]
     out["fgattn_first_sparse_call_s"] = out["fgattn"]["second_call_s"]

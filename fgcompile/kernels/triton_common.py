@@ -11,16 +11,15 @@ in base 2: ``qk_scale`` is the softmax scale times log2(e) (``LOG2E``), and the 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import os
-import sys
 import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "interpreting", "pow2_at_least", "head_dim_pad", "launch", "collect_compiles", "CompileJob"]
+__all__ = ["LOG2E", "interpreting", "pow2_at_least", "head_dim_pad", "launch", "collect_compiles"]
 
 LOG2E = 1.4426950408889634
 
@@ -40,78 +39,25 @@ def head_dim_pad(d: int) -> int:
     return max(16, 1 << (int(d) - 1).bit_length())
 
 
-_COLLECT = threading.local()  # .thunks: the compile jobs of this thread's launches, or None
-
-
-@dataclasses.dataclass(frozen=True)
-class CompileJob:
-    """The compile a launch ``kernel[grid](*args, **kwargs)`` needs, without the launch: calling it
-    runs ``kernel.warmup`` (the same specialisation and Triton cache entry as the launch)."""
-
-    kernel: Any
-    grid: tuple
-    args: tuple
-    kwargs: dict
-
-    def __call__(self) -> Any:
-        return self.kernel.warmup(*self.args, grid=self.grid, **self.kwargs)
-
-    @property
-    def name(self) -> str:
-        """The kernel's name, for logs."""
-        return str(getattr(self.kernel, "__name__", None) or getattr(getattr(self.kernel, "fn", None), "__name__", "a kernel"))
-
-    def portable(self) -> Optional[tuple]:
-        """(module, attribute, args, kwargs, grid): the same compile as plain picklable values for
-        another process, which rebuilds it as ``getattr(import(module), attribute).warmup(...)``
-        with each tensor replaced by its dtype (Triton's ``MockTensor``: a 16-byte aligned
-        pointer); None where that would not be the same compile: a tensor not 16-byte aligned
-        (Triton specialises pointers on it), an argument of another type, or a kernel that is not
-        a module-level attribute."""
-        import torch
-
-        def plain(x: Any) -> Any:
-            if isinstance(x, torch.Tensor):
-                if x.data_ptr() % 16:
-                    raise TypeError("unaligned tensor")
-                return x.dtype
-            if x is None or isinstance(x, (bool, int, float, str, torch.dtype)):
-                return x
-            raise TypeError(type(x).__name__)
-
-        inner = self.kernel  # an Autotuner / Heuristics wraps the JITFunction as .fn
-        while str(getattr(inner, "__module__", "")).startswith("triton.") and hasattr(inner, "fn"):
-            inner = inner.fn
-        mod_name = getattr(inner, "__module__", None)
-        mod = sys.modules.get(mod_name) if isinstance(mod_name, str) else None
-        attr = next((n for n, v in vars(mod).items() if v is self.kernel), None) if mod is not None else None
-        if attr is None:
-            return None
-        try:
-            args = tuple(plain(a) for a in self.args)
-            kwargs = {k: plain(v) for k, v in self.kwargs.items()}
-        except TypeError:
-            return None
-        grid = self.grid if all(isinstance(g, int) for g in self.grid) else (1,)
-        return mod_name, attr, args, kwargs, tuple(grid)
+_COLLECT = threading.local()  # .thunks: the compile thunks of this thread's launches, or None
 
 
 def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
     """``kernel[grid](*args, **kwargs)``; inside ``collect_compiles()`` on this thread, no launch:
-    the ``CompileJob`` this launch would need is recorded instead, and the launch's outputs stay
-    unwritten."""
+    a thunk that compiles the binary this launch would need (``JITFunction.warmup``, the same
+    specialisation and cache entry) is recorded instead, and the launch's outputs stay unwritten."""
     thunks = getattr(_COLLECT, "thunks", None)
     if thunks is None:
         kernel[grid](*args, **kwargs)
     else:
-        thunks.append(CompileJob(kernel, tuple(grid), args, kwargs))
+        thunks.append(functools.partial(kernel.warmup, *args, grid=grid, **kwargs))
 
 
 @contextlib.contextmanager
 def collect_compiles() -> Iterator[list[Callable[[], Any]]]:
-    """Within it, this thread's ``launch`` calls record ``CompileJob``s instead of launching: the
-    yielded list holds them, one per launch, to be run later, in a background thread or another
-    process (``fgcompile.lowering.warmup``). Kernels launched otherwise run (and compile) as usual."""
+    """Within it, this thread's ``launch`` calls record compile thunks instead of launching: the
+    yielded list holds them, one per launch, to be run later, e.g. in parallel threads
+    (``fgcompile.lowering.warmup``). Kernels launched otherwise run (and compile) as usual."""
     prev = getattr(_COLLECT, "thunks", None)
     _COLLECT.thunks = thunks = []
     try:

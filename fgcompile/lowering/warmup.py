@@ -11,13 +11,10 @@ throwaway schedule step per distinct site shape in a background thread, on scrat
 the fake tensors' exact sizes, strides and dtypes (a Triton binary is specialised on dtypes and on
 which integer arguments are 1 or multiples of 16, so scaled-down tensors could compile a different
 binary), under ``kernels.triton_common.collect_compiles``: the step's kernel launches become
-``CompileJob``s (``JITFunction.warmup`` with the launch's own arguments). Each job compiles in a
-worker process (``compile_worker``, ``FGCOMPILE_PRECOMPILE_PROCESSES``, by default a quarter of the
-CPUs, at most 4), which shares only Triton's on-disk cache with this process, so that Triton's
-Python front end does not compete with Inductor's Python for the GIL; a job that cannot be sent
-(``CompileJob.portable`` is None) or with ``FGCOMPILE_PRECOMPILE_PROCESSES=0`` compiles in the
-background thread instead. The binaries land in Triton's caches, where the first real launch finds
-them.
+compile thunks (``JITFunction.warmup`` with the launch's own arguments), which the pool's
+thread(s) then run. Triton's compiler releases the GIL in its back end, so these compiles overlap
+Inductor's lowering and code generation; the binaries land in Triton's caches, where the first
+real launch finds them.
 ``wait()`` (called at the first run of a site op) joins what is still compiling, so that no kernel
 is compiled twice.
 
@@ -41,8 +38,6 @@ from typing import Any, Optional
 
 import torch
 
-from .compile_worker import Pool, default_processes
-
 __all__ = ["schedule", "wait", "enabled"]
 
 log = logging.getLogger("fgcompile")
@@ -65,7 +60,6 @@ def _workers() -> int:
 
 
 _POOL: Optional[ThreadPoolExecutor] = None
-_PROCS: Any = None  # compile_worker.Pool, started with the thread pool where processes are wanted
 _PENDING: list[Future] = []
 _DONE_KEYS: set = set()
 _LOCK = threading.Lock()
@@ -131,8 +125,9 @@ def _on(dev: torch.device) -> Any:
 
 
 def _thunk_name(thunk: Any) -> str:
-    """The kernel a compile job builds, for the log."""
-    return str(getattr(thunk, "name", None) or getattr(thunk, "__name__", "a kernel"))
+    """The kernel a compile thunk builds (``partial(kernel.warmup, ...)``), for the log."""
+    f = getattr(thunk, "func", thunk)
+    return str(getattr(getattr(f, "__self__", None), "__name__", None) or getattr(f, "__name__", "a kernel"))
 
 
 def _compile(name: str, dev: torch.device, thunk: Any) -> None:
@@ -143,26 +138,6 @@ def _compile(name: str, dev: torch.device, thunk: Any) -> None:
         log.debug("fgcompile: compiled %s for %s in %.2f s", _thunk_name(thunk), name, time.perf_counter() - t0)
     except Exception as e:  # that kernel then compiles at its first launch
         log.debug("fgcompile: precompiling a kernel of %s failed: %s: %s", name, type(e).__name__, e)
-
-
-def _submit(name: str, dev: torch.device, thunk: Any) -> Future:
-    """One compile job: to a worker process where it can go there, else to the thread pool."""
-    spec = thunk.portable() if _PROCS is not None and hasattr(thunk, "portable") else None
-    if spec is None:
-        return _POOL.submit(_compile, name, dev, thunk)
-    fut = _PROCS.submit(thunk, spec)
-
-    def done(f: Future) -> None:
-        if f.cancelled():
-            return
-        e = f.exception()
-        if e is None:
-            log.debug("fgcompile: compiled %s for %s in %.2f s (worker process)", _thunk_name(thunk), name, f.result()[0])
-        else:  # that kernel then compiles at its first launch
-            log.debug("fgcompile: precompiling %s of %s failed: %s: %s", _thunk_name(thunk), name, type(e).__name__, e)
-
-    fut.add_done_callback(done)
-    return fut
 
 
 def _run(key: tuple, *args: Any) -> None:
@@ -178,7 +153,7 @@ def _run(key: tuple, *args: Any) -> None:
               time.perf_counter() - t0, len(thunks))
     with _LOCK:
         if _POOL is not None:
-            _PENDING.extend(_submit(args[0], dev, t) for dev, t in thunks)
+            _PENDING.extend(_POOL.submit(_compile, args[0], dev, t) for dev, t in thunks)
 
 
 def schedule(
@@ -196,7 +171,7 @@ def schedule(
     key_padding: the node's fake tensors; ``index_cap``: the graph's index columns, None for an
     opaque site). Returns whether a job was started (False: disabled, symbolic or non-CUDA shapes,
     not enough free memory, or the same shapes and config already scheduled)."""
-    global _POOL, _PROCS
+    global _POOL
     if not enabled():
         return False
     specs = tuple(_spec(t) for t in (q, k, v))
@@ -223,9 +198,6 @@ def schedule(
         _DONE_KEYS.add(key)
         if _POOL is None:
             _POOL = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="fgcompile-precompile")
-            n = default_processes()
-            if n > 0:
-                _PROCS = Pool(n)  # the workers start now: their imports overlap the tracing
             _cancel_at_exit()
         _PENDING.append(_POOL.submit(_run, key, name, config, (*specs, kp_spec), float(scale), index_cap, lowered))
     return True
@@ -245,8 +217,6 @@ def _cancel_at_exit() -> None:
         pool = _POOL
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
-        if _PROCS is not None:
-            _PROCS.shutdown()
 
     try:
         register(cancel)
@@ -269,5 +239,5 @@ def wait() -> None:
         n += len(pending)
         for f in pending:
             if not f.cancelled():
-                f.exception()  # waits; a failure was logged and changes nothing
+                f.result()
     log.debug("fgcompile: waited %.2f s for %d background job(s)", time.perf_counter() - t0, n)
