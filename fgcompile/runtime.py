@@ -537,6 +537,10 @@ def _states_of(model: Any) -> list[tuple[str, ModelState]]:
     compilation (each block compiled) every block has its own state."""
     owner = getattr(model, "_orig_mod", model)
     found: list[tuple[str, ModelState]] = []
+    if not (isinstance(owner, torch.nn.Module) and any(True for _ in owner.parameters())):
+        # a compiled function or a module without parameters: its graphs have no parameter to
+        # own their sites, which live in the one state all of those share
+        return [("", _UNOWNED)] if _UNOWNED.sites and callable(owner) else []
     if isinstance(owner, torch.nn.Module):
         for pname, p in owner.named_parameters(remove_duplicate=False):
             st = _OWNED.get(p)
@@ -552,12 +556,15 @@ def _states_of(model: Any) -> list[tuple[str, ModelState]]:
 def state_of(model: Any) -> ModelState:
     """The state of a compiled model (what torch.compile returned, or the module it wraps): the
     sites of every graph compiled from it (or from its submodules, with regional compilation),
-    named by their path in the model. Raises ValueError if it never ran under fgattn."""
+    named by their path in the model. Raises ValueError if it never ran a sparse site under
+    fgattn. Compiled functions and modules without parameters have no parameter to own their
+    sites: they all share one state (their sites are told apart by name only)."""
     found = _states_of(model)
     if not found:
         raise ValueError(
             "model: expected a model compiled with backend='fgattn' (or fgcompile.backend(...)) "
-            "that has run at least once; no fgcompile state is attached to it"
+            "that has run at least once; no fgcompile state is attached to it (a model whose "
+            "attention sites all run dense has none: fgcompile.explain(model, *inputs) gives their reasons)"
         )
     if len(found) == 1 and not found[0][0]:
         return found[0][1]

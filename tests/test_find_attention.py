@@ -819,3 +819,65 @@ def test_torch_logs_prints_decisions():
     env = {k: v for k, v in os.environ.items() if k != "TORCH_LOGS"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and "fgcompile: site" not in r.stderr
+
+
+# ============================================================================ probes of session 6
+def test_dynamic_separate_k_v_inputs_stay_sites():
+    """Under dynamic shapes, k and v of separate graph inputs get their own length symbols: equal
+    example sizes make them one site (under a guard on the equality), not a silent miss; a key
+    padding mask whose length is another sum of symbols counts as well."""
+    # automatic dynamic shapes: the second call's new length recompiles with symbolic lengths
+    r = capture(sdpa_pos, *qkv(), dynamic=None, run_twice=qkv((B, H, 2 * S, D)))
+    assert [(s.pattern, s.decision, s.mask) for s in r.sites] == [("sdpa", "sparse", "none")] * 2
+    assert "dynamic sequence length" in r.sites[1].reason
+    torch.testing.assert_close(r.out2, sdpa_pos(*qkv((B, H, 2 * S, D))), atol=1e-5, rtol=1e-4)
+
+    def joint(img, txt, txt_keep):  # (3, B, H, S, D) each: text and video tokens in one attention
+        q, k, v = torch.cat([txt, img], 3).unbind(0)
+        mask = torch.cat([txt_keep, txt_keep.new_ones(txt_keep.shape[0], img.shape[3])], 1)[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    a = (rand(3, B, H, S, D), rand(3, B, H, 16, D, seed=5), key_keep(s=16))
+    a2 = (rand(3, B, H, 2 * S, D), rand(3, B, H, 8, D, seed=5), key_keep(s=8))
+    r = capture(joint, *a, dynamic=None, run_twice=a2)
+    assert [(s.pattern, s.decision, s.mask) for s in r.sites] == [("sdpa", "sparse", "key_padding")] * 2
+    torch.testing.assert_close(r.out2, joint(*a2), atol=1e-5, rtol=1e-4)
+
+
+def test_negative_scale_stays_dense():
+    """A negative scale is attention of another kind (the kernels need a scale > 0): dense, with
+    the reason, decided at compile time (no run-time fallback)."""
+    f = lambda q, k, v: (q @ k.transpose(-2, -1) * -0.125).softmax(-1) @ v  # noqa: E731
+    check(f, qkv(), [("matmul_softmax", "dense", "none", "scale -0.125 is not a finite number > 0")])
+    g = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=-0.5)  # noqa: E731
+    check(g, qkv(), [("sdpa", "dense", "none", "scale -0.5 is not a finite number > 0")])
+
+
+def test_scale_after_the_fill_scales_the_fill():
+    """``masked_fill(-1e4)`` followed by ``* 1e-4`` fills -1, which does not mask a key out: dense
+    (its output is eager's); a -inf fill stays a mask whatever the scale after it."""
+    q, k, v = qkv()
+    keep = key_keep()
+
+    def weak(q, k, v, keep):
+        s = (q @ k.transpose(-2, -1)).masked_fill(~keep[:, None, None, :], -1e4) * 1e-4
+        return s.softmax(-1) @ v
+
+    def strong(q, k, v, keep):
+        s = (q @ k.transpose(-2, -1)).masked_fill(~keep[:, None, None, :], float("-inf")) * 0.125
+        return s.softmax(-1) @ v
+
+    check(weak, (q, k, v, keep), [("matmul_softmax", "dense", "other", "scaled by 0.0001 afterwards")])
+    check(strong, (q, k, v, keep), [("matmul_softmax", "sparse", "key_padding", "self-attention")])
+
+
+def test_einsum_scores_written_k_first():
+    """``einsum("bhkd,bhqd->bhqk", k, q)`` is the same q.k^T with its operands swapped."""
+    f = lambda q, k, v: torch.einsum("bhqk,bhkd->bhqd", torch.einsum("bhkd,bhqd->bhqk", k, q * 0.125).softmax(-1), v)  # noqa: E731
+    check(f, qkv(), [("matmul_softmax",) + SPARSE])
+
+
+def test_cross_attention_reason_is_not_called_self_attention():
+    cfg = CFG.replace(min_seq_len=16)
+    r = check(sdpa_pos, (rand(B, H, S, D), rand(B, H, 32, D), rand(B, H, 32, D)), [("sdpa", "sparse", "none", "attention 64x32")], config=cfg)
+    assert not r.sites[0].reason.startswith("self-attention")

@@ -345,3 +345,28 @@ def test_direct_kernel_failure_in_plan_site_falls_back_to_dense(monkeypatch, cap
     st = runtime._site(h, None).stats()
     assert (st.sparse_calls, st.direct_calls, st.dense_calls) == (0, 0, 1)
     assert "synthetic direct failure" in st.fallback
+
+
+def test_stats_of_parameter_free_models_and_functions():
+    """A compiled module without parameters (or a compiled function) has no parameter to own its
+    sites: stats() reads the state those share instead of raising; a model whose sites all ran
+    dense still raises, and says why."""
+    import torch.nn.functional as F
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    cfg = FGAttnConfig(min_seq_len=64, block_m=64, profile_calls=(0,))
+    c = torch.compile(Attn(), backend=fgcompile.backend(cfg))
+    q = torch.randn(1, 2, 128, 64)
+    with torch.no_grad():
+        c(q, q, q)
+        c(q, q, q)
+    st = fgcompile.stats(c)  # (with the sites of the other parameter-free graphs of this process)
+    assert any(s.calls >= 2 and s.sparse_calls >= 1 for s in st.values()), st
+    dense_only = torch.compile(ToyVideoDiT(SMALL).eval(), backend=fgcompile.backend(_cfg(min_seq_len=10 ** 6)))
+    with torch.no_grad():
+        dense_only(*_inputs())
+    with pytest.raises(ValueError, match="all run dense"):
+        fgcompile.stats(dense_only)

@@ -242,16 +242,36 @@ def _same(a: Any, b: Any) -> bool:
     return size_of(a) == size_of(b)
 
 
+def _equal(a: Any, b: Any) -> bool:
+    """Whether two sizes that attention needs equal are equal. Symbolic sizes with equal example
+    values (k and v of separate graph inputs under dynamic shapes each get their own symbol) are
+    taken as equal under a guard on that equality (the guard Inductor would add for its own
+    kernels): an input that breaks it recompiles the graph, where the sizes then differ and the
+    site is left as it is, so a site is never served with sizes that differ."""
+    if _same(a, b):
+        return True
+    if not isinstance(a, torch.SymInt) and not isinstance(b, torch.SymInt):
+        return False
+    ha, hb = _hint(a), _hint(b)
+    if ha is None or ha != hb:
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # no shape environment to guard in: not provably equal
+        return False
+
+
 def _is_one(a: Any) -> bool:
     return size_of(a) == 1
 
 
-def _fill_mask(words, cond, fill, invert, mask_kind, mask_node, mask_invert, dense):
+def _fill_mask(words, cond, fill, invert, mask_kind, mask_node, mask_invert, dense, after=1.0):
     """A boolean fill of the scores (``masked_fill(mask, value)`` or ``where(cond, s, fill)``;
-    ``words``: the op, its condition and its fill, for the reasons): returns the new
-    ``(mask_kind, mask_node, mask_invert)``. A single boolean condition with a -inf (very negative)
-    fill is a key mask ("bool", inverted when True marks the masked keys); anything else makes the
-    site dense, with its reason appended to ``dense``."""
+    ``words``: the op, its condition and its fill, for the reasons; ``after``: the constant factor
+    the scores are multiplied by between the fill and the softmax): returns the new
+    ``(mask_kind, mask_node, mask_invert)``. A single boolean condition whose fill, times
+    ``after``, is -inf or very negative is a key mask ("bool", inverted when True marks the masked
+    keys); anything else makes the site dense, with its reason appended to ``dense``."""
     op, cond_word, fill_word = words
     if mask_kind != "none":
         dense.append("more than one mask")
@@ -259,9 +279,10 @@ def _fill_mask(words, cond, fill, invert, mask_kind, mask_node, mask_invert, den
     elif not isinstance(cond, fx.Node) or _tensor(cond) is None or _tensor(cond).dtype != torch.bool:
         mask_kind = "other"
         dense.append(f"{op} with a non-boolean {cond_word}")
-    elif _const_number(fill) is None or _const_number(fill) > _LOWEST:
+    elif _const_number(fill) is None or not (_const_number(fill) * after <= _LOWEST):
         mask_kind = "other"
-        dense.append(f"{op} with {fill_word} {fill} (not a -inf / very negative fill)")
+        scaled = f" scaled by {after:g} afterwards" if after != 1.0 else ""
+        dense.append(f"{op} with {fill_word} {fill}{scaled} (not a -inf / very negative fill)")
     else:
         mask_kind = "bool"
         mask_node, mask_invert = cond, invert
@@ -710,7 +731,7 @@ class _Finder:
                 mk = _get(cur, 1, "mask")
                 val = _get(cur, 2, "value")
                 mask_kind, mask_node, mask_invert = _fill_mask(
-                    ("masked_fill", "mask", "value"), mk, val, True, mask_kind, mask_node, mask_invert, dense
+                    ("masked_fill", "mask", "value"), mk, val, True, mask_kind, mask_node, mask_invert, dense, scale
                 )
                 cur = s_in
                 continue
@@ -723,7 +744,7 @@ class _Finder:
                 else:
                     raise _Reject("where over two tensors")
                 mask_kind, mask_node, mask_invert = _fill_mask(
-                    ("where", "condition", "fill"), cond, fill, inv, mask_kind, mask_node, mask_invert, dense
+                    ("where", "condition", "fill"), cond, fill, inv, mask_kind, mask_node, mask_invert, dense, scale
                 )
                 cur = s_in
                 continue
@@ -740,6 +761,8 @@ class _Finder:
             contracted = [c for c in ta if c in tb and c not in to and c != "."]
             qi = [c for c in ta if c in to and c not in tb]
             ki = [c for c in tb if c in to and c not in ta]
+            if len(qi) == len(ki) == 1 and to[-2:] == ki[0] + qi[0]:  # written k first: einsum("..kd,..qd->..qk", k, q)
+                ta, tb, qa, kb, qi, ki = tb, ta, kb, qa, ki, qi
             batch = [c for c in to if c in ta and c in tb]
             if len(contracted) != 1 or len(qi) != 1 or len(ki) != 1 or len(to) != len(batch) + 2:
                 raise _Reject(f"scores einsum {qk.args[0]!r} is not q.k^T")
@@ -881,10 +904,10 @@ class _Finder:
             raise _Reject("unknown operand shapes")
         if not (len(tq) == len(tk) == len(tv)) or len(tq) < 2 or len(tq) > 4:
             raise _Reject(f"operand ranks {len(tq)}/{len(tk)}/{len(tv)} are not those of q, k, v")
-        if not _same(tq[-1], tk[-1]) or not _same(tk[-2], tv[-2]):
+        if not _equal(tq[-1], tk[-1]) or not _equal(tk[-2], tv[-2]):
             raise _Reject("contraction dims do not line up")
         sc = _tensor(x)
-        if sc is None or sc.dim() != len(tq) or not _same(sc.shape[-2], tq[-2]) or not _same(sc.shape[-1], tk[-2]):
+        if sc is None or sc.dim() != len(tq) or not _equal(sc.shape[-2], tq[-2]) or not _equal(sc.shape[-1], tk[-2]):
             raise _Reject("scores are not (..., S_q, S_kv)")
         m = SiteMatch(
             info=SiteInfo(name="", pattern="matmul_softmax"),
@@ -980,19 +1003,19 @@ class _Finder:
         info.device = str(tqt.device)
         s_q, s_kv, d, dv = tq[-2], tk[-2], tq[-1], tv[-1]
         info.seq_len_q, info.seq_len_kv, info.head_dim, info.head_dim_v = (size_of(s) for s in (s_q, s_kv, d, dv))
-        if not _same(tq[-1], tk[-1]):
+        if not _equal(tq[-1], tk[-1]):
             raise _Reject("q and k head dims differ")
-        if not _same(tk[-2], tv[-2]):
+        if not _equal(tk[-2], tv[-2]):
             raise _Reject("k and v sequence lengths differ")
         # batch dims
         bq, bk, bv = tq[:nb], tk[:nb], tv[:nb]
-        if not all(_same(x, y) for x, y in zip(bk, bv)):
+        if not all(_equal(x, y) for x, y in zip(bk, bv)):
             dense.append("key and value batch dims differ")
         if nb == 2:
             info.batch, info.num_heads, info.num_kv_heads = size_of(bq[0]), size_of(bq[1]), size_of(bk[1])
-            if not _same(bq[0], bk[0]):
+            if not _equal(bq[0], bk[0]):
                 dense.append("query and key batch sizes differ (broadcast)")
-            if not _same(bq[1], bk[1]):
+            if not _equal(bq[1], bk[1]):
                 hq, hk = _hint(bq[1]), _hint(bk[1])
                 if not (isinstance(size_of(bq[1]), int) and isinstance(size_of(bk[1]), int)):
                     dense.append("symbolic GQA head counts")
@@ -1002,7 +1025,7 @@ class _Finder:
                     dense.append("key/value heads differ from query heads without enable_gqa")
         elif nb == 1:
             info.batch, info.num_heads, info.num_kv_heads = 1, size_of(bq[0]), size_of(bk[0])
-            if not _same(bq[0], bk[0]):
+            if not _equal(bq[0], bk[0]):
                 dense.append("query and key batch sizes differ (broadcast)")
         elif nb == 0:
             info.batch = info.num_heads = info.num_kv_heads = 1
@@ -1050,6 +1073,8 @@ class _Finder:
             reasons.append(f"dtype {info.dtype} not in {SERVED_DTYPES}")
         if (m.scale == 0.0 or info.scale is None) and not any("scale" in r or "symbolic head dim" in r for r in reasons):
             reasons.append("the scale is not a constant")
+        elif info.scale is not None and not (math.isfinite(info.scale) and info.scale > 0):
+            reasons.append(f"scale {info.scale:g} is not a finite number > 0 (the sparse kernels need one)")
         info.reason = ""
         if reasons:
             info.decision = "dense"
@@ -1065,7 +1090,8 @@ class _Finder:
                 extra.append(f"dynamic sequence length, decided on its example size {_hint(s_q)}x{_hint(s_kv)}")
             if cfg.predictor == "dense":
                 extra.append('predictor="dense": the runtime runs it dense')
-            info.reason = "self-attention " + f"{info.seq_len_q}x{info.seq_len_kv} >= min_seq_len {cfg.min_seq_len}" + (
+            kind = "self-attention" if _same(s_q, s_kv) else "attention"
+            info.reason = kind + f" {info.seq_len_q}x{info.seq_len_kv} >= min_seq_len {cfg.min_seq_len}" + (
                 "; " + "; ".join(extra) if extra else ""
             )
 
@@ -1084,18 +1110,18 @@ class _Finder:
         bad = f"attn_mask of shape {_fmt(t.shape)} is not a key-padding mask"
         if not _is_one(shape[nb]):  # varies over the queries
             return "other", bad, None
-        if not (_is_one(shape[nb + 1]) or _same(shape[nb + 1], tk[-2])):
+        if not (_is_one(shape[nb + 1]) or _equal(shape[nb + 1], tk[-2])):
             return "other", bad, None
         if nb == 2:
             if not _is_one(shape[1]):
                 return "other", bad, None
-            if not (_is_one(shape[0]) or _same(shape[0], tq[0])):
+            if not (_is_one(shape[0]) or _equal(shape[0], tq[0])):
                 return "other", bad, None
             return "key_padding", "", None
         if nb == 1:
             if _is_one(shape[0]):
                 return "key_padding", "", None
-            if _same(shape[0], tq[0]):
+            if _equal(shape[0], tq[0]):
                 return "key_padding", "", "n1"
             return "other", bad, None
         if nb == 0:
