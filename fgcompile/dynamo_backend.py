@@ -44,6 +44,8 @@ class TransformResult:
     graph: torch.fx.GraphModule
     sites: list = field(default_factory=list)  # list[fgcompile.passes.find_attention.SiteInfo]
     lowered: int = 0  # sites lowered to site_plan + the Triton sparse_attention op (CUDA)
+    # (node, "softmax" | "sdpa", why) of the softmax / SDPA nodes that are not attention sites
+    rejected: list = field(default_factory=list)
 
 
 def _grad_needed(example_inputs: Sequence[Any]) -> bool:
@@ -74,7 +76,8 @@ def transform(
     from .passes.find_attention import find_attention_sites
     from .passes.rewrite import rewrite_sites
 
-    matches = find_attention_sites(gm, config)
+    rejected: list = []
+    matches = find_attention_sites(gm, config, rejected)
     if _grad_needed(example_inputs):
         for m in matches:
             if m.info.decision == "sparse":
@@ -109,7 +112,7 @@ def transform(
             i.name, i.pattern, i.batch, i.num_heads, i.num_kv_heads, i.seq_len_q, i.seq_len_kv,
             i.head_dim, i.dtype, i.mask, i.decision, i.reason,
         )
-    return TransformResult(gm, [m.info for m in matches], lowered)
+    return TransformResult(gm, [m.info for m in matches], lowered, rejected)
 
 
 class FGAttnBackend:

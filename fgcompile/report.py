@@ -4,6 +4,7 @@ sparse.
     report = fgcompile.explain(model, *example_args, config=FGAttnConfig(min_seq_len=1024))
     print(report)            # a table of the attention sites, then the rewritten code
     report.sites             # list[SiteInfo]: name, pattern, shapes, mask, decision, reason
+    report.rejected          # (node, "softmax" | "sdpa", why) of softmax / SDPA nodes that are no site
     report.graph             # the rewritten torch.fx.GraphModule (the first, if Dynamo made several)
     report.graphs, report.graph_breaks
 
@@ -49,9 +50,13 @@ class Report:
     ``sites``: every site of every captured graph, in graph order (``SiteInfo``);
     ``graphs``: the rewritten ``torch.fx.GraphModule`` of each graph Dynamo captured;
     ``graph``: the first of them (None when nothing was captured);
-    ``graph_breaks``: how many graph breaks Dynamo reported while capturing."""
+    ``graph_breaks``: how many graph breaks Dynamo reported while capturing;
+    ``rejected``: ``(node name, "softmax" or "sdpa", why)`` for every softmax or
+    scaled_dot_product_attention node of the graphs that the pass did not take as an attention
+    site (a spelling it does not follow, or a softmax that is no attention): they run as written."""
 
     sites: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
     graphs: list = field(default_factory=list)
     graph_breaks: int = 0
     config: Optional[FGAttnConfig] = None
@@ -96,6 +101,10 @@ class Report:
         parts = [head, ""]
         if self.sites:
             parts += [self.table(), ""]
+        if self.rejected:
+            parts.append("not attention sites (left as written):")
+            parts += [f"  {node} ({kind}): {why}" for node, kind, why in self.rejected]
+            parts.append("")
         for i, g in enumerate(self.graphs):
             parts.append(f"# rewritten graph {i}" if len(self.graphs) > 1 else "# rewritten graph")
             parts.append(g.code.strip("\n"))
@@ -137,6 +146,7 @@ def explain(model: Callable, *args: Any, config: Optional[FGAttnConfig] = None, 
         work = _copy_graph_module(gm)
         result = transform(work, example_inputs, config)
         report.sites.extend(result.sites)
+        report.rejected.extend(result.rejected)
         report.graphs.append(result.graph)
         return gm.forward  # the original graph: dense, uncompiled
 

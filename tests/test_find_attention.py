@@ -881,3 +881,20 @@ def test_cross_attention_reason_is_not_called_self_attention():
     cfg = CFG.replace(min_seq_len=16)
     r = check(sdpa_pos, (rand(B, H, S, D), rand(B, H, 32, D), rand(B, H, 32, D)), [("sdpa", "sparse", "none", "attention 64x32")], config=cfg)
     assert not r.sites[0].reason.startswith("self-attention")
+
+
+def test_explain_lists_what_is_not_a_site():
+    """A softmax the pass does not follow (here a reshape between the scores and the softmax, as
+    in Hugging Face's BART) is listed with its reason, so a user sees why a site was missed."""
+
+    def bart_like(q, k, v):  # (B * H, S, D)
+        w = torch.bmm(q * 0.125, k.transpose(1, 2)).view(B, H, S, S)
+        return torch.bmm(F.softmax(w.view(B * H, S, S), dim=-1), v)
+
+    q, k, v = (t.reshape(B * H, S, D) for t in qkv())
+    rep = fgcompile.explain(bart_like, q, k, v, config=CFG)
+    assert not rep.sites
+    assert len(rep.rejected) == 1 and rep.rejected[0][1] == "softmax"
+    assert "between the scores and the softmax" in rep.rejected[0][2]
+    assert "not attention sites (left as written):" in str(rep)
+    torch.testing.assert_close(torch.compile(bart_like, backend=fgattn_backend(CFG))(q, k, v), bart_like(q, k, v))

@@ -518,6 +518,7 @@ class _Finder:
         self.order = {n: i for i, n in enumerate(self.graph.nodes)}
         self._nx = None
         self._postdom = None
+        self.rejected: list[tuple[str, str, str]] = []  # (node, "softmax" | "sdpa", why): not sites
 
     # -------------------------------------------------------------- structural checks (networkx)
     def nx_graph(self):
@@ -1144,11 +1145,14 @@ class _Finder:
                     continue
             except _Reject as e:
                 log.debug("fgcompile: %s is not an attention site: %s", node.name, e)
+                self.rejected.append((node.name, "sdpa" if _is_fn(node, _SDPA_TARGETS) else "softmax", str(e)))
                 continue
             except Exception as e:  # a bug here must not cost the other sites (tests: strict)
                 if strict_mode():
                     raise
                 log.warning("fgcompile: could not analyse %s (%s: %s); left as it is", node.name, type(e).__name__, e)
+                self.rejected.append((node.name, "sdpa" if _is_fn(node, _SDPA_TARGETS) else "softmax",
+                                      f"could not be analysed ({type(e).__name__}: {e})"))
                 continue
             if any(n in claimed for n in m.region):
                 continue
@@ -1217,9 +1221,15 @@ def _fmt(shape: Sequence) -> str:
     return "(" + ", ".join(str(size_of(s)) for s in shape) + ")"
 
 
-def find_attention_sites(gm: fx.GraphModule, config: FGAttnConfig) -> list[SiteMatch]:
+def find_attention_sites(gm: fx.GraphModule, config: FGAttnConfig, rejected: Optional[list] = None) -> list[SiteMatch]:
     """Every attention site of the Dynamo graph ``gm`` (in graph order), each with its
-    ``SiteInfo`` (name, shapes, mask kind, decision and reason). The graph is not modified."""
+    ``SiteInfo`` (name, shapes, mask kind, decision and reason). The graph is not modified.
+    ``rejected``: a list that gets ``(node name, "softmax" or "sdpa", why)`` for every softmax or
+    SDPA node that is not served as an attention site (a spelling the pass does not follow)."""
     if not isinstance(config, FGAttnConfig):
         raise ValueError(f"config: expected an FGAttnConfig, got {type(config).__name__}")
-    return _Finder(gm, config).run()
+    f = _Finder(gm, config)
+    matches = f.run()
+    if rejected is not None:
+        rejected.extend(f.rejected)
+    return matches
