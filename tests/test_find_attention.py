@@ -884,17 +884,42 @@ def test_cross_attention_reason_is_not_called_self_attention():
 
 
 def test_explain_lists_what_is_not_a_site():
-    """A softmax the pass does not follow (here a reshape between the scores and the softmax, as
-    in Hugging Face's BART) is listed with its reason, so a user sees why a site was missed."""
+    """A softmax the pass does not follow (here logit soft-capping, tanh between the scores and the
+    softmax) is listed with its reason, so a user sees why a site was missed."""
 
-    def bart_like(q, k, v):  # (B * H, S, D)
-        w = torch.bmm(q * 0.125, k.transpose(1, 2)).view(B, H, S, S)
-        return torch.bmm(F.softmax(w.view(B * H, S, S), dim=-1), v)
+    def softcapped(q, k, v):
+        s = q @ k.transpose(-2, -1) * 0.125
+        return (torch.tanh(s / 30.0) * 30.0).softmax(-1) @ v
 
-    q, k, v = (t.reshape(B * H, S, D) for t in qkv())
-    rep = fgcompile.explain(bart_like, q, k, v, config=CFG)
+    rep = fgcompile.explain(softcapped, *qkv(), config=CFG)
     assert not rep.sites
     assert len(rep.rejected) == 1 and rep.rejected[0][1] == "softmax"
     assert "between the scores and the softmax" in rep.rejected[0][2]
     assert "not attention sites (left as written):" in str(rep)
-    torch.testing.assert_close(torch.compile(bart_like, backend=fgattn_backend(CFG))(q, k, v), bart_like(q, k, v))
+    torch.testing.assert_close(torch.compile(softcapped, backend=fgattn_backend(CFG))(*qkv()), softcapped(*qkv()))
+
+
+def test_scores_viewed_over_leading_dims():
+    """Hugging Face BART / Whisper spell attention on (B * H, S, D) with the scores viewed as
+    (B, H, S, S) and back around the mask: a reshape of the leading dims keeps every row, so the
+    site is served; a boolean mask applied in the other view stays dense (its dims are not q's)."""
+
+    def bart_like(q, k, v):
+        w = torch.bmm(q * 0.125, k.transpose(1, 2)).view(B, H, S, S)
+        return torch.bmm(F.softmax(w.view(B * H, S, S), dim=-1), v)
+
+    def bart_masked(q, k, v, keep):
+        w = torch.bmm(q * 0.125, k.transpose(1, 2)).view(B, H, S, S)
+        w = w.masked_fill(~keep[:, None, None, :], float("-inf"))
+        return torch.bmm(F.softmax(w.reshape(B * H, S, S), dim=-1), v)
+
+    q, k, v = (t.reshape(B * H, S, D) for t in qkv())
+    check(bart_like, (q, k, v), [("matmul_softmax",) + SPARSE])
+    check(bart_masked, (q, k, v, key_keep()), [("matmul_softmax", "dense", "other", "reshaped view of the scores")])
+    # served sparse with every slice kept: the output is dense attention's
+    cfg = FGAttnConfig(min_seq_len=64, block_m=64, alpha=1e-9, profile_calls=(0,))
+    c = torch.compile(bart_like, backend=fgattn_backend(cfg))
+    with torch.no_grad():
+        c(q, k, v)
+        out = c(q, k, v)  # a sparse call
+    torch.testing.assert_close(out, bart_like(q, k, v), atol=1e-5, rtol=1e-4)

@@ -413,6 +413,29 @@ def _cast_src(node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
+_VIEW_METHODS = {"view", "reshape"}
+
+
+def _leading_view_src(node: fx.Node) -> Optional[fx.Node]:
+    """If ``node`` reshapes a tensor's leading (batch) dims only, keeping its last two dims (e.g.
+    scores (B*H, S_q, S_kv) viewed as (B, H, S_q, S_kv) and back, as Hugging Face's BART does
+    around its mask), that tensor's node: each row of the scores stays the same row."""
+    if node.op == "call_method" and node.target in _VIEW_METHODS:
+        src = node.args[0] if node.args else None
+    elif node.op == "call_function" and node.target is torch.reshape:
+        src = _get(node, 0, "input")
+    else:
+        return None
+    if not isinstance(src, fx.Node):
+        return None
+    t_in, t_out = _tensor(src), _tensor(node)
+    if t_in is None or t_out is None or t_in.dim() < 2 or t_out.dim() < 2:
+        return None
+    if not all(_same(a, b) for a, b in zip(t_in.shape[-2:], t_out.shape[-2:])):
+        return None
+    return src
+
+
 def _dropout_src(node: fx.Node) -> Optional[tuple]:
     """``F.dropout(x, p, training)``: (x, p, training)."""
     if _is_fn(node, _DROPOUT_FNS, ("dropout",)):
@@ -670,6 +693,8 @@ class _Finder:
         # ---- backwards from the softmax to the scores matmul
         cur = x
         qk = None
+        nd_s = nd  # the rank of the scores where the walk is (leading-dim views change it)
+        mask_rank = nd
         while True:
             if not isinstance(cur, fx.Node):
                 raise _Reject("softmax input is not a graph node")
@@ -684,7 +709,7 @@ class _Finder:
                 continue
             sf = None
             for cand in cur.args[:2]:
-                if isinstance(cand, fx.Node) and _tensor(cand) is not None and _ndim(cand) == nd:
+                if isinstance(cand, fx.Node) and _tensor(cand) is not None and _ndim(cand) == nd_s:
                     sf = _scalar_factor(cur, cand)
                     if sf is not None:
                         src = cand
@@ -707,7 +732,7 @@ class _Finder:
                 a0, a1 = cur.args[0], cur.args[1] if len(cur.args) > 1 else cur.kwargs.get("other")
                 if cur.kwargs.get("alpha", 1) != 1:
                     raise _Reject("add with alpha")
-                s_in, other = (a0, a1) if self._on_path(a0, nd) else (a1, a0)
+                s_in, other = (a0, a1) if self._on_path(a0, nd_s) else (a1, a0)
                 if not isinstance(s_in, fx.Node):
                     raise _Reject("add of constants")
                 if mask_node is not None or mask_kind != "none":
@@ -734,22 +759,31 @@ class _Finder:
                 mask_kind, mask_node, mask_invert = _fill_mask(
                     ("masked_fill", "mask", "value"), mk, val, True, mask_kind, mask_node, mask_invert, dense, scale
                 )
+                mask_rank = nd_s
                 cur = s_in
                 continue
             if _is_fn(cur, _WHERE_FNS, ("where",)) and len(cur.args) == 3:
                 cond, a_, b_ = cur.args
-                if self._on_path(a_, nd) and not self._on_path(b_, nd):
+                if self._on_path(a_, nd_s) and not self._on_path(b_, nd_s):
                     s_in, fill, inv = a_, b_, False
-                elif self._on_path(b_, nd) and not self._on_path(a_, nd):
+                elif self._on_path(b_, nd_s) and not self._on_path(a_, nd_s):
                     s_in, fill, inv = b_, a_, True
                 else:
                     raise _Reject("where over two tensors")
                 mask_kind, mask_node, mask_invert = _fill_mask(
                     ("where", "condition", "fill"), cond, fill, inv, mask_kind, mask_node, mask_invert, dense, scale
                 )
+                mask_rank = nd_s
                 cur = s_in
                 continue
+            src = _leading_view_src(cur)
+            if src is not None:
+                cur, nd_s = src, _ndim(src)
+                continue
             raise _Reject(f"{cur.name} ({cur.target}) between the scores and the softmax")
+        if mask_kind == "bool" and mask_rank != nd:  # its dims are not those of q's batch dims
+            mask_kind = "other"
+            dense.append("a boolean mask applied to a reshaped view of the scores")
         # ---- the scores matmul: q and k in standard form
         q_perm = k_perm = None
         k_transpose = False
