@@ -923,3 +923,14 @@ def test_scores_viewed_over_leading_dims():
         c(q, k, v)
         out = c(q, k, v)  # a sparse call
     torch.testing.assert_close(out, bart_like(q, k, v), atol=1e-5, rtol=1e-4)
+
+
+def test_five_d_gqa_is_a_dense_site_with_its_reason():
+    """GQA written with a 5-D view (q (B, H_kv, G, S, D) against k/v (B, H_kv, 1, S, D)) is
+    attention the kernels do not serve: a dense site with the reason, not a silent miss."""
+
+    def gqa5(q, k, v):
+        return ((q @ k.transpose(-2, -1)) * 0.125).softmax(-1) @ v
+
+    check(gqa5, (rand(B, 1, 2, S, D), rand(B, 1, 1, S, D, seed=2), rand(B, 1, 1, S, D, seed=3)),
+          [("matmul_softmax", "dense", "none", "5-D inputs (the kernels serve up to 4-D)")])

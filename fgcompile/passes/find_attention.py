@@ -937,7 +937,7 @@ class _Finder:
         tv = _permuted_shape(_tensor(v_node), v_perm)
         if tq is None or tk is None or tv is None:
             raise _Reject("unknown operand shapes")
-        if not (len(tq) == len(tk) == len(tv)) or len(tq) < 2 or len(tq) > 4:
+        if not (len(tq) == len(tk) == len(tv)) or len(tq) < 2:  # more than 4-D: a dense site (describe)
             raise _Reject(f"operand ranks {len(tq)}/{len(tk)}/{len(tv)} are not those of q, k, v")
         if not _equal(tq[-1], tk[-1]) or not _equal(tk[-2], tv[-2]):
             raise _Reject("contraction dims do not line up")
