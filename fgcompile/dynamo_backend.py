@@ -87,6 +87,20 @@ def transform(
                     "run inference under torch.no_grad() or torch.inference_mode()"
                 )
     owner = _owner_placeholder(gm, example_inputs)
+    if owner is None and config.predictor == "profile":
+        # No parameter says which model or layer a call is for: the same graph may run for
+        # several (a compiled function, a module without parameters, a graph-break segment that
+        # holds only the attention, reused by Dynamo for every layer), and a cached profile mask
+        # would then be applied to another layer's attention.
+        for m in matches:
+            if m.info.decision == "sparse":
+                m.info.decision = "dense"
+                m.info.reason = (
+                    "no parameter input owns this graph (a compiled function, a module without parameters, "
+                    "or a graph-break segment holding only the attention): the profile predictor's cached "
+                    "mask could be another layer's; use predictor='pooled' (no cached mask) or compile the "
+                    "module whose weights feed the attention"
+                )
     owner_name = torch_private.placeholder_param_path(owner) if owner is not None else None
     chosen = [
         (m, runtime.register_site(m.info.name, config, m.info, owner_name=owner_name))

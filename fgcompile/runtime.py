@@ -256,6 +256,13 @@ class SiteState:
                     q, k, v, alpha=cfg.alpha, block_m=cfg.block_m, block_n=cfg.block_n, scale=scale,
                     key_padding=key_padding, density=cfg.density, impl=cfg.impl,
                 )
+                if key_padding is not None and cfg.density is None:
+                    # the keys padded at this call are unknown, not unwanted: cache them as kept,
+                    # so that a later call whose padding differs (another prompt's text length)
+                    # computes them; every sparse call ANDs its own padding in below. (Under a
+                    # density budget the cache keeps this call's choice: the index lists are
+                    # sized for the budget.)
+                    bits = bits | packing.pack_bits(~key_padding.to(torch.bool))[:, None, None, :]
                 self._keep_mask(bits)
                 self.mask_key = key
                 self.mask_cap = predictors.density_budget(-(-k.shape[2] // cfg.block_n), cfg.density)

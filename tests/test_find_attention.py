@@ -263,8 +263,11 @@ def test_dense_sites_and_block_n():
 
 
 def test_predictor_dense_reason_and_profile_config():
-    r = capture(sdpa_pos, *qkv(), config=CFG.replace(predictor="profile"))
+    r = capture(sdpa_pos, *qkv(), config=CFG.replace(predictor="pooled"))
     assert r.sites[0].decision == "sparse" and "predictor" not in r.sites[0].reason
+    # a function has no parameter to own a cached profile mask: dense, with the reason
+    r = capture(sdpa_pos, *qkv(), config=CFG.replace(predictor="profile"))
+    assert r.sites[0].decision == "dense" and "no parameter input owns this graph" in r.sites[0].reason
     r = capture(sdpa_pos, *qkv(), config=CFG)
     assert 'predictor="dense": the runtime runs it dense' in r.sites[0].reason
 
@@ -743,7 +746,7 @@ def test_explain_runs_no_sparse_kernel_and_keeps_other_compiles(monkeypatch):
     c = torch.compile(m, backend=counting)
     with torch.no_grad():
         c(q, k, v)
-        rep = fgcompile.explain(m, q, k, v, config=FGAttnConfig(min_seq_len=64))  # profile predictor
+        rep = fgcompile.explain(m, q, k, v, config=FGAttnConfig(min_seq_len=64, predictor="pooled"))
         assert [s.decision for s in rep.sites] == ["sparse"]
         rep2 = fgcompile.explain(c, q, k, v, config=FGAttnConfig(min_seq_len=64))  # a compiled model
         assert len(rep2.sites) == 1
