@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 import torch
 
+from .config import TRITON_BLOCK_M
 from .kernels import packing
 from .kernels.packing import PackedSlices
 
@@ -21,7 +22,6 @@ __all__ = ["sparse_attention", "pack_slices", "profile_attention", "profile_atte
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _IMPLS = ("auto", "triton", "reference")
-_TRITON_BLOCK_M = (16, 32, 64, 128)
 _TRITON_MAX_D = 128
 
 
@@ -85,8 +85,8 @@ def _check_triton_shapes(D: int, block_m: int) -> None:
             f"q: impl='triton' supports head dims that are multiples of 8 up to {_TRITON_MAX_D} "
             f"(64, 96, 128, ...), got {D}; use impl='reference'"
         )
-    if block_m not in _TRITON_BLOCK_M:
-        raise ValueError(f"block_m: impl='triton' supports {_TRITON_BLOCK_M}, got {block_m}")
+    if block_m not in TRITON_BLOCK_M:
+        raise ValueError(f"block_m: impl='triton' supports {TRITON_BLOCK_M}, got {block_m}")
 
 
 def _resolve_scale(scale, D: int) -> float:

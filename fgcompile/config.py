@@ -42,6 +42,10 @@ def _is_real(x: Any) -> bool:
     return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
 
 
+#: the block_m values the Triton kernels take (the plain-torch reference takes any of [16, 256])
+TRITON_BLOCK_M = (16, 32, 64, 128)
+
+
 @dataclass(frozen=True)
 class FGAttnConfig:
     """Settings of the fgattn backend.
@@ -81,6 +85,8 @@ class FGAttnConfig:
         asynchronous copy (no synchronisation); until it has arrived the site runs sparse.
     block_m:
         Queries per slice (M), a power of two in [16, 256]. Default 128 (FG-Attn's query block).
+        The Triton kernels (CUDA) take ``TRITON_BLOCK_M`` (16 to 128); a site compiled for CUDA with
+        another block_m runs dense, with that reason; the plain-torch path takes them all.
     block_n:
         Keys per slice (N), a power of two in [1, 128]; 1 (default) is the finest granularity.
     dense_calls:

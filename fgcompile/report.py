@@ -127,14 +127,27 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
+def _compiled_config(model: Any) -> Optional[FGAttnConfig]:
+    """The config a model that has run under fgattn was compiled with (its sites' one config), or None."""
+    from . import runtime
+
+    try:
+        sites = runtime.state_of(model).sites.values()
+    except ValueError:
+        return None
+    configs = {getattr(s, "_template_config", None) or s.config for s in sites}
+    return next(iter(configs)) if len(configs) == 1 else None
+
+
 def explain(model: Callable, *args: Any, config: Optional[FGAttnConfig] = None, **kwargs: Any) -> Report:
     """Capture ``model(*args, **kwargs)`` with Dynamo and report every attention site fgcompile
     finds and its decision, with the rewritten graph(s). Nothing runs sparse: the captured graphs
-    run as they were (dense, uncompiled). ``config`` defaults to ``FGAttnConfig()``."""
+    run as they were (dense, uncompiled). ``config`` defaults to the config ``model`` was compiled
+    with when it has run under fgattn (with one config), else ``FGAttnConfig()``."""
     from .dynamo_backend import transform
 
     if config is None:
-        config = FGAttnConfig()
+        config = _compiled_config(model) or FGAttnConfig()
     if not isinstance(config, FGAttnConfig):
         raise ValueError(f"config: expected an FGAttnConfig or None, got {type(config).__name__}")
     if not callable(model):

@@ -32,6 +32,8 @@ the side stream while this site runs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import logging
 import threading
@@ -508,8 +510,8 @@ class ModelState:
 
     def site(self, template: SiteTemplate) -> SiteState:
         """The state of ``template``'s site, created on first use. A site compiled again with
-        another config (a new torch.compile of the same model) takes the new config and drops its
-        cached mask."""
+        another config (a new torch.compile of the same model) takes the new config and starts its
+        schedule over (``SiteState.reset``)."""
         if template.owner_name is not None:
             self.owner_name = template.owner_name
         site = self.sites.get(template.name)
@@ -517,9 +519,9 @@ class ModelState:
             site = SiteState(name=template.name, config=template.config, info=template.info)
             site._template_config = template.config
             self.sites[template.name] = site
-        elif site._template_config != template.config:
+        elif site._template_config != template.config:  # compiled again with another config
             site.config = site._template_config = template.config
-            site._drop_mask()
+            site.reset()  # its schedule (warm-up, profiled calls) starts over, as for a new model
         return site
 
 
@@ -665,10 +667,16 @@ def configure(model: Any, **changes: Any) -> None:
     ``fgcompile.configure(model, density=0.3)`` or ``(predictor="pooled", tau=0.95)``. Cached masks
     are dropped when a field that shapes them changes. Fields that decide which sites are sparse
     (``GRAPH_FIELDS``) raise ValueError: compile again with a new backend for those."""
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(FGAttnConfig)})
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not an FGAttnConfig field")
     bad = sorted(set(changes) & set(GRAPH_FIELDS))
     if bad:
         raise ValueError(f"{bad[0]}: decides which sites are rewritten at compile time; compile the model again with it")
-    for site in state_of(model).sites.values():
+    sites = state_of(model).sites.values()
+    if changes.get("block_n", 1) != 1 and any(getattr(s.info, "mask", None) == "key_padding" for s in sites):
+        raise ValueError(f"block_n: a site with a key-padding mask needs block_n == 1, got {changes['block_n']}")
+    for site in sites:
         new = site.config.replace(**changes)
         if new == site.config:
             continue
@@ -721,7 +729,12 @@ def load_state(model: Any, path: str) -> None:
     exist). Raises ValueError when the file is not fgcompile state, its version is unknown, or its
     sites or shapes do not match the model's."""
     st = state_of(model)
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"path: {path!r} is not an fgcompile state file ({type(e).__name__}: {e})") from e
     if not isinstance(blob, dict) or blob.get("format") != "fgcompile-state":
         raise ValueError(f"path: {path!r} is not an fgcompile state file")
     if blob.get("version") != STATE_VERSION:

@@ -189,6 +189,10 @@ def test_load_state_mismatch_errors(tmp_path):
     torch.save({"hello": 1}, str(bogus))
     with pytest.raises(ValueError, match="not an fgcompile state file"):
         fgcompile.load_state(ca, str(bogus))
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"not a torch file at all")
+    with pytest.raises(ValueError, match="not an fgcompile state file"):
+        fgcompile.load_state(ca, str(garbage))
 
 
 def test_regional_compilation_names_sites_by_full_path():
@@ -223,6 +227,8 @@ def test_configure_changes_runtime_settings_without_recompiling():
         fgcompile.configure(c, min_seq_len=8)
     with pytest.raises(ValueError, match="FGAttnConfig.alpha"):
         fgcompile.configure(c, alpha=-1.0)
+    with pytest.raises(ValueError, match="^foo: not an FGAttnConfig field"):
+        fgcompile.configure(c, foo=1)
 
 
 def test_failing_sparse_path_falls_back_to_dense(monkeypatch):
@@ -440,3 +446,66 @@ def test_cached_mask_follows_the_key_padding_of_each_call():
             torch.testing.assert_close(c(q, k, v, keep), m(q, k, v, keep), atol=1e-5, rtol=1e-4)
     (s,) = fgcompile.stats(c).values()
     assert (s.profiled_calls, s.sparse_calls) == (1, 3)
+
+
+def test_configure_block_n_on_a_key_padding_site_is_refused():
+    """Key-padding sites are served with block_n == 1 only (the compile-time rule): configure
+    refuses block_n > 1 there instead of failing the site at its next call."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class A(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, q, k, v, keep):
+            return F.scaled_dot_product_attention(q * self.w, k, v, attn_mask=keep[:, None, None, :])
+
+    q = torch.randn(1, 2, 256, 64)
+    keep = torch.ones(1, 256, dtype=torch.bool)
+    c = torch.compile(A(), backend=fgcompile.backend(min_seq_len=64, block_m=64))
+    with torch.no_grad():
+        c(q, q, q, keep)
+    with pytest.raises(ValueError, match="^block_n: a site with a key-padding mask needs block_n == 1"):
+        fgcompile.configure(c, block_n=2)
+
+
+def test_compiling_again_with_another_config_restarts_the_schedule():
+    """A second torch.compile of the same module with another config starts its sites' schedules
+    over (its dense warm-up runs), instead of inheriting the first compile's call count."""
+    model = ToyVideoDiT(SMALL).eval()
+    x = _inputs()
+    c1 = torch.compile(model, backend=fgcompile.backend(_cfg()))
+    c2 = torch.compile(model, backend=fgcompile.backend(_cfg(dense_calls=2)))
+    with torch.no_grad():
+        for _ in range(3):
+            c1(*x)
+        for _ in range(3):
+            c2(*x)
+    for s in fgcompile.stats(c2).values():
+        assert (s.calls, s.dense_calls, s.profiled_calls, s.sparse_calls) == (3, 2, 1, 0)
+
+
+def test_explain_of_a_compiled_model_uses_its_config():
+    """explain(compiled model) decides with the config the model was compiled with (here a small
+    min_seq_len, under which its sites run sparse), not the defaults."""
+    model = ToyVideoDiT(SMALL).eval()
+    c = torch.compile(model, backend=fgcompile.backend(_cfg()))
+    x = _inputs()
+    with torch.no_grad():
+        c(*x)
+    rep = fgcompile.explain(c, *x)
+    self_attn = [s for s in rep.sites if s.seq_len_kv == s.seq_len_q]  # the toy's cross-attention stays dense
+    assert rep.config == _cfg() and self_attn and all(s.decision == "sparse" for s in self_attn)
+
+
+def test_block_m_the_triton_kernels_do_not_take_is_dense_at_compile_time():
+    """block_m 256 (the plain-torch path's largest) on the Triton path: dense with the reason at
+    compile time, not a run-time fallback."""
+    model = ToyVideoDiT(SMALL).eval()
+    rep = fgcompile.explain(model, *_inputs(), config=_cfg(block_m=256, impl="triton"))
+    self_attn = [s for s in rep.sites if s.seq_len_kv == s.seq_len_q]  # the toy's cross-attention stays dense
+    assert self_attn and all(s.decision == "dense" and "block_m 256" in s.reason for s in self_attn)
+    rep = fgcompile.explain(model, *_inputs(), config=_cfg(block_m=256))  # the CPU: the reference path
+    assert all(s.decision == "sparse" for s in rep.sites if s.seq_len_kv == s.seq_len_q)

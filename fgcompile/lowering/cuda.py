@@ -51,13 +51,13 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
+from ..config import TRITON_BLOCK_M
 from . import ops as _ops
 
 __all__ = ["lower_cuda_sites", "lowering_blocker", "full_tile_for", "index_cap_for"]
 
 log = logging.getLogger("fgcompile")
 
-_TRITON_BLOCK_M = (16, 32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -106,8 +106,8 @@ def lowering_blocker(q: Any, k: Any, v: Any, config: Any) -> Optional[str]:
         return f"head dim {D} (the kernel takes multiples of 8 up to 128)"
     if v.shape[-1] != D:
         return f"value head dim {v.shape[-1]} != {D}"
-    if config.block_m not in _TRITON_BLOCK_M:
-        return f"block_m {config.block_m} (the kernel takes {_TRITON_BLOCK_M})"
+    if config.block_m not in TRITON_BLOCK_M:
+        return f"block_m {config.block_m} (the kernel takes {TRITON_BLOCK_M})"
     return None
 
 

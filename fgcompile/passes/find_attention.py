@@ -62,7 +62,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..config import FGAttnConfig, strict_mode
+from ..config import TRITON_BLOCK_M, FGAttnConfig, strict_mode
 
 __all__ = ["SiteInfo", "SiteMatch", "find_attention_sites", "site_name", "SERVED_HEAD_DIMS", "SERVED_DTYPES"]
 
@@ -1101,6 +1101,8 @@ class _Finder:
             reasons.append(f"head_dim {info.head_dim} not in {SERVED_HEAD_DIMS}")
         if info.head_dim_v != info.head_dim:
             reasons.append(f"value head dim {info.head_dim_v} != head_dim {info.head_dim}")
+        if cfg.block_m not in TRITON_BLOCK_M and (cfg.impl == "triton" or (cfg.impl == "auto" and info.device.startswith("cuda"))):
+            reasons.append(f"block_m {cfg.block_m}: the Triton kernels take {TRITON_BLOCK_M}")
         dts = {str(_tensor(n).dtype).replace("torch.", "") for n in (m.q, m.k, m.v)}
         if len(dts) != 1:
             reasons.append(f"q/k/v dtypes differ ({', '.join(sorted(dts))})")
