@@ -156,6 +156,7 @@ class SiteState:
     _template_config: Optional[FGAttnConfig] = None  # the compiled config this site last ran with
     last_shapes: Optional[tuple] = None  # (q.shape, k.shape) of the last call
     fallback: Optional[str] = None  # set when the sparse path failed: the site runs dense since
+    full_name: Optional[str] = None  # its path in the model, where configure(dense_sites=...) resolved it
 
     # ----------------------------------------------------------------- running
     def __call__(
@@ -241,7 +242,8 @@ class SiteState:
         """Whether the schedule runs call ``call`` dense whatever the mask: a failed sparse path,
         ``predictor="dense"``, a warm-up call, or a site matching ``dense_sites``."""
         cfg = self.config
-        return self.fallback is not None or cfg.predictor == "dense" or call < cfg.dense_calls or cfg.is_dense_site(self.name)
+        return (self.fallback is not None or cfg.predictor == "dense" or call < cfg.dense_calls
+                or cfg.is_dense_site(self.name) or (self.full_name is not None and cfg.is_dense_site(self.full_name)))
 
     def _plan_sparse(
         self, call: int, q, k, v, key_padding, scale, index_cap=None, prefetched: Optional[tuple] = None
@@ -659,14 +661,17 @@ def dense_attention(
 # ---------------------------------------------------------------------- public helpers
 #: FGAttnConfig fields that change the compiled graph (which sites are rewritten): these need a
 #: new torch.compile; every other field is read at run time and can be changed by ``configure``.
-GRAPH_FIELDS = ("min_seq_len", "dense_sites")
+GRAPH_FIELDS = ("min_seq_len",)
 
 
 def configure(model: Any, **changes: Any) -> None:
     """Change run-time settings of every site of a compiled model without recompiling, e.g.
     ``fgcompile.configure(model, density=0.3)`` or ``(predictor="pooled", tau=0.95)``. Cached masks
     are dropped when a field that shapes them changes. Fields that decide which sites are sparse
-    (``GRAPH_FIELDS``) raise ValueError: compile again with a new backend for those."""
+    (``GRAPH_FIELDS``) raise ValueError: compile again with a new backend for those.
+    ``dense_sites`` patterns match each site's full path in ``model`` here (``stats``' names), also
+    under regional compilation, where the compile-time patterns only see the names inside each
+    compiled block (``attn``, not ``blocks.0.attn``)."""
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(FGAttnConfig)})
     if unknown:
         raise ValueError(f"{unknown[0]}: not an FGAttnConfig field")
@@ -676,6 +681,10 @@ def configure(model: Any, **changes: Any) -> None:
     sites = state_of(model).sites.values()
     if changes.get("block_n", 1) != 1 and any(getattr(s.info, "mask", None) == "key_padding" for s in sites):
         raise ValueError(f"block_n: a site with a key-padding mask needs block_n == 1, got {changes['block_n']}")
+    if "dense_sites" in changes:
+        for prefix, st in _states_of(model):
+            for name, site in st.sites.items():
+                site.full_name = f"{prefix}.{name}" if prefix else name
     for site in sites:
         new = site.config.replace(**changes)
         if new == site.config:

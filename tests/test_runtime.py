@@ -509,3 +509,21 @@ def test_block_m_the_triton_kernels_do_not_take_is_dense_at_compile_time():
     assert self_attn and all(s.decision == "dense" and "block_m 256" in s.reason for s in self_attn)
     rep = fgcompile.explain(model, *_inputs(), config=_cfg(block_m=256))  # the CPU: the reference path
     assert all(s.decision == "sparse" for s in rep.sites if s.seq_len_kv == s.seq_len_q)
+
+
+def test_configure_dense_sites_by_full_path_under_regional_compilation():
+    """With each block compiled on its own, a block's graph names its site ``attn``; configure's
+    dense_sites match the full path (``blocks.0.attn``, as stats names it)."""
+    model = ToyVideoDiT(ToyDiTConfig(depth=2, width=128, heads=2)).eval()
+    be = fgcompile.backend(_cfg(profile_every=100))
+    for blk in model.blocks:
+        blk.compile(backend=be)
+    x = _inputs()
+    with torch.no_grad():
+        model(*x)
+        fgcompile.configure(model, dense_sites=("blocks.0.*",))
+        model(*x)
+        model(*x)
+    st = fgcompile.stats(model)
+    assert (st["blocks.0.attn"].dense_calls, st["blocks.0.attn"].sparse_calls) == (2, 0)
+    assert (st["blocks.1.attn"].dense_calls, st["blocks.1.attn"].sparse_calls) == (0, 2)
