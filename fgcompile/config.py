@@ -15,6 +15,7 @@ field and the accepted values.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import fnmatch
 import math
 import os
@@ -132,6 +133,12 @@ class FGAttnConfig:
                 f"FGAttnConfig.{name}: expected {expected}, got {getattr(self, name)!r}"
             )
 
+        for f in dataclasses.fields(self):  # numpy (or other) integer and real scalars: plain int / float
+            v = getattr(self, f.name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, (int, bool)):
+                object.__setattr__(self, f.name, int(v))
+            elif isinstance(v, numbers.Real) and not isinstance(v, (int, float, bool, numbers.Integral)):
+                object.__setattr__(self, f.name, float(v))
         if self.predictor not in PREDICTORS:
             raise bad("predictor", f"one of {PREDICTORS}")
         if not _is_real(self.alpha) or self.alpha <= 0:

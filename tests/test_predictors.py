@@ -553,3 +553,15 @@ def test_synthetic_single_pattern_heads():
     assert case.info.head_patterns == ("sink", "sink") and len(case.info.sinks) == 4
     p = torch.softmax(q[0] @ k[0].transpose(-1, -2) / 8, -1)
     assert (p[..., list(case.info.sinks)].sum(-1).mean(-1) > 0.6).all()
+
+
+def test_config_takes_numpy_scalars():
+    """numpy integer and float scalars (e.g. from a sweep over np.linspace) are plain numbers."""
+    np = pytest.importorskip("numpy")
+    from fgcompile import FGAttnConfig
+
+    cfg = FGAttnConfig(block_m=np.int64(64), alpha=np.float32(0.5), dense_calls=np.int32(2))
+    assert (cfg.block_m, cfg.alpha, cfg.dense_calls) == (64, 0.5, 2)
+    assert type(cfg.block_m) is int and type(cfg.alpha) is float
+    with pytest.raises(ValueError, match="FGAttnConfig.block_m"):
+        FGAttnConfig(block_m=np.int64(48))
