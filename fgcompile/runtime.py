@@ -694,6 +694,7 @@ def configure(model: Any, **changes: Any) -> None:
             site._drop_mask()
         site._prefetched = None  # made under the old settings; a new mask_storage applies at the next call
         site.config = new
+        site.fallback = None  # a sparse path that failed under the old settings gets a fresh try
 
 
 def reset(model: Any) -> None:

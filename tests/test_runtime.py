@@ -255,6 +255,15 @@ def test_failing_sparse_path_falls_back_to_dense(monkeypatch):
     # the strict failure stopped the forward at blocks.0, before blocks.1 ran
     assert (st["blocks.0.attn"].calls, st["blocks.0.attn"].sparse_calls, st["blocks.0.attn"].dense_calls) == (4, 0, 2)
     assert (st["blocks.1.attn"].calls, st["blocks.1.attn"].sparse_calls, st["blocks.1.attn"].dense_calls) == (3, 0, 2)
+    # a new setting gives the sparse path a fresh try (here it works again)
+    monkeypatch.undo()
+    monkeypatch.delenv("FGCOMPILE_STRICT", raising=False)
+    fgcompile.configure(c, alpha=0.4)
+    with torch.no_grad():
+        c(*x)  # the alpha change drops the mask: profiled
+        c(*x)  # sparse
+    for s in fgcompile.stats(c).values():
+        assert s.fallback is None and s.sparse_calls == 1
     monkeypatch.setenv("FGCOMPILE_STRICT", "1")
 
 
