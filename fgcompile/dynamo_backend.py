@@ -64,6 +64,13 @@ def _owner_placeholder(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) 
     return None
 
 
+def _make_dense(matches: list, reason: str) -> None:
+    """Turn every site still decided sparse to dense, with ``reason``."""
+    for m in matches:
+        if m.info.decision == "sparse":
+            m.info.decision, m.info.reason = "dense", reason
+
+
 def transform(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -79,28 +86,18 @@ def transform(
     rejected: list = []
     matches = find_attention_sites(gm, config, rejected)
     if _grad_needed(example_inputs):
-        for m in matches:
-            if m.info.decision == "sparse":
-                m.info.decision = "dense"
-                m.info.reason = (
-                    "autograd is recording (inputs require grad): the sparse kernels have no backward; "
-                    "run inference under torch.no_grad() or torch.inference_mode()"
-                )
+        _make_dense(matches, "autograd is recording (inputs require grad): the sparse kernels have no backward; "
+                             "run inference under torch.no_grad() or torch.inference_mode()")
     owner = _owner_placeholder(gm, example_inputs)
     if owner is None and config.predictor == "profile":
         # No parameter says which model or layer a call is for: the same graph may run for
         # several (a compiled function, a module without parameters, a graph-break segment that
         # holds only the attention, reused by Dynamo for every layer), and a cached profile mask
         # would then be applied to another layer's attention.
-        for m in matches:
-            if m.info.decision == "sparse":
-                m.info.decision = "dense"
-                m.info.reason = (
-                    "no parameter input owns this graph (a compiled function, a module without parameters, "
-                    "or a graph-break segment holding only the attention): the profile predictor's cached "
-                    "mask could be another layer's; use predictor='pooled' (no cached mask) or compile the "
-                    "module whose weights feed the attention"
-                )
+        _make_dense(matches, "no parameter input owns this graph (a compiled function, a module without parameters, "
+                             "or a graph-break segment holding only the attention): the profile predictor's cached "
+                             "mask could be another layer's; use predictor='pooled' (no cached mask) or compile the "
+                             "module whose weights feed the attention")
     owner_name = torch_private.placeholder_param_path(owner) if owner is not None else None
     chosen = [
         (m, runtime.register_site(m.info.name, config, m.info, owner_name=owner_name))

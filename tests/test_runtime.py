@@ -428,24 +428,24 @@ def test_parameter_free_graphs_never_share_a_cached_mask():
     assert [s.decision for s in rep.sites] == ["dense"] and "no parameter input owns this graph" in rep.sites[0].reason
 
 
+class _PaddedAttn(torch.nn.Module):
+    """SDPA with a boolean key-padding mask ``keep`` (B, S_kv), behind one parameter (an owner)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, q, k, v, keep):
+        return torch.nn.functional.scaled_dot_product_attention(q * self.w, k, v, attn_mask=keep[:, None, None, :])
+
+
 def test_cached_mask_follows_the_key_padding_of_each_call():
     """Keys padded at the profiled call are cached as kept, and every sparse call applies its own
     padding: a later call whose padding differs at the same shape (another prompt's text length)
     gets dense attention's answer when every slice is kept, never the profiled call's padding."""
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    class A(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(()))
-
-        def forward(self, q, k, v, keep):
-            return F.scaled_dot_product_attention(q * self.w, k, v, attn_mask=keep[:, None, None, :])
-
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 256, 64, generator=g) for _ in range(3))
-    m = A()
+    m = _PaddedAttn()
     c = torch.compile(m, backend=fgcompile.backend(min_seq_len=64, block_m=64, alpha=1e-6, max_density=1.0))
     half = torch.ones(1, 256, dtype=torch.bool)
     half[:, 128:] = False
@@ -460,20 +460,9 @@ def test_cached_mask_follows_the_key_padding_of_each_call():
 def test_configure_block_n_on_a_key_padding_site_is_refused():
     """Key-padding sites are served with block_n == 1 only (the compile-time rule): configure
     refuses block_n > 1 there instead of failing the site at its next call."""
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    class A(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(()))
-
-        def forward(self, q, k, v, keep):
-            return F.scaled_dot_product_attention(q * self.w, k, v, attn_mask=keep[:, None, None, :])
-
     q = torch.randn(1, 2, 256, 64)
     keep = torch.ones(1, 256, dtype=torch.bool)
-    c = torch.compile(A(), backend=fgcompile.backend(min_seq_len=64, block_m=64))
+    c = torch.compile(_PaddedAttn(), backend=fgcompile.backend(min_seq_len=64, block_m=64))
     with torch.no_grad():
         c(q, q, q, keep)
     with pytest.raises(ValueError, match="^block_n: a site with a key-padding mask needs block_n == 1"):
