@@ -15,9 +15,9 @@ field and the accepted values.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import fnmatch
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
