@@ -132,11 +132,9 @@ def _compiled_config(model: Any) -> Optional[FGAttnConfig]:
     from . import runtime
 
     try:
-        sites = runtime.state_of(model).sites.values()
+        return runtime.state_of(model).single_config(compiled=True)
     except ValueError:
         return None
-    configs = {getattr(s, "_template_config", None) or s.config for s in sites}
-    return next(iter(configs)) if len(configs) == 1 else None
 
 
 def explain(model: Callable, *args: Any, config: Optional[FGAttnConfig] = None, **kwargs: Any) -> Report:

@@ -32,13 +32,11 @@ the side stream while this site runs.
 
 from __future__ import annotations
 
-import dataclasses
-
 import itertools
 import logging
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import torch
@@ -510,6 +508,12 @@ class ModelState:
         self.sites: dict[str, SiteState] = {}
         self.owner_name: Optional[str] = None  # see SiteTemplate.owner_name
 
+    def single_config(self, compiled: bool = False) -> Optional[FGAttnConfig]:
+        """The one config all sites run with (``compiled``: the one they were compiled with,
+        before any ``configure``), or None when they differ or there is no site."""
+        configs = {(s._template_config or s.config) if compiled else s.config for s in self.sites.values()}
+        return next(iter(configs)) if len(configs) == 1 else None
+
     def site(self, template: SiteTemplate) -> SiteState:
         """The state of ``template``'s site, created on first use. A site compiled again with
         another config (a new torch.compile of the same model) takes the new config and starts its
@@ -552,15 +556,14 @@ def _states_of(model: Any) -> list[tuple[str, ModelState]]:
         # a compiled function or a module without parameters: its graphs have no parameter to
         # own their sites, which live in the one state all of those share
         return [("", _UNOWNED)] if _UNOWNED.sites and callable(owner) else []
-    if isinstance(owner, torch.nn.Module):
-        for pname, p in owner.named_parameters(remove_duplicate=False):
-            st = _OWNED.get(p)
-            if st is None or any(st is f for _, f in found):
-                continue
-            prefix = ""
-            if st.owner_name and pname.endswith(st.owner_name):
-                prefix = pname[: len(pname) - len(st.owner_name)].rstrip(".")
-            found.append((prefix, st))
+    for pname, p in owner.named_parameters(remove_duplicate=False):
+        st = _OWNED.get(p)
+        if st is None or any(st is f for _, f in found):
+            continue
+        prefix = ""
+        if st.owner_name and pname.endswith(st.owner_name):
+            prefix = pname[: len(pname) - len(st.owner_name)].rstrip(".")
+        found.append((prefix, st))
     return found
 
 
@@ -672,20 +675,18 @@ def configure(model: Any, **changes: Any) -> None:
     ``dense_sites`` patterns match each site's full path in ``model`` here (``stats``' names), also
     under regional compilation, where the compile-time patterns only see the names inside each
     compiled block (``attn``, not ``blocks.0.attn``)."""
-    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(FGAttnConfig)})
+    unknown = sorted(set(changes) - {f.name for f in fields(FGAttnConfig)})
     if unknown:
         raise ValueError(f"{unknown[0]}: not an FGAttnConfig field")
     bad = sorted(set(changes) & set(GRAPH_FIELDS))
     if bad:
         raise ValueError(f"{bad[0]}: decides which sites are rewritten at compile time; compile the model again with it")
-    sites = state_of(model).sites.values()
-    if changes.get("block_n", 1) != 1 and any(getattr(s.info, "mask", None) == "key_padding" for s in sites):
+    named = state_of(model).sites  # by full path in the model
+    if changes.get("block_n", 1) != 1 and any(getattr(s.info, "mask", None) == "key_padding" for s in named.values()):
         raise ValueError(f"block_n: a site with a key-padding mask needs block_n == 1, got {changes['block_n']}")
-    if "dense_sites" in changes:
-        for prefix, st in _states_of(model):
-            for name, site in st.sites.items():
-                site.full_name = f"{prefix}.{name}" if prefix else name
-    for site in sites:
+    for full_name, site in named.items():
+        if "dense_sites" in changes:
+            site.full_name = full_name
         new = site.config.replace(**changes)
         if new == site.config:
             continue
@@ -713,8 +714,7 @@ def save_state(model: Any, path: str) -> None:
     """Save calibrated state (config, per-site schedule position and cached masks, as bitmaps) to
     ``path`` (torch.save format, versioned)."""
     st = state_of(model)
-    configs = {s.config for s in st.sites.values()}
-    config = next(iter(configs)) if len(configs) == 1 else None
+    config = st.single_config()
     sites = {}
     for name, s in st.sites.items():
         entry: dict[str, Any] = {
