@@ -54,6 +54,10 @@ def _grad_needed(example_inputs: Sequence[Any]) -> bool:
     )
 
 
+def _on_cuda(example_inputs: Sequence[Any]) -> bool:
+    return any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
+
+
 def _owner_placeholder(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[torch.fx.Node]:
     """The graph's first placeholder whose example input is an ``nn.Parameter``: at run time its
     identity says which model instance the graph is running for (see fgcompile.runtime)."""
@@ -156,6 +160,8 @@ class FGAttnBackend:
         options: Optional[Mapping[str, Any]] = None,
     ) -> Callable:
         config = self.config if options is None else FGAttnConfig.from_options({"config": self.config, **options})
+        if _on_cuda(example_inputs):  # the pool compiles Triton kernels: useless to CPU graphs
+            torch_private.warm_compile_pool()
         patches = torch_private.inductor_mode_options(mode)
         try:
             from .kernels.triton_sparse import autotune_wanted

@@ -138,6 +138,17 @@ def test_model_without_attention_matches_inductor():
     torch.testing.assert_close(out, m(x))
 
 
+def test_cpu_graph_does_not_start_the_compile_pool(monkeypatch):
+    # Inductor's worker pool compiles Triton kernels only: a CPU graph must not spawn it
+    from fgcompile.lowering import torch_private
+
+    calls = []
+    monkeypatch.setattr(torch_private, "warm_compile_pool", lambda: calls.append(1) or True)
+    m = NoAttention()
+    torch.compile(m, backend="fgattn")(torch.randn(4, 16))
+    assert calls == []
+
+
 @pytest.fixture(scope="module")
 def toy():
     return ToyVideoDiT(ToyDiTConfig(depth=2, width=128, heads=2)).eval()

@@ -250,3 +250,15 @@ def test_compile_precompiles_the_schedule_step():
         c(*_inputs())
     assert not warmup._PENDING  # joined at the first call
     assert any(key[-1] is True for key in warmup._DONE_KEYS), warmup._DONE_KEYS
+
+
+def test_compile_starts_inductors_compile_pool(monkeypatch):
+    # as backend="inductor" does on entry: without it Inductor compiles its kernels in this process
+    from fgcompile.lowering import torch_private
+
+    calls, real = [], torch_private.warm_compile_pool
+    monkeypatch.setattr(torch_private, "warm_compile_pool", lambda: calls.append(1) or real())
+    c = _compile(_model(depth=1))
+    with torch.no_grad():
+        c(*_inputs())
+    assert calls, "the backend did not start Inductor's compile pool"

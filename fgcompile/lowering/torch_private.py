@@ -2,6 +2,9 @@
 
 Touched here (all private, all feature-detected so torch 2.11 and 2.13 both work):
 - ``torch._inductor.compile_fx.compile_fx``: hands the rewritten graph to Inductor.
+- ``torch._inductor.async_compile.maybe_warm_pool``: starts Inductor's compile-worker pool as
+  ``backend="inductor"`` does on entry (without it Inductor compiles its Triton kernels in the
+  calling process until the pool is up).
 - ``torch._inductor.list_mode_options``: the config patches behind ``mode=``.
 - ``node.meta["grapharg"].source`` of Dynamo's placeholders: which parameter a graph input is.
 - ``torch._dynamo.utils.counters`` (graph breaks) and ``torch._dynamo.config``'s recompile
@@ -25,6 +28,7 @@ import torch
 
 __all__ = [
     "compile_fx",
+    "warm_compile_pool",
     "inductor_mode_options",
     "register_fgcompile_log",
     "placeholder_param_path",
@@ -50,6 +54,20 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, config_patches: O
     if config_patches:
         return _compile_fx(gm, example_inputs, config_patches=config_patches)
     return _compile_fx(gm, example_inputs)
+
+
+def warm_compile_pool() -> bool:
+    """Start Inductor's compile-worker pool now, as ``backend="inductor"`` does when Dynamo calls
+    it, so that it is up by the time Inductor compiles the graph's kernels: Inductor compiles in
+    the workers only once the pool answers, and in the calling process (one kernel at a time,
+    sharing the GIL) until then. The pool is a process-wide singleton: later calls are cheap.
+    Returns False where this torch lacks the API (the compile then proceeds as before)."""
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:  # pragma: no cover - depends on torch build
+        return False
+    maybe_warm_pool()
+    return True
 
 
 def inductor_mode_options(mode: Optional[str]) -> dict[str, Any]:
