@@ -86,24 +86,27 @@ def timed(fn, reps, device):
     return statistics.median(times)
 
 
-def kernel_breakdown(fn, device):
-    """(attention ms, other ms, dense attention ms) of one call, from the profiler's device-kernel
-    times; dense attention: the attention kernels other than fgattn's sparse kernel (on the fgattn
-    side, the cross-attention, which stays dense)."""
+def kernel_breakdown(fn, device, top=15):
+    """(attention ms, other ms, dense attention ms, top kernels) of one call, from the profiler's
+    device-kernel times; dense attention: the attention kernels other than fgattn's sparse kernel
+    (on the fgattn side, the cross-attention, which stays dense); top kernels: {name (first 90
+    characters): [ms, calls]} of the ``top`` longest kernels in total."""
     if device.type != "cuda":
-        return None, None, None
+        return None, None, None, None
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     attn = other = dense_attn = 0.0
+    kernels = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None)
         if t is None:
             t = getattr(e, "cuda_time_total", 0.0)
         if e.key.startswith("cudaLaunch") or t == 0:
             continue
+        kernels.append((t / 1e3, e.key[:90], e.count))
         name = e.key.lower()
         # Inductor's generated kernels (triton_poi/red/per_...) are named after the ops they fuse,
         # which can include "scaled_dot_product_..." (a norm fused with the SDPA input permute):
@@ -113,7 +116,8 @@ def kernel_breakdown(fn, device):
             dense_attn += 0.0 if "_fg_sparse" in name else t
         else:
             other += t
-    return attn / 1e3, other / 1e3, dense_attn / 1e3
+    kernels.sort(reverse=True)
+    return attn / 1e3, other / 1e3, dense_attn / 1e3, {n: [round(ms, 3), c] for ms, n, c in kernels[:top]}
 
 
 def plot(result: dict, path: str) -> None:
@@ -266,7 +270,7 @@ def main(argv=None):
             mem_dense = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
             # the model alone: its weights + what its forward allocates on top of what was there
             model_mem_dense = (param_bytes(dense_model) + mem_dense - base) if device.type == "cuda" else None
-            attn_dense, other_dense, _ = kernel_breakdown(run_dense, device)
+            attn_dense, other_dense, _, top_dense = kernel_breakdown(run_dense, device)
             print(f"[{size} b{batch}] default compile: {t_dense:.1f} ms (attention {attn_dense} ms)", flush=True)
             def run_fg():
                 return fg_model(*x, return_dict=False)[0]
@@ -294,7 +298,7 @@ def main(argv=None):
                 t_fg = timed(run_fg, args.reps, device)
                 mem_fg = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
                 model_mem_fg = (param_bytes(fg_model) + masks + mem_fg - base) if device.type == "cuda" else None
-                attn_fg, other_fg, cross_fg = kernel_breakdown(run_fg, device)
+                attn_fg, other_fg, cross_fg, top_fg = kernel_breakdown(run_fg, device)
                 st = fgcompile.stats(fg_model)
                 direct = sum(x.direct_calls for x in st.values()) - direct_before
                 per_layer = {n: s.mean_density for n, s in st.items()}
@@ -310,6 +314,7 @@ def main(argv=None):
                            limit_ms=limit, limit_speedup=(t_dense / limit) if limit else None,
                            attn_ms_default=attn_dense, other_ms_default=other_dense,
                            attn_ms_fgattn=attn_fg, other_ms_fgattn=other_fg,
+                           top_kernels_default=top_dense, top_kernels_fgattn=top_fg,
                            rel_err_profiled_call=err_first, rel_err_sparse_call=err,
                            peak_mem_default=mem_dense, peak_mem_fgattn=mem_fg,
                            process_memory_ratio=(mem_fg / mem_dense) if mem_dense else None,

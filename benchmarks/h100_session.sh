@@ -14,6 +14,8 @@
 #                                       # and its compile times (2 cold compiles each)
 #   bash benchmarks/h100_session.sh H   # the Wan layer's compile times: lowered, opaque, without precompile
 #   bash benchmarks/h100_session.sh I   # the Wan layer's compile times with their phases (backend_s, Dynamo's table)
+#   bash benchmarks/h100_session.sh V   # variant_probe.py (sparse-kernel tile configs, pooled-predictor knobs), then
+#                                       # the Wan layer's compile times, REPEATS (5) cold compiles per backend
 #   bash benchmarks/h100_session.sh D   # compile_profile.py (where the Wan layer's cold compile goes) and pack_probe.py
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -91,6 +93,15 @@ I)
   echo "lowering (Wan layer) rc=$?"
   grep -E "^wan |compile_time_ratio\"" "$OUT/lowering_wan.txt" | tail -3
   ;;
+V)
+  timeout 200 python3 benchmarks/variant_probe.py --out "$OUT/variant_probe_${TAG}.json" > "$OUT/variant_probe.txt" 2>&1
+  echo "variant_probe rc=$?"
+  timeout ${LIMIT:-240} python3 benchmarks/lowering_bench.py --compile-only --cases wan --repeats ${REPEATS:-5} \
+      --variants inductor,fgattn --out "$OUT/lowering_${TAG}_wan.json" > "$OUT/lowering_wan.txt" 2>&1
+  echo "lowering (Wan layer) rc=$?"
+  grep -vE "Warning|warn" "$OUT/variant_probe.txt" | tail -30
+  grep -E "^wan |compile_time_ratio\"" "$OUT/lowering_wan.txt" | tail -3
+  ;;
 D)
   timeout 240 python3 benchmarks/compile_profile.py --case wan > "$OUT/compile_profile.txt" 2>&1
   echo "compile_profile rc=$?"
@@ -103,5 +114,5 @@ K)
   echo "kernel_in_model rc=$?"
   grep -vE "Warning|warn|^ *$|float32:" "$OUT/kernel_in_model.txt" | tail -60
   ;;
-*) echo "usage: $0 A|B|C|D|E|G|H|I|K|P"; exit 2 ;;
+*) echo "usage: $0 A|B|C|D|E|G|H|I|K|P|V"; exit 2 ;;
 esac

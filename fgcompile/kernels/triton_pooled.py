@@ -68,14 +68,16 @@ def _pool_queries(
     tl.store(DIS + r, (sim < gamma).to(tl.int8))
 
 
-def pool_queries_triton(q: torch.Tensor, block_m: int, gamma: float, scale: float, out_dtype: torch.dtype):
+def pool_queries_triton(q: torch.Tensor, block_m: int, gamma: float, scale: float, out_dtype: torch.dtype,
+                        *, num_warps: int | None = None):
     """Query pooling + self-similarity in one pass over q.
 
     q: (B, H, S_q, D) fp16/bf16/fp32, last axis contiguous. Returns ``(qbar_scaled, dissimilar)``:
     ``qbar_scaled`` (B, H, n_qb, D) in ``out_dtype``, the mean query of each block of ``block_m``
     rows (the last block may be shorter) times ``scale``; ``dissimilar`` bool (B, H, n_qb), the
     blocks whose mean cosine similarity of each query to the block mean is below ``gamma``. Sums in
-    float32. ``block_m`` a power of two; D at most 256. No host sync.
+    float32. ``block_m`` a power of two; D at most 256. ``num_warps``: None picks by tile size. No
+    host sync.
     """
     B, H, S_q, D = q.shape
     if q.stride(-1) != 1:
@@ -86,7 +88,10 @@ def pool_queries_triton(q: torch.Tensor, block_m: int, gamma: float, scale: floa
     if B * H * n_qb == 0:
         return qbar, dis.bool()
     block_d = max(16, pow2_at_least(D))
-    warps = 4 if interpreting() else (8 if block_m * block_d >= 128 * 128 else 4)
+    if num_warps is not None:
+        warps = num_warps
+    else:
+        warps = 4 if interpreting() else (8 if block_m * block_d >= 128 * 128 else 4)
     launch(_pool_queries, (n_qb, B * H),
         q, qbar, dis, q.stride(0), q.stride(1), q.stride(2),
         H, S_q, n_qb, float(gamma), float(scale),

@@ -1,0 +1,153 @@
+"""Variant probe: candidate tile configs of the sparse kernel and knobs of the pooled predictor,
+timed in one run against the dense baselines of the same run (GPU only).
+
+Sparse kernel, Wan 480p self-attention (B=1, H=12, S=32,760, D=128, bf16, block_m=128, block_n=1),
+random slice masks that keep a fixed share of keys per query block (as the density budget does):
+each config's output is checked first (poisoned output buffer, float64 reference on two heads),
+then timed (do_bench median) next to SDPA cuDNN and SDPA flash. ``SPLIT`` > 1 runs each 128-row
+query block as SPLIT programs of 128 / SPLIT rows that walk the same key list (smaller programs:
+two of them fit on an SM where one 128-row program did).
+
+Pooled predictor: ``pooled_bits`` end to end, then its parts: the query pooling at 4 / 8 warps, the
+selection at 8 / 16 / 32 warps and 8 to 12 search steps (the kept density each gives: fewer steps
+keep a few more keys near the threshold, never fewer).
+
+    python benchmarks/variant_probe.py [--out benchmarks/results/variant_probe_<device>.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from triton.testing import do_bench  # noqa: E402
+
+from fgcompile import predictors  # noqa: E402
+from fgcompile.attention import pack_slices  # noqa: E402
+from fgcompile.kernels import packing, reference  # noqa: E402
+from fgcompile.kernels.triton_pooled import pool_queries_triton, pooled_select_bits_triton  # noqa: E402
+from fgcompile.kernels.triton_sparse import sparse_attention_triton  # noqa: E402
+from results_io import write_result  # noqa: E402
+
+B, H, S, D, BM = 1, 12, 32760, 128, 128
+
+#: name -> sparse-kernel config (the first is the shipped heuristic config)
+KERNEL_CONFIGS = {
+    "m128_n128_w8_s3": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    "m64_n64_w4_s3": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLIT": 2},
+    "m64_n64_w4_s2": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLIT": 2},
+    "m64_n128_w4_s2": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "SPLIT": 2},
+    "m64_n32_w4_s4": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 4, "SPLIT": 2},
+    "m64_n64_w4_s4": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "SPLIT": 2},
+    "m128_n64_w8_s4": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
+}
+
+
+def ms(fn, rep=100):
+    return float(do_bench(fn, warmup=10, rep=rep, return_mode="median"))
+
+
+def budget_mask(density, gen):
+    """bool (B, H, nQB, S): each query block keeps round(density * S) random keys."""
+    nqb = -(-S // BM)
+    n = round(density * S)
+    r = torch.rand(B, H, nqb, S, device="cuda", generator=gen)
+    thr = r.kthvalue(S - n + 1, dim=-1, keepdim=True).values
+    return r >= thr
+
+
+def kernel_part(res):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    scale = D ** -0.5
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        cudnn = ms(lambda: F.scaled_dot_product_attention(q, k, v))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        flash = ms(lambda: F.scaled_dot_product_attention(q, k, v))
+    res["kernel"] = {"cudnn_ms": cudnn, "flash_ms": flash, "rows": []}
+    print(f"cudnn {cudnn:.3f} ms  flash {flash:.3f} ms", flush=True)
+    hs = slice(0, 2)
+    for dens in (0.6, 0.3):
+        keep = budget_mask(dens, gen)
+        packed = pack_slices(keep, block_m=BM, seq_len_kv=S, full_tile=0)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ref = reference.sparse_attention_reference(q[:, hs].double(), k[:, hs].double(), v[:, hs].double(),
+                                                   keep[:, hs], BM, 1, scale)
+        for name, cfg in KERNEL_CONFIGS.items():
+            row = {"density": dens, "config": name, **cfg}
+            out = torch.full_like(q, float("nan"))
+            try:
+                sparse_attention_triton(q, k, v, packed, scale, config=cfg, out=out)
+                torch.cuda.synchronize()
+                row["rel_err_vs_fp64"] = float((out[:, hs].double() - ref).norm() / ref.norm())
+                row["nan"] = bool(out.isnan().any())
+                t = ms(lambda: sparse_attention_triton(q, k, v, packed, scale, config=cfg, out=out))
+                row.update(ms=t, speedup_vs_cudnn=cudnn / t, ratio_to_limit=t / (dens * cudnn),
+                           kept_tflops=4 * B * H * S * S * D * dens / (t * 1e-3) / 1e12)
+            except Exception as e:  # a config that does not compile or fit: recorded, not fatal
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            res["kernel"]["rows"].append(row)
+            print(f"d{dens} {name:18s} " + (f"{row['ms']:.3f} ms  x{row['speedup_vs_cudnn']:.3f}  "
+                  f"limit x{row['ratio_to_limit']:.3f}  err {row['rel_err_vs_fp64']:.1e}" if "ms" in row else row["error"]),
+                  flush=True)
+        del keep, packed, ref
+
+
+def pooled_part(res):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    qp = q + 2.0 * torch.randn(1, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)  # self-similar blocks
+    out = res["pooled"] = {"steps_default": predictors.CDF_STEPS}
+    out["pooled_bits_ms"] = ms(lambda: predictors.pooled_bits(qp, k, tau=0.9, block_m=BM))
+    out["pool_ms"] = {f"w{w}": ms(lambda: pool_queries_triton(qp, BM, 0.5, D ** -0.5, torch.bfloat16, num_warps=w))
+                      for w in (4, 8)}
+    logits, dis, valid = predictors._pooled_parts(qp, k, gamma=0.5, block_m=BM, block_n=1, scale=D ** -0.5,
+                                                  key_padding=None, keep_lowp=True)
+    out["parts_ms"] = ms(lambda: predictors._pooled_parts(qp, k, gamma=0.5, block_m=BM, block_n=1, scale=D ** -0.5,
+                                                          key_padding=None, keep_lowp=True))
+    ref = pooled_select_bits_triton(logits, valid, dis, 0.9, 12)
+    ref_kept = packing.unpack_bits(ref, S)
+    out["density_12_steps"] = float(ref_kept.float().mean())
+    sel = out["select"] = {}
+    for steps in (8, 9, 10, 12):
+        bits = pooled_select_bits_triton(logits, valid, dis, 0.9, steps)
+        kept = packing.unpack_bits(bits, S)
+        sel[f"steps{steps}"] = {
+            "density": float(kept.float().mean()),
+            "superset_of_12": bool((kept | ~ref_kept).all()),
+            **{f"w{w}_ms": ms(lambda: pooled_select_bits_triton(logits, valid, dis, 0.9, steps, num_warps=w))
+               for w in (8, 16, 32)},
+        }
+        print(f"select steps {steps}: {sel[f'steps{steps}']}", flush=True)
+    print(f"pooled_bits {out['pooled_bits_ms']:.3f} ms, parts {out['parts_ms']:.3f}, pool {out['pool_ms']}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--parts", default="kernel,pooled")
+    args = ap.parse_args()
+    import triton
+
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "shape": f"B={B}, H={H}, S={S}, D={D}, bf16, block_m={BM}, block_n=1"}
+    parts = args.parts.split(",")
+    if "kernel" in parts:
+        kernel_part(res)
+    if "pooled" in parts:
+        pooled_part(res)
+    print("wrote", write_result(res, "variant_probe", args.out))
+
+
+if __name__ == "__main__":
+    main()
