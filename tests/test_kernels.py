@@ -185,10 +185,10 @@ def test_triton_strided_inputs_and_packed_input():
 
 
 @needs_interp
-def test_kernel_epilogue_writes_dense_out_where_use_dense_holds():
-    """The lowered graph's select: ``use_dense`` True writes ``dense_out`` (the lists are empty on
-    those calls), False the sparse result without reading ``dense_out``; ``out`` may be a permuted
-    view (q's layout)."""
+def test_launch_writes_dense_out_where_use_dense_holds():
+    """The lowered graph's select (the copy kernel the launch runs after the sparse kernel):
+    ``use_dense`` True writes ``dense_out`` (the lists are empty on those calls), False the sparse
+    result without reading ``dense_out``; ``out`` may be a permuted view (q's layout)."""
     from fgcompile.kernels.triton_sparse import launch_sparse_kernel, sparse_attention_triton
 
     B, H, S, D, bm = 1, 2, 128, 32, 64
@@ -544,10 +544,10 @@ import json, re
 from fgcompile.kernels.triton_sparse import compile_for_target
 out = []
 # the direct call's kernel (full tiles, 64-bit offsets) and the compiled model's (no full tiles,
-# 32-bit offsets, the dense epilogue)
-for offs_64, has_dense, full_tile in ((True, False, 128), (False, True, 0)):
+# 32-bit offsets)
+for offs_64, full_tile in ((True, 128), (False, 0)):
     ck = compile_for_target(90, dtype="bf16", head_dim=128, block_m=128, key_block=1, block_n=128, num_warps=8,
-                            num_stages=3, offs_64=offs_64, has_dense=has_dense, full_tile=full_tile)
+                            num_stages=3, offs_64=offs_64, full_tile=full_tile)
     ptx, ttgir = ck.asm["ptx"], ck.asm["ttgir"]
     out.append({
         "cp_async_16": len(re.findall(r"cp\.async\.cg\.shared\.global[^\n]*0x10", ptx)),

@@ -287,7 +287,11 @@ def test_kernel_config_patches_exist_in_this_torch():
     for key in p:
         assert hasattr(icfg, key)
     if hasattr(icfg, "_use_fp64_for_unbacked_floats"):
-        assert p == {"_use_fp64_for_unbacked_floats": False}
+        assert p["_use_fp64_for_unbacked_floats"] is False
+    # the sparse kernel is launched as Inductor launches its own kernels (no C launcher compile)
+    static = getattr(icfg, "use_static_cuda_launcher", False) and hasattr(icfg, "static_launch_user_defined_triton_kernels")
+    assert p.get("static_launch_user_defined_triton_kernels", False) is bool(static)
+    assert set(p) <= {"_use_fp64_for_unbacked_floats", "static_launch_user_defined_triton_kernels"}
 
 
 def test_precompile_only_for_cuda_sites(monkeypatch):
@@ -440,3 +444,22 @@ def test_precompile_jobs_queue_their_kernel_compiles(monkeypatch, caplog):
     assert done == ["ok"] and not warmup._PENDING
     assert "compiled k for site" in caplog.text and "no such kernel" in caplog.text
     pool.shutdown()
+
+
+def test_precompile_builds_each_kernels_launcher():
+    # the background compile also builds the launcher and loads the binary (Triton's
+    # CompiledKernel._init_handles), for one kernel or an autotuner's list; objects without it pass
+    from fgcompile.lowering import warmup
+
+    class Compiled:
+        def __init__(self):
+            self.loaded = 0
+
+        def _init_handles(self):
+            self.loaded += 1
+
+    one, many = Compiled(), [Compiled(), Compiled()]
+    warmup._load(one)
+    warmup._load(many)
+    warmup._load(object())
+    assert one.loaded == 1 and [c.loaded for c in many] == [1, 1]

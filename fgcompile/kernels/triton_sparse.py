@@ -16,10 +16,11 @@ registers and walks the key blocks that ``PackedSlices`` lists for (b, h, i):
 Both loops run the online softmax in base 2 (log2(e) folded into the scale), accumulate in fp32,
 and mask the tail (slots past the count, keys past S_kv). The loop bounds are read from the
 count tensors inside the kernel: the launcher never synchronises with the device. A query block
-with no kept key writes zeros. ``HAS_DENSE`` adds the compiled graph's select to the epilogue:
-where the 0-d flag ``USE_DENSE`` holds (a dense or profiled call; its lists are empty, except at
-a site's first profiled call, which runs the loops on the new mask so that autotuning sees real
-work) the program writes the rows of ``DENSE`` instead. ``OFFS_64`` keeps the K/V row offsets in 64 bits;
+with no kept key writes zeros. The compiled graph's select (where the 0-d flag ``use_dense``
+holds, a dense or profiled call, O gets the schedule step's dense output) is a second, small
+kernel (``_copy_dense``) launched after this one: in this kernel's epilogue it cost ~15% of its
+Triton compile, which a compiled model's first call waits for (benchmarks/NOTES.md, session 7).
+``OFFS_64`` keeps the K/V row offsets in 64 bits;
 the launcher clears it when every row offset of a head fits in int32 (5-8% faster on the H100,
 benchmarks/NOTES.md, session 4).
 
@@ -82,7 +83,6 @@ def _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs
 def _fg_sparse_fwd(
     Q, K, V, O,
     COUNTS, IDX, FCOUNTS, FIDX,
-    DENSE, USE_DENSE,
     qk_scale,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -92,7 +92,6 @@ def _fg_sparse_fwd(
     stride_ib, stride_ih, stride_iq,
     stride_fcb, stride_fch, stride_fcq,
     stride_fb, stride_fh, stride_fq,
-    stride_db, stride_dh, stride_ds, stride_dd,
     H, GROUP, S_Q, S_KV, S_KV_BUCKET,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -103,7 +102,6 @@ def _fg_sparse_fwd(
     FULL_TILE: tl.constexpr,
     UPCAST: tl.constexpr,
     OFFS_64: tl.constexpr = True,
-    HAS_DENSE: tl.constexpr = False,
     SPLIT: tl.constexpr = 1,
 ):
     # a program owns BLOCK_M query rows: the query block of the lists (block_m = BLOCK_M * SPLIT
@@ -176,16 +174,33 @@ def _fg_sparse_fwd(
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]  # rows with nothing kept: acc == 0 -> zeros
-    if HAS_DENSE:
-        # a call whose output the schedule step already computed (dense / profiled): write that
-        # output, in O's layout, over whatever the loops above computed. The load is predicated
-        # off on sparse calls (DENSE is then never read).
-        use_dense = tl.load(USE_DENSE) != 0
-        d_ptrs = _out_ptrs(DENSE, b64, h64, offs_m, offs_d, stride_db, stride_dh, stride_ds, stride_dd)
-        dense = tl.load(d_ptrs, mask=m_ok[:, None] & d_ok[None, :] & use_dense, other=0.0)
-        out = tl.where(use_dense, dense.to(tl.float32), out)
     o_ptrs = _out_ptrs(O, b64, h64, offs_m, offs_d, stride_ob, stride_oh, stride_os, stride_od)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _copy_dense(
+    USE_DENSE, DENSE, O,
+    stride_db, stride_dh, stride_ds, stride_dd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    H, S_Q,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Where the 0-d flag ``USE_DENSE`` holds (a dense or profiled call, whose output the schedule
+    step computed), copy the rows of ``DENSE`` over O (both (B, H, S_q, D), any strides); else
+    nothing (DENSE is then never read). Grid: (cdiv(S_q, BLOCK_M), B * H)."""
+    if tl.load(USE_DENSE) != 0:
+        bh = tl.program_id(1)
+        b64 = (bh // H).to(tl.int64)
+        h64 = (bh % H).to(tl.int64)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        ok = (offs_m < S_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        x = tl.load(_out_ptrs(DENSE, b64, h64, offs_m, offs_d, stride_db, stride_dh, stride_ds, stride_dd), mask=ok)
+        tl.store(_out_ptrs(O, b64, h64, offs_m, offs_d, stride_ob, stride_oh, stride_os, stride_od),
+                 x.to(O.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------- autotuning
@@ -329,8 +344,9 @@ def launch_sparse_kernel(
     ``wrap=torch.library.wrap_triton`` so that Inductor traces the launch into its program.
     Writes ``out`` (B, H, S_q, D), any strides, and returns it. Sizes may be SymInts when traced.
     No host sync. ``dense_out`` (B, H, S_q, D) and ``use_dense`` (a 0-d bool tensor), together or
-    not at all: where ``use_dense`` holds, ``out`` gets ``dense_out`` (copied in the kernel's
-    epilogue, whatever the lists hold), else the sparse result (``dense_out`` is not read).
+    not at all: where ``use_dense`` holds, ``out`` gets ``dense_out`` (copied by ``_copy_dense``
+    after the sparse kernel, whatever the lists hold), else the sparse result (``dense_out`` is
+    not read).
     ``config``: {"BLOCK_N", "num_warps", "num_stages", "FULL_N"} (and optionally "OFFS_64", else
     :func:`needs_64bit_offsets`); None: the autotuner if
     ``autotune`` (None: ``autotune_wanted()``, the environment), else ``heuristic_config``."""
@@ -345,15 +361,14 @@ def launch_sparse_kernel(
     has_dense = dense_out is not None
     if has_dense != (use_dense is not None):
         raise ValueError("dense_out and use_dense: expected both or neither")
-    d_out, u_dense = (dense_out, use_dense) if has_dense else (out, counts)  # unused pointers when absent
     # S_KV_BUCKET is only the triton.autotune key (unused by the kernel body); a symbolic S_kv is
     # passed as is (bucketing it would specialise the traced graph on its value).
     bucket = _seq_bucket(S_kv) if isinstance(S_kv, int) else S_kv
     args = (
-        q, k, v, out, c, ix, fc, fx, d_out, u_dense,
+        q, k, v, out, c, ix, fc, fx,
         float(scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *c.stride(), *ix.stride()[:3], *fc.stride(), *fx.stride()[:3], *(d_out.stride() if has_dense else (0, 0, 0, 0)),
+        *c.stride(), *ix.stride()[:3], *fc.stride(), *fx.stride()[:3],
         H, H // H_kv, S_q, S_kv, bucket,
     )
     meta = dict(
@@ -364,7 +379,6 @@ def launch_sparse_kernel(
         FULL_TILE=full_tile,
         UPCAST=upcast,
         OFFS_64=needs_64bit_offsets(k, v) if config is None or "OFFS_64" not in config else bool(config["OFFS_64"]),
-        HAS_DENSE=has_dense,
         SPLIT=split,
     )
     if config is None and interpreting():
@@ -387,6 +401,13 @@ def launch_sparse_kernel(
             FULL_N=config.get("FULL_N", config["BLOCK_N"]),
             num_warps=config.get("num_warps", 4),
             num_stages=config.get("num_stages", 3),
+        )
+    if has_dense:
+        copy_m = 64
+        go(
+            _copy_dense, (triton.cdiv(S_q, copy_m), B * H),
+            use_dense, dense_out, out, *dense_out.stride(), *out.stride(), H, S_q,
+            HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BLOCK_M=copy_m, num_warps=4,
         )
     return out
 
@@ -432,7 +453,6 @@ def compile_for_target(
     num_warps: int = 8,
     num_stages: int = 3,
     offs_64: bool = True,
-    has_dense: bool = False,
 ):
     """Compile the sparse kernel ahead of time for ``sm_<arch>`` (no GPU needed; not under the
     interpreter) and return Triton's compiled kernel (``.asm`` holds ttgir, ptx, cubin...)."""
@@ -442,16 +462,15 @@ def compile_for_target(
     fn = _fg_sparse_fwd
     sig = {}
     ptr_args = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}",
-                "COUNTS": "*i32", "IDX": "*i32", "FCOUNTS": "*i32", "FIDX": "*i32",
-                "DENSE": f"*{dtype}", "USE_DENSE": "*i1"}
+                "COUNTS": "*i32", "IDX": "*i32", "FCOUNTS": "*i32", "FIDX": "*i32"}
     consts = {
         "HEAD_DIM": head_dim, "HEAD_DIM_PAD": head_dim_pad(head_dim), "BLOCK_M": block_m, "BLOCK_N": block_n,
         "KEY_BLOCK": key_block, "FULL_TILE": full_tile, "UPCAST": False, "FULL_N": block_n,
-        "OFFS_64": offs_64, "HAS_DENSE": has_dense,
+        "OFFS_64": offs_64,
     }
     # mimic the JIT's specialisation for contiguous (B, H, S, D) tensors: unit strides become
     # constants, pointers and the other q/k/v/out strides are multiples of 16.
-    ones = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "stride_cq", "stride_fcq"}
+    ones = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_cq", "stride_fcq"}
     attrs = {}
     for i, name in enumerate(fn.arg_names):
         if name in ptr_args:

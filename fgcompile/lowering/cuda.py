@@ -29,8 +29,8 @@ What does NOT change per call is in the op's arguments; what does (the schedule,
 ``site_plan``'s outputs, which the graph consumes as tensors: no host synchronisation, no
 recompilation when the mask changes, and ``site_plan`` is tagged ``torch.Tag.cudagraph_unsafe``
 so that ``mode="reduce-overhead"`` (graph partitioning) replays everything else in CUDA graphs and
-runs the schedule eagerly between them. Why the ``dense_out``/``use_dense`` select (in the
-kernel's epilogue) instead of an all-kept packing for dense/profiled calls: see
+runs the schedule eagerly between them. Why the ``dense_out``/``use_dense`` select (a copy
+kernel after the sparse kernel, in the same op) instead of an all-kept packing for dense/profiled calls: see
 ``fgcompile.lowering.ops``.
 
 Sites the kernel cannot take stay opaque ``site_attention`` nodes (also on CUDA): impl="reference",

@@ -15,6 +15,11 @@ Touched here:
   (besides the compile's ``mode``): the sparse kernel autotunes its configs only in
   ``mode="max-autotune"`` compiles (Inductor's own rule for its templates), else it launches one
   heuristic config (``fgcompile.kernels.triton_sparse.autotune_wanted``);
+- the private ``torch._inductor.config.static_launch_user_defined_triton_kernels``: Inductor
+  launches its own kernels through its static CUDA launcher, user-defined ones (the sparse kernel)
+  through Triton's launcher unless this is set, and Triton builds that launcher with a C compile
+  on the calling thread when the program loads (~0.25 s of a cold compile on the H200). Set where
+  the static launcher is on; a kernel it cannot take falls back to Triton's launcher;
 - ``torch._inductor.utils.run_and_get_code`` (private; tests and benchmarks only): the generated
   program's source.
 
@@ -80,14 +85,20 @@ def partition_config_patches(cudagraphs: bool) -> dict[str, Any]:
 
 def kernel_config_patches() -> dict[str, Any]:
     """Inductor config patches any compile holding ``fgcompile::sparse_attention`` needs (see the
-    module docstring: float kernel arguments as fp32)."""
+    module docstring): float kernel arguments as fp32, and the static launcher for the kernel
+    where Inductor uses it for its own."""
     try:
         from torch._inductor import config as inductor_config
     except ImportError:  # pragma: no cover
         return {}
+    patches: dict[str, Any] = {}
     if hasattr(inductor_config, "_use_fp64_for_unbacked_floats"):
-        return {"_use_fp64_for_unbacked_floats": False}
-    return {}
+        patches["_use_fp64_for_unbacked_floats"] = False
+    if getattr(inductor_config, "use_static_cuda_launcher", False) and hasattr(
+        inductor_config, "static_launch_user_defined_triton_kernels"
+    ):
+        patches["static_launch_user_defined_triton_kernels"] = True
+    return patches
 
 
 def max_autotune_enabled() -> bool:

@@ -30,16 +30,16 @@ index_cap=0) -> (counts, indices, full_counts, full_tiles, dense_out, use_dense)
     - dense / profiled call: ``plan()`` has already computed the exact output: it is returned as
       ``dense_out`` with ``use_dense`` True, and the packing keeps NOTHING (counts and full_counts
       0; the kernel then only writes zeros, a few microseconds).
-    The graph passes ``dense_out`` and ``use_dense`` on to ``sparse_attention``, whose epilogue
-    writes ``dense_out`` where ``use_dense`` holds.
+    The graph passes ``dense_out`` and ``use_dense`` on to ``sparse_attention``, which copies
+    ``dense_out`` over its output where ``use_dense`` holds (a small kernel after the sparse one).
 
     Why not the all-kept packing (the kernel recomputing dense attention)? It would run a dense
     pass of the sparse kernel (~1.23x cuDNN, 14 ms at Wan-1.3B's shape) on top of the profiled
     call's own dense pass, at every warm-up and profiled call (one call in ten by default: ~+20%
     of a site's time), its output would differ from ``site_attention``'s by rounding, and its
-    index lists (403 MB at Wan's shape) would have to be cached or rebuilt. The select in the
-    kernel's epilogue reads ``dense_out`` only on those calls, is bitwise exact for both kinds of
-    calls, and writes the output in q's layout (no permute copy after the site where q is a
+    index lists (403 MB at Wan's shape) would have to be cached or rebuilt. The select (the copy
+    kernel ``triton_sparse._copy_dense``, in the same triton_op) reads ``dense_out`` only on those
+    calls, is bitwise exact for both kinds of calls, and writes the output in q's layout (no permute copy after the site where q is a
     permuted view, as in diffusers; a ``torch.where`` after the kernel cost 0.1 ms per Wan layer).
 
 ``fgcompile::sparse_attention(q, k, v, counts, indices, full_counts, full_tiles, scale, block_m,

@@ -12,9 +12,9 @@ the fake tensors' exact sizes, strides and dtypes (a Triton binary is specialise
 which integer arguments are 1 or multiples of 16, so scaled-down tensors could compile a different
 binary), under ``kernels.triton_common.collect_compiles``: the step's kernel launches become
 compile thunks (``JITFunction.warmup`` with the launch's own arguments), which the pool's
-thread(s) then run. Triton's compiler releases the GIL in its back end, so these compiles overlap
-Inductor's lowering and code generation; the binaries land in Triton's caches, where the first
-real launch finds them.
+thread(s) then run, building each kernel's launcher and loading its binary too. Triton's compiler
+releases the GIL in its back end, so these compiles overlap Inductor's lowering and code
+generation; the binaries land in Triton's caches, where the first real launch finds them.
 ``wait()`` (called at the first run of a site op) joins what is still compiling, so that no kernel
 is compiled twice.
 
@@ -130,11 +130,22 @@ def _thunk_name(thunk: Any) -> str:
     return str(getattr(getattr(f, "__self__", None), "__name__", None) or getattr(f, "__name__", "a kernel"))
 
 
+def _load(compiled: Any) -> None:
+    """Build the launcher of a compiled kernel (Triton compiles a small C module per kernel
+    signature, ~0.15 s each) and load its binary, as its first launch would: on the calling
+    thread of the model's first call otherwise. ``CompiledKernel._init_handles`` is Triton-private:
+    feature-detected, skipped where missing (the first launch then does it)."""
+    for ck in compiled if isinstance(compiled, (list, tuple)) else (compiled,):
+        init = getattr(ck, "_init_handles", None)
+        if callable(init):
+            init()
+
+
 def _compile(name: str, dev: torch.device, thunk: Any) -> None:
     t0 = time.perf_counter()
     try:
         with _on(dev):
-            thunk()
+            _load(thunk())
         log.debug("fgcompile: compiled %s for %s in %.2f s", _thunk_name(thunk), name, time.perf_counter() - t0)
     except Exception as e:  # that kernel then compiles at its first launch
         log.debug("fgcompile: precompiling a kernel of %s failed: %s: %s", name, type(e).__name__, e)
