@@ -8,7 +8,7 @@ H100-class GPU: B=1, H=12, D=128, bf16, block_m=128, block_n=1, S = 32,760 (Wan 
   (float32 block maxima) + keep_from_block_max + pack_bits, and dense cuDNN SDPA;
 - pooled predictor: pooled_bits (Triton query pooling + matmul + Triton selection) vs
   pooled_slices + pack_bits (torch), its parts (the pooling by torch ops vs the Triton pass; the
-  selection at CDF_STEPS vs the former 20 steps, and the search plans of equal precision,
+  selection at CDF_STEPS vs the former 12 steps, and the search plans of equal precision,
   ``predictors.CDF_PLANS``), and its share of dense cuDNN (budget 5%).
 Each Triton result is checked against the torch path in the same run. do_bench medians, ms.
 
@@ -150,9 +150,9 @@ def run(S, out_rows, sweep):
     row["cdf_steps"], row["cdf_arity"] = predictors.CDF_STEPS, predictors.CDF_ARITY
     row["pooled_select_kernel_ms"] = bench(
         lambda: pooled_select_bits_triton(logits, valid, dis, 0.9, predictors.CDF_STEPS, arity=predictors.CDF_ARITY))
-    row["pooled_select_kernel_20_steps_ms"] = bench(lambda: pooled_select_bits_triton(logits, valid, dis, 0.9, 20))
-    # search plans of equal precision (bisection, 3 / 7 / 15 thresholds per pass): same bits, which is fastest
-    ref_bits = pooled_select_bits_triton(logits, valid, dis, 0.9, 12, arity=1)
+    row["pooled_select_kernel_12_steps_ms"] = bench(lambda: pooled_select_bits_triton(logits, valid, dis, 0.9, 12))
+    # search plans of equal precision (bisection, 3 / 15 thresholds per pass): same bits, which is fastest
+    ref_bits = pooled_select_bits_triton(logits, valid, dis, 0.9, predictors.CDF_STEPS, arity=1)
     row["pooled_select_plans"] = {
         f"arity{a}_passes{n}": {
             "ms": bench(lambda: pooled_select_bits_triton(logits, valid, dis, 0.9, n, arity=a)),

@@ -48,18 +48,21 @@ __all__ = [
 ]
 
 # Bisection steps of the top-CDF threshold search (see ``top_cdf``). The search interval is at most
-# 1 + ln(n / (1 - tau)) nats wide (about 14 nats for n = 32,760, tau = 0.9), so 12 steps pin the
-# threshold to about 3.4e-3 nats: the kept set is the exact top-CDF set plus, at most, keys whose
-# probability is within a relative 0.4% of the exact threshold (at n = 75,600, tau = 0.99: 0.41%).
-# Each step is one block-wide reduction of the selection kernel (its cost is linear in the steps).
-CDF_STEPS = 12
+# 1 + ln(n / (1 - tau)) nats wide (about 14 nats for n = 32,760, tau = 0.9), so 8 steps pin the
+# threshold to about 0.055 nats: the kept set is the exact top-CDF set plus, at most, keys whose
+# probability is within a relative 5.7% of the exact threshold (at n = 75,600, tau = 0.99: 5.9%).
+# Each step is one block-wide reduction of the selection kernel (its cost is linear in the steps):
+# on an H200 at Wan 480p, 8 steps select in 0.40 ms and keep 1.0% more keys than 12 steps
+# (0.2338 vs 0.2315 of them), which took 0.47 ms (benchmarks/results/variant_probe_h200.json).
+CDF_STEPS = 8
 # Thresholds tried per search pass: 1 is bisection. With arity A each pass splits the bracket into
 # A + 1 equal parts with A independent reductions (whose latencies overlap in the kernel), so
-# (A + 1) ** passes = 2 ** 12 gives the same precision in fewer dependent passes: A = 3 in 6, A = 7
-# in 4 (``CDF_PLANS``). Which is fastest is measured by benchmarks/overhead_bench.py.
+# (A + 1) ** passes = 2 ** CDF_STEPS gives the same precision in fewer dependent passes: A = 3 in
+# 4, A = 15 in 2 (``CDF_PLANS``). They measured slower than bisection on the H100 (more reductions
+# per pass; benchmarks/NOTES.md, session 4): benchmarks/overhead_bench.py times them.
 CDF_ARITY = 1
-#: (arity, passes) of equal precision (a 4,096-point grid)
-CDF_PLANS = ((1, 12), (3, 6), (7, 4), (15, 3))
+#: (arity, passes) of equal precision (a 2 ** CDF_STEPS = 256-point grid)
+CDF_PLANS = ((1, 8), (3, 4), (15, 2))
 
 
 # ----------------------------------------------------------------------------- validation
