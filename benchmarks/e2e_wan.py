@@ -164,6 +164,8 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--mask-storage", default="host", choices=("host", "device"),
                    help="where fgattn keeps the cached masks between profiled calls (FGAttnConfig.mask_storage)")
+    p.add_argument("--settings", default="d0.3,d0.6,profile",
+                   help="the 480p batch-1 rows to run, of d0.3, d0.6, profile (a subset for quick checks)")
     p.add_argument("--replot", default=None, metavar="JSON", help="only redraw the PNG of a result JSON")
     args = p.parse_args(argv)
     if args.replot:
@@ -234,7 +236,7 @@ def main(argv=None):
         return result, out
 
     rows = []
-    plan = [("480p", 1, ["d0.3", "d0.6", "profile"])]
+    plan = [("480p", 1, [x for x in args.settings.split(",") if x])]
     if not args.skip_b2:
         plan.append(("480p", 2, ["d0.3"]))
     if not args.skip_720p:

@@ -16,6 +16,8 @@
 #   bash benchmarks/h100_session.sh I   # the Wan layer's compile times with their phases (backend_s, Dynamo's table)
 #   bash benchmarks/h100_session.sh V   # variant_probe.py (sparse-kernel tile configs, pooled-predictor knobs), then
 #                                       # the Wan layer's compile times, REPEATS (5) cold compiles per backend
+#   bash benchmarks/h100_session.sh W   # variant_probe.py (layouts, pooled), e2e_wan.py 480p b1 d0.6/d0.3 only,
+#                                       # the Wan layer's compile times (REPEATS, default 3)
 #   bash benchmarks/h100_session.sh D   # compile_profile.py (where the Wan layer's cold compile goes) and pack_probe.py
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -102,6 +104,17 @@ V)
   grep -vE "Warning|warn" "$OUT/variant_probe.txt" | tail -30
   grep -E "^wan |compile_time_ratio\"" "$OUT/lowering_wan.txt" | tail -3
   ;;
+W)
+  timeout 100 python3 benchmarks/variant_probe.py --parts layout,pooled --out "$OUT/variant_probe_${TAG}.json" > "$OUT/variant_probe.txt" 2>&1
+  echo "variant_probe rc=$?"
+  timeout 200 python3 benchmarks/e2e_wan.py --reps 3 --skip-720p --skip-b2 --settings d0.6,d0.3 --out "$OUT/e2e_wan_${TAG}.json" > "$OUT/e2e.txt" 2>&1
+  echo "e2e rc=$?"
+  timeout ${LIMIT:-150} python3 benchmarks/lowering_bench.py --compile-only --cases wan --repeats ${REPEATS:-3} \
+      --variants inductor,fgattn --out "$OUT/lowering_${TAG}_wan.json" > "$OUT/lowering_wan.txt" 2>&1
+  echo "lowering (Wan layer) rc=$?"
+  grep -E "^(layout|pooled_bits)" "$OUT/variant_probe.txt"; tail -5 "$OUT/e2e.txt"
+  grep -E "^wan |compile_time_ratio\"" "$OUT/lowering_wan.txt" | tail -3
+  ;;
 D)
   timeout 240 python3 benchmarks/compile_profile.py --case wan > "$OUT/compile_profile.txt" 2>&1
   echo "compile_profile rc=$?"
@@ -114,5 +127,5 @@ K)
   echo "kernel_in_model rc=$?"
   grep -vE "Warning|warn|^ *$|float32:" "$OUT/kernel_in_model.txt" | tail -60
   ;;
-*) echo "usage: $0 A|B|C|D|E|G|H|I|K|P|V"; exit 2 ;;
+*) echo "usage: $0 A|B|C|D|E|G|H|I|K|P|V|W"; exit 2 ;;
 esac

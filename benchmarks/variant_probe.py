@@ -8,6 +8,9 @@ then timed (do_bench median) next to SDPA cuDNN and SDPA flash. ``SPLIT`` > 1 ru
 query block as SPLIT programs of 128 / SPLIT rows that walk the same key list (smaller programs:
 two of them fit on an SM where one 128-row program did).
 
+Layout (``--parts layout``): the shipped config on contiguous (B, H, S, D) q/k/v/out and on
+(B, S, H, D) tensors seen through transpose(1, 2), as diffusers' attention passes them.
+
 Pooled predictor: ``pooled_bits`` end to end, then its parts: the query pooling at 4 / 8 warps, the
 selection at 8 / 16 / 32 warps and 8 to 12 search steps (the kept density each gives: fewer steps
 keep a few more keys near the threshold, never fewer).
@@ -102,6 +105,32 @@ def kernel_part(res):
         del keep, packed, ref
 
 
+def layout_part(res):
+    """The shipped config on q/k/v/out as contiguous (B, H, S, D) tensors and as diffusers passes
+    them, (B, S, H, D) tensors seen through transpose(1, 2); cuDNN on the same two layouts."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    cfg = KERNEL_CONFIGS["m128_n128_w8_s3"]
+    scale = D ** -0.5
+    out_rows = res["layout"] = []
+    for layout in ("bhsd", "bshd"):
+        if layout == "bhsd":
+            q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+        else:
+            q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, generator=gen).transpose(1, 2)
+                       for _ in range(3))
+        out = torch.empty_like(q)
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            cudnn = ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        for dens in (0.6, 0.3):
+            packed = pack_slices(budget_mask(dens, gen), block_m=BM, seq_len_kv=S, full_tile=0)
+            t = ms(lambda: sparse_attention_triton(q, k, v, packed, scale, config=cfg, out=out))
+            out_rows.append({"layout": layout, "density": dens, "ms": t, "cudnn_ms": cudnn, "speedup_vs_cudnn": cudnn / t})
+            print(f"layout {layout} d{dens}: {t:.3f} ms, cudnn {cudnn:.3f} ms", flush=True)
+            del packed
+
+
 def pooled_part(res):
     gen = torch.Generator(device="cuda").manual_seed(1)
     q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -135,7 +164,7 @@ def pooled_part(res):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--parts", default="kernel,pooled")
+    ap.add_argument("--parts", default="kernel,pooled", help="of kernel, layout, pooled")
     args = ap.parse_args()
     import triton
 
@@ -144,6 +173,8 @@ def main():
     parts = args.parts.split(",")
     if "kernel" in parts:
         kernel_part(res)
+    if "layout" in parts:
+        layout_part(res)
     if "pooled" in parts:
         pooled_part(res)
     print("wrote", write_result(res, "variant_probe", args.out))
