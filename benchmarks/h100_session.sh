@@ -105,6 +105,8 @@ V)
   grep -E "^wan |compile_time_ratio\"" "$OUT/lowering_wan.txt" | tail -3
   ;;
 W)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_lowering_gpu.py -n 4 -x > "$OUT/gpu_tests_lowering.txt" 2>&1
+  echo "lowering gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests_lowering.txt" | head -8
   timeout 100 python3 benchmarks/variant_probe.py --parts layout,pooled --out "$OUT/variant_probe_${TAG}.json" > "$OUT/variant_probe.txt" 2>&1
   echo "variant_probe rc=$?"
   timeout 200 python3 benchmarks/e2e_wan.py --reps 3 --skip-720p --skip-b2 --settings d0.6,d0.3 --out "$OUT/e2e_wan_${TAG}.json" > "$OUT/e2e.txt" 2>&1
