@@ -18,6 +18,7 @@
 #                                       # the Wan layer's compile times, REPEATS (5) cold compiles per backend
 #   bash benchmarks/h100_session.sh W   # variant_probe.py (layouts, pooled), e2e_wan.py 480p b1 d0.6/d0.3 only,
 #                                       # the Wan layer's compile times (REPEATS, default 3)
+#   bash benchmarks/h100_session.sh X   # overhead_bench.py, then the Wan layer's compile times (REPEATS, default 5)
 #   bash benchmarks/h100_session.sh D   # compile_profile.py (where the Wan layer's cold compile goes) and pack_probe.py
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -117,6 +118,15 @@ W)
   grep -E "^(layout|pooled_bits)" "$OUT/variant_probe.txt"; tail -5 "$OUT/e2e.txt"
   grep -E "^wan |compile_time_ratio\"" "$OUT/lowering_wan.txt" | tail -3
   ;;
+X)
+  timeout 100 python3 benchmarks/overhead_bench.py --seqs 32760 --no-sweep --out "$OUT/overhead_${TAG}.json" > "$OUT/overhead.txt" 2>&1
+  echo "overhead rc=$?"
+  timeout ${LIMIT:-300} python3 benchmarks/lowering_bench.py --compile-only --cases wan --repeats ${REPEATS:-5} \
+      --variants inductor,fgattn --out "$OUT/lowering_${TAG}_wan.json" > "$OUT/lowering_wan.txt" 2>&1
+  echo "lowering (Wan layer) rc=$?"
+  tail -1 "$OUT/overhead.txt" | cut -c1-1500
+  grep -E "^wan |compile_time_ratio\"" "$OUT/lowering_wan.txt" | tail -3
+  ;;
 D)
   timeout 240 python3 benchmarks/compile_profile.py --case wan > "$OUT/compile_profile.txt" 2>&1
   echo "compile_profile rc=$?"
@@ -129,5 +139,5 @@ K)
   echo "kernel_in_model rc=$?"
   grep -vE "Warning|warn|^ *$|float32:" "$OUT/kernel_in_model.txt" | tail -60
   ;;
-*) echo "usage: $0 A|B|C|D|E|G|H|I|K|P|V|W"; exit 2 ;;
+*) echo "usage: $0 A|B|C|D|E|G|H|I|K|P|V|W|X"; exit 2 ;;
 esac

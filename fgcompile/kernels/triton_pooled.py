@@ -180,7 +180,10 @@ def _pooled_select(
         m = tl.where(m == float("-inf"), 0.0, m)
         e = tl.exp(lg - m)  # 0 where not valid
         z = tl.sum(e, 0)
-        n = tl.maximum(tl.sum(valid.to(tl.float32), 0), 1.0)
+        if HAS_VALID:
+            n = tl.maximum(tl.sum(valid.to(tl.float32), 0), 1.0)
+        else:  # every key block of the row is valid: no reduction needed
+            n = tl.maximum(NKB, 1).to(tl.float32)
         lo = tl.log(one_minus_tau / n) + tl.log(tl.maximum(z, 1.1754943508222875e-38))
         hi = tl.full([], 1.0, tl.float32)
         target = tau * z
