@@ -4,9 +4,9 @@ timed in one run against the dense baselines of the same run (GPU only).
 Sparse kernel, Wan 480p self-attention (B=1, H=12, S=32,760, D=128, bf16, block_m=128, block_n=1),
 random slice masks that keep a fixed share of keys per query block (as the density budget does):
 each config's output is checked first (poisoned output buffer, float64 reference on two heads),
-then timed (do_bench median) next to SDPA cuDNN and SDPA flash. ``SPLIT`` > 1 runs each 128-row
-query block as SPLIT programs of 128 / SPLIT rows that walk the same key list (smaller programs:
-two of them fit on an SM where one 128-row program did).
+then timed (do_bench median) next to SDPA cuDNN and SDPA flash. (Session 7 also timed each 128-row
+query block run as two 64-row programs over the same key list, two per SM: 13-50% slower in every
+tile shape, results/session7/variant_probe_h200_tiles.json; that launch option was removed.)
 
 Layout (``--parts layout``): the shipped config on contiguous (B, H, S, D) q/k/v/out and on
 (B, S, H, D) tensors seen through transpose(1, 2), as diffusers' attention passes them.
@@ -44,11 +44,8 @@ B, H, S, D, BM = 1, 12, 32760, 128, 128
 #: name -> sparse-kernel config (the first is the shipped heuristic config)
 KERNEL_CONFIGS = {
     "m128_n128_w8_s3": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
-    "m64_n64_w4_s3": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLIT": 2},
-    "m64_n64_w4_s2": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLIT": 2},
-    "m64_n128_w4_s2": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "SPLIT": 2},
-    "m64_n32_w4_s4": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 4, "SPLIT": 2},
-    "m64_n64_w4_s4": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "SPLIT": 2},
+    "m128_n128_w8_s2": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    "m128_n64_w8_s3": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     "m128_n64_w8_s4": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
 }
 

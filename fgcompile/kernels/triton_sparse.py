@@ -102,13 +102,9 @@ def _fg_sparse_fwd(
     FULL_TILE: tl.constexpr,
     UPCAST: tl.constexpr,
     OFFS_64: tl.constexpr = True,
-    SPLIT: tl.constexpr = 1,
 ):
-    # a program owns BLOCK_M query rows: the query block of the lists (block_m = BLOCK_M * SPLIT
-    # rows) or, with SPLIT > 1, one of its SPLIT row tiles (each walks the block's whole list)
-    tile, bh, b64, h64, hk64 = _program_heads(H, GROUP)
-    qb = tile // SPLIT
-    q, offs_m, offs_d, m_ok, d_ok = _q_tile(Q, b64, h64, tile, stride_qb, stride_qh, stride_qs, stride_qd, S_Q,
+    qb, bh, b64, h64, hk64 = _program_heads(H, GROUP)
+    q, offs_m, offs_d, m_ok, d_ok = _q_tile(Q, b64, h64, qb, stride_qb, stride_qh, stride_qs, stride_qd, S_Q,
                                             BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
     offs_n = tl.arange(0, BLOCK_N)
 
@@ -353,10 +349,7 @@ def launch_sparse_kernel(
     B, H, S_q, D = q.shape
     H_kv, S_kv = k.shape[1], k.shape[2]
     upcast = interpreting() and q.dtype != torch.float32
-    split = int(config.get("SPLIT", 1)) if config is not None else 1
-    if split < 1 or block_m % split != 0:
-        raise ValueError(f"config['SPLIT']: expected a divisor of block_m={block_m}, got {split}")
-    grid = (triton.cdiv(S_q, block_m // split), B * H)
+    grid = (triton.cdiv(S_q, block_m), B * H)
     c, ix, fc, fx = counts, indices, full_counts, full_tiles
     has_dense = dense_out is not None
     if has_dense != (use_dense is not None):
@@ -374,12 +367,11 @@ def launch_sparse_kernel(
     meta = dict(
         HEAD_DIM=D,
         HEAD_DIM_PAD=head_dim_pad(D),
-        BLOCK_M=block_m // split,
+        BLOCK_M=block_m,
         KEY_BLOCK=key_block,
         FULL_TILE=full_tile,
         UPCAST=upcast,
         OFFS_64=needs_64bit_offsets(k, v) if config is None or "OFFS_64" not in config else bool(config["OFFS_64"]),
-        SPLIT=split,
     )
     if config is None and interpreting():
         config = INTERPRET_CONFIG

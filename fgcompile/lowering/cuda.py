@@ -30,8 +30,8 @@ What does NOT change per call is in the op's arguments; what does (the schedule,
 recompilation when the mask changes, and ``site_plan`` is tagged ``torch.Tag.cudagraph_unsafe``
 so that ``mode="reduce-overhead"`` (graph partitioning) replays everything else in CUDA graphs and
 runs the schedule eagerly between them. Why the ``dense_out``/``use_dense`` select (a copy
-kernel after the sparse kernel, in the same op) instead of an all-kept packing for dense/profiled calls: see
-``fgcompile.lowering.ops``.
+kernel after the sparse kernel, in the same op) instead of an all-kept packing for dense/profiled
+calls: see ``fgcompile.lowering.ops``.
 
 Sites the kernel cannot take stay opaque ``site_attention`` nodes (also on CUDA): impl="reference",
 a head dim that is not a multiple of 8 up to 128 or is symbolic, D_v != D, block_m outside

@@ -39,8 +39,9 @@ index_cap=0) -> (counts, indices, full_counts, full_tiles, dense_out, use_dense)
     of a site's time), its output would differ from ``site_attention``'s by rounding, and its
     index lists (403 MB at Wan's shape) would have to be cached or rebuilt. The select (the copy
     kernel ``triton_sparse._copy_dense``, in the same triton_op) reads ``dense_out`` only on those
-    calls, is bitwise exact for both kinds of calls, and writes the output in q's layout (no permute copy after the site where q is a
-    permuted view, as in diffusers; a ``torch.where`` after the kernel cost 0.1 ms per Wan layer).
+    calls, is bitwise exact for both kinds of calls, and writes the output in q's layout (no
+    permute copy after the site where q is a permuted view, as in diffusers; a ``torch.where``
+    after the kernel cost 0.1 ms per Wan layer).
 
 ``fgcompile::sparse_attention(q, k, v, counts, indices, full_counts, full_tiles, scale, block_m,
 block_n, seq_len_kv, full_tile, autotune=False, dense_out=None, use_dense=None, out_like_q=True) -> out``
