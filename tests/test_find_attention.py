@@ -588,6 +588,7 @@ def test_site_names():
         ("L['self'].__dict__['_modules']['blocks'].3.attn1", "blocks.3.attn1"),
         ("L['model'].transformer_blocks[0].attn", "transformer_blocks.0.attn"),
         ("L['self']", ""),
+        ("L['args'][0].layers.0.self_attn", "layers.0.self_attn"),  # self passed through a decorator's *args
     ],
 )
 def test_site_name_normalisation(path, name):
@@ -937,3 +938,45 @@ def test_five_d_gqa_is_a_dense_site_with_its_reason():
 
     check(gqa5, (rand(B, 1, 2, S, D), rand(B, 1, 1, S, D, seed=2), rand(B, 1, 1, S, D, seed=3)),
           [("matmul_softmax", "dense", "none", "5-D inputs (the kernels serve up to 4-D)")])
+
+
+def test_augmented_assignment_scale_is_not_folded():
+    """``q *= c`` writes into q, which another name may still read after the attention: folding
+    the multiply into the site's scale and dropping it would leave that reader unscaled. The
+    softmax is left as written, with its reason."""
+
+    def f(q, k, v):
+        q_alias = q
+        q *= 0.125
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v + q_alias
+
+    rep = fgcompile.explain(f, *qkv(), config=CFG)
+    assert not rep.sites
+    assert any("in-place" in why for _, _, why in rep.rejected), rep.rejected
+    out = torch.compile(f, backend=fgattn_backend(CFG))(*qkv())
+    torch.testing.assert_close(out, f(*qkv()))
+
+
+def test_sdpa_output_keeps_the_layout_eager_gives_it():
+    """Eager SDPA returns q's memory layout: with diffusers' transposed (B, S, H, D) q the output
+    is (B, S, H, D) in memory and ``.transpose(1, 2).view(B, S, -1)`` after it is legal. The
+    rewritten site gives the same layout (on the CPU's contiguous op: a copy)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(128, 384)
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(b, s, 3, 2, 64).unbind(2))
+            o = F.scaled_dot_product_attention(q, k, v)
+            return o.transpose(1, 2).view(b, s, -1)
+
+    m, x = M().eval(), torch.randn(1, 64, 128)
+    with torch.no_grad():
+        ref = m(x)
+        rep = fgcompile.explain(m, x, config=CFG)
+        out = torch.compile(m, backend=fgattn_backend(CFG))(x)
+    assert [s.decision for s in rep.sites] == ["sparse"]
+    torch.testing.assert_close(out, ref)

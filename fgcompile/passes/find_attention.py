@@ -154,6 +154,11 @@ _SOFTMAX_FNS = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.so
 _MUL_FNS = {operator.mul, operator.imul, torch.mul, torch.Tensor.mul}
 _DIV_FNS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, torch.Tensor.div}
 _ADD_FNS = {operator.add, operator.iadd, torch.add, torch.Tensor.add}
+#: Python's augmented assignments as Dynamo records them: on a tensor they write into it
+_INPLACE_FNS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+}
 _WHERE_FNS = {torch.where}
 _MASKED_FILL_FNS = {torch.masked_fill, torch.Tensor.masked_fill}
 _DROPOUT_FNS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
@@ -161,6 +166,20 @@ _TRANSPOSE_FNS = {torch.transpose, torch.swapaxes, torch.swapdims, torch.Tensor.
 _PERMUTE_FNS = {torch.permute, torch.Tensor.permute}
 _CAST_METHODS = {"float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous"}
 _LOWEST = -1e4  # a fill value at or below this masks a key out
+
+
+def _mutates(node: fx.Node) -> bool:
+    """Whether ``node`` writes into its first argument: an in-place tensor method (``x.mul_(c)``:
+    the name ends in "_", not a dunder) or an augmented assignment (``x *= c``, operator.imul)."""
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("__")
+    if node.op == "call_function":
+        if node.target in _INPLACE_FNS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.startswith("_")
+    return False
 
 
 def _is_fn(node: Any, fns: set, methods: Sequence[str] = ()) -> bool:
@@ -306,13 +325,16 @@ def _norm_dim(d: Any, n: int) -> Optional[int]:
 
 
 # ----------------------------------------------------------------------------- names
-_PREFIX = re.compile(r"^(?:[LG]\[['\"][^'\"]*['\"]\]|self)\.?")
+# the root module's source: L['self'], G['model'], or an item of a wrapped forward's *args
+# (L['args'][0]: a decorator that takes self in *args, as transformers' models have)
+_PREFIX = re.compile(r"^(?:[LG]\[['\"][^'\"]*['\"]\](?:\[\d+\])?|self)\.?")
 
 
 def site_name(path: str) -> str:
     """Dynamo's module path -> the module's dotted path: ``"L['self'].blocks[3].attn1"``,
     ``"L['self'].blocks.3.attn1"``, ``"L['self']._modules['blocks']._modules['3'].attn1"`` and
-    ``"L['self'].__dict__['_modules']['blocks'].3.attn1"`` all become ``"blocks.3.attn1"``."""
+    ``"L['self'].__dict__['_modules']['blocks'].3.attn1"`` and ``"L['args'][0].blocks.3.attn1"`` all
+    become ``"blocks.3.attn1"``."""
     s = _PREFIX.sub("", path.strip())
     s = re.sub(r"\.?__dict__\[['\"]_modules['\"]\]", ".", "." + s)
     s = re.sub(r"\._modules\[['\"]([^'\"]*)['\"]\]", r".\1", s)
@@ -598,7 +620,7 @@ class _Finder:
             for u in n.users:
                 if u not in rset:
                     raise _Reject(f"{n.name} is also used by {u.name} outside the attention")
-            if n.op == "call_method" and str(n.target).endswith("_") and n.target != "__matmul__":
+            if _mutates(n):  # its operand may be read elsewhere, through another name or a view
                 raise _Reject(f"{n.name} is an in-place op")
         anc_out = nx.ancestors(g, output) | {output}
         anc_in: set = set()
@@ -621,7 +643,7 @@ class _Finder:
             for u in i.users:
                 if u in rset:
                     continue
-                if first <= self.order.get(u, -1) <= last and u.op == "call_method" and str(u.target).endswith("_"):
+                if first <= self.order.get(u, -1) <= last and _mutates(u):
                     raise _Reject(f"input {i.name} is mutated by {u.name} inside the attention")
 
     # -------------------------------------------------------------- sdpa

@@ -150,6 +150,42 @@ def _key_padding(b: _Builder, m: SiteMatch, q4: fx.Node, k4: fx.Node) -> Optiona
     return b.method("contiguous", mk)
 
 
+def _hint(x: Any) -> Optional[int]:
+    """An int size or stride, or a symbolic one's example value (None where there is none)."""
+    if isinstance(x, int):
+        return int(x)
+    hint = getattr(getattr(x, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
+
+
+def _like_layout(b: _Builder, o: fx.Node, old: torch.Tensor) -> fx.Node:
+    """``o`` (the site's new output, same shape as ``old``) in ``old``'s memory layout where that
+    layout is a permutation of a contiguous one and differs from ``o``'s: eager SDPA returns q's
+    layout, e.g. (B, S, H, D) memory for diffusers' transposed q, and code after it may rely on it
+    (``out.transpose(1, 2).view(B, S, -1)``). ``permute``, ``contiguous``, the inverse ``permute``:
+    no copy where ``o`` already has that layout (the CUDA kernel writes q's layout). Size-1 dims
+    are ignored; any other layout (expanded, overlapping, no example sizes) leaves ``o`` as it is."""
+    new = o.meta["example_value"]
+    shape = [_hint(x) for x in old.shape]
+    want = [_hint(x) for x in old.stride()]
+    have = [_hint(x) for x in new.stride()]
+    if None in shape or None in want or None in have:
+        return o
+    dims = [d for d in range(old.dim()) if shape[d] != 1]
+    if all(want[d] == have[d] for d in dims):
+        return o
+    order = sorted(range(old.dim()), key=lambda d: (shape[d] != 1, -want[d], d))  # outermost first
+    expect, step = [0] * old.dim(), 1
+    for d in reversed(order):
+        expect[d], step = step, step * shape[d]
+    if any(expect[d] != want[d] for d in dims):
+        return o
+    inverse = sorted(range(old.dim()), key=lambda d: order[d])
+    x = b.method("permute", o, *order)
+    x = b.method("contiguous", x)
+    return b.method("permute", x, *inverse)
+
+
 def _check_same(new: torch.Tensor, old: torch.Tensor, name: str) -> None:
     ns, os_ = [size_of(s) for s in new.shape], [size_of(s) for s in old.shape]
     if ns != os_:
@@ -189,6 +225,7 @@ def rewrite_site(gm: fx.GraphModule, m: SiteMatch, handle: int) -> fx.Node:
             o = b.method("permute", o, *full)
         if o.meta["example_value"].dtype != old.dtype:
             o = b.method("to", o, old.dtype)
+        o = _like_layout(b, o, old)
         _check_same(o.meta["example_value"], old, m.info.name)
     except Exception:
         b.undo()
