@@ -574,6 +574,13 @@ def state_of(model: Any) -> ModelState:
     fgattn. Compiled functions and modules without parameters have no parameter to own their
     sites: they all share one state (their sites are told apart by name only)."""
     found = _states_of(model)
+    orig = getattr(model, "_torchdynamo_orig_callable", None)
+    if not found and "." in getattr(orig, "__qualname__", ""):
+        # torch.compile(module.forward): the wrapper keeps the function, not the module
+        raise ValueError(
+            f"model: expected a compiled model; this is a compiled method ({orig.__qualname__}): pass the "
+            "module whose method was compiled (its state is attached to the module's parameters)"
+        )
     if not found:
         raise ValueError(
             "model: expected a model compiled with backend='fgattn' (or fgcompile.backend(...)) "
@@ -759,15 +766,16 @@ def load_state(model: Any, path: str) -> None:
         last = st.sites[name].last_shapes
         if entry["mask_key"] is None or last is None:
             continue
-        (_, h, s_q, d), (_, _, s_kv, _) = entry["mask_key"][0], entry["mask_key"][1]
-        (_, h2, s_q2, d2), (_, _, s_kv2, _) = last
-        if (h, s_q, s_kv, d) != (h2, s_q2, s_kv2, d2):
+        (b, h, s_q, d), (_, _, s_kv, _) = entry["mask_key"][0], entry["mask_key"][1]
+        (b2, h2, s_q2, d2), (_, _, s_kv2, _) = last
+        if (b, h, s_q, s_kv, d) != (b2, h2, s_q2, s_kv2, d2):  # a mask holds one row set per batch item
             raise ValueError(
-                f"path: site {name!r} was saved for a different shape: (heads, S_q, S_kv, head_dim) = "
-                f"{(h, s_q, s_kv, d)} in the file, {(h2, s_q2, s_kv2, d2)} in the model's last call"
+                f"path: site {name!r} was saved for a different shape: (batch, heads, S_q, S_kv, head_dim) = "
+                f"{(b, h, s_q, s_kv, d)} in the file, {(b2, h2, s_q2, s_kv2, d2)} in the model's last call"
             )
     for name, entry in blob["sites"].items():
         site = st.sites[name]
+        site.full_name = name  # its path in the model: dense_sites patterns of the file match it here
         saved = FGAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["config"].items()})
         site.config = saved.replace(mask_storage=site.config.mask_storage)  # where masks live: this machine's choice
         site.reset()

@@ -525,3 +525,52 @@ def test_configure_dense_sites_by_full_path_under_regional_compilation():
     st = fgcompile.stats(model)
     assert (st["blocks.0.attn"].dense_calls, st["blocks.0.attn"].sparse_calls) == (2, 0)
     assert (st["blocks.1.attn"].dense_calls, st["blocks.1.attn"].sparse_calls) == (0, 2)
+
+
+def test_load_state_keeps_dense_sites_under_regional_compilation(tmp_path):
+    """A saved ``dense_sites`` pattern names full paths (``blocks.0.*``): loaded into a model
+    whose blocks were compiled one by one, it must still match them."""
+    x = _inputs()
+
+    def regional():
+        model = ToyVideoDiT(ToyDiTConfig(depth=2, width=128, heads=2)).eval()
+        be = fgcompile.backend(_cfg(profile_every=100))
+        for blk in model.blocks:
+            blk.compile(backend=be)
+        return model
+
+    a, b = regional(), regional()
+    with torch.no_grad():
+        a(*x)
+        fgcompile.configure(a, dense_sites=("blocks.0.*",))
+        path = tmp_path / "state.pt"
+        fgcompile.save_state(a, str(path))
+        b(*x)
+        fgcompile.load_state(b, str(path))
+        a(*x)
+        b(*x)
+    for st in (fgcompile.stats(a), fgcompile.stats(b)):
+        assert (st["blocks.0.attn"].dense_calls, st["blocks.1.attn"].dense_calls) == (1, 0)
+
+
+def test_load_state_refuses_another_batch_size(tmp_path):
+    # a cached mask holds one set of rows per batch item
+    ca = torch.compile(ToyVideoDiT(SMALL).eval(), backend=fgcompile.backend(_cfg()))
+    cb = torch.compile(ToyVideoDiT(SMALL).eval(), backend=fgcompile.backend(_cfg()))
+    with torch.no_grad():
+        ca(*_inputs(batch=2))
+        cb(*_inputs(batch=1))
+    path = tmp_path / "state.pt"
+    fgcompile.save_state(ca, str(path))
+    with pytest.raises(ValueError, match=r"\(batch, heads, S_q, S_kv, head_dim\) = \(2,"):
+        fgcompile.load_state(cb, str(path))
+
+
+def test_stats_of_a_compiled_method_names_the_module():
+    model = ToyVideoDiT(SMALL).eval()
+    f = torch.compile(model.forward, backend=fgcompile.backend(_cfg()))
+    with torch.no_grad():
+        f(*_inputs())
+    assert fgcompile.stats(model)  # the state is the module's
+    with pytest.raises(ValueError, match="compiled method .*pass the module"):
+        fgcompile.stats(f)
