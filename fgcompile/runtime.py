@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import torch.utils.weak
 
 from .config import FGAttnConfig, strict_mode
+from .lowering import torch_private
 
 __all__ = [
     "ModelState",
@@ -551,6 +552,7 @@ def _states_of(model: Any) -> list[tuple[str, ModelState]]:
     ``model``, of the module that was compiled (empty when the whole model was): with regional
     compilation (each block compiled) every block has its own state."""
     owner = getattr(model, "_orig_mod", model)
+    owner = torch_private.compiled_method_module(owner) or owner  # torch.compile(module.forward)
     found: list[tuple[str, ModelState]] = []
     if not (isinstance(owner, torch.nn.Module) and any(True for _ in owner.parameters())):
         # a compiled function or a module without parameters: its graphs have no parameter to
@@ -574,13 +576,6 @@ def state_of(model: Any) -> ModelState:
     fgattn. Compiled functions and modules without parameters have no parameter to own their
     sites: they all share one state (their sites are told apart by name only)."""
     found = _states_of(model)
-    orig = getattr(model, "_torchdynamo_orig_callable", None)
-    if not found and "." in getattr(orig, "__qualname__", ""):
-        # torch.compile(module.forward): the wrapper keeps the function, not the module
-        raise ValueError(
-            f"model: expected a compiled model; this is a compiled method ({orig.__qualname__}): pass the "
-            "module whose method was compiled (its state is attached to the module's parameters)"
-        )
     if not found:
         raise ValueError(
             "model: expected a model compiled with backend='fgattn' (or fgcompile.backend(...)) "

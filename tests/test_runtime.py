@@ -566,11 +566,13 @@ def test_load_state_refuses_another_batch_size(tmp_path):
         fgcompile.load_state(cb, str(path))
 
 
-def test_stats_of_a_compiled_method_names_the_module():
+def test_stats_and_explain_of_a_compiled_method():
+    # torch.compile(model.forward): the state is the module's, and the compiled method finds it
     model = ToyVideoDiT(SMALL).eval()
     f = torch.compile(model.forward, backend=fgcompile.backend(_cfg()))
     with torch.no_grad():
         f(*_inputs())
-    assert fgcompile.stats(model)  # the state is the module's
-    with pytest.raises(ValueError, match="compiled method .*pass the module"):
-        fgcompile.stats(f)
+        rep = fgcompile.explain(f, *_inputs())
+    st = fgcompile.stats(f)
+    assert st.keys() == fgcompile.stats(model).keys() and any(s.profiled_calls == 1 for s in st.values())
+    assert any(s.decision == "sparse" for s in rep.sites)  # the compiled config, not the default

@@ -10,6 +10,8 @@ Touched here (all private, all feature-detected so torch 2.11 and 2.13 both work
 - ``torch._dynamo.utils.counters`` (graph breaks) and ``torch._dynamo.config``'s recompile
   limits, for ``fgcompile.explain``.
 - ``torch._subclasses.fake_tensor.FakeTensor``: whether a tensor is fake (tracing).
+- ``_torchdynamo_orig_callable`` of what ``torch.compile(module.forward)`` returns: the module
+  whose method was compiled (``stats`` / ``explain`` of a compiled method).
 - ``torch._logging._internal.register_log`` / ``register_artifact`` / ``_init_logs``: the
   ``TORCH_LOGS="+fgcompile"`` log.
 
@@ -35,6 +37,7 @@ __all__ = [
     "graph_break_count",
     "raised_recompile_limits",
     "is_fake_tensor",
+    "compiled_method_module",
 ]
 
 
@@ -173,3 +176,18 @@ def register_fgcompile_log() -> logging.Logger:
         except Exception:  # pragma: no cover
             pass
     return logger
+
+
+def compiled_method_module(fn: Any) -> Optional[torch.nn.Module]:
+    """The module whose method ``fn`` compiles, where ``fn`` is what ``torch.compile(module.forward)``
+    returned (Dynamo's wrapper keeps the bound method as ``_torchdynamo_orig_callable``, or as its
+    ``__wrapped__``);
+    None for anything else, or where this torch's wrapper does not say."""
+    if isinstance(fn, torch.nn.Module):
+        return None
+    orig = getattr(fn, "_torchdynamo_orig_callable", None)
+    for method in (orig, getattr(orig, "__wrapped__", None)):  # the method, or a wrapper of it
+        owner = getattr(method, "__self__", None)
+        if isinstance(owner, torch.nn.Module):
+            return owner
+    return None
