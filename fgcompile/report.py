@@ -151,8 +151,9 @@ def explain(model: Callable, *args: Any, config: Optional[FGAttnConfig] = None, 
     if not callable(model):
         raise ValueError(f"model: expected a callable (an nn.Module or a function), got {type(model).__name__}")
     target = getattr(model, "_orig_mod", model)  # an already compiled model: explain what it wraps
-    module = torch_private.compiled_method_module(target)  # torch.compile(module.forward)
-    target = getattr(module, "forward", target) if module is not None else target
+    module = torch_private.compiled_method_module(target)
+    if module is not None:  # torch.compile(module.forward): explain that method
+        target = module.forward
     report = Report(config=config)
 
     def capture(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:

@@ -195,11 +195,18 @@ def test_load_state_mismatch_errors(tmp_path):
         fgcompile.load_state(ca, str(garbage))
 
 
-def test_regional_compilation_names_sites_by_full_path():
-    model = ToyVideoDiT(ToyDiTConfig(depth=3, width=128, heads=2)).eval()
-    be = fgcompile.backend(_cfg(profile_every=2))
-    for blk in model.blocks:  # compile each block (diffusers' compile_repeated_blocks does this)
+def _regional(depth: int, **cfg):
+    """A toy DiT of ``depth`` blocks, each compiled on its own (diffusers' compile_repeated_blocks
+    does this) with one fgattn backend of ``_cfg(**cfg)``."""
+    model = ToyVideoDiT(ToyDiTConfig(depth=depth, width=128, heads=2)).eval()
+    be = fgcompile.backend(_cfg(**cfg))
+    for blk in model.blocks:
         blk.compile(backend=be)
+    return model
+
+
+def test_regional_compilation_names_sites_by_full_path():
+    model = _regional(3, profile_every=2)
     x = _inputs()
     with torch.no_grad():
         model(*x)
@@ -512,10 +519,7 @@ def test_block_m_the_triton_kernels_do_not_take_is_dense_at_compile_time():
 def test_configure_dense_sites_by_full_path_under_regional_compilation():
     """With each block compiled on its own, a block's graph names its site ``attn``; configure's
     dense_sites match the full path (``blocks.0.attn``, as stats names it)."""
-    model = ToyVideoDiT(ToyDiTConfig(depth=2, width=128, heads=2)).eval()
-    be = fgcompile.backend(_cfg(profile_every=100))
-    for blk in model.blocks:
-        blk.compile(backend=be)
+    model = _regional(2, profile_every=100)
     x = _inputs()
     with torch.no_grad():
         model(*x)
@@ -531,15 +535,7 @@ def test_load_state_keeps_dense_sites_under_regional_compilation(tmp_path):
     """A saved ``dense_sites`` pattern names full paths (``blocks.0.*``): loaded into a model
     whose blocks were compiled one by one, it must still match them."""
     x = _inputs()
-
-    def regional():
-        model = ToyVideoDiT(ToyDiTConfig(depth=2, width=128, heads=2)).eval()
-        be = fgcompile.backend(_cfg(profile_every=100))
-        for blk in model.blocks:
-            blk.compile(backend=be)
-        return model
-
-    a, b = regional(), regional()
+    a, b = _regional(2, profile_every=100), _regional(2, profile_every=100)
     with torch.no_grad():
         a(*x)
         fgcompile.configure(a, dense_sites=("blocks.0.*",))

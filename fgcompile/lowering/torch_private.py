@@ -181,8 +181,7 @@ def register_fgcompile_log() -> logging.Logger:
 def compiled_method_module(fn: Any) -> Optional[torch.nn.Module]:
     """The module whose method ``fn`` compiles, where ``fn`` is what ``torch.compile(module.forward)``
     returned (Dynamo's wrapper keeps the bound method as ``_torchdynamo_orig_callable``, or as its
-    ``__wrapped__``);
-    None for anything else, or where this torch's wrapper does not say."""
+    ``__wrapped__``); None for anything else, or where this torch's wrapper does not say."""
     if isinstance(fn, torch.nn.Module):
         return None
     orig = getattr(fn, "_torchdynamo_orig_callable", None)

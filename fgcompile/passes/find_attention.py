@@ -1194,23 +1194,23 @@ class _Finder:
         for node in list(self.graph.nodes):
             if node.op not in ("call_function", "call_method") or node in claimed:
                 continue
+            if node.op == "call_function" and _is_fn(node, _SDPA_TARGETS):
+                kind = "sdpa"
+            elif _is_softmax(node) is not None:
+                kind = "softmax"
+            else:
+                continue
             try:
-                if node.op == "call_function" and _is_fn(node, _SDPA_TARGETS):
-                    m = self.match_sdpa(node)
-                elif _is_softmax(node) is not None:
-                    m = self.match_softmax(node)
-                else:
-                    continue
+                m = self.match_sdpa(node) if kind == "sdpa" else self.match_softmax(node)
             except _Reject as e:
                 log.debug("fgcompile: %s is not an attention site: %s", node.name, e)
-                self.rejected.append((node.name, "sdpa" if _is_fn(node, _SDPA_TARGETS) else "softmax", str(e)))
+                self.rejected.append((node.name, kind, str(e)))
                 continue
             except Exception as e:  # a bug here must not cost the other sites (tests: strict)
                 if strict_mode():
                     raise
                 log.warning("fgcompile: could not analyse %s (%s: %s); left as it is", node.name, type(e).__name__, e)
-                self.rejected.append((node.name, "sdpa" if _is_fn(node, _SDPA_TARGETS) else "softmax",
-                                      f"could not be analysed ({type(e).__name__}: {e})"))
+                self.rejected.append((node.name, kind, f"could not be analysed ({type(e).__name__}: {e})"))
                 continue
             if any(n in claimed for n in m.region):
                 continue

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from ..config import strict_mode
 from ..lowering import ops as _ops  # noqa: F401  (registers torch.ops.fgcompile.site_attention)
-from .find_attention import SiteMatch, expand_perm, size_of
+from .find_attention import SiteMatch, _hint, expand_perm, size_of
 
 __all__ = ["rewrite_sites", "rewrite_site"]
 
@@ -148,14 +148,6 @@ def _key_padding(b: _Builder, m: SiteMatch, q4: fx.Node, k4: fx.Node) -> Optiona
     s_kv = b.size(k4, 2)
     mk = b.method("expand", mk, batch, s_kv)
     return b.method("contiguous", mk)
-
-
-def _hint(x: Any) -> Optional[int]:
-    """An int size or stride, or a symbolic one's example value (None where there is none)."""
-    if isinstance(x, int):
-        return int(x)
-    hint = getattr(getattr(x, "node", None), "hint", None)
-    return int(hint) if hint is not None else None
 
 
 def _like_layout(b: _Builder, o: fx.Node, old: torch.Tensor) -> fx.Node:
