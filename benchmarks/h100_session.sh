@@ -19,6 +19,8 @@
 #   bash benchmarks/h100_session.sh W   # variant_probe.py (layouts, pooled), e2e_wan.py 480p b1 d0.6/d0.3 only,
 #                                       # the Wan layer's compile times (REPEATS, default 3)
 #   bash benchmarks/h100_session.sh X   # overhead_bench.py, then the Wan layer's compile times (REPEATS, default 5)
+#   bash benchmarks/h100_session.sh T   # sparse-kernel GPU tests (both tail modes), variant_probe.py --parts kernel,
+#                                       # the Wan layer's compile times with and without PAD_TAIL (REPEATS, default 3)
 #   bash benchmarks/h100_session.sh D   # compile_profile.py (where the Wan layer's cold compile goes) and pack_probe.py
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -139,5 +141,16 @@ K)
   echo "kernel_in_model rc=$?"
   grep -vE "Warning|warn|^ *$|float32:" "$OUT/kernel_in_model.txt" | tail -60
   ;;
-*) echo "usage: $0 A|B|C|D|E|G|H|I|K|P|V|W|X"; exit 2 ;;
+T)
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py -n 4 > "$OUT/gpu_tests_kernels.txt" 2>&1
+  echo "kernel gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests_kernels.txt" | head -12
+  timeout 150 python3 benchmarks/variant_probe.py --parts kernel --out "$OUT/variant_probe_${TAG}.json" > "$OUT/variant_probe.txt" 2>&1
+  echo "variant_probe rc=$?"
+  timeout ${LIMIT:-240} python3 benchmarks/lowering_bench.py --compile-only --cases wan --repeats ${REPEATS:-3} \
+      --variants inductor,fgattn,fgattn_pad_tail --out "$OUT/lowering_${TAG}_wan.json" > "$OUT/lowering_wan.txt" 2>&1
+  echo "lowering (Wan layer) rc=$?"
+  grep -vE "Warning|warn" "$OUT/variant_probe.txt" | tail -14
+  grep -E "^wan |compile_time_ratio" "$OUT/lowering_wan.txt" | tail -6
+  ;;
+*) echo "usage: $0 A|B|C|D|E|G|H|I|K|P|T|V|W|X"; exit 2 ;;
 esac

@@ -141,7 +141,9 @@ CASES = [
 
 @needs_interp
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}kv{c[2]}q{c[3]}k{c[4]}D{c[5]}m{c[6]}n{c[7]}-{c[8]}-{str(c[9])[6:]}")
-def test_triton_matches_reference(case):
+@pytest.mark.parametrize("pad_tail", ["0", "1"])
+def test_triton_matches_reference(case, pad_tail, monkeypatch):
+    monkeypatch.setenv("FGCOMPILE_PAD_TAIL", pad_tail)  # the gather loop's masked tail step or padded last tile
     B, H, H_kv, S_q, S_kv, D, bm, bn, kind, dtype = case
     q, k, v = _rand(B, H, H_kv, S_q, S_kv, D, dtype=dtype, device=DEV, seed=S_q + S_kv)
     keep = _mask(B, H, S_q, S_kv, bm, bn, kind, seed=D).to(DEV)
@@ -232,7 +234,9 @@ def test_triton_bf16_upcast_under_interpreter():
 
 
 @needs_interp
-def test_triton_property_random_shapes():
+@pytest.mark.parametrize("pad_tail", ["0", "1"])
+def test_triton_property_random_shapes(pad_tail, monkeypatch):
+    monkeypatch.setenv("FGCOMPILE_PAD_TAIL", pad_tail)
     hyp = pytest.importorskip("hypothesis")
     st = hyp.strategies
 

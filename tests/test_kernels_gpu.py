@@ -52,9 +52,12 @@ def _rel64(out, q, k, v, keep, bm, bn, scale):
         (2, 2, 1, 1500, 1777, 96, 128, 16, 0.4, torch.float16),
         (1, 2, 2, 1024, 1024, 64, 64, 1, 1.0, torch.float16),
         (1, 2, 2, 1024, 1000, 128, 32, 1, 0.3, torch.float32),
+        (1, 2, 2, 2048, 2048, 128, 128, 1, 0.02, torch.bfloat16),  # every list shorter than a tile
     ],
 )
-def test_sparse_kernel_vs_float64(B, H, H_kv, S_q, S_kv, D, bm, bn, density, dtype):
+@pytest.mark.parametrize("pad_tail", ["0", "1"])
+def test_sparse_kernel_vs_float64(B, H, H_kv, S_q, S_kv, D, bm, bn, density, dtype, pad_tail, monkeypatch):
+    monkeypatch.setenv("FGCOMPILE_PAD_TAIL", pad_tail)  # masked tail step / padded last tile
     q, k, v = _inputs(B, H, H_kv, S_q, S_kv, D, dtype)
     keep = _mask(B, H, S_q, S_kv, bm, bn, density)
     scale = D ** -0.5

@@ -102,6 +102,7 @@ def _fg_sparse_fwd(
     FULL_TILE: tl.constexpr,
     UPCAST: tl.constexpr,
     OFFS_64: tl.constexpr = True,
+    PAD_TAIL: tl.constexpr = False,
 ):
     qb, bh, b64, h64, hk64 = _program_heads(H, GROUP)
     q, offs_m, offs_d, m_ok, d_ok = _q_tile(Q, b64, h64, qb, stride_qb, stride_qh, stride_qs, stride_qd, S_Q,
@@ -142,31 +143,66 @@ def _fg_sparse_fwd(
     # Every tile but the last is full and in range (indices < nKB; only the last key block can
     # run past S_kv, and it sorts last): those run unmasked; the last tile is masked.
     n_tiles = tl.cdiv(n_keys, BLOCK_N)
-    n_main = tl.maximum(n_tiles - 1, 0)
-    j_next = _load_index_tile(i_base, 0, offs_n, n_keys, KEY_BLOCK)
-    for it in range(0, n_main):
-        start = it * BLOCK_N
-        j = j_next
-        j_next = _load_index_tile(i_base, start + BLOCK_N, offs_n, n_keys, KEY_BLOCK)
+    if PAD_TAIL:
+        # One loop, every tile unmasked: the slots of the last tile past the list, and with
+        # KEY_BLOCK > 1 the positions of the last key block past S_KV, read the row of the last
+        # kept key (j_star); their weight is taken off the softmax sums after the loop.
+        last = tl.load(i_base + tl.maximum(count - 1, 0), mask=count > 0, other=0)
         if KEY_BLOCK == 1:
-            kpos = _key_rows(j, OFFS_64)
+            j_star = last
+            n_valid = n_keys
         else:
-            kpos = _key_rows(j * KEY_BLOCK + (start + offs_n) % KEY_BLOCK, OFFS_64)
-        k, v = _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
-        acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, offs_n >= 0, qk_scale, False)
-    if n_tiles > 0:
-        start = n_main * BLOCK_N
-        vpos = start + offs_n
-        in_list = vpos < n_keys
-        if KEY_BLOCK == 1:
-            kpos = j_next
-        else:
-            kpos = j_next * KEY_BLOCK + vpos % KEY_BLOCK
-        valid = in_list & (kpos < S_KV)
-        # out-of-range slots read a real row (clamped) and are masked in the scores
-        kpos = _key_rows(tl.minimum(kpos, S_KV - 1), OFFS_64)
-        k, v = _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
-        acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, True)
+            j_star = tl.minimum(last * KEY_BLOCK + KEY_BLOCK - 1, S_KV - 1)
+            n_valid = n_keys - tl.maximum((last + 1) * KEY_BLOCK - S_KV, 0)
+        j_next = _load_index_tile(i_base, 0, offs_n, n_keys, KEY_BLOCK)
+        for it in range(0, n_tiles):
+            start = it * BLOCK_N
+            j = j_next
+            j_next = _load_index_tile(i_base, start + BLOCK_N, offs_n, n_keys, KEY_BLOCK)
+            vpos = start + offs_n
+            if KEY_BLOCK == 1:
+                kpos = j
+            else:
+                kpos = j * KEY_BLOCK + vpos % KEY_BLOCK
+            kpos = _key_rows(tl.where((vpos < n_keys) & (kpos < S_KV), kpos, j_star), OFFS_64)
+            k, v = _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
+            acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, offs_n >= 0, qk_scale, False)
+        r = tl.where(n_tiles > 0, n_tiles * BLOCK_N - n_valid, 0)  # padded slots (none without kept keys)
+        if r > 0:
+            # the padded slots' scores, by the same dot as in the loop (16 copies of j_star's row)
+            spos = _key_rows(j_star + tl.zeros([16], tl.int32), OFFS_64)
+            ks, vs = _load_kv(k_base, v_base, spos, offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
+            s_star = tl.max(tl.dot(q, tl.trans(ks)), 1)
+            p_star = tl.math.exp2(s_star * qk_scale - m_i)
+            l_i = l_i - r.to(tl.float32) * p_star
+            w = r.to(tl.float32) * p_star.to(vs.dtype).to(tl.float32)
+            acc = acc - w[:, None] * tl.max(vs.to(tl.float32), 0)[None, :]
+    else:
+        n_main = tl.maximum(n_tiles - 1, 0)
+        j_next = _load_index_tile(i_base, 0, offs_n, n_keys, KEY_BLOCK)
+        for it in range(0, n_main):
+            start = it * BLOCK_N
+            j = j_next
+            j_next = _load_index_tile(i_base, start + BLOCK_N, offs_n, n_keys, KEY_BLOCK)
+            if KEY_BLOCK == 1:
+                kpos = _key_rows(j, OFFS_64)
+            else:
+                kpos = _key_rows(j * KEY_BLOCK + (start + offs_n) % KEY_BLOCK, OFFS_64)
+            k, v = _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
+            acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, offs_n >= 0, qk_scale, False)
+        if n_tiles > 0:
+            start = n_main * BLOCK_N
+            vpos = start + offs_n
+            in_list = vpos < n_keys
+            if KEY_BLOCK == 1:
+                kpos = j_next
+            else:
+                kpos = j_next * KEY_BLOCK + vpos % KEY_BLOCK
+            valid = in_list & (kpos < S_KV)
+            # out-of-range slots read a real row (clamped) and are masked in the scores
+            kpos = _key_rows(tl.minimum(kpos, S_KV - 1), OFFS_64)
+            k, v = _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
+            acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, True)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]  # rows with nothing kept: acc == 0 -> zeros
@@ -297,6 +333,12 @@ def autotune_wanted(requested: Optional[bool] = None) -> bool:
     return bool(requested)
 
 
+def pad_tail_wanted() -> bool:
+    """Whether the gather loop pads its last tile (``PAD_TAIL``) instead of running a masked tail
+    step: ``FGCOMPILE_PAD_TAIL=1`` / ``=0``; default off (not yet measured on a GPU)."""
+    return os.environ.get("FGCOMPILE_PAD_TAIL", "0") == "1"
+
+
 def _seq_bucket(s: int) -> int:
     """Sequence lengths bucketed to the next power of two (the autotuning key)."""
     return 1 << max(0, int(s - 1).bit_length())
@@ -372,6 +414,7 @@ def launch_sparse_kernel(
         FULL_TILE=full_tile,
         UPCAST=upcast,
         OFFS_64=needs_64bit_offsets(k, v) if config is None or "OFFS_64" not in config else bool(config["OFFS_64"]),
+        PAD_TAIL=pad_tail_wanted() if config is None or "PAD_TAIL" not in config else bool(config["PAD_TAIL"]),
     )
     if config is None and interpreting():
         config = INTERPRET_CONFIG
@@ -445,6 +488,7 @@ def compile_for_target(
     num_warps: int = 8,
     num_stages: int = 3,
     offs_64: bool = True,
+    pad_tail: bool = False,
 ):
     """Compile the sparse kernel ahead of time for ``sm_<arch>`` (no GPU needed; not under the
     interpreter) and return Triton's compiled kernel (``.asm`` holds ttgir, ptx, cubin...)."""
@@ -458,7 +502,7 @@ def compile_for_target(
     consts = {
         "HEAD_DIM": head_dim, "HEAD_DIM_PAD": head_dim_pad(head_dim), "BLOCK_M": block_m, "BLOCK_N": block_n,
         "KEY_BLOCK": key_block, "FULL_TILE": full_tile, "UPCAST": False, "FULL_N": block_n,
-        "OFFS_64": offs_64,
+        "OFFS_64": offs_64, "PAD_TAIL": pad_tail,
     }
     # mimic the JIT's specialisation for contiguous (B, H, S, D) tensors: unit strides become
     # constants, pointers and the other q/k/v/out strides are multiples of 16.
