@@ -20,7 +20,7 @@
 #                                       # the Wan layer's compile times (REPEATS, default 3)
 #   bash benchmarks/h100_session.sh X   # overhead_bench.py, then the Wan layer's compile times (REPEATS, default 5)
 #   bash benchmarks/h100_session.sh T   # sparse-kernel GPU tests (both tail modes), variant_probe.py --parts kernel,
-#                                       # the Wan layer's compile times with and without PAD_TAIL (REPEATS, default 3)
+#                                       # the Wan layer's compile times with PAD_TAIL (the default) and without (REPEATS, default 3)
 #   bash benchmarks/h100_session.sh D   # compile_profile.py (where the Wan layer's cold compile goes) and pack_probe.py
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -147,7 +147,7 @@ T)
   timeout 150 python3 benchmarks/variant_probe.py --parts kernel --out "$OUT/variant_probe_${TAG}.json" > "$OUT/variant_probe.txt" 2>&1
   echo "variant_probe rc=$?"
   timeout ${LIMIT:-240} python3 benchmarks/lowering_bench.py --compile-only --cases wan --repeats ${REPEATS:-3} \
-      --variants inductor,fgattn,fgattn_pad_tail --out "$OUT/lowering_${TAG}_wan.json" > "$OUT/lowering_wan.txt" 2>&1
+      --variants inductor,fgattn,fgattn_masked_tail --out "$OUT/lowering_${TAG}_wan.json" > "$OUT/lowering_wan.txt" 2>&1
   echo "lowering (Wan layer) rc=$?"
   grep -vE "Warning|warn" "$OUT/variant_probe.txt" | tail -14
   grep -E "^wan |compile_time_ratio" "$OUT/lowering_wan.txt" | tail -6

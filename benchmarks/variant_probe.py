@@ -43,8 +43,8 @@ B, H, S, D, BM = 1, 12, 32760, 128, 128
 
 #: name -> sparse-kernel config (the first is the shipped heuristic config)
 KERNEL_CONFIGS = {
-    "m128_n128_w8_s3": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
-    "m128_n128_w8_s3_padtail": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "PAD_TAIL": True},
+    "m128_n128_w8_s3": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "PAD_TAIL": True},
+    "m128_n128_w8_s3_masked_tail": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "PAD_TAIL": False},
     "m128_n128_w8_s2": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
     "m128_n64_w8_s3": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     "m128_n64_w8_s4": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4},

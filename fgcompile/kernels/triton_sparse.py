@@ -13,8 +13,13 @@ registers and walks the key blocks that ``PackedSlices`` lists for (b, h, i):
    shared memory (num_stages >= 2), and with num_stages >= 3 pipelines the index loads as well, so
    the irregular access is overlapped with the tensor-core work of earlier tiles.
 
-Both loops run the online softmax in base 2 (log2(e) folded into the scale), accumulate in fp32,
-and mask the tail (slots past the count, keys past S_kv). The loop bounds are read from the
+Both loops run the online softmax in base 2 (log2(e) folded into the scale) and accumulate in
+fp32. The gathered loop's last tile has slots past the list's count (and, with block_n > 1, keys
+past S_kv). With ``PAD_TAIL`` (the default) every tile runs the same unmasked step: those slots
+read the row of the list's last kept key j*, and after the loop their weight (r slots times p*,
+j*'s probability from the same dot) is taken off the softmax sum and the accumulator; j* is a kept
+key, so the running maximum is unchanged and the sum stays >= 1. Without it the last tile runs a
+masked copy of the step, which costs ~0.7 s more of Triton compile at a compiled model's first call. The loop bounds are read from the
 count tensors inside the kernel: the launcher never synchronises with the device. A query block
 with no kept key writes zeros. The compiled graph's select (where the 0-d flag ``use_dense``
 holds, a dense or profiled call, O gets the schedule step's dense output) is a second, small
@@ -334,9 +339,11 @@ def autotune_wanted(requested: Optional[bool] = None) -> bool:
 
 
 def pad_tail_wanted() -> bool:
-    """Whether the gather loop pads its last tile (``PAD_TAIL``) instead of running a masked tail
-    step: ``FGCOMPILE_PAD_TAIL=1`` / ``=0``; default off (not yet measured on a GPU)."""
-    return os.environ.get("FGCOMPILE_PAD_TAIL", "0") == "1"
+    """Whether the gather loop pads its last tile (``PAD_TAIL``, the default) instead of running a
+    masked copy of the softmax step after the loop (``FGCOMPILE_PAD_TAIL=0``). Padding compiles
+    ~0.7 s faster at a compiled model's first call and runs at the same speed (H200, Wan 480p:
+    8.34 vs 8.26 ms at density 0.6, 4.25 vs 4.29 ms at 0.3; benchmarks/NOTES.md, session 8)."""
+    return os.environ.get("FGCOMPILE_PAD_TAIL", "1") != "0"
 
 
 def _seq_bucket(s: int) -> int:
@@ -488,7 +495,7 @@ def compile_for_target(
     num_warps: int = 8,
     num_stages: int = 3,
     offs_64: bool = True,
-    pad_tail: bool = False,
+    pad_tail: bool = True,
 ):
     """Compile the sparse kernel ahead of time for ``sm_<arch>`` (no GPU needed; not under the
     interpreter) and return Triton's compiled kernel (``.asm`` holds ttgir, ptx, cubin...)."""
