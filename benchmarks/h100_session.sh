@@ -19,6 +19,8 @@
 #   bash benchmarks/h100_session.sh W   # variant_probe.py (layouts, pooled), e2e_wan.py 480p b1 d0.6/d0.3 only,
 #                                       # the Wan layer's compile times (REPEATS, default 3)
 #   bash benchmarks/h100_session.sh X   # overhead_bench.py, then the Wan layer's compile times (REPEATS, default 5)
+#   bash benchmarks/h100_session.sh L   # lowering_bench.py in full: runtime ratios, then toy DiT, Wan layer and
+#                                       # Wan2.1-1.3B compile times (REPEATS, default 3, cold compiles per backend)
 #   bash benchmarks/h100_session.sh T   # sparse-kernel GPU tests (both tail modes), variant_probe.py --parts kernel,
 #                                       # the Wan layer's compile times with PAD_TAIL (the default) and without (REPEATS, default 3)
 #   bash benchmarks/h100_session.sh D   # compile_profile.py (where the Wan layer's cold compile goes) and pack_probe.py
@@ -140,6 +142,12 @@ K)
   timeout 300 python3 benchmarks/kernel_in_model.py --out "$OUT/kernel_in_model_${TAG}.json" > "$OUT/kernel_in_model.txt" 2>&1
   echo "kernel_in_model rc=$?"
   grep -vE "Warning|warn|^ *$|float32:" "$OUT/kernel_in_model.txt" | tail -60
+  ;;
+L)
+  timeout ${LIMIT:-540} python3 benchmarks/lowering_bench.py --cases toy,wan,wan_model --repeats ${REPEATS:-3} \
+      --out "$OUT/lowering_${TAG}.json" > "$OUT/lowering.txt" 2>&1
+  echo "lowering (runtime ratio; toy, Wan layer, Wan model compile) rc=$?"
+  grep -E "^(toy|wan|wan_model) |runtime_ratio_lowered_vs_direct\"|compile_time_ratio" "$OUT/lowering.txt" | tail -12
   ;;
 T)
   timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py -n 4 > "$OUT/gpu_tests_kernels.txt" 2>&1
