@@ -957,6 +957,48 @@ def test_augmented_assignment_scale_is_not_folded():
     torch.testing.assert_close(out, f(*qkv()))
 
 
+def _write_setitem(q, k, v, kp):
+    a = q @ k.transpose(-2, -1) * 0.125
+    k[:, :, :4] = 0.0  # eager computed the scores with the old k
+    return a.softmax(-1) @ v + k.mean()
+
+
+def _write_out_arg(q, k, v, kp):
+    a = q @ k.transpose(-2, -1) * 0.125
+    torch.mul(v, 2.0, out=q)
+    return a.softmax(-1) @ v + q.mean()
+
+
+def _write_through_view(q, k, v, kp):
+    q_view = q[:, :, :]
+    a = q @ k.transpose(-2, -1) * 0.125
+    q_view.zero_()
+    return a.softmax(-1) @ v + q.mean()
+
+
+def _write_mask_through_view(q, k, v, kp):
+    kp = kp.clone()
+    a = (q @ k.transpose(-2, -1) * 0.125).masked_fill(kp, float("-inf"))
+    kp.view(-1).fill_(False)  # eager already applied the mask
+    return a.softmax(-1) @ v + kp.float().mean()
+
+
+@pytest.mark.parametrize("fn", [_write_setitem, _write_out_arg, _write_through_view, _write_mask_through_view],
+                         ids=["setitem", "out=", "view of q", "view of the mask"])
+def test_write_between_scores_and_output_rejects_the_site(fn):
+    """The rewritten op reads q, k and the mask where the attention's output is computed; eager
+    read them at the scores. A write in between (``x[i] = y``, ``out=``, an in-place op on a view)
+    must leave the softmax as written, with its reason: rewritten, the output was 14-76% off."""
+    q, k, v = qkv()
+    kp = (torch.arange(S) >= S - 5).expand(B, 1, 1, S).clone()
+    rep = fgcompile.explain(fn, q.clone(), k.clone(), v.clone(), kp, config=CFG)
+    assert not rep.sites, rep.table()
+    assert any("writes in place between" in why for _, _, why in rep.rejected), rep.rejected
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=fgattn_backend(CFG))(q.clone(), k.clone(), v.clone(), kp)
+    torch.testing.assert_close(out, fn(q.clone(), k.clone(), v.clone(), kp))
+
+
 def test_sdpa_output_keeps_the_layout_eager_gives_it():
     """Eager SDPA returns q's memory layout: with diffusers' transposed (B, S, H, D) q the output
     is (B, S, H, D) in memory and ``.transpose(1, 2).view(B, S, -1)`` after it is legal. The

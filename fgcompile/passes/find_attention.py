@@ -182,6 +182,18 @@ def _mutates(node: fx.Node) -> bool:
     return False
 
 
+def _writes(node: fx.Node) -> bool:
+    """Whether ``node`` writes into a tensor it did not create: an in-place op (``_mutates``),
+    ``x[i] = y`` (operator.setitem), a call with an ``out=`` tensor, or an operator whose schema
+    says it mutates an argument."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if _mutates(node) or node.target is operator.setitem or node.kwargs.get("out") is not None:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return bool(getattr(schema, "is_mutable", False))
+
+
 def _is_fn(node: Any, fns: set, methods: Sequence[str] = ()) -> bool:
     if not isinstance(node, fx.Node):
         return False
@@ -561,6 +573,7 @@ class _Finder:
         self.graph = gm.graph
         self.config = config
         self.order = {n: i for i, n in enumerate(self.graph.nodes)}
+        self.nodes = list(self.graph.nodes)
         self._nx = None
         self._postdom = None
         self.rejected: list[tuple[str, str, str]] = []  # (node, "softmax" | "sdpa", why): not sites
@@ -636,15 +649,14 @@ class _Finder:
         for n in region:
             if n is not output and not self.postdominates(output, n):
                 raise _Reject(f"{output.name} does not post-dominate {n.name}")
-        # The inputs are read where the output is computed: none may be mutated in between.
+        # The rewritten op reads its inputs where the output is computed, eager read q, k and the
+        # mask at the scores: no write may happen in between, to an input or to anything that may
+        # alias one (a view, a slice, an out= argument), so any write there rejects the site.
         first = min(self.order[n] for n in region)
         last = self.order[output]
-        for i in inputs:
-            for u in i.users:
-                if u in rset:
-                    continue
-                if first <= self.order.get(u, -1) <= last and _mutates(u):
-                    raise _Reject(f"input {i.name} is mutated by {u.name} inside the attention")
+        for u in self.nodes[first : last + 1]:
+            if u not in rset and _writes(u):
+                raise _Reject(f"{u.name} writes in place between the attention's scores and its output")
 
     # -------------------------------------------------------------- sdpa
     def match_sdpa(self, node: fx.Node) -> SiteMatch:
