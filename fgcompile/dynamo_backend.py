@@ -5,7 +5,9 @@ point, no import needed) or ``torch.compile(model, backend=fgcompile.backend(con
 
 What it does with each graph Dynamo captures:
 
-1. finds every attention site (``fgcompile.passes.find_attention``) and decides, per site, sparse
+1. expands nn.MultiheadAttention's fused call into projections around an SDPA call
+   (``fgcompile.passes.expand_mha``), then finds every attention site
+   (``fgcompile.passes.find_attention``) and decides, per site, sparse
    or dense, with a reason;
 2. registers the sparse sites with the model's run-time state (``fgcompile.runtime``) and replaces
    each by ``torch.ops.fgcompile.site_attention`` (``fgcompile.passes.rewrite``); dense sites stay
@@ -44,7 +46,8 @@ class TransformResult:
     graph: torch.fx.GraphModule
     sites: list = field(default_factory=list)  # list[fgcompile.passes.find_attention.SiteInfo]
     lowered: int = 0  # sites lowered to site_plan + the Triton sparse_attention op (CUDA)
-    # (node, "softmax" | "sdpa", why) of the softmax / SDPA nodes that are not attention sites
+    # (node, "softmax" | "sdpa" | "mha", why) of the softmax / SDPA / nn.MultiheadAttention nodes
+    # that are not attention sites
     rejected: list = field(default_factory=list)
 
 
@@ -84,10 +87,12 @@ def transform(
     """Run fgcompile's FX passes on a Dynamo graph, in place: detect, decide, register, rewrite,
     lower (CUDA). ``autotune``: whether the lowered sparse kernel autotunes its configs."""
     from .lowering.ops import site_attention
+    from .passes.expand_mha import expand_mha
     from .passes.find_attention import find_attention_sites
     from .passes.rewrite import rewrite_sites
 
     rejected: list = []
+    expand_mha(gm, rejected)  # nn.MultiheadAttention's fused call -> projections + SDPA
     matches = find_attention_sites(gm, config, rejected)
     if _grad_needed(example_inputs):
         _make_dense(matches, "autograd is recording (inputs require grad): the sparse kernels have no backward; "

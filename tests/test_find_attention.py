@@ -999,6 +999,108 @@ def test_write_between_scores_and_output_rejects_the_site(fn):
     torch.testing.assert_close(out, fn(q.clone(), k.clone(), v.clone(), kp))
 
 
+class _MHA(nn.Module):
+    """nn.MultiheadAttention self-attention on (B, S, E) or (S, B, E) inputs."""
+
+    def __init__(self, batch_first=True, kdim=None, bias=True, add_bias_kv=False, call=None):
+        super().__init__()
+        self.batch_first = batch_first
+        self.mha = nn.MultiheadAttention(128, 2, batch_first=batch_first, kdim=kdim, vdim=kdim, bias=bias,
+                                         add_bias_kv=add_bias_kv)
+        self.kv = nn.Linear(128, kdim) if kdim else None
+        self.call = call or (lambda m, x, kv, kp: m(x, kv, kv, key_padding_mask=kp, need_weights=False)[0])
+
+    def forward(self, x, kp=None):
+        kv = self.kv(x) if self.kv is not None else x
+        return self.call(self.mha, x, kv, kp)
+
+
+class _NoFastPath(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, *args):
+        prev = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return self.m(*args)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(prev)
+
+
+def test_transformer_layer_fast_path_says_why():
+    """In eval mode without autograd nn.TransformerEncoderLayer runs one fused PyTorch kernel:
+    no site, and the report says so and how to get one."""
+    m = nn.TransformerEncoderLayer(128, 2, dim_feedforward=64, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(B, S, 128)
+    with torch.no_grad():
+        rep = fgcompile.explain(m, x, config=CFG)
+    assert not rep.sites
+    assert any(kind == "mha" and "set_fastpath_enabled(False)" in why for _, kind, why in rep.rejected), rep.rejected
+
+
+_MHA_OK = {
+    "batch_first": dict(),
+    "seq_first": dict(batch_first=False),
+    "kdim (separate projections)": dict(kdim=96),
+    "no bias": dict(bias=False),
+    "default need_weights, weights unused": dict(call=lambda m, x, kv, kp: m(x, kv, kv, key_padding_mask=kp)[0]),
+    "key_padding_mask": dict(call=lambda m, x, kv, kp: m(x, kv, kv, key_padding_mask=kp, need_weights=False)[0]),
+    "TransformerEncoderLayer": None,
+}
+
+
+@pytest.mark.parametrize("case", list(_MHA_OK))
+def test_multihead_attention_is_expanded_to_an_sdpa_site(case):
+    """Dynamo records nn.MultiheadAttention's F.multi_head_attention_forward as one node; the
+    backend writes it out as projections around SDPA, which becomes a site: same output as eager."""
+    torch.manual_seed(0)
+    if case == "TransformerEncoderLayer":  # without its fused fast path (see the next test)
+        m = nn.TransformerEncoderLayer(128, 2, dim_feedforward=64, dropout=0.0, batch_first=True).eval()
+        m = _NoFastPath(m)
+    else:
+        m = _MHA(**_MHA_OK[case]).eval()
+    seq_first = case == "seq_first"
+    x = torch.randn(S, B, 128) if seq_first else torch.randn(B, S, 128)
+    args = (x,)
+    if case == "key_padding_mask":
+        args = (x, torch.arange(S)[None, :].expand(B, S) >= torch.tensor([[S], [S - 9]]))
+    with torch.no_grad():
+        rep = fgcompile.explain(m, *args, config=CFG)
+        assert len(rep.sites) == 1 and rep.sites[0].pattern == "sdpa", rep.table()
+        assert not [r for r in rep.rejected if r[1] == "mha"], rep.rejected
+        if case == "key_padding_mask":
+            assert rep.sites[0].mask == "key_padding", rep.table()
+        ref = m(*args)
+        for cfg in (CFG, FGAttnConfig(predictor="profile", alpha=1e-6, min_seq_len=64, block_m=16)):
+            torch._dynamo.reset()
+            out = torch.compile(m, backend=fgattn_backend(cfg))(*args)
+            torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+_MHA_REJECTED = {
+    "weights used": (dict(call=lambda m, x, kv, kp: m(x, kv, kv)[0] + m(x, kv, kv)[1].mean()),
+                     "attention weights are used"),
+    "attn_mask": (dict(call=lambda m, x, kv, kp: m(x, kv, kv, attn_mask=torch.zeros(S, S), need_weights=False)[0]),
+                  "attn_mask"),
+    "add_bias_kv": (dict(add_bias_kv=True), "bias_k is set"),
+}
+
+
+@pytest.mark.parametrize("case", list(_MHA_REJECTED))
+def test_multihead_attention_not_expanded_says_why(case):
+    kw, why = _MHA_REJECTED[case]
+    torch.manual_seed(0)
+    m = _MHA(**kw).eval()
+    x = torch.randn(B, S, 128)
+    with torch.no_grad():
+        rep = fgcompile.explain(m, x, config=CFG)
+        assert any(kind == "mha" and why in r for _, kind, r in rep.rejected), rep.rejected
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(m, backend=fgattn_backend(CFG))(x), m(x), atol=2e-5, rtol=1e-4)
+
+
 def test_sdpa_output_keeps_the_layout_eager_gives_it():
     """Eager SDPA returns q's memory layout: with diffusers' transposed (B, S, H, D) q the output
     is (B, S, H, D) in memory and ``.transpose(1, 2).view(B, S, -1)`` after it is legal. The

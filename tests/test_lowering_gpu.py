@@ -219,6 +219,35 @@ def test_toy_dit_compiled_vs_eager():
     assert all(v.sparse_calls == 1 for v in fgcompile.stats(c).values())
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_multihead_attention_expanded_and_lowered(padded):
+    """nn.MultiheadAttention (its fused call expanded to SDPA, ``passes.expand_mha``), with and
+    without a key_padding_mask: a lowered sparse site, profiled call exact, sparse call close."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(256, 2, batch_first=True).cuda().to(DT).eval()
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x, kp):
+            return self.mha(x, x, x, key_padding_mask=kp, need_weights=False)[0]
+
+    x = torch.randn(2, 2048, 256, device="cuda", dtype=DT)
+    kp = torch.arange(2048, device="cuda")[None, :] >= torch.tensor([[2048], [1900]], device="cuda") if padded else None
+    cfg = FGAttnConfig(predictor="profile", alpha=0.05, profile_calls=(0,), min_seq_len=256, max_density=1.0)
+    with torch.no_grad():
+        ref = M()(x, kp)
+        c = _compile(M(), cfg)
+        p = c(x, kp)
+        s = c(x, kp)
+    assert _rel(p, ref) < 1e-2
+    assert _rel(s, ref) < 0.05, _rel(s, ref)
+    st = fgcompile.stats(c)
+    assert len(st) == 1 and all(v.sparse_calls == 1 for v in st.values()), st
+
+
 @pytest.mark.parametrize("lowered", [True, False])
 @pytest.mark.parametrize("setting", ["profile", "budget", "pooled"])
 def test_precompile_step_runs(lowered, setting):

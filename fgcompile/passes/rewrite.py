@@ -56,18 +56,25 @@ class _Builder:
             return v
         if isinstance(x, (list, tuple)):
             return type(x)(self._value(y) for y in x)
+        if isinstance(x, dict):
+            return {k: self._value(y) for k, y in x.items()}
         return x
 
     def _ctx(self):
         return self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
 
-    def fn(self, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
+    def fn(self, target: Callable, *args: Any, value_fn: Optional[Callable] = None, **kwargs: Any) -> fx.Node:
+        """``target(*args, **kwargs)`` as a new node; its fake value is that call on the inputs'
+        fake values, or ``value_fn(*args' fake values)`` where given."""
         with self.graph.inserting_before(self.anchor):
             n = self.graph.call_function(target, tuple(args), dict(kwargs))
         self.nodes.append(n)
         n.meta.update(self.meta)
         with self._ctx():
-            n.meta["example_value"] = target(*self._value(args), **self._value(kwargs))
+            if value_fn is not None:
+                n.meta["example_value"] = value_fn(*self._value(args))
+            else:
+                n.meta["example_value"] = target(*self._value(args), **self._value(kwargs))
         return n
 
     def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
