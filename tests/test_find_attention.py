@@ -1101,6 +1101,45 @@ def test_multihead_attention_not_expanded_says_why(case):
         torch.testing.assert_close(torch.compile(m, backend=fgattn_backend(CFG))(x), m(x), atol=2e-5, rtol=1e-4)
 
 
+_HEADS_MASKS = {  # keep (B, S) -> a (B, H, 1, S) mask; True: one row per batch repeated over heads
+    "expand": (lambda keep: keep[:, None, None, :].expand(B, H, 1, S), True),
+    "expand from 2-D": (lambda keep: keep[:1].expand(B, H, 1, S), True),  # one row for every batch
+    "repeat": (lambda keep: keep[:, None, None, :].repeat(1, H, 1, 1), True),
+    "repeat_interleave + view (diffusers)": (lambda keep: keep[:, None, :].repeat_interleave(H, dim=0).view(B, H, -1, S), True),
+    "varies over heads": (lambda keep: torch.stack([keep, keep.flip(-1)], 1)[:, :, None, :], False),
+    "3-D source on the head axis": (lambda keep: keep[:H, None, :].expand(B, H, 1, S), False),
+}
+
+
+@pytest.mark.parametrize("case", list(_HEADS_MASKS))
+def test_key_padding_mask_repeated_over_heads(case):
+    """A (B, H, 1, S) boolean mask that repeats one key-padding row per head (diffusers'
+    prepare_attention_mask, an expand, a repeat) is a key-padding mask; one that varies over heads
+    is not (dense, with the reason). Either way the output equals eager."""
+    build, served = _HEADS_MASKS[case]
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[1, S - 11:] = False
+    keep[0, :3] = False
+
+    def f(q, k, v, keep):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=build(keep))
+
+    q, k, v = qkv()
+    rep = fgcompile.explain(f, q, k, v, keep, config=CFG)
+    assert len(rep.sites) == 1
+    site = rep.sites[0]
+    if served:
+        assert site.mask == "key_padding" and site.decision == "sparse", rep.table()
+    else:
+        assert site.decision == "dense" and "not a key-padding mask" in site.reason, rep.table()
+    cfg = FGAttnConfig(predictor="profile", alpha=1e-6, min_seq_len=64, block_m=16, max_density=1.0)
+    torch._dynamo.reset()
+    c = torch.compile(f, backend=fgattn_backend(cfg))
+    ref = f(q, k, v, keep)
+    for _ in range(2):  # profiled, then sparse
+        torch.testing.assert_close(c(q, k, v, keep), ref, atol=1e-5, rtol=1e-4)
+
+
 def test_sdpa_output_keeps_the_layout_eager_gives_it():
     """Eager SDPA returns q's memory layout: with diffusers' transposed (B, S, H, D) q the output
     is (B, S, H, D) in memory and ``.transpose(1, 2).view(B, S, -1)`` after it is legal. The

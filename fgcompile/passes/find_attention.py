@@ -194,6 +194,39 @@ def _writes(node: fx.Node) -> bool:
     return bool(getattr(schema, "is_mutable", False))
 
 
+def _same_over_heads(mask: fx.Node, heads: Any) -> bool:
+    """Whether a 4-D mask (B, H, *, S) holds one row per batch repeated over its H heads, as
+    built from a per-batch mask: ``x.expand(B, H, ...)`` / ``x.broadcast_to`` / ``x.expand_as`` of a
+    tensor with one head, ``x.repeat(1, H, 1, 1)``, or diffusers' ``prepare_attention_mask``:
+    ``x.repeat_interleave(H, dim=0).view(B, H, -1, S)``. The rewrite then reads head 0."""
+    if not isinstance(mask, fx.Node) or mask.op not in ("call_method", "call_function") or not mask.args:
+        return False
+    src = mask.args[0]
+    t = _tensor(src) if isinstance(src, fx.Node) else None
+    if t is None:
+        return False
+    if _is_fn(mask, {torch.broadcast_to}, ("expand", "expand_as")):
+        # sizes align from the right: the head axis is the source's dim 1 of 4, dim 0 of 3, or new
+        return (t.dim() == 4 and _is_one(t.shape[1])) or (t.dim() == 3 and _is_one(t.shape[0])) or t.dim() <= 2
+    if _is_fn(mask, set(), ("repeat",)):
+        reps = [_const_number(r) for r in mask.args[1:]]
+        return t.dim() == 4 and _is_one(t.shape[1]) and len(reps) == 4 and reps[0] == reps[2] == reps[3] == 1
+    if _is_fn(mask, {torch.reshape}, ("view", "reshape")) and isinstance(src, fx.Node):
+        ri = src
+        if not _is_fn(ri, {torch.repeat_interleave}, ("repeat_interleave",)) or not isinstance(ri.args[0], fx.Node):
+            return False
+        reps = _get(ri, 1, "repeats")
+        dim = _get(ri, 2, "dim")
+        out = _tensor(mask)
+        base = _tensor(ri.args[0])
+        # rows b * H + h of the repeated tensor are copies of row b: viewed as (B, H, ...) the H
+        # heads of batch b are its copies
+        return (base is not None and out is not None and out.dim() == 4 and _const_number(dim) == 0
+                and isinstance(reps, int) and _same(out.shape[1], reps)
+                and _same(out.shape[0], base.shape[0]) and _same(heads, out.shape[1]))
+    return False
+
+
 def _is_fn(node: Any, fns: set, methods: Sequence[str] = ()) -> bool:
     if not isinstance(node, fx.Node):
         return False
@@ -1184,7 +1217,7 @@ class _Finder:
         if not (_is_one(shape[nb + 1]) or _equal(shape[nb + 1], tk[-2])):
             return "other", bad, None
         if nb == 2:
-            if not _is_one(shape[1]):
+            if not (_is_one(shape[1]) or _same_over_heads(m.mask, tq[1])):
                 return "other", bad, None
             if not (_is_one(shape[0]) or _equal(shape[0], tq[0])):
                 return "other", bad, None
