@@ -19,14 +19,14 @@ past S_kv). With ``PAD_TAIL`` (the default) every tile runs the same unmasked st
 read the row of the list's last kept key j*, and after the loop their weight (r slots times p*,
 j*'s probability from the same dot) is taken off the softmax sum and the accumulator; j* is a kept
 key, so the running maximum is unchanged and the sum stays >= 1. Without it the last tile runs a
-masked copy of the step, which costs ~0.7 s more of Triton compile at a compiled model's first call. The loop bounds are read from the
-count tensors inside the kernel: the launcher never synchronises with the device. A query block
-with no kept key writes zeros. The compiled graph's select (where the 0-d flag ``use_dense``
-holds, a dense or profiled call, O gets the schedule step's dense output) is a second, small
-kernel (``_copy_dense``) launched after this one: in this kernel's epilogue it cost ~15% of its
-Triton compile, which a compiled model's first call waits for (benchmarks/NOTES.md, session 7).
-``OFFS_64`` keeps the K/V row offsets in 64 bits;
-the launcher clears it when every row offset of a head fits in int32 (5-8% faster on the H100,
+masked copy of the step, which costs ~0.7 s more of Triton compile at a compiled model's first
+call. The loop bounds are read from the count tensors inside the kernel: the launcher never
+synchronises with the device. A query block with no kept key writes zeros. The compiled graph's
+select (where the 0-d flag ``use_dense`` holds, a dense or profiled call, O gets the schedule
+step's dense output) is a second, small kernel (``_copy_dense``) launched after this one: in this
+kernel's epilogue it cost ~15% of its Triton compile, which a compiled model's first call waits
+for (benchmarks/NOTES.md, session 7). ``OFFS_64`` keeps the K/V row offsets in 64 bits; the
+launcher clears it when every row offset of a head fits in int32 (5-8% faster on the H100,
 benchmarks/NOTES.md, session 4).
 
 Supports any strides of q/k/v/out, GQA (kv head = h // (H // H_kv)), head dims up to 128 (a dim
@@ -107,7 +107,7 @@ def _fg_sparse_fwd(
     FULL_TILE: tl.constexpr,
     UPCAST: tl.constexpr,
     OFFS_64: tl.constexpr = True,
-    PAD_TAIL: tl.constexpr = False,
+    PAD_TAIL: tl.constexpr = True,
 ):
     qb, bh, b64, h64, hk64 = _program_heads(H, GROUP)
     q, offs_m, offs_d, m_ok, d_ok = _q_tile(Q, b64, h64, qb, stride_qb, stride_qh, stride_qs, stride_qd, S_Q,
@@ -146,7 +146,8 @@ def _fg_sparse_fwd(
     # keep num_stages - 1 tiles of K/V copies in flight (with the index load inside the same
     # iteration it waits for every copy at each step).
     # Every tile but the last is full and in range (indices < nKB; only the last key block can
-    # run past S_kv, and it sorts last): those run unmasked; the last tile is masked.
+    # run past S_kv, and it sorts last): those run unmasked; the last tile is padded (PAD_TAIL)
+    # or masked.
     n_tiles = tl.cdiv(n_keys, BLOCK_N)
     if PAD_TAIL:
         # One loop, every tile unmasked: the slots of the last tile past the list, and with
