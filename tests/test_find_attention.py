@@ -1105,6 +1105,7 @@ _HEADS_MASKS = {  # keep (B, S) -> a (B, H, 1, S) mask; True: one row per batch 
     "expand": (lambda keep: keep[:, None, None, :].expand(B, H, 1, S), True),
     "expand from 2-D": (lambda keep: keep[:1].expand(B, H, 1, S), True),  # one row for every batch
     "repeat": (lambda keep: keep[:, None, None, :].repeat(1, H, 1, 1), True),
+    "repeat, one tuple": (lambda keep: keep[:, None, None, :].repeat((1, H, 1, 1)), True),
     "repeat_interleave + view (diffusers)": (lambda keep: keep[:, None, :].repeat_interleave(H, dim=0).view(B, H, -1, S), True),
     "varies over heads": (lambda keep: torch.stack([keep, keep.flip(-1)], 1)[:, :, None, :], False),
     "3-D source on the head axis": (lambda keep: keep[:H, None, :].expand(B, H, 1, S), False),

@@ -209,7 +209,8 @@ def _same_over_heads(mask: fx.Node, heads: Any) -> bool:
         # sizes align from the right: the head axis is the source's dim 1 of 4, dim 0 of 3, or new
         return (t.dim() == 4 and _is_one(t.shape[1])) or (t.dim() == 3 and _is_one(t.shape[0])) or t.dim() <= 2
     if _is_fn(mask, set(), ("repeat",)):
-        reps = [_const_number(r) for r in mask.args[1:]]
+        reps = mask.args[1] if len(mask.args) == 2 and isinstance(mask.args[1], (tuple, list)) else mask.args[1:]
+        reps = [_const_number(r) for r in reps]
         return t.dim() == 4 and _is_one(t.shape[1]) and len(reps) == 4 and reps[0] == reps[2] == reps[3] == 1
     if _is_fn(mask, {torch.reshape}, ("view", "reshape")) and isinstance(src, fx.Node):
         ri = src
