@@ -983,8 +983,48 @@ def _write_mask_through_view(q, k, v, kp):
     return a.softmax(-1) @ v + kp.float().mean()
 
 
-@pytest.mark.parametrize("fn", [_write_setitem, _write_out_arg, _write_through_view, _write_mask_through_view],
-                         ids=["setitem", "out=", "view of q", "view of the mask"])
+def _write_inplace_kwarg(q, k, v, kp):
+    k = k.contiguous()
+    a = (q @ k.transpose(-2, -1) * 0.125).softmax(-1)
+    F.hardtanh(k, -0.1, 0.1, True)  # inplace=True by position
+    return a @ v + k.mean()
+
+
+def _write_module_inplace(q, k, v, kp):
+    k = k.contiguous()
+    a = (q @ k.transpose(-2, -1) * 0.125).softmax(-1)
+    nn.ReLU(inplace=True)(k)
+    return a @ v + k.mean()
+
+
+def _write_foreach(q, k, v, kp):
+    k = k.contiguous()
+    a = (q @ k.transpose(-2, -1) * 0.125).softmax(-1)
+    torch._foreach_mul_([k], 3.0)
+    return a @ v + k.mean()
+
+
+@torch.library.custom_op("fgtest::scale_into", mutates_args=("x",))
+def _scale_into(x: torch.Tensor, c: float) -> None:
+    x.mul_(c)
+
+
+@_scale_into.register_fake
+def _(x, c):
+    return None
+
+
+def _write_custom_op_packet(q, k, v, kp):
+    k = k.contiguous()
+    a = (q @ k.transpose(-2, -1) * 0.125).softmax(-1)
+    torch.ops.fgtest.scale_into(k, 3.0)
+    return a @ v + k.mean()
+
+
+@pytest.mark.parametrize("fn", [_write_setitem, _write_out_arg, _write_through_view, _write_mask_through_view,
+                                _write_inplace_kwarg, _write_module_inplace, _write_foreach, _write_custom_op_packet],
+                         ids=["setitem", "out=", "view of q", "view of the mask", "inplace=True", "nn.ReLU(inplace=True)",
+                              "_foreach_mul_", "custom op packet"])
 def test_write_between_scores_and_output_rejects_the_site(fn):
     """The rewritten op reads q, k and the mask where the attention's output is computed; eager
     read them at the scores. A write in between (``x[i] = y``, ``out=``, an in-place op on a view)
@@ -993,7 +1033,7 @@ def test_write_between_scores_and_output_rejects_the_site(fn):
     kp = (torch.arange(S) >= S - 5).expand(B, 1, 1, S).clone()
     rep = fgcompile.explain(fn, q.clone(), k.clone(), v.clone(), kp, config=CFG)
     assert not rep.sites, rep.table()
-    assert any("writes in place between" in why for _, _, why in rep.rejected), rep.rejected
+    assert any("between the attention's scores and its output" in why for _, _, why in rep.rejected), rep.rejected
     torch._dynamo.reset()
     out = torch.compile(fn, backend=fgattn_backend(CFG))(q.clone(), k.clone(), v.clone(), kp)
     torch.testing.assert_close(out, fn(q.clone(), k.clone(), v.clone(), kp))
@@ -1139,6 +1179,49 @@ def test_key_padding_mask_repeated_over_heads(case):
     ref = f(q, k, v, keep)
     for _ in range(2):  # profiled, then sparse
         torch.testing.assert_close(c(q, k, v, keep), ref, atol=1e-5, rtol=1e-4)
+
+
+class _HarmlessWrites(nn.Module):
+    """Writes that cannot change what the attention reads: into a fresh tensor of a parallel
+    branch, into the key cache before the scores read it, into v before the output reads it."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.case = case
+        self.qkv = nn.Linear(H * D, 3 * H * D)
+        self.g = nn.Linear(H * D, H * D)
+        self.register_buffer("kc", torch.zeros(B, H, S, D))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)
+        if self.case == "fresh tensor":
+            a = (q @ k.transpose(-2, -1)) * 0.125
+            g = self.g(x)
+            g.relu_()
+            return (a.softmax(-1) @ v).transpose(1, 2).reshape(B, S, -1) * g
+        if self.case == "key cache before the scores":
+            q = q * 0.125
+            self.kc[:, :, :S] = k
+            return (q @ self.kc.transpose(-2, -1)).softmax(-1) @ v
+        v = v.contiguous()
+        a = (q @ k.transpose(-2, -1) * 0.125).softmax(-1)
+        v.mul_(2.0)  # eager's p @ v reads the doubled v, as the rewritten op does
+        return a @ v
+
+
+@pytest.mark.parametrize("case", ["fresh tensor", "key cache before the scores", "v before the output"])
+def test_writes_that_cannot_change_the_inputs_keep_the_site(case):
+    torch.manual_seed(0)
+    m = _HarmlessWrites(case).eval()
+    x = torch.randn(B, S, H * D)
+    with torch.no_grad():
+        rep = fgcompile.explain(m, x, config=CFG)
+        assert len(rep.sites) == 1, (rep.table(), rep.rejected)
+        ref = _HarmlessWrites(case).eval()
+        ref.load_state_dict(m.state_dict())
+        torch._dynamo.reset()
+        out = torch.compile(m, backend=fgattn_backend(CFG))(x)
+        torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-4)
 
 
 def test_sdpa_output_keeps_the_layout_eager_gives_it():

@@ -51,6 +51,7 @@ its size hint (the example input's size), and the reason says so; no guard is ad
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import operator
@@ -178,20 +179,74 @@ def _mutates(node: fx.Node) -> bool:
         if node.target in _INPLACE_FNS:
             return True
         name = getattr(node.target, "__name__", "")
-        return name.endswith("_") and not name.startswith("_")
+        return name.endswith("_") and not name.endswith("__")  # torch.relu_, torch._foreach_mul_
     return False
 
 
-def _writes(node: fx.Node) -> bool:
-    """Whether ``node`` writes into a tensor it did not create: an in-place op (``_mutates``),
-    ``x[i] = y`` (operator.setitem), a call with an ``out=`` tensor, or an operator whose schema
-    says it mutates an argument."""
-    if node.op not in ("call_function", "call_method"):
-        return False
-    if _mutates(node) or node.target is operator.setitem or node.kwargs.get("out") is not None:
+def _inplace_arg(node: fx.Node) -> bool:
+    """Whether a call passes ``inplace=True`` (``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``,
+    by keyword or by position)."""
+    if node.kwargs.get("inplace") is True:
         return True
-    schema = getattr(node.target, "_schema", None)
-    return bool(getattr(schema, "is_mutable", False))
+    if node.op != "call_function" or not any(a is True for a in node.args):
+        return False
+    try:
+        params = inspect.signature(node.target).parameters
+    except (TypeError, ValueError):
+        return False
+    names = list(params)
+    return "inplace" in names and names.index("inplace") < len(node.args) and node.args[names.index("inplace")] is True
+
+
+def _written(node: fx.Node) -> Optional[list]:
+    """The tensors ``node`` writes into (graph nodes, or values of its arguments), or None when it
+    writes nothing: ``out=`` tensors, ``x[i] = y``, in-place ops (``x.mul_``, ``x *= c``,
+    ``torch._foreach_mul_``, ``inplace=True``) and operators whose schema marks an argument written
+    (every tensor argument of an overload packet with such an overload)."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    out = node.kwargs.get("out")
+    if out is not None:
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+    if node.target is operator.setitem or node.target == "__setitem__":
+        return [node.args[0]]
+    if _mutates(node) or _inplace_arg(node):
+        first = node.args[0] if node.args else None
+        return list(first) if isinstance(first, (list, tuple)) else [first]
+    target = node.target
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        if not schema.is_mutable:
+            return None
+        written = []
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                written.append(node.kwargs.get(arg.name, node.args[i] if i < len(node.args) else None))
+        return written
+    overloads = getattr(target, "overloads", None)  # an operator packet: torch.ops.ns.op
+    if callable(overloads):
+        try:
+            mutable = any(getattr(target, o)._schema.is_mutable for o in overloads())
+        except Exception:
+            mutable = True
+        if mutable:
+            return [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+    return None
+
+
+def _storages(xs: list) -> Optional[set]:
+    """The storages (ids of the fake values' untyped storages) of graph nodes / values, or None
+    when one of them has no tensor value to tell (then it may be anything)."""
+    out = set()
+    for x in xs:
+        v = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else x
+        if not isinstance(v, torch.Tensor):
+            return None
+        try:
+            out.add(v.untyped_storage()._cdata)
+        except Exception:
+            return None
+    return out
 
 
 def _same_over_heads(mask: fx.Node, heads: Any) -> bool:
@@ -683,14 +738,29 @@ class _Finder:
         for n in region:
             if n is not output and not self.postdominates(output, n):
                 raise _Reject(f"{output.name} does not post-dominate {n.name}")
-        # The rewritten op reads its inputs where the output is computed, eager read q, k and the
-        # mask at the scores: no write may happen in between, to an input or to anything that may
-        # alias one (a view, a slice, an out= argument), so any write there rejects the site.
+        # The rewritten op reads its inputs where the output is computed; eager read each input
+        # where the region first reads it (q, k and the mask at the scores). A write in between
+        # into an input's memory (the input itself, a view, a slice: the graph's fake values share
+        # a storage exactly where the tensors alias) rejects the site; a write whose target is
+        # unknown counts as a write into every input.
         first = min(self.order[n] for n in region)
         last = self.order[output]
+        read_at = {}
+        for i in inputs:
+            readers = [self.order[u] for u in i.users if u in rset]
+            if readers:
+                read_at[i] = min(readers)
         for u in self.nodes[first : last + 1]:
-            if u not in rset and _writes(u):
-                raise _Reject(f"{u.name} writes in place between the attention's scores and its output")
+            if u in rset:
+                continue
+            targets = _written(u)
+            if targets is None:
+                continue
+            stores = _storages(targets)
+            for i, at in read_at.items():
+                if at < self.order[u] and (stores is None or _storages([i]) is None or _storages([i]) & stores):
+                    raise _Reject(f"{u.name} writes into {i.name} (or memory it shares) between the attention's "
+                                  "scores and its output")
 
     # -------------------------------------------------------------- sdpa
     def match_sdpa(self, node: fx.Node) -> SiteMatch:
