@@ -1224,6 +1224,37 @@ def test_writes_that_cannot_change_the_inputs_keep_the_site(case):
         torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-4)
 
 
+def test_diffusers_mask_repeated_over_heads_under_dynamic_shapes():
+    """diffusers' prepare_attention_mask under dynamic shapes (a symbolic head count in
+    repeat_interleave): still a key-padding mask, sparse, equal to eager at two lengths."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(D, 3 * D)
+
+        def forward(self, x, keep):  # x (B, H, S, D): the head count is a size of the input
+            b, h, s, _ = x.shape
+            q, k, v = self.qkv(x).chunk(3, -1)
+            mask = keep[:, None, :].repeat_interleave(h, dim=0).view(b, h, -1, s)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    torch.manual_seed(0)
+    m = M().eval()
+    cfg = FGAttnConfig(predictor="profile", alpha=1e-6, min_seq_len=16, block_m=16, max_density=1.0, profile_calls=(0,))
+    torch._dynamo.reset()
+    c = torch.compile(m, backend=fgattn_backend(cfg), dynamic=True)
+    with torch.no_grad():
+        for s in (48, 80):
+            x = torch.randn(B, H, s, D)
+            keep = torch.ones(B, s, dtype=torch.bool)
+            keep[1, s - 7:] = False
+            for _ in range(2):
+                torch.testing.assert_close(c(x, keep), m(x, keep), atol=1e-5, rtol=1e-4)
+    st = fgcompile.stats(c)
+    assert st and all(v.sparse_calls >= 1 for v in st.values()), st
+
+
 def test_sdpa_output_keeps_the_layout_eager_gives_it():
     """Eager SDPA returns q's memory layout: with diffusers' transposed (B, S, H, D) q the output
     is (B, S, H, D) in memory and ``.transpose(1, 2).view(B, S, -1)`` after it is legal. The

@@ -272,14 +272,16 @@ def _same_over_heads(mask: fx.Node, heads: Any) -> bool:
         if not _is_fn(ri, {torch.repeat_interleave}, ("repeat_interleave",)) or not isinstance(ri.args[0], fx.Node):
             return False
         reps = _get(ri, 1, "repeats")
+        if isinstance(reps, fx.Node):  # a symbolic head count under dynamic shapes
+            reps = reps.meta.get("example_value")
         dim = _get(ri, 2, "dim")
         out = _tensor(mask)
         base = _tensor(ri.args[0])
         # rows b * H + h of the repeated tensor are copies of row b: viewed as (B, H, ...) the H
         # heads of batch b are its copies
         return (base is not None and out is not None and out.dim() == 4 and _const_number(dim) == 0
-                and isinstance(reps, int) and _same(out.shape[1], reps)
-                and _same(out.shape[0], base.shape[0]) and _same(heads, out.shape[1]))
+                and isinstance(reps, (int, torch.SymInt)) and not isinstance(reps, bool)
+                and _equal(out.shape[1], reps) and _equal(out.shape[0], base.shape[0]) and _equal(heads, out.shape[1]))
     return False
 
 
