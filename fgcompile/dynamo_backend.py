@@ -46,8 +46,8 @@ class TransformResult:
     graph: torch.fx.GraphModule
     sites: list = field(default_factory=list)  # list[fgcompile.passes.find_attention.SiteInfo]
     lowered: int = 0  # sites lowered to site_plan + the Triton sparse_attention op (CUDA)
-    # (node, "softmax" | "sdpa" | "mha", why) of the softmax / SDPA / nn.MultiheadAttention nodes
-    # that are not attention sites
+    # (node, "softmax" | "sdpa" | "mha" | "opaque", why) of the softmax / SDPA / nn.MultiheadAttention
+    # nodes and the opaque attention kernels that are not attention sites
     rejected: list = field(default_factory=list)
 
 

@@ -4,7 +4,7 @@ sparse.
     report = fgcompile.explain(model, *example_args, config=FGAttnConfig(min_seq_len=1024))
     print(report)            # a table of the attention sites, then the rewritten code
     report.sites             # list[SiteInfo]: name, pattern, shapes, mask, decision, reason
-    report.rejected          # (node, "softmax" | "sdpa" | "mha", why) of softmax / SDPA / MHA nodes that are no site
+    report.rejected          # (node, "softmax" | "sdpa" | "mha" | "opaque", why) of nodes that are no site
     report.graph             # the rewritten torch.fx.GraphModule (the first, if Dynamo made several)
     report.graphs, report.graph_breaks
 
@@ -51,10 +51,12 @@ class Report:
     ``graphs``: the rewritten ``torch.fx.GraphModule`` of each graph Dynamo captured;
     ``graph``: the first of them (None when nothing was captured);
     ``graph_breaks``: how many graph breaks Dynamo reported while capturing;
-    ``rejected``: ``(node name, "softmax", "sdpa" or "mha", why)`` for every softmax,
+    ``rejected``: ``(node name, "softmax", "sdpa", "mha" or "opaque", why)`` for every softmax,
     scaled_dot_product_attention or multi_head_attention_forward node of the graphs that the pass
     did not take as an attention site (a spelling it does not follow, a softmax that is no
-    attention, an nn.MultiheadAttention call with arguments it does not expand): they run as written."""
+    attention, an nn.MultiheadAttention call with arguments it does not expand), and every call to
+    an attention kernel it cannot see into (flash-attn, xFormers, FlexAttention...): they run as
+    written."""
 
     sites: list = field(default_factory=list)
     rejected: list = field(default_factory=list)

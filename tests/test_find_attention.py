@@ -1255,6 +1255,31 @@ def test_diffusers_mask_repeated_over_heads_under_dynamic_shapes():
     assert st and all(v.sparse_calls >= 1 for v in st.values()), st
 
 
+@torch.library.custom_op("xformers_fgtest::attention", mutates_args=())
+def _opaque_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+@_opaque_kernel.register_fake
+def _(q, k, v):
+    return torch.empty_like(q)
+
+
+def test_opaque_attention_kernels_are_reported():
+    """Another library's attention kernel (an xFormers-like custom op here) and FlexAttention are
+    one opaque call each: no site, and the report names them with a way out."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def f(q, k, v):
+        return torch.ops.xformers_fgtest.attention(q, k, v) + flex_attention(q, k, v)
+
+    rep = fgcompile.explain(f, *qkv(), config=CFG)
+    assert not rep.sites
+    opaque = [why for _, kind, why in rep.rejected if kind == "opaque"]
+    assert len(opaque) == 2 and all("F.scaled_dot_product_attention" in w for w in opaque), rep.rejected
+    assert any("xformers_fgtest" in w for w in opaque) and any("flex_attention" in w for w in opaque), opaque
+
+
 def test_sdpa_output_keeps_the_layout_eager_gives_it():
     """Eager SDPA returns q's memory layout: with diffusers' transposed (B, S, H, D) q the output
     is (B, S, H, D) in memory and ``.transpose(1, 2).view(B, S, -1)`` after it is legal. The

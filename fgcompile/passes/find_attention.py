@@ -249,6 +249,36 @@ def _storages(xs: list) -> Optional[set]:
     return out
 
 
+#: attention kernels of other libraries that a graph holds as one opaque call (torch.library
+#: namespaces / Python modules), reported as not served instead of passing unnoticed
+_OPAQUE_ATTENTION = ("flash_attn", "xformers", "sageattention", "sageattn", "flashinfer", "spas_sage_attn")
+
+
+def _opaque_attention(node: fx.Node) -> Optional[str]:
+    """The name of a call to another library's attention kernel (flash-attn, xFormers,
+    SageAttention, FlashInfer), or of PyTorch's FlexAttention / SDPA backend ops, that the pass
+    cannot see into; else None."""
+    if node.op != "call_function":
+        return None
+    t = node.target
+    qual = ""
+    name = getattr(t, "name", None)
+    if callable(name):  # an OpOverload / packet / higher-order op: "namespace::op"
+        try:
+            qual = str(name())
+        except Exception:
+            qual = ""
+    if not qual:
+        qual = f"{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', '') or ''}"
+    low = qual.lower()
+    if any(low.startswith(lib) or f"::{lib}" in low or f".{lib}" in low for lib in _OPAQUE_ATTENTION):
+        return qual
+    if "flex_attention" in low or low.startswith("aten::_scaled_dot_product") or low.startswith("aten::_flash_attention") \
+            or low.startswith("aten::_efficient_attention"):
+        return qual
+    return None
+
+
 def _same_over_heads(mask: fx.Node, heads: Any) -> bool:
     """Whether a 4-D mask (B, H, *, S) holds one row per batch repeated over its H heads, as
     built from a per-batch mask: ``x.expand(B, H, ...)`` / ``x.broadcast_to`` / ``x.expand_as`` of a
@@ -1317,6 +1347,11 @@ class _Finder:
             elif _is_softmax(node) is not None:
                 kind = "softmax"
             else:
+                opaque = _opaque_attention(node)
+                if opaque is not None:
+                    self.rejected.append((node.name, "opaque", f"{opaque}: an attention kernel the pass cannot see "
+                                          "into (one opaque call), left as it is; call F.scaled_dot_product_attention "
+                                          "there to make it a site"))
                 continue
             try:
                 m = self.match_sdpa(node) if kind == "sdpa" else self.match_softmax(node)
