@@ -587,8 +587,20 @@ def state_of(model: Any) -> ModelState:
     merged = ModelState()  # a view over the sites of several states, by full path
     for prefix, st in found:
         for name, site in st.sites.items():
-            merged.sites[f"{prefix}.{name}" if prefix else name] = site
+            merged.sites[_full_name(prefix, name, site)] = site
     return merged
+
+
+def _full_name(prefix: str, name: str, site: "SiteState") -> str:
+    """A site's path in the model: ``prefix`` (the compiled module's path) joined to its name in
+    that module's graph; a site in the compiled module's own forward (named ``attention``,
+    ``attention#1``...) takes the module's path itself (``blocks.0``, ``blocks.0#1``), the name a
+    whole-model compile gives it."""
+    if not prefix:
+        return name
+    if getattr(site.info, "in_root", False) and name.split("#")[0] == "attention":
+        return prefix + name[len("attention"):]
+    return f"{prefix}.{name}"
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":

@@ -176,7 +176,7 @@ def test_sdpa_site_info_fields():
     r = check(sdpa_pos, qkv(dtype=torch.bfloat16), [("sdpa",) + SPARSE], atol=2e-2, dtype_tol={"atol": 2e-2, "rtol": 2e-2})
     s = r.sites[0]
     assert isinstance(s, SiteInfo)
-    assert (s.name, s.dtype, s.device, s.head_dim, s.is_causal, s.mask) == ("attention_0", "bfloat16", "cpu", 64, False, "none")
+    assert (s.name, s.dtype, s.device, s.head_dim, s.is_causal, s.mask) == ("attention", "bfloat16", "cpu", 64, False, "none")
     assert s.scale == pytest.approx(1 / 8)
 
 
@@ -254,7 +254,7 @@ def test_sdpa_dense_decisions(fn, args, reason):
 def test_dense_sites_and_block_n():
     q, k, v = qkv()
     keep = key_keep()
-    cfg = CFG.replace(dense_sites=("attention_*",))
+    cfg = CFG.replace(dense_sites=("attention*",))
     check(sdpa_pos, (q, k, v), [("sdpa", "dense", "none", "matches config.dense_sites")], config=cfg)
     cfg = CFG.replace(block_n=2)
     f = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, None, None, :])  # noqa: E731
@@ -576,7 +576,7 @@ class Net(nn.Module):
 
 def test_site_names():
     r = check(Net(), qkv(), [("sdpa",) + SPARSE] * 4 + [("matmul_softmax",) + SPARSE, ("sdpa",) + SPARSE])
-    assert [s.name for s in r.sites] == ["blocks.0", "blocks.1", "pair", "pair#1", "mm", "attention_5"]
+    assert [s.name for s in r.sites] == ["blocks.0", "blocks.1", "pair", "pair#1", "mm", "attention"]
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import fgcompile
 from fgcompile import FGAttnConfig
@@ -214,6 +216,60 @@ def test_regional_compilation_names_sites_by_full_path():
     st = fgcompile.stats(model)
     assert list(st) == ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
     assert all((s.calls, s.profiled_calls, s.sparse_calls) == (2, 1, 1) for s in st.values())
+
+
+class _DirectBlock(nn.Module):
+    """A block that calls SDPA twice in its own forward (no attention submodule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(128, 384)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 2, 64).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v)
+        o = F.scaled_dot_product_attention(o, k, v)
+        return x + o.transpose(1, 2).reshape(b, s, -1)
+
+
+class _DirectNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_DirectBlock(), _DirectBlock()])
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+def test_sites_in_a_block_forward_have_one_name_whole_or_regional(tmp_path):
+    """SDPA called in a block's own forward is named by the block's path (``blocks.0``,
+    ``blocks.0#1``) whether the whole model or each block is compiled, so state saved under one
+    loads under the other."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 256, 128)
+    cfg = _cfg(profile_every=100)
+    whole = _DirectNet().eval()
+    c = torch.compile(whole, backend=fgcompile.backend(cfg))
+    with torch.no_grad():
+        c(x)
+    names = ["blocks.0", "blocks.0#1", "blocks.1", "blocks.1#1"]
+    assert sorted(fgcompile.stats(c)) == names
+    fgcompile.save_state(c, tmp_path / "s.pt")
+    torch._dynamo.reset()
+    regional = _DirectNet().eval()
+    regional.load_state_dict(whole.state_dict())
+    be = fgcompile.backend(cfg)
+    for blk in regional.blocks:
+        blk.compile(backend=be)
+    with torch.no_grad():
+        regional(x)
+    assert sorted(fgcompile.stats(regional)) == names
+    fgcompile.load_state(regional, tmp_path / "s.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(regional(x), c(x))
 
 
 def test_configure_changes_runtime_settings_without_recompiling():

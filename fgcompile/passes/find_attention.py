@@ -96,6 +96,9 @@ class SiteInfo:
     reason: str = ""
     head_dim_v: Size = 0
     scale: Optional[float] = None  # the softmax scale the site uses (None: not a constant)
+    # the site is in the compiled module's own forward, not in a submodule's: named "attention"
+    # here, it takes the compiled module's path in the model (fgcompile.runtime.state_of)
+    in_root: bool = False
 
 
 @dataclass
@@ -1370,10 +1373,14 @@ class _Finder:
             claimed.update(m.region)
             matches.append(m)
         matches.sort(key=lambda m: self.order[m.output])
-        # names: module path, unique within the graph
+        # names: module path, unique within the graph ("attention" in the compiled module's own
+        # forward: under regional compilation its full name is then the block's path, as under a
+        # whole-model compile)
         used: dict[str, int] = {}
-        for i, m in enumerate(matches):
-            base = _module_path(m.output) or f"attention_{i}"
+        for m in matches:
+            base = _module_path(m.output)
+            if base is None:
+                base, m.info.in_root = "attention", True
             n = used.get(base, 0)
             used[base] = n + 1
             m.info.name = base if n == 0 else f"{base}#{n}"
