@@ -238,15 +238,18 @@ def _written(node: fx.Node) -> Optional[list]:
 
 
 def _storages(xs: list) -> Optional[set]:
-    """The storages (ids of the fake values' untyped storages) of graph nodes / values, or None
-    when one of them has no tensor value to tell (then it may be anything)."""
+    """The storages of graph nodes' fake values (or of values), as ``StorageWeakRef`` (equal for
+    tensors that share memory: a view, a slice, the tensor itself), or None when one of them has
+    no tensor value to tell (then it may be anything)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
     out = set()
     for x in xs:
         v = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else x
         if not isinstance(v, torch.Tensor):
             return None
         try:
-            out.add(v.untyped_storage()._cdata)
+            out.add(StorageWeakRef(v.untyped_storage()))
         except Exception:
             return None
     return out
