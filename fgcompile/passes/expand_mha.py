@@ -148,7 +148,8 @@ def _expand(gm: fx.GraphModule, node: fx.Node, a: dict) -> None:
         o = b.fn(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, value_fn=F.scaled_dot_product_attention)
         o = b.method("flatten", b.method("permute", o, 2, 0, 1, 3), -2)  # (L, N, E)
         out = b.fn(F.linear, o, a["out_proj_weight"], a["out_proj_bias"])
-        old = _value(next(u for u in node.users if u.args[1] == 0)) if node.users else None
+        first = next((u for u in node.users if u.args[1] == 0), None)
+        old = _value(first) if first is not None else None
         new = out.meta["example_value"]
         if old is not None and (old.shape != new.shape or old.dtype != new.dtype):
             raise RuntimeError(f"expanded output {tuple(new.shape)} {new.dtype} != {tuple(old.shape)} {old.dtype}")
