@@ -598,8 +598,8 @@ def _full_name(prefix: str, name: str, site: "SiteState") -> str:
     whole-model compile gives it."""
     if not prefix:
         return name
-    if getattr(site.info, "in_root", False) and name.split("#")[0] == "attention":
-        return prefix + name[len("attention"):]
+    if getattr(site.info, "in_root", False):
+        return prefix + name[len(name.split("#")[0]):]  # "attention#1" -> prefix + "#1"
     return f"{prefix}.{name}"
 
 

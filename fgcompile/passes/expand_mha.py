@@ -35,6 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..config import strict_mode
+from .find_attention import _val
 from .rewrite import _Builder
 
 __all__ = ["expand_mha"]
@@ -64,13 +65,9 @@ _FUSED = {
 }
 
 
-def _value(x: Any) -> Any:
-    return x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else x
-
-
 def _why_not(a: dict, node: fx.Node) -> str | None:
     """Why this call cannot be expanded, or None."""
-    q = _value(a["query"])
+    q = _val(a["query"])
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         return "unbatched inputs (2-D query)"
     for name in ("bias_k", "bias_v", "static_k", "static_v"):
@@ -82,7 +79,7 @@ def _why_not(a: dict, node: fx.Node) -> str | None:
         return f"attention dropout while training (dropout_p={a['dropout_p']})"
     if a["attn_mask"] is not None or a["is_causal"] is not False:
         return "attn_mask / is_causal is set (only a key_padding_mask is expanded)"
-    kp = _value(a["key_padding_mask"])
+    kp = _val(a["key_padding_mask"])
     if kp is not None and (not isinstance(kp, torch.Tensor) or kp.dim() != 2
                            or not (kp.dtype == torch.bool or kp.is_floating_point())):
         return "key_padding_mask is not a boolean or float (N, S) tensor"
@@ -102,14 +99,14 @@ def _bool_source(kp: Any) -> Any:
     """The bool padding mask behind ``kp``: ``kp`` itself if bool, or ``b`` when ``kp`` is
     ``zeros_like(b, dtype=float).masked_fill_(b, -inf)`` (how nn.MultiheadAttention turns a bool
     key_padding_mask into the float one it passes on); else None (a float additive mask)."""
-    v = _value(kp)
+    v = _val(kp)
     if v.dtype == torch.bool:
         return kp
     if (kp.op == "call_method" and kp.target in ("masked_fill_", "masked_fill") and len(kp.args) == 3
             and kp.args[2] == float("-inf") and isinstance(kp.args[0], fx.Node)):
         z, padded = kp.args[0], kp.args[1]
         if (z.op == "call_function" and z.target is torch.zeros_like and z.args and z.args[0] is padded
-                and isinstance(padded, fx.Node) and _value(padded).dtype == torch.bool):
+                and isinstance(padded, fx.Node) and _val(padded).dtype == torch.bool):
             return padded
     return None
 
@@ -149,7 +146,7 @@ def _expand(gm: fx.GraphModule, node: fx.Node, a: dict) -> None:
         o = b.method("flatten", b.method("permute", o, 2, 0, 1, 3), -2)  # (L, N, E)
         out = b.fn(F.linear, o, a["out_proj_weight"], a["out_proj_bias"])
         first = next((u for u in node.users if u.args[1] == 0), None)
-        old = _value(first) if first is not None else None
+        old = _val(first) if first is not None else None
         new = out.meta["example_value"]
         if old is not None and (old.shape != new.shape or old.dtype != new.dtype):
             raise RuntimeError(f"expanded output {tuple(new.shape)} {new.dtype} != {tuple(old.shape)} {old.dtype}")

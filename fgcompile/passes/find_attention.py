@@ -245,7 +245,7 @@ def _storages(xs: list) -> Optional[set]:
 
     out = set()
     for x in xs:
-        v = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else x
+        v = _val(x)
         if not isinstance(v, torch.Tensor):
             return None
         try:
@@ -783,11 +783,11 @@ class _Finder:
         # unknown counts as a write into every input.
         first = min(self.order[n] for n in region)
         last = self.order[output]
-        read_at = {}
+        read_at = {}  # input -> (where the region first reads it, its storages)
         for i in inputs:
             readers = [self.order[u] for u in i.users if u in rset]
             if readers:
-                read_at[i] = min(readers)
+                read_at[i] = (min(readers), _storages([i]))
         for u in self.nodes[first : last + 1]:
             if u in rset:
                 continue
@@ -795,8 +795,8 @@ class _Finder:
             if targets is None:
                 continue
             stores = _storages(targets)
-            for i, at in read_at.items():
-                if at < self.order[u] and (stores is None or _storages([i]) is None or _storages([i]) & stores):
+            for i, (at, own) in read_at.items():
+                if at < self.order[u] and (stores is None or own is None or own & stores):
                     raise _Reject(f"{u.name} writes into {i.name} (or memory it shares) between the attention's "
                                   "scores and its output")
 
