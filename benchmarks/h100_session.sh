@@ -24,6 +24,8 @@
 #   bash benchmarks/h100_session.sh T   # sparse-kernel GPU tests (both tail modes), variant_probe.py --parts kernel,
 #                                       # the Wan layer's compile times with PAD_TAIL (the default) and without (REPEATS, default 3)
 #   bash benchmarks/h100_session.sh D   # compile_profile.py (where the Wan layer's cold compile goes) and pack_probe.py
+#   bash benchmarks/h100_session.sh S   # early-compile and lowering GPU tests, then the Wan layer's compile times
+#                                       # with and without the early compile (REPEATS, default 5)
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
@@ -160,5 +162,20 @@ T)
   grep -vE "Warning|warn" "$OUT/variant_probe.txt" | tail -14
   grep -E "^wan |compile_time_ratio" "$OUT/lowering_wan.txt" | tail -6
   ;;
-*) echo "usage: $0 A|B|C|D|E|G|H|I|K|P|T|V|W|X"; exit 2 ;;
+S)
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_early_compile_gpu.py tests/test_lowering_gpu.py -n 4 \
+      > "$OUT/gpu_tests_early.txt" 2>&1
+  echo "early-compile + lowering gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E |^[-+@]" "$OUT/gpu_tests_early.txt" | head -60
+  timeout ${LIMIT:-330} python3 benchmarks/lowering_bench.py --compile-only --cases wan --repeats ${REPEATS:-5} \
+      --variants inductor,fgattn,fgattn_no_early --out "$OUT/lowering_${TAG}_wan_early.json" > "$OUT/lowering_wan.txt" 2>&1
+  echo "lowering (Wan layer) rc=$?"
+  python3 - "$OUT/lowering_${TAG}_wan_early.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))["wan"]["compile"]
+for v, xs in c["compile_s_samples"].items():
+    print(f"{v:18s}", " ".join(f"{x:5.2f}" for x in xs), f"median {c['compile_s'][v]:.2f}", c.get("early_compile_samples", {}).get(v, ""))
+print({k: round(v, 3) for k, v in c.items() if k.startswith("compile_time_ratio")})
+PY
+  ;;
+*) echo "usage: $0 A|B|C|D|E|G|H|I|K|P|S|T|V|W|X"; exit 2 ;;
 esac

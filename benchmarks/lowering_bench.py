@@ -128,6 +128,10 @@ def _child_compile(case: str, backend: str) -> dict:
         torch.cuda.synchronize()
         res["steady_call_s"] = (time.perf_counter() - t0) / 5
     res["backend_s"] = sum(spent)  # the rest of the first call: Dynamo's tracing and the first run
+    if backend != "inductor":  # whether Inductor's program took the sparse kernel's early compile
+        from fgcompile.lowering import early_compile
+
+        res["early_compile"] = early_compile.stats()
     try:  # Dynamo's per-phase compile times (private; diagnostic only)
         res["dynamo_compile_times"] = torch._dynamo.utils.compile_times(repr="str")
     except Exception as e:  # pragma: no cover
@@ -144,6 +148,8 @@ VARIANTS = {
     "fgattn_opaque": ("fgattn", {"FGCOMPILE_LOWERING": "0"}),
     # the gather loop with a masked tail step instead of a padded last tile (triton_sparse.PAD_TAIL)
     "fgattn_masked_tail": ("fgattn", {"FGCOMPILE_PAD_TAIL": "0"}),
+    # the sparse kernel compiled when Inductor's program loads (before session 9's early compile)
+    "fgattn_no_early": ("fgattn", {"FGCOMPILE_EARLY_COMPILE": "0"}),
     # the profiled call's dense forward from PyTorch's fused attention: no profiling-forward compile
     "fgattn_sdpa_forward": ("fgattn", {"FGCOMPILE_PROFILE_FORWARD": "sdpa"}),
 }
@@ -173,6 +179,7 @@ def compile_times(case: str, repeats: int = 1, variants=("inductor", "fgattn")) 
     # compile time = first call minus one steady call (the first call also runs the model once)
     samples = {v: [r["first_call_s"] - r["steady_call_s"] for r in runs[v]] for v in variants}
     out["compile_s_samples"] = samples
+    out["early_compile_samples"] = {v: [r.get("early_compile") for r in runs[v]] for v in variants if v != "inductor"}
     out["compile_s"] = {v: statistics.median(x) for v, x in samples.items()}
     out["compile_time_ratio"] = out["compile_s"]["fgattn"] / out["compile_s"]["inductor"]
     if "fgattn_noprecompile" in variants:
@@ -181,6 +188,8 @@ def compile_times(case: str, repeats: int = 1, variants=("inductor", "fgattn")) 
         out["compile_time_ratio_masked_tail"] = out["compile_s"]["fgattn_masked_tail"] / out["compile_s"]["inductor"]
     if "fgattn_opaque" in variants:
         out["compile_time_ratio_opaque"] = out["compile_s"]["fgattn_opaque"] / out["compile_s"]["inductor"]
+    if "fgattn_no_early" in variants:
+        out["compile_time_ratio_no_early"] = out["compile_s"]["fgattn_no_early"] / out["compile_s"]["inductor"]
     if "fgattn_sdpa_forward" in variants:
         out["compile_time_ratio_sdpa_forward"] = out["compile_s"]["fgattn_sdpa_forward"] / out["compile_s"]["inductor"]
     out["fgattn_first_sparse_call_s"] = out["fgattn"]["second_call_s"]

@@ -83,9 +83,12 @@ def transform(
     example_inputs: Sequence[Any],
     config: FGAttnConfig,
     autotune: bool = False,
+    inductor_patches: Optional[Mapping[str, Any]] = None,
 ) -> TransformResult:
     """Run fgcompile's FX passes on a Dynamo graph, in place: detect, decide, register, rewrite,
-    lower (CUDA). ``autotune``: whether the lowered sparse kernel autotunes its configs."""
+    lower (CUDA). ``autotune``: whether the lowered sparse kernel autotunes its configs.
+    ``inductor_patches``: the Inductor config patches the graph will be compiled under (the
+    lowering starts the sparse kernel's compile early, under them)."""
     from .lowering.ops import site_attention
     from .passes.expand_mha import expand_mha
     from .passes.find_attention import find_attention_sites
@@ -124,7 +127,7 @@ def transform(
     gm.recompile()
     from .lowering.cuda import lower_cuda_sites
 
-    lowered = lower_cuda_sites(gm, autotune)
+    lowered = lower_cuda_sites(gm, autotune, dict(inductor_patches or {}))
     for m in matches:
         i = m.info
         log.info(
@@ -172,8 +175,10 @@ class FGAttnBackend:
             from .kernels.triton_sparse import autotune_wanted
             from .lowering.inductor import max_autotune_enabled
 
+            from .lowering.inductor import kernel_config_patches
+
             autotune = autotune_wanted(bool(patches.get("max_autotune")) or max_autotune_enabled())
-            transform(gm, example_inputs, config, autotune)
+            transform(gm, example_inputs, config, autotune, {**patches, **kernel_config_patches()})
         except Exception as e:  # never crash a user's compile: sites not yet rewritten stay dense
             log.warning(
                 "fgcompile: the attention passes failed (%s: %s); the sites not rewritten yet stay dense",

@@ -121,20 +121,23 @@ def _insert(graph: fx.Graph, meta: dict, fake_mode, target, args, value_fn=None)
     return n
 
 
-def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False) -> int:
+def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patches: Optional[dict] = None) -> int:
     """Replace every CUDA ``site_attention`` node of ``gm`` that the kernel can take by
     ``site_plan`` + ``sparse_attention`` (in place). ``autotune``: whether the sparse
-    kernel autotunes (``triton_sparse.autotune_wanted`` of the compile's mode). Returns how many
-    were lowered."""
+    kernel autotunes (``triton_sparse.autotune_wanted`` of the compile's mode).
+    ``inductor_patches``: the Inductor config patches the compile will run under (the early
+    compile predicts Inductor's kernel source under them). Returns how many were lowered."""
     import os
 
     from .. import runtime
-    from . import warmup
+    from ..kernels.triton_sparse import launch_sparse_kernel
+    from . import early_compile, warmup
 
     lowering_on = os.environ.get("FGCOMPILE_LOWERING", "1") != "0"
     op = torch.ops.fgcompile.site_attention.default
     graph = gm.graph
     lowered = 0
+    early = None  # this graph's early-compile session (Inductor's kernel numbering)
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (op, _ops.site_attention):
             continue
@@ -175,6 +178,13 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False) -> int:
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         lowered += 1
+        if not autotune:  # Inductor's source for the kernel, compiled in its pool from now on
+            fakes = [_val(n) for n in (q, k, v, out, counts, indices, full_counts, full_tiles, dense_out, use_dense)]
+
+            def launch(wrap, f=fakes, scale=float(scale), bm=bm, bn=bn, ft=ft):
+                launch_sparse_kernel(*f[:8], scale, bm, bn, ft, autotune=False, wrap=wrap, dense_out=f[8], use_dense=f[9])
+
+            early = early_compile.early_compile_site(early, launch, inductor_patches)
         cols = cap or (-(-s_kv // bn) if isinstance(s_kv, int) else None)  # site_plan's index columns
         if cols is not None:
             warmup.schedule(template.name, cfg, qv, kv, vv, _val(kp), float(scale), cols, lowered=True)
