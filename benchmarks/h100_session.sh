@@ -163,7 +163,7 @@ T)
   grep -E "^wan |compile_time_ratio" "$OUT/lowering_wan.txt" | tail -6
   ;;
 S)
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_early_compile_gpu.py tests/test_lowering_gpu.py -n 4 \
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_early_compile_gpu.py ${TESTS:-tests/test_lowering_gpu.py} -n 4 \
       > "$OUT/gpu_tests_early.txt" 2>&1
   echo "early-compile + lowering gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E |^[-+@]" "$OUT/gpu_tests_early.txt" | head -60
   timeout ${LIMIT:-330} python3 benchmarks/lowering_bench.py --compile-only --cases wan --repeats ${REPEATS:-5} \

@@ -1,30 +1,29 @@
 """Start Inductor's compile of the lowered sparse kernel when fgcompile's passes run, not when
 Inductor's program loads.
 
-Why (issue 6). Inductor compiles its own Triton kernels in its worker pool while it generates
-code, but a user-defined kernel (the sparse kernel, traced by ``wrap_triton``) only when the
-generated module is loaded, and then waits for it: on the H200 that wait was 1.2-1.6 s of a ~6 s
-cold compile of a Wan layer (``benchmarks/NOTES.md``, sessions 6-8), the largest part of the
-compile time fgattn adds to Inductor's.
+Why (issue 6). Inductor compiles a user-defined Triton kernel (the sparse kernel, traced by
+``wrap_triton``) only when its generated module is loaded, and waits for it there. In a cold
+process its worker pool is not up yet by then (it takes seconds to start), so the compile even runs
+on the calling thread: on the H200 ``PyCodeCache.load_by_key_path`` took 1.3 s longer for fgattn
+than for Inductor alone in a ~6-7 s cold compile of a Wan layer (``benchmarks/NOTES.md``,
+sessions 6-9), the largest part of the compile time fgattn adds.
 
-How. Inductor keys its in-process cache of compile futures (``CompiledTritonKernels``) on the
-exact source string it hands to ``async_compile.triton``. That string is what
-``PythonWrapperCodegen.define_user_defined_triton_kernel`` writes for the kernel, its launch
-arguments (Inductor IR buffers and constants) and its launch configs. ``predict_source`` calls that
-very method (on a stand-in for the wrapper and for the graph that answer the few questions it
-asks: buffer alignment, static sizes, the device) with the arguments the lowering pass knows from
-the Dynamo graph's fake tensors, the way Inductor's Triton-kernel tracing will present them (the
-launch's ``num_warps``/``num_stages`` become one ``triton.Config``). ``submit`` hands the string to
-``AsyncCompile.triton`` as soon as the worker pool answers, from a helper thread, so that the
-compile runs in a worker process while Dynamo, AOTAutograd and Inductor do their work; when
-Inductor later asks for the same string it gets that future.
+How. What Inductor compiles is the source string its codegen writes for the kernel
+(``PythonWrapperCodegen.define_user_defined_triton_kernel``, from the kernel, its launch
+arguments as Inductor IR and its launch configs). ``predict_source`` calls that very method, on
+stand-ins for the wrapper and the graph that answer the few questions it asks (buffer alignment,
+static sizes, the device), with the arguments the lowering pass knows from the Dynamo graph's fake
+tensors, presented as Inductor's Triton-kernel tracing presents them (the launch's
+``num_warps``/``num_stages`` become one ``triton.Config``; kernels numbered in launch order).
+``submit`` then starts the compile of that string the way Inductor's program will ask for it (see
+there): in Inductor's worker pool if it answers, else in a helper thread of this process.
 
 A prediction that differs from what Inductor generates (another torch version's codegen, layouts
 Inductor changed, a second compile in one process that numbers kernels differently) costs one
-wasted compile in a worker and nothing else: Inductor compiles its own string as before. Nothing
-here can change what runs. ``FGCOMPILE_EARLY_COMPILE=0`` turns it off; it is skipped for
-symbolic sizes, autotuned launches (``mode="max-autotune"``), under the Triton interpreter and
-where the worker pool is off (``compile_threads`` 1).
+wasted background compile and nothing else: Inductor compiles its own string as before. The
+kernel that runs is always the one Inductor's string defines. ``FGCOMPILE_EARLY_COMPILE=0`` turns
+it off; it is skipped for symbolic sizes, autotuned launches (``mode="max-autotune"``) and under
+the Triton interpreter. ``stats()`` says what was started and what Inductor took.
 
 Private PyTorch APIs touched here, and only here (each feature-detected; a missing one turns
 the feature off, logged at DEBUG):
@@ -33,7 +32,9 @@ the feature off, logged at DEBUG):
 - ``torch._inductor.ir.Buffer`` / ``FixedLayout`` (stand-ins for the kernel's tensor arguments);
 - ``torch._inductor.virtualized.V.set_graph_handler`` and ``torch._inductor.sizevars.SizeVarAllocator``;
 - ``torch._inductor.async_compile.AsyncCompile`` (``triton``, ``use_process_pool``) and
-  ``CompiledTritonKernels`` (whether Inductor took the future: it removes it once resolved).
+  ``CompiledTritonKernels`` (whether Inductor took the future: it removes it once resolved);
+- ``torch._inductor.codecache.PyCodeCache.load`` and the ``CachingAutotuner`` it defines
+  (``lock``, ``precompile(warm_cache_only=True)``, ``launchers``).
 """
 
 from __future__ import annotations
@@ -47,12 +48,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["enabled", "predict_source", "submit", "Session", "stats"]
+__all__ = ["enabled", "predict_source", "submit", "Session", "stats", "early_compile_site"]
 
 log = logging.getLogger("fgcompile")
 
-#: per process: [predicted sources submitted, sources Inductor took from the cache]
-_SUBMITTED: list[str] = []
+#: per process: the predicted sources started (with the in-process kernel object, or None for a
+#: future in Inductor's pool), and why predictions or compiles were skipped
+_SUBMITTED: list[tuple[str, Any]] = []
+_SKIPPED: list[str] = []
 _LOCK = threading.Lock()
 
 
@@ -108,8 +111,10 @@ class _Wrapper:
         self.defined[name] = kernel
 
     def define(self, kernel, configs, kwargs, grids) -> Optional[tuple[str, str]]:
-        """(name, the source string Inductor hands to ``async_compile.triton``) of one launch;
-        None when Inductor's cache already held it (a repeated launch: no new source)."""
+        """(name, source): the two arguments Inductor's program passes to
+        ``async_compile.triton`` for one launch (the name is the kernel's own unless Inductor's
+        ``triton.unique_user_kernel_names`` is set); None when Inductor's cache already held the
+        launch (a repeated launch: no new source)."""
         fn = self._cls.define_user_defined_triton_kernel
         params = inspect.signature(fn).parameters
         extra = (None,) if "epilogue_fusion" in params else ()
@@ -117,18 +122,21 @@ class _Wrapper:
         name = fn(self, kernel, configs, kwargs, [], [], grids, *extra)[0]
         if name in before or name not in self.defined:
             return None
-        return name, _source_string(self.defined[name])
+        return _triton_call_args(self.defined[name])
 
 
-def _source_string(wrapper_code: str) -> str:
-    """The string literal of ``async_compile.triton(name, '''<source>''', device_str=...)``,
-    evaluated as Python evaluates it in Inductor's module (escapes resolved)."""
+def _triton_call_args(wrapper_code: str) -> tuple[str, str]:
+    """The (name, source) literals of ``async_compile.triton(name, '''<source>''', ...)``,
+    evaluated as Python evaluates them in Inductor's module (escapes resolved)."""
     import ast
 
     call = ast.parse(wrapper_code.strip(), mode="eval").body
-    if not isinstance(call, ast.Call) or len(call.args) < 2 or not isinstance(call.args[1], ast.Constant):
-        raise ValueError("unexpected kernel definition shape")
-    return call.args[1].value
+    if not (isinstance(call, ast.Call) and len(call.args) >= 2 and all(isinstance(a, ast.Constant) for a in call.args[:2])):
+        raise _Unpredictable("unexpected shape of Inductor's kernel definition")
+    name, src = call.args[0].value, call.args[1].value
+    if f"def {name}(" not in src:  # the worker looks the name up in the source's module
+        raise _Unpredictable(f"kernel {name!r} is not defined in its source")
+    return name, src
 
 
 class Session:
@@ -210,63 +218,70 @@ def predict_source(session: Session, launch: Callable[..., Any], patches: Option
     return session.sources[start:]
 
 
-def _pool_ready(timeout: float) -> bool:
+def submit(sources: list[tuple[str, str]], device_str: str = "cuda") -> bool:
+    """Start compiling each predicted (name, source) the way Inductor's program will ask for it.
+
+    - Inductor's worker pool answers: ``AsyncCompile.triton(name, source)`` now, which compiles in
+      a worker and caches the future under the source; Inductor's program later gets that future.
+    - It does not answer yet (a cold process: the pool takes seconds to start, and until then
+      Inductor compiles in its own process when its program loads): a helper thread loads the
+      source as Inductor will (``PyCodeCache.load``, which keeps the module, so that Inductor gets
+      the same kernel object) and compiles it under the kernel's lock; Inductor's
+      ``precompile`` then waits for the lock, finds the binaries and only builds launchers. Triton
+      releases the GIL in its back end, so the compile overlaps Dynamo's and Inductor's work.
+    Returns whether anything was started."""
+    if not sources:
+        return False
     from torch._inductor.async_compile import AsyncCompile
 
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if AsyncCompile.use_process_pool():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def _pool_on() -> bool:
-    try:
-        from torch._inductor.async_compile import get_compile_threads
-    except ImportError:  # pragma: no cover
-        return False
-    return get_compile_threads() > 1
-
-
-def submit(sources: list[tuple[str, str]], device_str: str = "cuda") -> bool:
-    """Hand each (name, source) to Inductor's ``AsyncCompile.triton`` once its worker pool answers
-    (a helper thread waits for it, up to 60 s: before then ``AsyncCompile`` would compile on the
-    calling thread). Returns False (nothing submitted) where the pool is off."""
-    if not sources or not _pool_on():
-        return False
+    if AsyncCompile.use_process_pool():
+        for name, src in sources:
+            AsyncCompile().triton(name, src, device_str=device_str)
+            with _LOCK:
+                _SUBMITTED.append((src, None))
+        log.debug("fgcompile: early compile: %s submitted to Inductor's worker pool", [n for n, _ in sources])
+        return True
 
     def go() -> None:
-        try:
-            from torch._inductor.async_compile import AsyncCompile
+        from torch._inductor.codecache import PyCodeCache
 
-            if not _pool_ready(60.0):
-                log.debug("fgcompile: early compile: Inductor's worker pool did not answer; not submitted")
-                return
-            t = time.perf_counter()
-            for name, src in sources:
-                AsyncCompile().triton(name, src, device_str=device_str)
+        for name, src in sources:
+            try:
+                t = time.perf_counter()
+                kernel = getattr(PyCodeCache.load(src), name)
                 with _LOCK:
-                    _SUBMITTED.append(src)
-            log.debug("fgcompile: early compile: submitted %s (%.3f s)", [n for n, _ in sources], time.perf_counter() - t)
-        except Exception as e:  # never fails a compile
-            log.debug("fgcompile: early compile failed to submit: %s: %s", type(e).__name__, e)
+                    _SUBMITTED.append((src, kernel))
+                with kernel.lock:
+                    kernel.precompile(warm_cache_only=True)
+                log.debug("fgcompile: early compile: %s compiled in %.2f s", name, time.perf_counter() - t)
+            except Exception as e:  # never fails a compile: Inductor compiles it as before
+                _skip(f"compiling {name} failed: {type(e).__name__}: {e}")
 
     threading.Thread(target=go, name="fgcompile-early-compile", daemon=True).start()
     return True
 
 
+def _skip(reason: str) -> None:
+    log.debug("fgcompile: early compile skipped: %s", reason)
+    with _LOCK:
+        _SKIPPED.append(reason)
+
+
 def stats() -> dict:
-    """{"submitted": n, "taken": m}: predicted sources handed to Inductor's pool in this
-    process, and how many of them Inductor's generated program asked for (it removes a cached
-    future once it has resolved it; one it never asked for stays)."""
+    """{"submitted": n, "taken": m, "skipped": [reasons]}: predicted sources handed to Inductor's
+    pool in this process, how many of them Inductor's generated program asked for (it removes a
+    cached future once it has resolved it; one it never asked for stays), and why predictions or
+    submissions were skipped."""
     try:
         from torch._inductor.async_compile import CompiledTritonKernels
     except ImportError:  # pragma: no cover
-        return {"submitted": 0, "taken": 0}
+        return {"submitted": 0, "taken": 0, "skipped": ["no torch._inductor.async_compile"]}
     with _LOCK:
-        srcs = list(_SUBMITTED)
-    return {"submitted": len(srcs), "taken": sum(CompiledTritonKernels.get(s) is None for s in srcs)}
+        subs, skipped = list(_SUBMITTED), list(_SKIPPED)
+    # a pool future is removed from the cache once resolved; an in-process kernel gets launchers
+    # only from Inductor's precompile (the early compile builds none)
+    taken = sum(CompiledTritonKernels.get(src) is None if k is None else bool(getattr(k, "launchers", None)) for src, k in subs)
+    return {"submitted": len(subs), "taken": taken, "skipped": skipped}
 
 
 def early_compile_site(session: Optional[Session], launch: Callable[..., Any], patches: Optional[dict]) -> Optional[Session]:
@@ -282,7 +297,7 @@ def early_compile_site(session: Optional[Session], launch: Callable[..., Any], p
         submit(got)
         return session
     except _Unpredictable as e:
-        log.debug("fgcompile: early compile skipped: %s", e)
+        _skip(str(e))
     except Exception as e:  # a private API changed shape: the compile proceeds as before
-        log.debug("fgcompile: early compile unavailable: %s: %s", type(e).__name__, e)
+        _skip(f"prediction failed: {type(e).__name__}: {e}")
     return None
