@@ -56,6 +56,16 @@ with mock.patch.object(hints.DeviceProperties, "create", classmethod(lambda cls,
     # an autotuned launch is not predicted, and the lowering entry never raises
     out["autotuned"] = ec.early_compile_site(None, lambda wrap: launch_sparse_kernel(*a[:8], 0.125, 64, 1, 16, autotune=True, wrap=wrap, dense_out=a[8], use_dense=a[9]), {}) is None
     out["broken"] = ec.early_compile_site(None, lambda wrap: 1 / 0, {}) is None
+# Inductor's pool not up: a forked child compiles (here it fails: no GPU driver), the parent goes on
+import time
+from torch._inductor.async_compile import AsyncCompile
+with mock.patch.object(AsyncCompile, "use_process_pool", classmethod(lambda cls: False)):
+    out["started"] = ec.submit(first)
+for _ in range(600):
+    if ec._CHILDREN:
+        break
+    time.sleep(0.1)
+out["stats"] = ec.stats()
 print(json.dumps(out))
 """
 
@@ -88,3 +98,6 @@ def test_prediction_is_inductors_kernel_definition():
     # alignment is part of the specialisation
     assert out["misaligned"] != src
     assert out["autotuned"] and out["broken"]
+    st = out["stats"]
+    assert out["started"] and st["children"] == 1 and st["pool"] == 0, st
+    assert st["children_ok"] in (0, 1)  # no CUDA driver here: the child's compile may fail, harmlessly

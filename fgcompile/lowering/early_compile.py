@@ -16,7 +16,8 @@ static sizes, the device), with the arguments the lowering pass knows from the D
 tensors, presented as Inductor's Triton-kernel tracing presents them (the launch's
 ``num_warps``/``num_stages`` become one ``triton.Config``; kernels numbered in launch order).
 ``submit`` then starts the compile of that string the way Inductor's program will ask for it (see
-there): in Inductor's worker pool if it answers, else in a helper thread of this process.
+there): in Inductor's worker pool if it answers, else in a forked child process that compiles into
+Triton's on-disk cache, where Inductor's own compile of the same string finds the binaries.
 
 A prediction that differs from what Inductor generates (another torch version's codegen, layouts
 Inductor changed, a second compile in one process that numbers kernels differently) costs one
@@ -34,7 +35,7 @@ the feature off, logged at DEBUG):
 - ``torch._inductor.async_compile.AsyncCompile`` (``triton``, ``use_process_pool``) and
   ``CompiledTritonKernels`` (whether Inductor took the future: it removes it once resolved);
 - ``torch._inductor.codecache.PyCodeCache.load`` and the ``CachingAutotuner`` it defines
-  (``lock``, ``precompile(warm_cache_only=True)``, ``launchers``).
+  (``configs``, ``_precompile_config``: Inductor's own compile of one config).
 """
 
 from __future__ import annotations
@@ -52,9 +53,12 @@ __all__ = ["enabled", "predict_source", "submit", "Session", "stats", "early_com
 
 log = logging.getLogger("fgcompile")
 
-#: per process: the predicted sources started (with the in-process kernel object, or None for a
-#: future in Inductor's pool), and why predictions or compiles were skipped
-_SUBMITTED: list[tuple[str, Any]] = []
+#: per process: what was started ((source, None): a future in Inductor's pool; (None, pid): a
+#: child process compiling into Triton's cache), how each child ended, and why predictions or
+#: compiles were skipped
+_SUBMITTED: list[tuple[Optional[str], Optional[int]]] = []
+_CHILDREN: dict[int, bool] = {}
+_PREDICTED: list[str] = []  # every source started, for diagnosis
 _SKIPPED: list[str] = []
 _LOCK = threading.Lock()
 
@@ -219,21 +223,26 @@ def predict_source(session: Session, launch: Callable[..., Any], patches: Option
 
 
 def submit(sources: list[tuple[str, str]], device_str: str = "cuda") -> bool:
-    """Start compiling each predicted (name, source) the way Inductor's program will ask for it.
+    """Start compiling each predicted (name, source) where Inductor's program will look for it.
 
-    - Inductor's worker pool answers: ``AsyncCompile.triton(name, source)`` now, which compiles in
-      a worker and caches the future under the source; Inductor's program later gets that future.
-    - It does not answer yet (a cold process: the pool takes seconds to start, and until then
-      Inductor compiles in its own process when its program loads): a helper thread loads the
-      source as Inductor will (``PyCodeCache.load``, which keeps the module, so that Inductor gets
-      the same kernel object) and compiles it under the kernel's lock; Inductor's
-      ``precompile`` then waits for the lock, finds the binaries and only builds launchers. Triton
-      releases the GIL in its back end, so the compile overlaps Dynamo's and Inductor's work.
+    - Inductor's worker pool answers: ``AsyncCompile.triton(name, source)`` now; it compiles in a
+      worker and caches the future under the source, and Inductor's program later gets it.
+    - It does not answer yet (a cold process: the pool takes several seconds to start, and until
+      then Inductor compiles in its own process when its program loads): a forked child process
+      loads the source as Inductor will (``PyCodeCache.load``: the same file, hence the same
+      Triton cache key) and compiles each of its configs into Triton's on-disk cache, where
+      Inductor's own compile of the string then finds the binaries. A child process, not a
+      thread: Triton's compiler holds the GIL for most of a compile (measured on the H200: a
+      helper thread took the main thread's time one for one). The child touches no CUDA state
+      and leaves with ``os._exit``; a child that fails or hangs (killed after 300 s) only leaves
+      Inductor to compile as before.
     Returns whether anything was started."""
     if not sources:
         return False
     from torch._inductor.async_compile import AsyncCompile
 
+    with _LOCK:
+        _PREDICTED.extend(src for _, src in sources)
     if AsyncCompile.use_process_pool():
         for name, src in sources:
             AsyncCompile().triton(name, src, device_str=device_str)
@@ -241,23 +250,40 @@ def submit(sources: list[tuple[str, str]], device_str: str = "cuda") -> bool:
                 _SUBMITTED.append((src, None))
         log.debug("fgcompile: early compile: %s submitted to Inductor's worker pool", [n for n, _ in sources])
         return True
+    if not hasattr(os, "fork"):
+        _skip("no os.fork on this platform and Inductor's worker pool is not up")
+        return False
+    from torch._inductor.codecache import PyCodeCache
 
-    def go() -> None:
-        from torch._inductor.codecache import PyCodeCache
+    t = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # the child: compile, then leave without running any of the parent's exit code
+        code = 1
+        try:
+            import signal
 
-        for name, src in sources:
-            try:
-                t = time.perf_counter()
+            signal.alarm(300)
+            for name, src in sources:
                 kernel = getattr(PyCodeCache.load(src), name)
-                with _LOCK:
-                    _SUBMITTED.append((src, kernel))
-                with kernel.lock:
-                    kernel.precompile(warm_cache_only=True)
-                log.debug("fgcompile: early compile: %s compiled in %.2f s", name, time.perf_counter() - t)
-            except Exception as e:  # never fails a compile: Inductor compiles it as before
-                _skip(f"compiling {name} failed: {type(e).__name__}: {e}")
+                for cfg in list(kernel.configs or ()):
+                    kernel._precompile_config(cfg)  # Inductor's own compile call, into Triton's cache
+            code = 0
+        except BaseException:
+            code = 2
+        finally:
+            os._exit(code)
+    with _LOCK:
+        _SUBMITTED.append((None, pid))
 
-    threading.Thread(target=go, name="fgcompile-early-compile", daemon=True).start()
+    def reap() -> None:  # collect the child (no zombie) and say how it went
+        _, status = os.waitpid(pid, 0)
+        ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        with _LOCK:
+            _CHILDREN[pid] = ok
+        log.debug("fgcompile: early compile: %s compiled in a child process in %.2f s (%s)",
+                  [n for n, _ in sources], time.perf_counter() - t, "ok" if ok else f"failed, status {status}")
+
+    threading.Thread(target=reap, name="fgcompile-early-compile", daemon=True).start()
     return True
 
 
@@ -268,20 +294,27 @@ def _skip(reason: str) -> None:
 
 
 def stats() -> dict:
-    """{"submitted": n, "taken": m, "skipped": [reasons]}: predicted sources handed to Inductor's
-    pool in this process, how many of them Inductor's generated program asked for (it removes a
-    cached future once it has resolved it; one it never asked for stays), and why predictions or
-    submissions were skipped."""
+    """What the early compile did in this process: ``pool`` (sources handed to Inductor's worker
+    pool) and ``pool_taken`` (how many of them Inductor's program asked for: it removes a cached
+    future once resolved); ``children`` (compiles in a child process) and ``children_ok`` (how
+    many finished without error); ``skipped`` (why predictions or compiles were skipped).
+    Whether Inductor found a child's binaries in Triton's cache shows in its compile time and in
+    the cache directory (one entry per kernel, not two; tests/test_early_compile_gpu.py)."""
     try:
         from torch._inductor.async_compile import CompiledTritonKernels
     except ImportError:  # pragma: no cover
-        return {"submitted": 0, "taken": 0, "skipped": ["no torch._inductor.async_compile"]}
+        return {"pool": 0, "pool_taken": 0, "children": 0, "children_ok": 0, "skipped": ["no torch._inductor.async_compile"]}
     with _LOCK:
-        subs, skipped = list(_SUBMITTED), list(_SKIPPED)
-    # a pool future is removed from the cache once resolved; an in-process kernel gets launchers
-    # only from Inductor's precompile (the early compile builds none)
-    taken = sum(CompiledTritonKernels.get(src) is None if k is None else bool(getattr(k, "launchers", None)) for src, k in subs)
-    return {"submitted": len(subs), "taken": taken, "skipped": skipped}
+        subs, skipped, children = list(_SUBMITTED), list(_SKIPPED), dict(_CHILDREN)
+    pool = [src for src, pid in subs if pid is None]
+    pids = [pid for src, pid in subs if pid is not None]
+    return {
+        "pool": len(pool),
+        "pool_taken": sum(CompiledTritonKernels.get(src) is None for src in pool),
+        "children": len(pids),
+        "children_ok": sum(bool(children.get(p)) for p in pids),
+        "skipped": skipped,
+    }
 
 
 def early_compile_site(session: Optional[Session], launch: Callable[..., Any], patches: Optional[dict]) -> Optional[Session]:
