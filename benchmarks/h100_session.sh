@@ -26,6 +26,8 @@
 #   bash benchmarks/h100_session.sh D   # compile_profile.py (where the Wan layer's cold compile goes) and pack_probe.py
 #   bash benchmarks/h100_session.sh S   # early-compile and lowering GPU tests, then the Wan layer's compile times
 #                                       # with and without the early compile (REPEATS, default 5)
+#   bash benchmarks/h100_session.sh F   # every GPU test, then the Wan layer's and the toy DiT's compile times
+#                                       # (REPEATS, default 4, cold compiles per backend)
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
@@ -177,5 +179,13 @@ for v, xs in c["compile_s_samples"].items():
 print({k: round(v, 3) for k, v in c.items() if k.startswith("compile_time_ratio")})
 PY
   ;;
-*) echo "usage: $0 A|B|C|D|E|G|H|I|K|P|S|T|V|W|X"; exit 2 ;;
+F)
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests -n 6 > "$OUT/gpu_tests_final.txt" 2>&1
+  echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests_final.txt" | head -12
+  timeout ${LIMIT:-260} python3 benchmarks/lowering_bench.py --compile-only --cases wan,toy --repeats ${REPEATS:-4} \
+      --variants inductor,fgattn --out "$OUT/lowering_${TAG}_final.json" > "$OUT/lowering_final.txt" 2>&1
+  echo "lowering (Wan layer, toy DiT) rc=$?"
+  grep -E "^(wan|toy) " "$OUT/lowering_final.txt" | tail -4
+  ;;
+*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|P|S|T|V|W|X"; exit 2 ;;
 esac

@@ -255,8 +255,12 @@ def submit(sources: list[tuple[str, str]], device_str: str = "cuda") -> bool:
         return False
     from torch._inductor.codecache import PyCodeCache
 
+    import warnings
+
     t = time.perf_counter()
-    pid = os.fork()
+    with warnings.catch_warnings():  # "multi-threaded, fork() may deadlock": the child only compiles,
+        warnings.simplefilter("ignore", DeprecationWarning)  # and a hung one is killed (alarm below)
+        pid = os.fork()
     if pid == 0:  # the child: compile, then leave without running any of the parent's exit code
         code = 1
         try:
