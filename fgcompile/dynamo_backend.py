@@ -173,9 +173,7 @@ class FGAttnBackend:
         patches = torch_private.inductor_mode_options(mode)
         try:
             from .kernels.triton_sparse import autotune_wanted
-            from .lowering.inductor import max_autotune_enabled
-
-            from .lowering.inductor import kernel_config_patches
+            from .lowering.inductor import kernel_config_patches, max_autotune_enabled
 
             autotune = autotune_wanted(bool(patches.get("max_autotune")) or max_autotune_enabled())
             transform(gm, example_inputs, config, autotune, {**patches, **kernel_config_patches()})

@@ -54,8 +54,8 @@ with mock.patch.object(hints.DeviceProperties, "create", classmethod(lambda cls,
     b = (qm,) + a[1:]
     out["misaligned"] = ec.predict_source(ec.Session(torch.device("cuda", 0)), launcher(b), {"_use_fp64_for_unbacked_floats": False})[0][1]
     # an autotuned launch is not predicted, and the lowering entry never raises
-    out["autotuned"] = ec.early_compile_site(None, lambda wrap: launch_sparse_kernel(*a[:8], 0.125, 64, 1, 16, autotune=True, wrap=wrap, dense_out=a[8], use_dense=a[9]), {}) is None
-    out["broken"] = ec.early_compile_site(None, lambda wrap: 1 / 0, {}) is None
+    out["autotuned"] = ec.early_compile_site(None, lambda wrap: launch_sparse_kernel(*a[:8], 0.125, 64, 1, 16, autotune=True, wrap=wrap, dense_out=a[8], use_dense=a[9]), {}, torch.device("cuda", 0)) is None
+    out["broken"] = ec.early_compile_site(None, lambda wrap: 1 / 0, {}, torch.device("cuda", 0)) is None
 # Inductor's pool not up: a forked child compiles (here it fails: no GPU driver), the parent goes on
 import time
 from torch._inductor.async_compile import AsyncCompile

@@ -178,13 +178,13 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patche
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         lowered += 1
-        if not autotune:  # Inductor's source for the kernel, compiled in its pool from now on
+        if not autotune:  # Inductor's source for the kernel, compiled from now on (early_compile)
             fakes = [_val(n) for n in (q, k, v, out, counts, indices, full_counts, full_tiles, dense_out, use_dense)]
 
             def launch(wrap, f=fakes, scale=float(scale), bm=bm, bn=bn, ft=ft):
                 launch_sparse_kernel(*f[:8], scale, bm, bn, ft, autotune=False, wrap=wrap, dense_out=f[8], use_dense=f[9])
 
-            early = early_compile.early_compile_site(early, launch, inductor_patches)
+            early = early_compile.early_compile_site(early, launch, inductor_patches, qv.device)
         cols = cap or (-(-s_kv // bn) if isinstance(s_kv, int) else None)  # site_plan's index columns
         if cols is not None:
             warmup.schedule(template.name, cfg, qv, kv, vv, _val(kp), float(scale), cols, lowered=True)

@@ -58,7 +58,7 @@ log = logging.getLogger("fgcompile")
 #: compiles were skipped
 _SUBMITTED: list[tuple[Optional[str], Optional[int]]] = []
 _CHILDREN: dict[int, bool] = {}
-_PREDICTED: list[str] = []  # every source started, for diagnosis
+_PREDICTED: list[str] = []  # every source started: not started twice; for diagnosis
 _SKIPPED: list[str] = []
 _LOCK = threading.Lock()
 
@@ -321,17 +321,22 @@ def stats() -> dict:
     }
 
 
-def early_compile_site(session: Optional[Session], launch: Callable[..., Any], patches: Optional[dict]) -> Optional[Session]:
+def early_compile_site(
+    session: Optional[Session], launch: Callable[..., Any], patches: Optional[dict], device: torch.device
+) -> Optional[Session]:
     """The lowering pass's entry: predict ``launch``'s kernels in ``session`` (created on first
-    use, per graph) and submit the new ones. Returns the session to pass back for the graph's
-    next site; None where the feature is off or failed (logged at DEBUG)."""
+    use, per graph, for the graph's CUDA ``device``) and start the compiles of the new ones.
+    Returns the session to pass back for the graph's next site; None where the feature is off or
+    failed (the reason is in ``stats()["skipped"]`` and the DEBUG log)."""
     if not enabled():
         return None
     try:
         if session is None:
-            session = Session(torch.device("cuda", torch.cuda.current_device()))
+            session = Session(torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device()))
         got = predict_source(session, launch, patches)
-        submit(got)
+        with _LOCK:  # a source started before in this process (another graph, a recompile) is not
+            got = [(n, src) for n, src in got if src not in _PREDICTED]  # started again: its binary
+        submit(got)  # is in Triton's cache, where Inductor's own compile of it finds it
         return session
     except _Unpredictable as e:
         _skip(str(e))
