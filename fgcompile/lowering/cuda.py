@@ -130,7 +130,6 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patche
     import os
 
     from .. import runtime
-    from ..kernels.triton_sparse import launch_sparse_kernel
     from . import early_compile, warmup
 
     lowering_on = os.environ.get("FGCOMPILE_LOWERING", "1") != "0"
@@ -179,10 +178,9 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patche
         graph.erase_node(node)
         lowered += 1
         if not autotune:  # Inductor's source for the kernel, compiled from now on (early_compile)
-            fakes = [_val(n) for n in (q, k, v, out, counts, indices, full_counts, full_tiles, dense_out, use_dense)]
-
-            def launch(wrap, f=fakes, scale=float(scale), bm=bm, bn=bn, ft=ft):
-                launch_sparse_kernel(*f[:8], scale, bm, bn, ft, autotune=False, wrap=wrap, dense_out=f[8], use_dense=f[9])
+            fakes = [_val(n) for n in (q, k, v, counts, indices, full_counts, full_tiles)]
+            args = (*fakes, float(scale), bm, bn, ft, False, _val(dense_out), _val(use_dense), like_q)
+            launch = lambda wrap, a=args: _ops.launch_sparse_op(*a, wrap)  # noqa: E731
 
             early = early_compile.early_compile_site(early, launch, inductor_patches, qv.device)
         cols = cap or (-(-s_kv // bn) if isinstance(s_kv, int) else None)  # site_plan's index columns

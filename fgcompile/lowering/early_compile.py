@@ -43,8 +43,10 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import signal
 import threading
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -53,12 +55,12 @@ __all__ = ["enabled", "predict_source", "submit", "Session", "stats", "early_com
 
 log = logging.getLogger("fgcompile")
 
-#: per process: what was started ((source, None): a future in Inductor's pool; (None, pid): a
-#: child process compiling into Triton's cache), how each child ended, and why predictions or
-#: compiles were skipped
-_SUBMITTED: list[tuple[Optional[str], Optional[int]]] = []
-_CHILDREN: dict[int, bool] = {}
-_PREDICTED: list[str] = []  # every source started: not started twice; for diagnosis
+#: per process: every source started (none is started twice), the sources handed to Inductor's
+#: pool, the child processes compiling into Triton's cache (pid -> ended well; None: running),
+#: and why predictions or compiles were skipped
+_PREDICTED: list[str] = []
+_POOL: list[str] = []
+_CHILDREN: dict[int, Optional[bool]] = {}
 _SKIPPED: list[str] = []
 _LOCK = threading.Lock()
 
@@ -195,7 +197,7 @@ class Session:
         configs = [triton.Config({}, **special)] if special else []
         named = {**dict(zip(kernel.arg_names, args)), **kwargs}
         ir_kwargs = {k: self._arg(v) for k, v in named.items()}
-        grid = [g for g in grid]
+        grid = list(grid)
         if not all(isinstance(g, int) for g in grid):
             raise _Unpredictable("symbolic grid")
         from torch._inductor.virtualized import V
@@ -236,26 +238,27 @@ def submit(sources: list[tuple[str, str]], device_str: str = "cuda") -> bool:
       helper thread took the main thread's time one for one). The child touches no CUDA state
       and leaves with ``os._exit``; a child that fails or hangs (killed after 300 s) only leaves
       Inductor to compile as before.
+    A source started before in this process (another graph, a recompile) is not started again:
+    its binary is in Triton's cache, where Inductor's own compile of it finds it.
     Returns whether anything was started."""
+    with _LOCK:
+        sources = [(n, src) for n, src in sources if src not in _PREDICTED]
+        _PREDICTED.extend(src for _, src in sources)
     if not sources:
         return False
     from torch._inductor.async_compile import AsyncCompile
 
-    with _LOCK:
-        _PREDICTED.extend(src for _, src in sources)
     if AsyncCompile.use_process_pool():
         for name, src in sources:
             AsyncCompile().triton(name, src, device_str=device_str)
             with _LOCK:
-                _SUBMITTED.append((src, None))
+                _POOL.append(src)
         log.debug("fgcompile: early compile: %s submitted to Inductor's worker pool", [n for n, _ in sources])
         return True
     if not hasattr(os, "fork"):
         _skip("no os.fork on this platform and Inductor's worker pool is not up")
         return False
     from torch._inductor.codecache import PyCodeCache
-
-    import warnings
 
     t = time.perf_counter()
     with warnings.catch_warnings():  # "multi-threaded, fork() may deadlock": the child only compiles,
@@ -264,8 +267,6 @@ def submit(sources: list[tuple[str, str]], device_str: str = "cuda") -> bool:
     if pid == 0:  # the child: compile, then leave without running any of the parent's exit code
         code = 1
         try:
-            import signal
-
             signal.alarm(300)
             for name, src in sources:
                 kernel = getattr(PyCodeCache.load(src), name)
@@ -277,7 +278,7 @@ def submit(sources: list[tuple[str, str]], device_str: str = "cuda") -> bool:
         finally:
             os._exit(code)
     with _LOCK:
-        _SUBMITTED.append((None, pid))
+        _CHILDREN[pid] = None
 
     def reap() -> None:  # collect the child (no zombie) and say how it went
         _, status = os.waitpid(pid, 0)
@@ -309,14 +310,12 @@ def stats() -> dict:
     except ImportError:  # pragma: no cover
         return {"pool": 0, "pool_taken": 0, "children": 0, "children_ok": 0, "skipped": ["no torch._inductor.async_compile"]}
     with _LOCK:
-        subs, skipped, children = list(_SUBMITTED), list(_SKIPPED), dict(_CHILDREN)
-    pool = [src for src, pid in subs if pid is None]
-    pids = [pid for src, pid in subs if pid is not None]
+        pool, children, skipped = list(_POOL), list(_CHILDREN.values()), list(_SKIPPED)
     return {
         "pool": len(pool),
         "pool_taken": sum(CompiledTritonKernels.get(src) is None for src in pool),
-        "children": len(pids),
-        "children_ok": sum(bool(children.get(p)) for p in pids),
+        "children": len(children),
+        "children_ok": sum(ok is True for ok in children),
         "skipped": skipped,
     }
 
@@ -333,10 +332,7 @@ def early_compile_site(
     try:
         if session is None:
             session = Session(torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device()))
-        got = predict_source(session, launch, patches)
-        with _LOCK:  # a source started before in this process (another graph, a recompile) is not
-            got = [(n, src) for n, src in got if src not in _PREDICTED]  # started again: its binary
-        submit(got)  # is in Triton's cache, where Inductor's own compile of it finds it
+        submit(predict_source(session, launch, patches))
         return session
     except _Unpredictable as e:
         _skip(str(e))

@@ -215,6 +215,20 @@ def sparse_out(q: torch.Tensor, out_like_q: bool) -> torch.Tensor:
     return torch.empty_like(q) if out_like_q else q.new_empty(q.shape)
 
 
+def launch_sparse_op(q, k, v, counts, indices, full_counts, full_tiles, scale: float, block_m: int, block_n: int,
+                     full_tile: int, autotune: bool, dense_out, use_dense, out_like_q: bool, wrap) -> torch.Tensor:
+    """The body of ``fgcompile::sparse_attention``: allocate the output (:func:`sparse_out`) and
+    launch the kernel through ``wrap`` (``wrap_triton`` in the op; the early compile's recorder in
+    ``lowering.cuda``, which must see the very launch Inductor traces). Returns the output."""
+    from ..kernels.triton_sparse import launch_sparse_kernel
+
+    return launch_sparse_kernel(
+        q, k, v, sparse_out(q, out_like_q), counts, indices, full_counts, full_tiles,
+        scale, block_m, block_n, full_tile, autotune=autotune, wrap=wrap,
+        dense_out=dense_out, use_dense=use_dense,
+    )
+
+
 _SPARSE_OP = None
 
 
@@ -227,7 +241,6 @@ def sparse_attention_op():
     from .inductor import triton_op_api
 
     triton_op, wrap_triton = triton_op_api()
-    from ..kernels.triton_sparse import launch_sparse_kernel
 
     @triton_op("fgcompile::sparse_attention", mutates_args=())
     def sparse_attention(
@@ -248,11 +261,9 @@ def sparse_attention_op():
         use_dense: Optional[torch.Tensor] = None,
         out_like_q: bool = True,
     ) -> torch.Tensor:
-        out = sparse_out(q, out_like_q)
-        return launch_sparse_kernel(
-            q, k, v, out, counts, indices, full_counts, full_tiles,
-            scale, block_m, block_n, full_tile, autotune=autotune, wrap=wrap_triton,
-            dense_out=dense_out, use_dense=use_dense,
+        return launch_sparse_op(
+            q, k, v, counts, indices, full_counts, full_tiles, scale, block_m, block_n, full_tile,
+            autotune, dense_out, use_dense, out_like_q, wrap_triton,
         )
 
     _SPARSE_OP = torch.ops.fgcompile.sparse_attention.default
