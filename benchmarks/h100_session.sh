@@ -24,8 +24,9 @@
 #   bash benchmarks/h100_session.sh T   # sparse-kernel GPU tests (both tail modes), variant_probe.py --parts kernel,
 #                                       # the Wan layer's compile times with PAD_TAIL (the default) and without (REPEATS, default 3)
 #   bash benchmarks/h100_session.sh D   # compile_profile.py (where the Wan layer's cold compile goes) and pack_probe.py
-#   bash benchmarks/h100_session.sh S   # early-compile and lowering GPU tests, then the Wan layer's compile times
-#                                       # with and without the early compile (REPEATS, default 5)
+#   bash benchmarks/h100_session.sh S   # early-compile and lowering GPU tests (TESTS), then the Wan layer's compile
+#                                       # times of VARIANTS (default: inductor, fgattn, the schedule step's kernels
+#                                       # compiled on the thread only; REPEATS, default 5)
 #   bash benchmarks/h100_session.sh F   # every GPU test, then the Wan layer's and the toy DiT's compile times
 #                                       # (REPEATS, default 4, cold compiles per backend)
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
@@ -169,13 +170,15 @@ S)
       > "$OUT/gpu_tests_early.txt" 2>&1
   echo "early-compile + lowering gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E |^[-+@]" "$OUT/gpu_tests_early.txt" | head -60
   timeout ${LIMIT:-330} python3 benchmarks/lowering_bench.py --compile-only --cases wan --repeats ${REPEATS:-5} \
-      --variants inductor,fgattn,fgattn_no_early --out "$OUT/lowering_${TAG}_wan_early.json" > "$OUT/lowering_wan.txt" 2>&1
+      --variants ${VARIANTS:-inductor,fgattn,fgattn_thread_precompile} --out "$OUT/lowering_${TAG}_wan_early.json" > "$OUT/lowering_wan.txt" 2>&1
   echo "lowering (Wan layer) rc=$?"
   python3 - "$OUT/lowering_${TAG}_wan_early.json" <<'PY'
 import json, sys
 c = json.load(open(sys.argv[1]))["wan"]["compile"]
 for v, xs in c["compile_s_samples"].items():
-    print(f"{v:18s}", " ".join(f"{x:5.2f}" for x in xs), f"median {c['compile_s'][v]:.2f}", c.get("early_compile_samples", {}).get(v, ""))
+    print(f"{v:18s}", " ".join(f"{x:5.2f}" for x in xs), f"median {c['compile_s'][v]:.2f}")
+    for e, p in zip(c.get("early_compile_samples", {}).get(v, []), c.get("precompile_samples", {}).get(v, [])):
+        print("   early", {k: x for k, x in (e or {}).items() if k != "skipped"}, "precompile", p)
 print({k: round(v, 3) for k, v in c.items() if k.startswith("compile_time_ratio")})
 PY
   ;;

@@ -132,6 +132,9 @@ def _child_compile(case: str, backend: str) -> dict:
         from fgcompile.lowering import early_compile
 
         res["early_compile"] = early_compile.stats()
+        from fgcompile.lowering import warmup
+
+        res["precompile"] = warmup.stats()
     try:  # Dynamo's per-phase compile times (private; diagnostic only)
         res["dynamo_compile_times"] = torch._dynamo.utils.compile_times(repr="str")
     except Exception as e:  # pragma: no cover
@@ -144,6 +147,8 @@ VARIANTS = {
     "inductor": ("inductor", {}),
     "fgattn": ("fgattn", {}),
     "fgattn_noprecompile": ("fgattn", {"FGCOMPILE_PRECOMPILE": "0"}),  # without the background JIT
+    # the schedule step's kernels compiled on the background thread only (before session 10)
+    "fgattn_thread_precompile": ("fgattn", {"FGCOMPILE_PRECOMPILE_FORK": "0"}),
     # every site left an opaque op (no wrap_triton kernel for Inductor to analyse and compile)
     "fgattn_opaque": ("fgattn", {"FGCOMPILE_LOWERING": "0"}),
     # the gather loop with a masked tail step instead of a padded last tile (triton_sparse.PAD_TAIL)
@@ -180,12 +185,15 @@ def compile_times(case: str, repeats: int = 1, variants=("inductor", "fgattn")) 
     samples = {v: [r["first_call_s"] - r["steady_call_s"] for r in runs[v]] for v in variants}
     out["compile_s_samples"] = samples
     out["early_compile_samples"] = {v: [r.get("early_compile") for r in runs[v]] for v in variants if v != "inductor"}
+    out["precompile_samples"] = {v: [r.get("precompile") for r in runs[v]] for v in variants if v != "inductor"}
     out["compile_s"] = {v: statistics.median(x) for v, x in samples.items()}
     out["compile_time_ratio"] = out["compile_s"]["fgattn"] / out["compile_s"]["inductor"]
     if "fgattn_noprecompile" in variants:
         out["compile_time_ratio_without_precompile"] = out["compile_s"]["fgattn_noprecompile"] / out["compile_s"]["inductor"]
     if "fgattn_masked_tail" in variants:
         out["compile_time_ratio_masked_tail"] = out["compile_s"]["fgattn_masked_tail"] / out["compile_s"]["inductor"]
+    if "fgattn_thread_precompile" in variants:
+        out["compile_time_ratio_thread_precompile"] = out["compile_s"]["fgattn_thread_precompile"] / out["compile_s"]["inductor"]
     if "fgattn_opaque" in variants:
         out["compile_time_ratio_opaque"] = out["compile_s"]["fgattn_opaque"] / out["compile_s"]["inductor"]
     if "fgattn_no_early" in variants:

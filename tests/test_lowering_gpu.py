@@ -271,6 +271,34 @@ def test_precompile_step_runs(lowered, setting):
             t()  # JITFunction.warmup: compiles, launches nothing
 
 
+@pytest.mark.parametrize("setting", ["profile", "pooled"])
+def test_precompile_children_fill_tritons_cache(setting, monkeypatch, tmp_path):
+    """The schedule step's kernels compile in forked children (no CUDA call there) into Triton's
+    on-disk cache; the warmup thread's own compile of each launch is then a cache hit."""
+    from triton import knobs
+
+    from fgcompile.lowering import warmup
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    cfg = CFG if setting == "profile" else dataclasses.replace(CFG, predictor="pooled")
+    q, k, v = (torch.empty(1, 4, 1000, 128, device="cuda", dtype=DT) for _ in range(3))
+    thunks = warmup._step("t", cfg, (*(warmup._spec(t) for t in (q, k, v)), None), 128 ** -0.5, 1000, True)
+    for _, t in thunks:  # forget the binaries other tests compiled in this process
+        warmup._jit_function(t).device_caches.clear()
+    before = warmup.stats()
+    warmup._compile_in_children("t", thunks)
+    after = warmup.stats()
+    n = after["children"] - before["children"]
+    assert n >= 1 and after["children_ok"] - before["children_ok"] == n, after
+    assert list(tmp_path.glob("*/*.cubin")), "the children compiled nothing into the cache"
+    hits: list = []
+    monkeypatch.setattr(knobs.compilation, "listener", lambda **kw: hits.append(kw.get("cache_hit")))
+    for dev, t in thunks:
+        with torch.cuda.device(dev):
+            warmup._load(t())
+    assert len(hits) >= len(thunks) and all(hits), hits
+
+
 def test_compile_precompiles_the_schedule_step():
     from fgcompile.lowering import warmup
 

@@ -43,13 +43,13 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import signal
 import threading
 import time
-import warnings
 from typing import Any, Callable, Optional
 
 import torch
+
+from . import forked
 
 __all__ = ["enabled", "predict_source", "submit", "Session", "stats", "early_compile_site"]
 
@@ -255,38 +255,28 @@ def submit(sources: list[tuple[str, str]], device_str: str = "cuda") -> bool:
                 _POOL.append(src)
         log.debug("fgcompile: early compile: %s submitted to Inductor's worker pool", [n for n, _ in sources])
         return True
-    if not hasattr(os, "fork"):
+    if not forked.available():
         _skip("no os.fork on this platform and Inductor's worker pool is not up")
         return False
     from torch._inductor.codecache import PyCodeCache
 
+    def compile_sources() -> None:  # in the child
+        for name, src in sources:
+            kernel = getattr(PyCodeCache.load(src), name)
+            for cfg in list(kernel.configs or ()):
+                kernel._precompile_config(cfg)  # Inductor's own compile call, into Triton's cache
+
     t = time.perf_counter()
-    with warnings.catch_warnings():  # "multi-threaded, fork() may deadlock": the child only compiles,
-        warnings.simplefilter("ignore", DeprecationWarning)  # and a hung one is killed (alarm below)
-        pid = os.fork()
-    if pid == 0:  # the child: compile, then leave without running any of the parent's exit code
-        code = 1
-        try:
-            signal.alarm(300)
-            for name, src in sources:
-                kernel = getattr(PyCodeCache.load(src), name)
-                for cfg in list(kernel.configs or ()):
-                    kernel._precompile_config(cfg)  # Inductor's own compile call, into Triton's cache
-            code = 0
-        except BaseException:
-            code = 2
-        finally:
-            os._exit(code)
+    pid = forked.start(compile_sources)
     with _LOCK:
         _CHILDREN[pid] = None
 
     def reap() -> None:  # collect the child (no zombie) and say how it went
-        _, status = os.waitpid(pid, 0)
-        ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        ok = forked.wait(pid)
         with _LOCK:
             _CHILDREN[pid] = ok
         log.debug("fgcompile: early compile: %s compiled in a child process in %.2f s (%s)",
-                  [n for n, _ in sources], time.perf_counter() - t, "ok" if ok else f"failed, status {status}")
+                  [n for n, _ in sources], time.perf_counter() - t, "ok" if ok else "failed")
 
     threading.Thread(target=reap, name="fgcompile-early-compile", daemon=True).start()
     return True

@@ -11,12 +11,20 @@ throwaway schedule step per distinct site shape in a background thread, on scrat
 the fake tensors' exact sizes, strides and dtypes (a Triton binary is specialised on dtypes and on
 which integer arguments are 1 or multiples of 16, so scaled-down tensors could compile a different
 binary), under ``kernels.triton_common.collect_compiles``: the step's kernel launches become
-compile thunks (``JITFunction.warmup`` with the launch's own arguments), which the pool's
-thread(s) then run, building each kernel's launcher and loading its binary too. Triton's compiler
-releases the GIL in its back end, so these compiles overlap Inductor's lowering and code
-generation; the binaries land in Triton's caches, where the first real launch finds them.
-``wait()`` (called at the first run of a site op) joins what is still compiling, so that no kernel
-is compiled twice.
+compile thunks (``JITFunction.warmup`` with the launch's own arguments).
+
+The thunks first run in forked child processes (``forked``; several at once, up to the CPU count
+less one), which compile the binaries and their launchers into Triton's on-disk cache: Triton's
+compiler holds the GIL for most of a compile, so compiling on a thread of this process slowed
+Inductor's own compile on the calling thread by about as much as it saved (session 9). The
+thread then runs each thunk itself, which finds the binary in the cache, and loads it (builds its
+launcher, loads the module), so that the first real launch finds it in the kernel's in-memory
+cache. A child touches no CUDA state: the kernels' per-device binders are made in the parent
+before the fork and the child's Triton driver answers the device, stream and capability queries
+with the parent's values. Where a child fails or is not done after ``CHILD_TIMEOUT_S`` (it is then
+killed), the thread compiles that kernel itself, as without the children (``FGCOMPILE_PRECOMPILE_FORK=0``
+always does). ``wait()`` (called at the first run of a site op) joins what is still compiling, so
+that no kernel is compiled twice; ``stats()`` says what ran where.
 
 The scratch step computes on zeros on the current CUDA stream and frees everything at its end.
 It is skipped, and logged, where the scratch tensors would take more than a quarter of the free
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -38,7 +47,9 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["schedule", "wait", "enabled"]
+from . import forked
+
+__all__ = ["schedule", "wait", "enabled", "stats"]
 
 log = logging.getLogger("fgcompile")
 
@@ -64,12 +75,26 @@ _PENDING: list[Future] = []
 _DONE_KEYS: set = set()
 _LOCK = threading.Lock()
 
+#: seconds the thread waits for a step's child processes before it kills them and compiles what
+#: is left itself (a kernel compiles in 0.3-3 s on an H200 host)
+CHILD_TIMEOUT_S = 120.0
+
+#: per process: schedule steps traced, kernels collected, child processes and how they ended
+#: (True: every kernel compiled; False: failed; None: killed after CHILD_TIMEOUT_S), seconds
+#: the thread waited for them, and why the children were not used
+_STATS: dict = {"steps": 0, "kernels": 0, "children": [], "children_wait_s": 0.0, "not_forked": []}
+
 
 def enabled() -> bool:
     """False under the Triton interpreter or with ``FGCOMPILE_PRECOMPILE=0``."""
     from ..kernels.triton_common import interpreting
 
     return os.environ.get("FGCOMPILE_PRECOMPILE", "1") != "0" and not interpreting()
+
+
+def _fork_enabled() -> bool:
+    """Whether the compiles run in child processes first (``FGCOMPILE_PRECOMPILE_FORK=0``: no)."""
+    return os.environ.get("FGCOMPILE_PRECOMPILE_FORK", "1") != "0" and forked.available()
 
 
 def _spec(t: Any) -> Optional[tuple]:
@@ -151,6 +176,72 @@ def _compile(name: str, dev: torch.device, thunk: Any) -> None:
         log.debug("fgcompile: precompiling a kernel of %s failed: %s: %s", name, type(e).__name__, e)
 
 
+def _jit_function(thunk: Any) -> Any:
+    """The ``JITFunction`` under a compile thunk's kernel (an ``Autotuner`` or ``Heuristics``
+    wraps it as ``.fn``); None for anything else."""
+    from triton.runtime.jit import JITFunction
+
+    f = getattr(getattr(thunk, "func", None), "__self__", None)
+    for _ in range(8):
+        if isinstance(f, JITFunction):
+            return f
+        f = getattr(f, "fn", None)
+    return None
+
+
+def _compile_forked(index: int, capability: tuple, thunks: list) -> None:
+    """In a forked child: run the compile thunks into Triton's on-disk cache, and build each
+    binary's launcher (a small C module, cached there too); no CUDA call. Triton's driver is
+    this process's own copy: its device, stream and capability queries (``torch.cuda`` calls,
+    which raise in a forked child) answer the parent's values. Raises if any kernel failed."""
+    from triton.runtime.driver import driver
+
+    drv = driver.active
+    drv.get_current_device = lambda: index
+    drv.get_current_stream = lambda *a: 0
+    drv.get_device_capability = lambda *a: capability
+    failed = []
+    for thunk in thunks:
+        try:
+            compiled = thunk()
+            for ck in compiled if isinstance(compiled, (list, tuple)) else (compiled,):
+                if ck is not None and hasattr(drv, "launcher_cls"):
+                    drv.launcher_cls(ck.src, ck.metadata)
+        except Exception as e:
+            failed.append(f"{_thunk_name(thunk)}: {type(e).__name__}: {e}")
+    if failed:
+        raise RuntimeError("; ".join(failed))
+
+
+def _compile_in_children(name: str, thunks: list) -> None:
+    """Compile a step's kernels (``(device, thunk)`` pairs of one device) in forked children,
+    several at once, and wait for them (the wait releases the GIL). Whatever a child did not
+    compile, the thread's own ``_compile`` compiles afterwards, as without children."""
+    dev = thunks[0][0]
+    jits = [_jit_function(t) for _, t in thunks]
+    if any(j is None for j in jits) or any(d != dev for d, _ in thunks):
+        with _LOCK:
+            _STATS["not_forked"].append(f"{name}: a kernel that is not a Triton JIT function, or two devices")
+        return
+    with _on(dev):
+        index = torch.cuda.current_device()
+        capability = torch.cuda.get_device_capability(index)
+        for j in jits:  # each kernel's binder and target for this device, made where CUDA works
+            j.device_caches[index]
+    n = min(len(thunks), max(1, (os.cpu_count() or 2) - 1))
+    t0 = time.perf_counter()
+    pids = [forked.start(functools.partial(_compile_forked, index, capability, [t for _, t in thunks[i::n]]),
+                         alarm_s=int(CHILD_TIMEOUT_S) + 30) for i in range(n)]
+    end = time.monotonic() + CHILD_TIMEOUT_S
+    ended = [forked.wait(pid, max(0.0, end - time.monotonic())) for pid in pids]
+    waited = time.perf_counter() - t0
+    with _LOCK:
+        _STATS["children"].extend(ended)
+        _STATS["children_wait_s"] += waited
+    log.debug("fgcompile: %d kernel(s) of %s compiled in %d child process(es) in %.2f s (%s)", len(thunks), name,
+              n, waited, ended)
+
+
 def _run(key: tuple, *args: Any) -> None:
     t0 = time.perf_counter()
     try:
@@ -163,8 +254,38 @@ def _run(key: tuple, *args: Any) -> None:
     log.debug("fgcompile: schedule step of %s traced in %.2f s: %d kernel(s) to compile", args[0],
               time.perf_counter() - t0, len(thunks))
     with _LOCK:
+        _STATS["steps"] += 1
+        _STATS["kernels"] += len(thunks)
+    if thunks and _fork_enabled():
+        try:
+            _compile_in_children(args[0], thunks)
+        except Exception as e:  # the thread compiles them below, as without children
+            log.debug("fgcompile: compiling the kernels of %s in child processes failed: %s: %s", args[0],
+                      type(e).__name__, e)
+            with _LOCK:
+                _STATS["not_forked"].append(f"{args[0]}: {type(e).__name__}: {e}")
+    with _LOCK:
         if _POOL is not None:
             _PENDING.extend(_POOL.submit(_compile, args[0], dev, t) for dev, t in thunks)
+
+
+def stats() -> dict:
+    """What the background compile did in this process: ``steps`` (schedule steps traced),
+    ``kernels`` (compile thunks they gave), ``children`` and ``children_ok`` (child processes, and
+    how many compiled all their kernels), ``children_killed`` (not done after ``CHILD_TIMEOUT_S``),
+    ``children_wait_s`` (the thread's total wait for them) and ``not_forked`` (why a step's
+    kernels were compiled on the thread alone)."""
+    with _LOCK:
+        ended = list(_STATS["children"])
+        return {
+            "steps": _STATS["steps"],
+            "kernels": _STATS["kernels"],
+            "children": len(ended),
+            "children_ok": sum(e is True for e in ended),
+            "children_killed": sum(e is None for e in ended),
+            "children_wait_s": round(_STATS["children_wait_s"], 3),
+            "not_forked": list(_STATS["not_forked"]),
+        }
 
 
 def schedule(
