@@ -29,6 +29,8 @@
 #                                       # compiled on the thread only; REPEATS, default 5)
 #   bash benchmarks/h100_session.sh F   # every GPU test, then the Wan layer's and the toy DiT's compile times
 #                                       # (REPEATS, default 4, cold compiles per backend)
+#   bash benchmarks/h100_session.sh Q   # every GPU test, then the Wan layer's compile times of VARIANTS with the
+#                                       # phases of each sample (Dynamo's table: Inductor's rows, fgcompile.*)
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
@@ -190,5 +192,21 @@ F)
   echo "lowering (Wan layer, toy DiT) rc=$?"
   grep -E "^(wan|toy) " "$OUT/lowering_final.txt" | tail -4
   ;;
-*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|P|S|T|V|W|X"; exit 2 ;;
+Q)
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests -n 6 > "$OUT/gpu_tests_all.txt" 2>&1
+  echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests_all.txt" | head -12
+  timeout ${LIMIT:-200} python3 benchmarks/lowering_bench.py --compile-only --cases wan --repeats ${REPEATS:-3} \
+      --variants ${VARIANTS:-inductor,fgattn} --out "$OUT/lowering_${TAG}_wan_phases.json" > "$OUT/lowering_wan.txt" 2>&1
+  echo "lowering (Wan layer) rc=$?"
+  python3 - "$OUT/lowering_${TAG}_wan_phases.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))["wan"]["compile"]
+for v, xs in c["compile_s_samples"].items():
+    print(f"{v:18s}", " ".join(f"{x:5.2f}" for x in xs), f"median {c['compile_s'][v]:.2f}")
+    for ph, pc in zip(c["phase_samples"][v], c.get("precompile_samples", {}).get(v) or [None] * len(xs)):
+        print("   ", {k.replace("fgcompile.", "fg."): v for k, v in ph.items()}, pc or "")
+print({k: round(v, 3) for k, v in c.items() if k.startswith("compile_time_ratio")})
+PY
+  ;;
+*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|P|Q|S|T|V|W|X"; exit 2 ;;
 esac

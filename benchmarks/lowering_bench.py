@@ -186,6 +186,7 @@ def compile_times(case: str, repeats: int = 1, variants=("inductor", "fgattn")) 
     out["compile_s_samples"] = samples
     out["early_compile_samples"] = {v: [r.get("early_compile") for r in runs[v]] for v in variants if v != "inductor"}
     out["precompile_samples"] = {v: [r.get("precompile") for r in runs[v]] for v in variants if v != "inductor"}
+    out["phase_samples"] = {v: [_phases(r.get("dynamo_compile_times")) for r in runs[v]] for v in variants}
     out["compile_s"] = {v: statistics.median(x) for v, x in samples.items()}
     out["compile_time_ratio"] = out["compile_s"]["fgattn"] / out["compile_s"]["inductor"]
     if "fgattn_noprecompile" in variants:
@@ -202,6 +203,25 @@ def compile_times(case: str, repeats: int = 1, variants=("inductor", "fgattn")) 
         out["compile_time_ratio_sdpa_forward"] = out["compile_s"]["fgattn_sdpa_forward"] / out["compile_s"]["inductor"]
     out["fgattn_first_sparse_call_s"] = out["fgattn"]["second_call_s"]
     out["repeats"] = repeats
+    return out
+
+
+#: rows of Dynamo's compile-time table kept per sample: the backend's time, Inductor's, fgcompile's
+_PHASES = ("OutputGraph.call_user_compiler", "inductor_import", "create_aot_dispatcher_function", "compile_fx_inner",
+           "async_compile.precompile", "PyCodeCache.load_by_key_path")
+
+
+def _phases(table: object) -> dict:
+    """{phase: seconds} of the rows of ``_PHASES`` and fgcompile's own (``fgcompile.*``) in
+    Dynamo's compile-time table (``compile_times(repr="str")``)."""
+    out = {}
+    for line in str(table or "").splitlines():
+        parts = line.replace(",", " ").split()  # "name  value" (tabulate) or "name, value"
+        if len(parts) >= 2 and (parts[0] in _PHASES or parts[0].startswith("fgcompile.")):
+            try:
+                out[parts[0]] = float(parts[1])
+            except ValueError:
+                pass
     return out
 
 

@@ -95,8 +95,9 @@ def transform(
     from .passes.rewrite import rewrite_sites
 
     rejected: list = []
-    expand_mha(gm, rejected)  # nn.MultiheadAttention's fused call -> projections + SDPA
-    matches = find_attention_sites(gm, config, rejected)
+    with torch_private.timed("fgcompile.find_attention"):
+        expand_mha(gm, rejected)  # nn.MultiheadAttention's fused call -> projections + SDPA
+        matches = find_attention_sites(gm, config, rejected)
     if _grad_needed(example_inputs):
         _make_dense(matches, "autograd is recording (inputs require grad): the sparse kernels have no backward; "
                              "run inference under torch.no_grad() or torch.inference_mode()")
@@ -127,7 +128,8 @@ def transform(
     gm.recompile()
     from .lowering.cuda import lower_cuda_sites
 
-    lowered = lower_cuda_sites(gm, autotune, dict(inductor_patches or {}))
+    with torch_private.timed("fgcompile.lower_cuda_sites"):
+        lowered = lower_cuda_sites(gm, autotune, dict(inductor_patches or {}))
     for m in matches:
         i = m.info
         log.info(
@@ -169,14 +171,16 @@ class FGAttnBackend:
     ) -> Callable:
         config = self.config if options is None else FGAttnConfig.from_options({"config": self.config, **options})
         if _on_cuda(example_inputs):  # the pool compiles Triton kernels: useless to CPU graphs
-            torch_private.warm_compile_pool()
+            with torch_private.timed("fgcompile.warm_compile_pool"):
+                torch_private.warm_compile_pool()
         patches = torch_private.inductor_mode_options(mode)
         try:
             from .kernels.triton_sparse import autotune_wanted
             from .lowering.inductor import kernel_config_patches, max_autotune_enabled
 
             autotune = autotune_wanted(bool(patches.get("max_autotune")) or max_autotune_enabled())
-            transform(gm, example_inputs, config, autotune, {**patches, **kernel_config_patches()})
+            with torch_private.timed("fgcompile.transform"):
+                transform(gm, example_inputs, config, autotune, {**patches, **kernel_config_patches()})
         except Exception as e:  # never crash a user's compile: sites not yet rewritten stay dense
             log.warning(
                 "fgcompile: the attention passes failed (%s: %s); the sites not rewritten yet stay dense",

@@ -130,7 +130,7 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patche
     import os
 
     from .. import runtime
-    from . import early_compile, warmup
+    from . import early_compile, torch_private, warmup
 
     lowering_on = os.environ.get("FGCOMPILE_LOWERING", "1") != "0"
     op = torch.ops.fgcompile.site_attention.default
@@ -182,10 +182,12 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patche
             args = (*fakes, float(scale), bm, bn, ft, False, _val(dense_out), _val(use_dense), like_q)
             launch = lambda wrap, a=args: _ops.launch_sparse_op(*a, wrap)  # noqa: E731
 
-            early = early_compile.early_compile_site(early, launch, inductor_patches, qv.device)
+            with torch_private.timed("fgcompile.early_compile"):
+                early = early_compile.early_compile_site(early, launch, inductor_patches, qv.device)
         cols = cap or (-(-s_kv // bn) if isinstance(s_kv, int) else None)  # site_plan's index columns
         if cols is not None:
-            warmup.schedule(template.name, cfg, qv, kv, vv, _val(kp), float(scale), cols, lowered=True)
+            with torch_private.timed("fgcompile.schedule_precompile"):
+                warmup.schedule(template.name, cfg, qv, kv, vv, _val(kp), float(scale), cols, lowered=True)
         log.info(
             "fgcompile: site %s lowered for CUDA: site_plan + sparse_attention (Triton, block_m=%d, block_n=%d, full_tile=%d)",
             template.name, bm, bn, ft,

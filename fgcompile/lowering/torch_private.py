@@ -14,6 +14,8 @@ Touched here (all private, all feature-detected so torch 2.11 and 2.13 both work
   whose method was compiled (``stats`` / ``explain`` of a compiled method).
 - ``torch._logging._internal.register_log`` / ``register_artifact`` / ``_init_logs``: the
   ``TORCH_LOGS="+fgcompile"`` log.
+- ``torch._dynamo.utils.dynamo_timed``: fgcompile's compile phases as rows of Dynamo's
+  compile-time table (``torch._dynamo.utils.compile_times()``).
 
 A missing API raises ``RuntimeError`` naming it and the torch version; a missing logging API only
 disables the log.
@@ -21,6 +23,7 @@ disables the log.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -38,6 +41,7 @@ __all__ = [
     "raised_recompile_limits",
     "is_fake_tensor",
     "compiled_method_module",
+    "timed",
 ]
 
 
@@ -57,6 +61,17 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, config_patches: O
     if config_patches:
         return _compile_fx(gm, example_inputs, config_patches=config_patches)
     return _compile_fx(gm, example_inputs)
+
+
+def timed(phase: str) -> Any:
+    """A context manager that times ``phase`` (e.g. ``"fgcompile.transform"``) as a row of
+    Dynamo's compile-time table, beside Inductor's own phases (``TORCH_LOGS`` / ``compile_times``);
+    a no-op where this torch lacks ``dynamo_timed``."""
+    try:
+        from torch._dynamo.utils import dynamo_timed
+    except ImportError:  # pragma: no cover - depends on torch build
+        return contextlib.nullcontext()
+    return dynamo_timed(phase)
 
 
 def warm_compile_pool() -> bool:

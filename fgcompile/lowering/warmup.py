@@ -81,8 +81,10 @@ CHILD_TIMEOUT_S = 120.0
 
 #: per process: schedule steps traced, kernels collected, child processes and how they ended
 #: (True: every kernel compiled; False: failed; None: killed after CHILD_TIMEOUT_S), seconds
-#: the thread waited for them, and why the children were not used
-_STATS: dict = {"steps": 0, "kernels": 0, "children": [], "children_wait_s": 0.0, "not_forked": []}
+#: the thread waited for them, why the children were not used, the model's wait for the background
+#: work at its first calls (``wait``) and the thread's own busy time (tracing, compiles, loads)
+_STATS: dict = {"steps": 0, "kernels": 0, "children": [], "children_wait_s": 0.0, "not_forked": [], "run_wait_s": 0.0,
+                "thread_s": 0.0, "step_s": 0.0}
 
 
 def enabled() -> bool:
@@ -174,6 +176,9 @@ def _compile(name: str, dev: torch.device, thunk: Any) -> None:
         log.debug("fgcompile: compiled %s for %s in %.2f s", _thunk_name(thunk), name, time.perf_counter() - t0)
     except Exception as e:  # that kernel then compiles at its first launch
         log.debug("fgcompile: precompiling a kernel of %s failed: %s: %s", name, type(e).__name__, e)
+    finally:
+        with _LOCK:
+            _STATS["thread_s"] += time.perf_counter() - t0
 
 
 def _jit_function(thunk: Any) -> Any:
@@ -256,6 +261,7 @@ def _run(key: tuple, *args: Any) -> None:
     with _LOCK:
         _STATS["steps"] += 1
         _STATS["kernels"] += len(thunks)
+        _STATS["step_s"] += time.perf_counter() - t0
     if thunks and _fork_enabled():
         try:
             _compile_in_children(args[0], thunks)
@@ -265,6 +271,7 @@ def _run(key: tuple, *args: Any) -> None:
             with _LOCK:
                 _STATS["not_forked"].append(f"{args[0]}: {type(e).__name__}: {e}")
     with _LOCK:
+        _STATS["thread_s"] += time.perf_counter() - t0
         if _POOL is not None:
             _PENDING.extend(_POOL.submit(_compile, args[0], dev, t) for dev, t in thunks)
 
@@ -273,8 +280,10 @@ def stats() -> dict:
     """What the background compile did in this process: ``steps`` (schedule steps traced),
     ``kernels`` (compile thunks they gave), ``children`` and ``children_ok`` (child processes, and
     how many compiled all their kernels), ``children_killed`` (not done after ``CHILD_TIMEOUT_S``),
-    ``children_wait_s`` (the thread's total wait for them) and ``not_forked`` (why a step's
-    kernels were compiled on the thread alone)."""
+    ``children_wait_s`` (the thread's total wait for them), ``not_forked`` (why a step's
+    kernels were compiled on the thread alone), ``run_wait_s`` (how long the model's first calls
+    waited for the background work) and ``thread_s`` (the thread's time in steps and compiles,
+    the waits for children included; ``step_s`` of it tracing the schedule steps)."""
     with _LOCK:
         ended = list(_STATS["children"])
         return {
@@ -285,6 +294,9 @@ def stats() -> dict:
             "children_killed": sum(e is None for e in ended),
             "children_wait_s": round(_STATS["children_wait_s"], 3),
             "not_forked": list(_STATS["not_forked"]),
+            "run_wait_s": round(_STATS["run_wait_s"], 3),
+            "thread_s": round(_STATS["thread_s"], 3),
+            "step_s": round(_STATS["step_s"], 3),
         }
 
 
@@ -372,4 +384,7 @@ def wait() -> None:
         for f in pending:
             if not f.cancelled():
                 f.result()
-    log.debug("fgcompile: waited %.2f s for %d background job(s)", time.perf_counter() - t0, n)
+    waited = time.perf_counter() - t0
+    with _LOCK:
+        _STATS["run_wait_s"] += waited
+    log.debug("fgcompile: waited %.2f s for %d background job(s)", waited, n)
