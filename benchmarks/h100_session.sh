@@ -151,7 +151,7 @@ K)
   grep -vE "Warning|warn|^ *$|float32:" "$OUT/kernel_in_model.txt" | tail -60
   ;;
 L)
-  timeout ${LIMIT:-540} python3 benchmarks/lowering_bench.py --cases toy,wan,wan_model --repeats ${REPEATS:-3} \
+  timeout ${LIMIT:-540} python3 benchmarks/lowering_bench.py --cases toy,wan,wan_model --repeats ${REPEATS:-3} ${EXTRA} \
       --out "$OUT/lowering_${TAG}.json" > "$OUT/lowering.txt" 2>&1
   echo "lowering (runtime ratio; toy, Wan layer, Wan model compile) rc=$?"
   grep -E "^(toy|wan|wan_model) |runtime_ratio_lowered_vs_direct\"|compile_time_ratio" "$OUT/lowering.txt" | tail -12
