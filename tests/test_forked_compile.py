@@ -86,6 +86,29 @@ out = {"stats": warmup.stats(), "cubins": len(glob.glob(os.path.join(os.environ[
 for _, t in thunks:  # the warmup thread's own compile of each launch: found in the cache
     t()
 out["parent_cache_hits"] = hits
+# a fork that fails (no memory, process limit) raises, after the children already started are collected
+from fgcompile.lowering import forked
+real, calls = forked.start, []
+def flaky(work, alarm_s=300):
+    calls.append(1)
+    if len(calls) > 1:
+        raise OSError("fork: resource temporarily unavailable")
+    return real(work, alarm_s)
+more = [(torch.device("cuda", 0), functools.partial(_scale.warmup, x, 1000, S=s, BLOCK=128, grid=(8,))) for s in (5, 6)]
+with mock.patch.object(torch.cuda, "device", lambda d: contextlib.nullcontext()), \
+        mock.patch.object(torch.cuda, "current_device", lambda: 0), \
+        mock.patch.object(torch.cuda, "get_device_capability", lambda i=None: (9, 0)), \
+        mock.patch.object(forked, "start", flaky), mock.patch.object(os, "cpu_count", lambda: 4):
+    try:
+        warmup._compile_in_children("site2", more)
+        out["flaky"] = "no error"
+    except OSError as e:
+        out["flaky"] = str(e)
+try:
+    os.waitpid(-1, os.WNOHANG)
+    out["zombie"] = True
+except ChildProcessError:
+    out["zombie"] = False
 print(json.dumps(out))
 """
 
@@ -105,3 +128,4 @@ def test_schedule_step_kernels_compile_in_children(tmp_path):
     assert out["cubins"] == 2  # each good launch's binary, compiled by a child
     assert out["parent_compiled_before"] == []  # the parent compiled nothing itself
     assert out["parent_cache_hits"] == [True, True]
+    assert out["flaky"] == "fork: resource temporarily unavailable" and out["zombie"] is False

@@ -235,10 +235,14 @@ def _compile_in_children(name: str, thunks: list) -> None:
             j.device_caches[index]
     n = min(len(thunks), max(1, (os.cpu_count() or 2) - 1))
     t0 = time.perf_counter()
-    pids = [forked.start(functools.partial(_compile_forked, index, capability, [t for _, t in thunks[i::n]]),
-                         alarm_s=int(CHILD_TIMEOUT_S) + 30) for i in range(n)]
+    pids: list[int] = []
     end = time.monotonic() + CHILD_TIMEOUT_S
-    ended = [forked.wait(pid, max(0.0, end - time.monotonic())) for pid in pids]
+    try:
+        for i in range(n):
+            work = functools.partial(_compile_forked, index, capability, [t for _, t in thunks[i::n]])
+            pids.append(forked.start(work, alarm_s=int(CHILD_TIMEOUT_S) + 30))
+    finally:  # a fork that failed (no memory, process limit): still collect the children started
+        ended = [forked.wait(pid, max(0.0, end - time.monotonic())) for pid in pids]
     waited = time.perf_counter() - t0
     with _LOCK:
         _STATS["children"].extend(ended)
