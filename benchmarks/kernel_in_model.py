@@ -11,7 +11,11 @@ where kernel_bench.py measures 4.5 ms on a random mask of the same density. This
    keys that lie in fully kept 128-key tiles, and the runs of kept keys;
 3. times the kernel alone (do_bench median, q/k/v in diffusers' permuted layout) on those masks
    and on a random mask of the same per-row count, for: the packing with full tiles (what the
-   model runs) and without, 32- and 64-bit key offsets, and a few tile configs; plus cuDNN SDPA.
+   model runs) and without, 32- and 64-bit key offsets, and a few tile configs; plus cuDNN SDPA;
+4. (``--cudnn-in-model``, on by default) the same forward compiled by the default backend: the
+   per-layer times of its self-attention kernel (cuDNN), so that the slowdown of the sparse kernel
+   in the model against alone can be told apart from what the model does to any attention kernel
+   (clocks under the model's power draw, L2 contents, the side stream's copies).
 
     python benchmarks/kernel_in_model.py [--out OUT.json]   # H100: benchmarks/results/kernel_in_model_<device>.json
 """
@@ -87,6 +91,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None)
     p.add_argument("--layers", default="0,15,29")
+    p.add_argument("--cudnn-in-model", action=argparse.BooleanOptionalAction, default=True,
+                   help="also profile the default compile's self-attention kernel per layer")
     args = p.parse_args(argv)
     dev, dt = torch.device("cuda"), torch.bfloat16
 
@@ -170,7 +176,32 @@ def main(argv=None) -> None:
                   f"over {len(sparse_calls)} calls; cuDNN alone {result['cudnn_ms']:.3f} ms", flush=True)
             for n, r in list(entry["in_model_top_kernels"].items())[:12]:
                 print(f"   {r[0]:4d} x {r[1]:9.3f} ms  {n}", flush=True)
+        if args.cudnn_in_model:
+            result["cudnn_in_model"] = cudnn_in_model(build, WAN_13B, x, dev, dt, result["cudnn_ms"])
     write_result(result, "kernel_in_model", args.out)
+
+
+#: substrings of the names of fused attention kernels (cuDNN, flash)
+_ATTN_KERNELS = ("cudnn", "sdpa", "flash", "fmha")
+
+
+def cudnn_in_model(build, config: dict, x: tuple, dev: torch.device, dt: torch.dtype, alone_ms: float) -> dict:
+    """Per-call times of the self-attention kernel in one forward of the model compiled by the
+    default backend (calls of at least 1 ms: the 512-key cross-attention takes ~0.2 ms), and their
+    mean against the same kernel alone (``alone_ms``)."""
+    default = build(config, dev, dt)
+    default.compile_repeated_blocks()
+    for _ in range(2):
+        default(*x, return_dict=False)
+    torch.cuda.synchronize()
+    table = kernel_table(lambda: default(*x, return_dict=False))
+    calls = [t for n, r in table.items() if any(s in n.lower() for s in _ATTN_KERNELS) for t in r[2] if t >= 1.0]
+    mean = sum(calls) / max(len(calls), 1)
+    del default
+    torch.cuda.empty_cache()
+    print(f"cuDNN in the default compile: mean {mean:.3f} ms over {len(calls)} calls; alone {alone_ms:.3f} ms "
+          f"(in model / alone {mean / alone_ms:.3f})", flush=True)
+    return {"calls_ms": calls, "mean_ms": mean, "in_model_over_alone": mean / alone_ms}
 
 
 if __name__ == "__main__":
