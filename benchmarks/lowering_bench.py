@@ -309,7 +309,9 @@ def main() -> None:
     ap.add_argument("--compile-only", action="store_true",
                     help="measure compile times only; keep the runtime figures of the JSON already at --out (measured anew when there is none)")
     ap.add_argument("--cases", default="toy,wan,wan_model", help="compile-time cases (wan_model needs diffusers)")
-    ap.add_argument("--repeats", type=int, default=1, help="fresh-process compiles per variant; the ratio of the medians")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="fresh-process compiles per variant (default 3: one cold compile varies by up to 30%%); "
+                         "the ratio of the medians")
     ap.add_argument("--variants", default="inductor,fgattn", help=f"compile-time variants, of {sorted(VARIANTS)}")
     a = ap.parse_args()
     if a.child:
@@ -335,7 +337,7 @@ def main() -> None:
         result["runtime_from"] = {k: old.get(k) for k in ("device", "torch", "triton", "command")}
     if a.compile_only:
         result["command"] += " --compile-only"
-    if a.repeats != 1 or a.variants != "inductor,fgattn":
+    if a.repeats != 3 or a.variants != "inductor,fgattn":
         result["command"] += f" --repeats {a.repeats} --variants {a.variants}"
     if not merged:
         result["toy"]["runtime"] = runtime_ratio(1, TOY["heads"], TOY["latents"][2] * TOY["latents"][3] * TOY["latents"][4] // 4, TOY["width"] // TOY["heads"])
