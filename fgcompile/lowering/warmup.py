@@ -76,8 +76,9 @@ _DONE_KEYS: set = set()
 _LOCK = threading.Lock()
 
 #: seconds the thread waits for a step's child processes before it kills them and compiles what
-#: is left itself (a kernel compiles in 0.3-3 s on an H200 host)
-CHILD_TIMEOUT_S = 120.0
+#: is left itself (a kernel compiles in 0.3-3 s on an H200 host; a step's 3-5 kernels took 1-1.6 s
+#: in parallel children there). A child that hangs delays the model's first call by this much.
+CHILD_TIMEOUT_S = 60.0
 
 #: per process: schedule steps traced, kernels collected, child processes and how they ended
 #: (True: every kernel compiled; False: failed; None: killed after CHILD_TIMEOUT_S), seconds
