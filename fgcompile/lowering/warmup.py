@@ -158,12 +158,18 @@ def _thunk_name(thunk: Any) -> str:
     return str(getattr(getattr(f, "__self__", None), "__name__", None) or getattr(f, "__name__", "a kernel"))
 
 
+def _binaries(compiled: Any) -> list:
+    """The compiled kernels a compile thunk returned: ``JITFunction.warmup`` gives one, an
+    ``Autotuner``'s a list (one per config it keeps)."""
+    return [ck for ck in (compiled if isinstance(compiled, (list, tuple)) else (compiled,)) if ck is not None]
+
+
 def _load(compiled: Any) -> None:
     """Build the launcher of a compiled kernel (Triton compiles a small C module per kernel
     signature, ~0.15 s each) and load its binary, as its first launch would: on the calling
     thread of the model's first call otherwise. ``CompiledKernel._init_handles`` is Triton-private:
     feature-detected, skipped where missing (the first launch then does it)."""
-    for ck in compiled if isinstance(compiled, (list, tuple)) else (compiled,):
+    for ck in _binaries(compiled):
         init = getattr(ck, "_init_handles", None)
         if callable(init):
             init()
@@ -209,9 +215,8 @@ def _compile_forked(index: int, capability: tuple, thunks: list) -> None:
     failed = []
     for thunk in thunks:
         try:
-            compiled = thunk()
-            for ck in compiled if isinstance(compiled, (list, tuple)) else (compiled,):
-                if ck is not None and hasattr(drv, "launcher_cls"):
+            for ck in _binaries(thunk()):
+                if hasattr(drv, "launcher_cls"):
                     drv.launcher_cls(ck.src, ck.metadata)
         except Exception as e:
             failed.append(f"{_thunk_name(thunk)}: {type(e).__name__}: {e}")
