@@ -162,10 +162,11 @@ def main(argv=None):
     p.add_argument("--skip-720p", action="store_true")
     p.add_argument("--skip-b2", action="store_true")
     p.add_argument("--out", default=None)
-    p.add_argument("--mask-storage", default="host", choices=("host", "device"),
+    p.add_argument("--mask-storage", default="host_lists", choices=("host_lists", "host", "device"),
                    help="where fgattn keeps the cached masks between profiled calls (FGAttnConfig.mask_storage)")
     p.add_argument("--settings", default="d0.3,d0.6,profile",
-                   help="the 480p batch-1 rows to run, of d0.3, d0.6, profile (a subset for quick checks)")
+                   help="the 480p batch-1 rows to run, of d0.3, d0.6, profile, and d0.3-host, d0.6-host "
+                        "(the budget rows with mask_storage='host': the bitmap packed at every call)")
     p.add_argument("--replot", default=None, metavar="JSON", help="only redraw the PNG of a result JSON")
     args = p.parse_args(argv)
     if args.replot:
@@ -241,10 +242,13 @@ def main(argv=None):
         plan.append(("480p", 2, ["d0.3"]))
     if not args.skip_720p:
         plan.append(("720p", 1, ["d0.3"]))
+    storage = dict(mask_storage=args.mask_storage)
     settings = {
-        "d0.6": dict(alpha=1e-6, density=0.6, predictor="profile"),
-        "d0.3": dict(alpha=1e-6, density=0.3, predictor="profile"),
-        "profile": dict(alpha=0.5, density=None, predictor="profile"),
+        "d0.6": dict(alpha=1e-6, density=0.6, predictor="profile", **storage),
+        "d0.3": dict(alpha=1e-6, density=0.3, predictor="profile", **storage),
+        "profile": dict(alpha=0.5, density=None, predictor="profile", **storage),
+        "d0.6-host": dict(alpha=1e-6, density=0.6, predictor="profile", mask_storage="host"),
+        "d0.3-host": dict(alpha=1e-6, density=0.3, predictor="profile", mask_storage="host"),
     }
     with torch.no_grad():
         for size, batch, names in plan:
@@ -321,8 +325,9 @@ def main(argv=None):
                            peak_mem_default=mem_dense, peak_mem_fgattn=mem_fg,
                            process_memory_ratio=(mem_fg / mem_dense) if mem_dense else None,
                            model_mem_default=model_mem_dense, model_mem_fgattn=model_mem_fg, mask_bytes=masks,
+                           host_list_bytes=sum(x.host_list_bytes for x in st.values()),
                            memory_ratio=(model_mem_fg / model_mem_dense) if model_mem_dense else None,
-                           direct_calls_timed=direct, mask_storage=args.mask_storage,
+                           direct_calls_timed=direct, mask_storage=settings[name]["mask_storage"],
                            path="graph kernel" if direct == 0 else "kernel inside site_plan (lists wider than the compiled buffers)",
                            first_call_s_default=compile_dense_s, first_call_s_fgattn=compile_fg_s,
                            per_layer_density=per_layer)

@@ -32,6 +32,8 @@
 #   bash benchmarks/h100_session.sh Q   # every GPU test, then the Wan layer's compile times of VARIANTS with the
 #                                       # phases of each sample (Dynamo's table: Inductor's rows, fgcompile.*)
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
+#   bash benchmarks/h100_session.sh N   # every GPU test, then e2e_wan.py at 480p batch 1, the density budgets with
+#                                       # mask_storage "host_lists" against "host" (SETTINGS, REPS)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
 OUT=${OUT:-/tmp/out}
@@ -208,5 +210,21 @@ for v, xs in c["compile_s_samples"].items():
 print({k: round(v, 3) for k, v in c.items() if k.startswith("compile_time_ratio")})
 PY
   ;;
-*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|P|Q|S|T|V|W|X"; exit 2 ;;
+N)
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests -n 6 > "$OUT/gpu_tests_all.txt" 2>&1
+  echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests_all.txt" | head -12
+  timeout ${LIMIT:-300} python3 benchmarks/e2e_wan.py --reps ${REPS:-3} --skip-720p --skip-b2 \
+      --settings ${SETTINGS:-d0.6,d0.6-host,d0.3,d0.3-host} --out "$OUT/e2e_wan_${TAG}_storage.json" > "$OUT/e2e_storage.txt" 2>&1
+  echo "e2e (480p b1, host_lists vs host) rc=$?"
+  python3 - "$OUT/e2e_wan_${TAG}_storage.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["rows"]:
+    tk = r["top_kernels_fgattn"]
+    pk = next((v[0] for k, v in tk.items() if "packed_from_bits" in k), 0.0)
+    sp = next((v[0] for k, v in tk.items() if "_fg_sparse" in k), 0.0)
+    print(f"{r['setting']:10s} {r['mask_storage']:10s} default {r['ms_default']:.1f} fgattn {r['ms_fgattn']:.1f} "
+          f"x{r['speedup']:.3f} sparse {sp:.1f} packing {pk:.1f} mem {r['memory_ratio']:.3f} err {r['rel_err_sparse_call']:.4f}")
+PY
+  ;;
+*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|N|P|Q|S|T|V|W|X"; exit 2 ;;
 esac

@@ -28,6 +28,13 @@ call that made it) and brings it back for each sparse call only. Sites learn the
 they run (each site's ``successor``, per thread, across models: with regional compilation every
 block has its own ``ModelState``), and after each call the next site's host mask is prefetched on
 the side stream while this site runs.
+
+``"host_lists"`` keeps the mask's packed index lists (``PackedSlices`` with int16 indices: sites
+with nKB <= 32,768 only) in host memory as well, made by the first sparse call after the mask
+changed: later sparse calls copy (prefetch) the lists instead of packing the bitmap on the device,
+i.e. no packing kernel per call, for ``2 * B*H*nQB*cap`` bytes of pinned host memory per site
+(cap: the density budget's bound, else nKB). A call with key padding, and a site with more key
+blocks, packs its bitmap as ``"host"`` does.
 """
 
 from __future__ import annotations
@@ -117,6 +124,7 @@ class SiteStats:
     direct_calls: int = 0  # sparse calls whose kernel ran inside site_plan (lists wider than the compiled buffer)
     mask_bytes: int = 0  # device memory held by the cached mask (a bitmap; a prefetched copy is not counted)
     host_mask_bytes: int = 0  # pinned host memory held by the cached mask (mask_storage="host" on CUDA)
+    host_list_bytes: int = 0  # host memory held by the cached mask's index lists (mask_storage="host_lists")
 
     @property
     def mean_density(self) -> Optional[float]:
@@ -144,7 +152,11 @@ class SiteState:
     mask_cap: Optional[int] = None  # most key blocks any row of the cached mask keeps (a bound; None: nKB)
     _mask_density_pending: Optional[tuple] = None  # (pinned host scalar, CUDA event) in flight
     _mask_ready: Optional[Any] = None  # CUDA event: the copy of a host mask from the device has completed
-    _prefetched: Optional[tuple] = None  # (device copy, CUDA event, the host mask it copies) for the next call
+    _prefetched: Optional[tuple] = None  # (device copy, CUDA event, the host tensor it copies) for the next call
+    _lists: Optional[Any] = None  # the cached mask's PackedSlices, indices in host memory (mask_storage="host_lists")
+    _lists_source: Optional[torch.Tensor] = None  # the cached mask (self.mask) _lists pack
+    _lists_ready: Optional[Any] = None  # CUDA event: the copy of _lists' indices to the host has completed
+    _lists_kept: Optional[torch.Tensor] = None  # (H,) float32 kept fraction of _lists, on the device
     _profiled_bits: Optional[torch.Tensor] = None  # this call's new mask on the device (for plan_site), profiled calls
     _successor: Optional[Any] = None  # weakref to the site called after this one last time
     _device: Optional[torch.device] = None  # of the last call
@@ -267,6 +279,7 @@ class SiteState:
                     # sized for the budget.)
                     bits = bits | packing.pack_bits(~key_padding.to(torch.bool))[:, None, None, :]
                 self._keep_mask(bits)
+                self._lists = self._lists_source = self._lists_ready = self._lists_kept = None  # of the old mask
                 self.mask_key = key
                 self.mask_cap = predictors.density_budget(-(-k.shape[2] // cfg.block_n), cfg.density)
                 self._note_mask_density(kept.mean())
@@ -284,6 +297,12 @@ class SiteState:
                 self.n_dense += 1
                 self._record(torch.ones(q.shape[1], device=q.device))
                 return dense_attention(q, k, v, key_padding, scale), None
+            cap = self._cap(k, index_cap)
+            if key_padding is None and self._lists_usable(cap):
+                packed = self._lists_for_call(q.device, prefetched)
+                self.n_sparse += 1
+                self._record(self._lists_kept)
+                return None, packed
             bits = self._mask_for_call(q.device, prefetched)
         else:  # pooled
             bits = predictors.pooled_bits(
@@ -304,7 +323,11 @@ class SiteState:
             bits = bits & packing.pack_bits(key_padding.to(torch.bool))[:, None, None, :]
         packed = self.packed(bits, k, index_cap)
         self.n_sparse += 1
-        self._record(packing.kept_per_head(packed))
+        kept = packing.kept_per_head(packed)
+        self._record(kept)
+        if (cfg.predictor == "profile" and key_padding is None and cfg.mask_storage == "host_lists"
+                and packed.indices.dtype == torch.int16):  # int32 lists (nKB > 32,768): twice the memory, not kept
+            self._keep_lists(packed, kept)
         return None, packed
 
     def index_bound(self, k: torch.Tensor) -> int:
@@ -326,17 +349,25 @@ class SiteState:
 
         cfg = self.config
         n_kb = -(-k.shape[2] // cfg.block_n)
+        return packing.packed_from_bits(bits, n_kb, cfg.block_m, cfg.block_n, k.shape[2],
+                                        packing.model_full_tile(cfg.block_n), cap=self._cap(k, index_cap),
+                                        index_dtype=packing.index_dtype_for(n_kb))
+
+    def _cap(self, k: torch.Tensor, index_cap: Optional[int] = None) -> int:
+        """The index columns of this call's lists: ``index_bound(k)``, or ``index_cap`` (the
+        compiled graph's) where that is at least the bound and at most nKB."""
+        n_kb = -(-k.shape[2] // self.config.block_n)
         cap = self.index_bound(k)
         if index_cap is not None and cap <= index_cap <= n_kb:
             cap = index_cap
-        return packing.packed_from_bits(bits, n_kb, cfg.block_m, cfg.block_n, k.shape[2],
-                                        packing.model_full_tile(cfg.block_n), cap=cap)
+        return cap
 
     # ----------------------------------------------------------------- mask storage
     def _host_storage(self, device: torch.device) -> bool:
         """Whether the cached mask of calls on ``device`` lives in pinned host memory:
-        ``mask_storage="host"`` on CUDA (on the CPU the mask is in host memory either way)."""
-        return self.config.mask_storage == "host" and device.type == "cuda" and not self._pin_failed
+        ``mask_storage="host"`` or ``"host_lists"`` on CUDA (on the CPU the mask is in host memory
+        either way)."""
+        return self.config.mask_storage != "device" and device.type == "cuda" and not self._pin_failed
 
     def _keep_mask(self, bits: torch.Tensor) -> None:
         """Cache ``bits`` (a bitmap made or used by this call on its device, int32 (B, H, nQB,
@@ -378,13 +409,7 @@ class SiteState:
         """A copy of the cached mask on ``device``. On CUDA enqueued on ``stream`` (default: the
         current stream), after the mask's own copy from the device (``_keep_mask``) if one is in
         flight, asynchronous from pinned memory: no host sync."""
-        if device.type != "cuda":
-            return self.mask.to(device)
-        stream = stream if stream is not None else torch.cuda.current_stream(device)
-        if self._mask_ready is not None:
-            stream.wait_event(self._mask_ready)
-        with torch.cuda.stream(stream):
-            return self.mask.to(device, non_blocking=True)
+        return _copy_to(self.mask, self._mask_ready, device, stream)
 
     def _mask_for_call(self, device: torch.device, prefetched: Optional[tuple]) -> torch.Tensor:
         """The cached mask on ``device`` for a sparse call, int32 (B, H, nQB, ceil(nKB / 32)); no
@@ -411,6 +436,66 @@ class SiteState:
                 return bits
         return self._copy_mask(device)
 
+    # ----------------------------------------------------------------- cached index lists
+    def _lists_usable(self, cap: Optional[int] = None) -> bool:
+        """Whether the cached lists pack the cached mask under ``mask_storage="host_lists"`` (and,
+        given ``cap``, have that many index columns)."""
+        lists = self._lists
+        return (
+            lists is not None
+            and self.config.mask_storage == "host_lists"
+            and self._lists_source is self.mask
+            and (cap is None or lists.indices.shape[-1] == cap)
+        )
+
+    def _keep_lists(self, packed: Any, kept: torch.Tensor) -> None:
+        """Cache ``packed`` (this sparse call's lists of the cached mask, on its device) for the
+        mask's later sparse calls: the indices in host memory (pinned, copied on the side stream
+        once the current stream has produced them; no host sync), the small tensors where they
+        are. Pinned memory that cannot be had leaves the site packing its bitmap at every call."""
+        import dataclasses
+
+        self._lists = self._lists_source = self._lists_ready = None
+        idx = packed.indices
+        if idx.device.type == "cuda":
+            try:
+                host = torch.empty(idx.shape, dtype=idx.dtype, pin_memory=True)
+            except RuntimeError as e:
+                log.warning("fgcompile: site %s: cannot pin %d bytes of host memory for its index lists (%s); "
+                            "its sparse calls pack the mask instead", self.name, idx.numel() * idx.element_size(), e)
+                return
+            side = _side_stream(idx.device)
+            side.wait_stream(torch.cuda.current_stream(idx.device))
+            with torch.cuda.stream(side):
+                host.copy_(idx, non_blocking=True)
+            idx.record_stream(side)
+            self._lists_ready = side.record_event()
+        else:
+            host = idx.contiguous()
+        self._lists = dataclasses.replace(packed, indices=host)
+        self._lists_source, self._lists_kept = self.mask, kept
+
+    def _lists_for_call(self, device: torch.device, prefetched: Optional[tuple]) -> Any:
+        """The cached lists on ``device`` for a sparse call (fresh tensors: the compiled graph owns
+        its plan's outputs): the indices ``prefetched`` when that is a copy of them, else copied now
+        on the current stream. No host sync."""
+        import dataclasses
+
+        lists = self._lists
+        idx = None
+        if prefetched is not None:
+            copy, copied, source = prefetched
+            if source is lists.indices and copy.device == device:
+                if device.type == "cuda":
+                    current = torch.cuda.current_stream(device)
+                    current.wait_event(copied)
+                    copy.record_stream(current)
+                idx = copy
+        if idx is None:
+            idx = _copy_to(lists.indices, self._lists_ready, device)
+        return dataclasses.replace(lists, counts=lists.counts.clone(), indices=idx,
+                                   full_counts=lists.full_counts.clone(), full_tiles=lists.full_tiles.clone())
+
     def _wants_prefetch(self) -> bool:
         """Whether the site's next call should find its host mask on the device already: host
         storage on CUDA, nothing prefetched yet, and a next step that is a sparse call with the
@@ -429,12 +514,18 @@ class SiteState:
         )
 
     def prefetch(self) -> None:
-        """Start copying the host mask to the device of the site's last call on the device's side
-        stream; the next call uses the copy if the mask has not changed since (``_mask_for_call``),
+        """Start copying the host mask (or, with ``mask_storage="host_lists"``, its cached index
+        lists) to the device of the site's last call on the device's side stream; the next call
+        uses the copy if the mask has not changed since (``_mask_for_call``, ``_lists_for_call``),
         else drops it."""
         side = _side_stream(self._device)
-        bits = self._copy_mask(self._device, side)
-        self._prefetched = (bits, side.record_event(), self.mask)
+        if self._lists_usable():
+            source = self._lists.indices
+            copy = _copy_to(source, self._lists_ready, self._device, side)
+        else:
+            source = self.mask
+            copy = self._copy_mask(self._device, side)
+        self._prefetched = (copy, side.record_event(), source)
 
     @property
     def successor(self) -> Optional["SiteState"]:
@@ -452,6 +543,7 @@ class SiteState:
     def _drop_mask(self) -> None:
         """Forget the cached mask and every copy of it (in flight, prefetched)."""
         self.mask = self.mask_key = self._mask_ready = self._prefetched = self._profiled_bits = None
+        self._lists = self._lists_source = self._lists_ready = self._lists_kept = None
 
     def _note_mask_density(self, d: torch.Tensor) -> None:
         """Bring the new mask's kept fraction to the host without synchronising: on CUDA an
@@ -498,8 +590,10 @@ class SiteState:
         )
         nbytes = self.mask.numel() * self.mask.element_size() if self.mask is not None else 0
         pinned = nbytes > 0 and self.mask.device.type == "cpu" and self.mask.is_pinned()
+        lists = self._lists.indices if self._lists_usable() else None
+        list_bytes = lists.numel() * lists.element_size() if lists is not None else 0
         return SiteStats(self.name, self.calls, self.n_dense, self.n_profiled, self.n_sparse, last, mean, self.fallback,
-                         self.n_direct, 0 if pinned else nbytes, nbytes if pinned else 0)
+                         self.n_direct, 0 if pinned else nbytes, nbytes if pinned else 0, list_bytes)
 
 
 class ModelState:
@@ -601,6 +695,20 @@ def _full_name(prefix: str, name: str, site: "SiteState") -> str:
     if getattr(site.info, "in_root", False):
         return prefix + name[len(name.split("#")[0]):]  # "attention#1" -> prefix + "#1"
     return f"{prefix}.{name}"
+
+
+def _copy_to(t: torch.Tensor, ready: Optional[Any], device: torch.device,
+             stream: Optional["torch.cuda.Stream"] = None) -> torch.Tensor:
+    """``t`` (a cached mask or index list, in host memory or on a device) on ``device``. On CUDA
+    enqueued on ``stream`` (default: the current stream) after the event ``ready`` (the copy that
+    made ``t``, still in flight) if any, asynchronous from pinned memory: no host sync."""
+    if device.type != "cuda":
+        return t.to(device)
+    stream = stream if stream is not None else torch.cuda.current_stream(device)
+    if ready is not None:
+        stream.wait_event(ready)
+    with torch.cuda.stream(stream):
+        return t.to(device, non_blocking=True)
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":
@@ -793,7 +901,7 @@ def load_state(model: Any, path: str) -> None:
             from .kernels.packing import popcount_rows
 
             site.mask = entry["mask_bits"]
-            if site.config.mask_storage == "host" and torch.cuda.is_available() and not site._pin_failed:
+            if site.config.mask_storage != "device" and torch.cuda.is_available() and not site._pin_failed:
                 # no pinned memory to be had: the mask goes to the device at first use
                 pinned = site._pinned(site.mask.pin_memory, "cannot pin its loaded mask (%s); it will stay on the GPU")
                 if pinned is not None:

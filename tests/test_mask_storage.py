@@ -38,7 +38,7 @@ def _run(storage, calls=5, seed=7, **kw):
 
 
 def test_mask_storage_is_validated_and_plumbed():
-    with pytest.raises(ValueError, match=r"FGAttnConfig\.mask_storage: expected one of \('device', 'host'\)"):
+    with pytest.raises(ValueError, match=r"FGAttnConfig\.mask_storage: expected one of \('device', 'host', 'host_lists'\)"):
         FGAttnConfig(mask_storage="gpu")
     assert FGAttnConfig().mask_storage == "host"
     assert FGAttnConfig.from_options({"mask_storage": "device"}).mask_storage == "device"
@@ -55,6 +55,41 @@ def test_host_storage_gives_exactly_the_device_outputs():
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     for s in fgcompile.stats(ch).values():
         assert (s.calls, s.profiled_calls, s.sparse_calls) == (5, 2, 3)
+
+
+def test_host_lists_give_exactly_the_device_outputs_without_packing(monkeypatch):
+    """mask_storage="host_lists": the first sparse call after each profiled call packs the bitmap
+    and keeps the lists; the other sparse calls use them (no packing) and give bitwise the outputs
+    of "device"."""
+    from fgcompile.kernels import packing
+
+    packs = []
+    real = packing.packed_from_bits
+    monkeypatch.setattr(packing, "packed_from_bits", lambda *a, **kw: packs.append(1) or real(*a, **kw))
+    # profiled at calls 0 and 3; sparse at 1, 2 (lists of call 0's mask), 4 (call 3's)
+    _, dev = _run("device")
+    n_dev = len(packs)
+    packs.clear()
+    ch, lists = _run("host_lists")
+    for a, b in zip(dev, lists):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert n_dev == 3 * len(SITES) and len(packs) == 2 * len(SITES)  # calls 1 and 4 pack; call 2 does not
+    for name, s in fgcompile.stats(ch).items():
+        site = runtime.state_of(ch).sites[name]
+        assert (s.profiled_calls, s.sparse_calls) == (2, 3) and s.fallback is None
+        assert site._lists_usable() and site._lists.indices.dtype == torch.int16
+        assert s.host_list_bytes == site._lists.indices.numel() * 2 > 0
+    # another storage drops to packing the bitmap; back to host_lists: the lists of the mask stay valid
+    fgcompile.configure(ch, mask_storage="host")
+    assert all(v.host_list_bytes == 0 for v in fgcompile.stats(ch).values())
+    # a new profiled call forgets the lists of the old mask
+    fgcompile.configure(ch, mask_storage="host_lists")
+    site = runtime.state_of(ch).sites[SITES[0]]
+    assert site._lists_usable()
+    with torch.no_grad():
+        ch(*_inputs(seed=5))  # call 5: sparse with the lists
+        ch(*_inputs(seed=6))  # call 6: profiled
+    assert site._lists is None and not site._lists_usable()
 
 
 def test_host_storage_without_pinned_memory_keeps_masks_where_they_are(monkeypatch, caplog):
