@@ -48,6 +48,11 @@ KERNEL_CONFIGS = {
     "m128_n128_w8_s2": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
     "m128_n64_w8_s3": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     "m128_n64_w8_s4": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
+    # two programs per SM (96 / 64 KB of shared memory, registers capped at 128 per thread): their
+    # softmax and tensor-core phases can interleave, which one program's lockstep warpgroups cannot
+    "m128_n64_w8_s2_r128": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128},
+    "m128_n32_w8_s2_r128": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "maxnreg": 128},
+    "m128_n32_w8_s3_r128": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 3, "maxnreg": 128},
 }
 
 

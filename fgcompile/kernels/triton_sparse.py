@@ -396,7 +396,8 @@ def launch_sparse_kernel(
     not at all: where ``use_dense`` holds, ``out`` gets ``dense_out`` (copied by ``_copy_dense``
     after the sparse kernel, whatever the lists hold), else the sparse result (``dense_out`` is
     not read).
-    ``config``: {"BLOCK_N", "num_warps", "num_stages", "FULL_N"} (and optionally "OFFS_64", else
+    ``config``: {"BLOCK_N", "num_warps", "num_stages", "FULL_N"} (and optionally "maxnreg", a
+    register cap per thread, and "OFFS_64", else
     :func:`needs_64bit_offsets`); None: the autotuner if
     ``autotune`` (None: ``autotune_wanted()``, the environment), else ``heuristic_config``."""
     B, H, S_q, D = q.shape
@@ -447,6 +448,7 @@ def launch_sparse_kernel(
             FULL_N=config.get("FULL_N", config["BLOCK_N"]),
             num_warps=config.get("num_warps", 4),
             num_stages=config.get("num_stages", 3),
+            **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
         )
     if has_dense:
         copy_m = 64
