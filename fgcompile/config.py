@@ -108,14 +108,14 @@ class FGAttnConfig:
         two masks at a time instead of one per site (Wan2.1-1.3B on an H100: peak memory within
         1% of the default compile, forward times unchanged; benchmarks/results/e2e_wan_h100.json).
         ``"device"``: in GPU memory, no copies (for models whose layers are too short to hide
-        a mask's copy). ``"host_lists"``: as ``"host"``, and the mask's packed index lists (int16;
-        sites with at most 32,768 key blocks, others as "host") are kept in pinned host memory too, made by the
-        first sparse call after each profiled call: later sparse calls copy them (prefetched)
-        instead of packing the bitmap on the GPU at every call (a kernel of ~0.27 ms per Wan2.1
-        layer at density 0.6), for ``2 * B*H*nQB*cap`` bytes of host memory per site (cap: the
-        density budget's bound, else nKB; Wan2.1-1.3B at 480p under a 0.6 budget: 121 MB per
-        layer, 3.6 GB for 30). On the CPU "device" and "host" are the same; "host_lists" keeps the
-        lists there.
+        a mask's copy). ``"host_lists"``: as ``"host"``, and the mask's packed index lists (the
+        kernel's int32 key lists) are kept in pinned host memory too, made by the first sparse
+        call after each profiled call: later sparse calls copy them (prefetched) instead of
+        packing the bitmap on the GPU at every call (a kernel of ~0.25 ms per Wan2.1 layer at
+        density 0.6), for ``4 * B*H*nQB*cap`` bytes of host memory per site (cap: the density
+        budget's bound, else nKB; Wan2.1-1.3B at 480p under a 0.3 budget: 121 MB per layer,
+        3.6 GB for 30) and one more list in GPU memory (the next site's). On the CPU "device"
+        and "host" are the same; "host_lists" keeps the lists there.
     """
 
     predictor: str = "profile"

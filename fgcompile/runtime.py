@@ -29,12 +29,12 @@ they run (each site's ``successor``, per thread, across models: with regional co
 block has its own ``ModelState``), and after each call the next site's host mask is prefetched on
 the side stream while this site runs.
 
-``"host_lists"`` keeps the mask's packed index lists (``PackedSlices`` with int16 indices: sites
-with nKB <= 32,768 only) in host memory as well, made by the first sparse call after the mask
-changed: later sparse calls copy (prefetch) the lists instead of packing the bitmap on the device,
-i.e. no packing kernel per call, for ``2 * B*H*nQB*cap`` bytes of pinned host memory per site
-(cap: the density budget's bound, else nKB). A call with key padding, and a site with more key
-blocks, packs its bitmap as ``"host"`` does.
+``"host_lists"`` keeps the mask's packed index lists (``PackedSlices``) in host memory as well,
+made by the first sparse call after the mask changed: later sparse calls copy (prefetch) the lists
+instead of packing the bitmap on the device, i.e. no packing kernel per call, for
+``4 * B*H*nQB*cap`` bytes of pinned host memory per site (cap: the density budget's bound, else
+nKB) and one more list on the GPU (the next site's, prefetched). A call with key padding packs its
+bitmap as ``"host"`` does.
 """
 
 from __future__ import annotations
@@ -325,8 +325,7 @@ class SiteState:
         self.n_sparse += 1
         kept = packing.kept_per_head(packed)
         self._record(kept)
-        if (cfg.predictor == "profile" and key_padding is None and cfg.mask_storage == "host_lists"
-                and packed.indices.dtype == torch.int16):  # int32 lists (nKB > 32,768): twice the memory, not kept
+        if cfg.predictor == "profile" and key_padding is None and cfg.mask_storage == "host_lists":
             self._keep_lists(packed, kept)
         return None, packed
 
@@ -350,8 +349,7 @@ class SiteState:
         cfg = self.config
         n_kb = -(-k.shape[2] // cfg.block_n)
         return packing.packed_from_bits(bits, n_kb, cfg.block_m, cfg.block_n, k.shape[2],
-                                        packing.model_full_tile(cfg.block_n), cap=self._cap(k, index_cap),
-                                        index_dtype=packing.index_dtype_for(n_kb))
+                                        packing.model_full_tile(cfg.block_n), cap=self._cap(k, index_cap))
 
     def _cap(self, k: torch.Tensor, index_cap: Optional[int] = None) -> int:
         """The index columns of this call's lists: ``index_bound(k)``, or ``index_cap`` (the

@@ -187,32 +187,6 @@ def test_triton_strided_inputs_and_packed_input():
 
 
 @needs_interp
-@pytest.mark.parametrize("block_n", [1, 4])
-@pytest.mark.parametrize("pad_tail", ["0", "1"])
-def test_int16_index_lists_give_the_int32_output(block_n, pad_tail, monkeypatch):
-    """The compiled model's lists are int16 where nKB <= 32,768 (packing.index_dtype_for): the
-    kernel reads them as it reads int32 lists, and the packing writes the same indices."""
-    monkeypatch.setenv("FGCOMPILE_PAD_TAIL", pad_tail)
-    from fgcompile.kernels.packing import index_dtype_for, pack_bits, packed_from_bits
-
-    assert index_dtype_for(2**15) == torch.int16 and index_dtype_for(2**15 + 1) == torch.int32
-    B, H, S, D, bm = 1, 2, 150, 32, 32
-    q, k, v = _rand(B, H, H, S, S, D, dtype=torch.float32, device=DEV, seed=3)
-    keep = _mask(B, H, S, S, bm, block_n, "random", seed=4).to(DEV)
-    nkb = keep.shape[-1]
-    words = pack_bits(keep, impl="torch")
-    p32 = packed_from_bits(words, nkb, bm, block_n, S, 0, impl="torch")
-    p16 = packed_from_bits(words, nkb, bm, block_n, S, 0, impl="torch", index_dtype=torch.int16)
-    assert p16.indices.dtype == torch.int16 and torch.equal(p16.indices.to(torch.int32), p32.indices)
-    with pytest.raises(ValueError, match="index_dtype"):
-        packed_from_bits(words, nkb, bm, block_n, S, 0, impl="torch", index_dtype=torch.int64)
-    out32 = sparse_attention(q, k, v, p32, scale=0.2, impl="triton")
-    out16 = sparse_attention(q, k, v, p16, scale=0.2, impl="triton")
-    assert torch.equal(out16, out32)
-    assert _rel(out16, reference.sparse_attention_reference(q, k, v, keep, bm, block_n, 0.2)) < 1e-5
-
-
-@needs_interp
 def test_launch_writes_dense_out_where_use_dense_holds():
     """The lowered graph's select (the copy kernel the launch runs after the sparse kernel):
     ``use_dense`` True writes ``dense_out`` (the lists are empty on those calls), False the sparse
@@ -573,11 +547,11 @@ _COMPILE_SCRIPT = r"""
 import json, re
 from fgcompile.kernels.triton_sparse import compile_for_target
 out = []
-# the direct call's kernel (full tiles, 64-bit offsets, int32 lists) and the compiled model's (no
-# full tiles, 32-bit offsets, int16 lists)
-for offs_64, full_tile, idx in ((True, 128, "i32"), (False, 0, "i16")):
+# the direct call's kernel (full tiles, 64-bit offsets) and the compiled model's (no full tiles,
+# 32-bit offsets)
+for offs_64, full_tile in ((True, 128), (False, 0)):
     ck = compile_for_target(90, dtype="bf16", head_dim=128, block_m=128, key_block=1, block_n=128, num_warps=8,
-                            num_stages=3, offs_64=offs_64, full_tile=full_tile, index_dtype=idx)
+                            num_stages=3, offs_64=offs_64, full_tile=full_tile)
     ptx, ttgir = ck.asm["ptx"], ck.asm["ttgir"]
     out.append({
         "cp_async_16": len(re.findall(r"cp\.async\.cg\.shared\.global[^\n]*0x10", ptx)),

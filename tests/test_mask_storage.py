@@ -77,8 +77,8 @@ def test_host_lists_give_exactly_the_device_outputs_without_packing(monkeypatch)
     for name, s in fgcompile.stats(ch).items():
         site = runtime.state_of(ch).sites[name]
         assert (s.profiled_calls, s.sparse_calls) == (2, 3) and s.fallback is None
-        assert site._lists_usable() and site._lists.indices.dtype == torch.int16
-        assert s.host_list_bytes == site._lists.indices.numel() * 2 > 0
+        assert site._lists_usable() and site._lists.indices.dtype == torch.int32
+        assert s.host_list_bytes == site._lists.indices.numel() * 4 > 0
     # another storage drops to packing the bitmap; back to host_lists: the lists of the mask stay valid
     fgcompile.configure(ch, mask_storage="host")
     assert all(v.host_list_bytes == 0 for v in fgcompile.stats(ch).values())

@@ -181,7 +181,7 @@ def _kernel_names(fn) -> list:
 
 
 def test_host_lists_match_device_storage_without_packing_or_sync():
-    """mask_storage="host_lists": int16 index lists pinned on the host, made by the first sparse call
+    """mask_storage="host_lists": index lists pinned on the host, made by the first sparse call
     after each profiled call; the other sparse calls run no packing kernel, copy the lists in
     (prefetched on the side stream) and give bitwise the outputs of device storage; no host sync."""
     c = _compile(_model(), dataclasses.replace(CFG, mask_storage="device"))
@@ -207,7 +207,7 @@ def test_host_lists_match_device_storage_without_packing_or_sync():
     for i, (a, b) in enumerate(zip(ref, got)):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"call {i}: {m}")
     for name, s in runtime.state_of(c).sites.items():
-        assert s._lists_usable() and s._lists.indices.is_pinned() and s._lists.indices.dtype == torch.int16
+        assert s._lists_usable() and s._lists.indices.is_pinned() and s._lists.indices.dtype == torch.int32
         st = s.stats()
-        assert st.host_list_bytes == s._lists.indices.numel() * 2 > 0 and st.mask_bytes == 0
+        assert st.host_list_bytes == s._lists.indices.numel() * 4 > 0 and st.mask_bytes == 0
         assert (st.profiled_calls, st.sparse_calls) == (2, calls - 2)

@@ -12,8 +12,7 @@ with no host synchronisation: a cumulative sum and a scatter, no ``.item()``, ``
 boolean indexing; so it can be captured in a CUDA graph and traced by torch.compile):
 
 - ``counts``  int32 (B, H, nQB): how many key blocks query block i keeps (outside full tiles);
-- ``indices`` int32, or int16 where nKB <= 32,768 (:func:`index_dtype_for`: what the compiled
-  model's lists use, half the bytes), (B, H, nQB, cap): the kept key-block indices j, ascending, in the first
+- ``indices`` int32 (B, H, nQB, cap): the kept key-block indices j, ascending, in the first
   ``counts[b, h, i]`` entries; the rest is 0 (never read as a key: the kernel masks by count).
   ``cap = nKB`` by default (the largest possible count: knowing the real maximum needs a host
   sync); a caller that knows a bound on every row's count without a sync passes it as ``cap``
@@ -43,7 +42,6 @@ layer, 30 layers = 377 MB (360 MiB), inside 1 GiB whatever the density (int32 in
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -63,7 +61,6 @@ __all__ = [
     "DEFAULT_FULL_TILE",
     "MODEL_FULL_TILE",
     "model_full_tile",
-    "index_dtype_for",
 ]
 
 #: keys per "full tile" (the contiguous fast path) of ``pack_slices`` / ``packed_from_bits`` unless
@@ -86,18 +83,11 @@ def model_full_tile(block_n: int) -> int:
     return MODEL_FULL_TILE if MODEL_FULL_TILE and MODEL_FULL_TILE % block_n == 0 else 0
 
 
-def index_dtype_for(n_kb: int) -> torch.dtype:
-    """The dtype of a compiled model's index lists for masks of ``n_kb`` key blocks: int16 where
-    every index fits (``n_kb <= 32,768``: Wan2.1's 480p self-attention has 32,760 keys), else int32.
-    int16 halves the bytes the packing writes, a cached list keeps and the kernel reads."""
-    return torch.int16 if n_kb <= 2**15 else torch.int32  # a SymInt: a guard, not a specialisation
-
-
 @dataclass(frozen=True)
 class PackedSlices:
     """Per-query-block kept key lists (see the module docstring for the layout).
 
-    counts: int32 (B, H, nQB); indices: int32 or int16 (B, H, nQB, cap), last stride 1, ascending in the first
+    counts: int32 (B, H, nQB); indices: int32 (B, H, nQB, cap), last stride 1, ascending in the first
     counts entries; full_counts: int32 (B, H, nQB); full_tiles: int32 (B, H, nQB, nT), ascending in the
     first full_counts entries; block_m, block_n, seq_len_kv, full_tile: ints.
     """
@@ -315,7 +305,6 @@ def packed_from_bits(
     *,
     cap: Optional[int] = None,
     impl: str = "auto",
-    index_dtype: torch.dtype = torch.int32,
 ) -> PackedSlices:
     """A :class:`PackedSlices` straight from a stored bitmap (int32 words (B, H, nQB, ceil(n/32)),
     n = nKB): what the run time does at every sparse call with a cached mask. No host sync.
@@ -324,21 +313,13 @@ def packed_from_bits(
     Triton kernel (``triton_pack.packed_from_bits_triton``: one program per mask row, reads the
     words once, writes every output once); ``impl="triton"`` also runs it on the CPU under
     TRITON_INTERPRET=1; ``impl="torch"`` (and meta/fake tensors) the torch ops. ``cap``: columns
-    of ``indices`` (see :class:`PackedSlices`; nKB by default). ``index_dtype``: int32, or int16
-    for n <= 32,768 (:func:`index_dtype_for`)."""
-    if index_dtype not in (torch.int32, torch.int16) or (index_dtype == torch.int16 and n > 2**15):
-        raise ValueError(f"index_dtype: expected torch.int32, or torch.int16 for at most 32,768 key blocks "
-                         f"(got {index_dtype} for {n})")
+    of ``indices`` (see :class:`PackedSlices`; nKB by default)."""
     full_ok = full_tile == 0 or (full_tile & (full_tile - 1) == 0 and full_tile <= 1024)
     if full_ok and _use_triton(words, impl):
         from .triton_pack import packed_from_bits_triton
 
-        return packed_from_bits_triton(words, n, block_m, block_n, seq_len_kv, full_tile, cap=cap,
-                                       index_dtype=index_dtype)
-    p = pack_slices(unpack_bits(words, n), block_m, block_n, seq_len_kv, full_tile, cap)
-    if index_dtype != torch.int32:
-        p = dataclasses.replace(p, indices=p.indices.to(index_dtype))
-    return p
+        return packed_from_bits_triton(words, n, block_m, block_n, seq_len_kv, full_tile, cap=cap)
+    return pack_slices(unpack_bits(words, n), block_m, block_n, seq_len_kv, full_tile, cap)
 
 
 def popcount_rows(words: torch.Tensor) -> torch.Tensor:

@@ -156,8 +156,9 @@ def packed_from_bits_triton(
     (B, H, nQB, ceil(n / 32)), n = nKB = ceil(seq_len_kv / block_n)), with ``cap`` index columns
     (n by default). ``full_tile`` must be 0 or a power of two multiple of block_n (the callers
     check; ``packing.packed_from_bits`` falls back to torch otherwise). No host synchronisation.
-    ``index_dtype``: int32, or int16 (n <= 32,768; half the bytes written: the compiled model's
-    lists, ``packing.index_dtype_for``).
+    ``index_dtype``: int32 (the ``PackedSlices`` contract), or int16 (n <= 32,768; half the bytes
+    written, for ``benchmarks/pack_probe.py``: the sparse kernel consumes int32 lists; it reads int16
+    lists ~8% slower, benchmarks/NOTES.md, session 11).
     ``chunk``, ``num_warps``, ``segments`` (programs per row; 1 with full tiles): launch
     parameters, by default ``PACK_CHUNK``, ``PACK_WARPS`` and enough segments for about
     ``PACK_PROGRAMS`` programs."""

@@ -31,8 +31,7 @@ benchmarks/NOTES.md, session 4).
 
 Supports any strides of q/k/v/out, GQA (kv head = h // (H // H_kv)), head dims up to 128 (a dim
 that is not a power of two, e.g. 96, is padded to the next one with a mask on D), fp16/bf16/fp32
-(fp32 dots run as tf32 on the GPU), int32 or int16 index lists (``packing.index_dtype_for``: the
-compiled model's lists are int16 wherever nKB <= 32,768). ``UPCAST`` computes in fp32 whatever the input type: the CPU
+(fp32 dots run as tf32 on the GPU). ``UPCAST`` computes in fp32 whatever the input type: the CPU
 interpreter (TRITON_INTERPRET=1) mishandles bf16 dots, so the launcher sets it there.
 """
 
@@ -53,13 +52,11 @@ from .triton_common import (
 
 @triton.jit
 def _load_index_tile(i_base, start, offs_n, n_keys, KEY_BLOCK: tl.constexpr):
-    """The key-block indices of list slots ``start + offs_n`` (0 past ``n_keys``), as int32 (the
-    list may hold int32 or int16 indices: the pointer's type)."""
     vpos = start + offs_n
     if KEY_BLOCK == 1:
-        return tl.load(i_base + vpos, mask=vpos < n_keys, other=0).to(tl.int32)
+        return tl.load(i_base + vpos, mask=vpos < n_keys, other=0)
     else:
-        return tl.load(i_base + vpos // KEY_BLOCK, mask=vpos < n_keys, other=0).to(tl.int32)
+        return tl.load(i_base + vpos // KEY_BLOCK, mask=vpos < n_keys, other=0)
 
 
 @triton.jit
@@ -156,7 +153,7 @@ def _fg_sparse_fwd(
         # One loop, every tile unmasked: the slots of the last tile past the list, and with
         # KEY_BLOCK > 1 the positions of the last key block past S_KV, read the row of the last
         # kept key (j_star); their weight is taken off the softmax sums after the loop.
-        last = tl.load(i_base + tl.maximum(count - 1, 0), mask=count > 0, other=0).to(tl.int32)
+        last = tl.load(i_base + tl.maximum(count - 1, 0), mask=count > 0, other=0)
         if KEY_BLOCK == 1:
             j_star = last
             n_valid = n_keys
@@ -502,18 +499,16 @@ def compile_for_target(
     num_stages: int = 3,
     offs_64: bool = True,
     pad_tail: bool = True,
-    index_dtype: str = "i32",
 ):
     """Compile the sparse kernel ahead of time for ``sm_<arch>`` (no GPU needed; not under the
-    interpreter) and return Triton's compiled kernel (``.asm`` holds ttgir, ptx, cubin...).
-    ``index_dtype``: "i32" or "i16" (the compiled model's lists at up to 32,768 key blocks)."""
+    interpreter) and return Triton's compiled kernel (``.asm`` holds ttgir, ptx, cubin...)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = _fg_sparse_fwd
     sig = {}
     ptr_args = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}",
-                "COUNTS": "*i32", "IDX": f"*{index_dtype}", "FCOUNTS": "*i32", "FIDX": "*i32"}
+                "COUNTS": "*i32", "IDX": "*i32", "FCOUNTS": "*i32", "FIDX": "*i32"}
     consts = {
         "HEAD_DIM": head_dim, "HEAD_DIM_PAD": head_dim_pad(head_dim), "BLOCK_M": block_m, "BLOCK_N": block_n,
         "KEY_BLOCK": key_block, "FULL_TILE": full_tile, "UPCAST": False, "FULL_N": block_n,

@@ -20,8 +20,7 @@ index_cap=0) -> (counts, indices, full_counts, full_tiles, dense_out, use_dense)
     The schedule step (``fgcompile.runtime.plan_site`` -> ``SiteState.plan``), opaque, stateful,
     tagged ``torch.Tag.cudagraph_unsafe`` so that Inductor's graph partitioning keeps it out of
     CUDA graphs. All outputs are fresh, contiguous tensors of fixed shapes (the fake's):
-    counts / full_counts int32 (B, H, nQB); indices int16 where nKB <= 32,768, else int32
-    (``packing.index_dtype_for``) (B, H, nQB, index_cap or nKB: the
+    counts / full_counts int32 (B, H, nQB); indices int32 (B, H, nQB, index_cap or nKB: the
     lowering passes the density budget's bound ``predictors.density_budget(nKB, density)`` of a
     site compiled with one, 0 = nKB; at 720p and density 0.3, 0.64 GB instead of 2.1 GB per call); full_tiles int32
     (B, H, nQB, max(S_kv // full_tile, 1)) (one column when full_tile is 0); dense_out (B, H, S_q,
@@ -102,18 +101,14 @@ def _cdiv(a, b):
 
 
 def plan_shapes(q, k, v, block_m: int, block_n: int, full_tile: int, index_cap: int = 0) -> dict:
-    """The shapes of ``site_plan``'s outputs (ints or SymInts), and ``"index_dtype"``: the dtype
-    of its index lists. ``index_cap``: index columns (a bound on every row's kept key blocks, the
-    density budget's), 0 for nKB."""
+    """The shapes of ``site_plan``'s outputs (ints or SymInts). ``index_cap``: index columns (a
+    bound on every row's kept key blocks, the density budget's), 0 for nKB."""
     B, H, S_q, _ = q.shape
     S_kv = k.shape[2]
     nqb = _cdiv(S_q, block_m)
     nkb = _cdiv(S_kv, block_n)
     cols = torch.sym_max(S_kv // full_tile, 1) if full_tile > 0 else 1
-    from ..kernels.packing import index_dtype_for
-
     return {
-        "index_dtype": index_dtype_for(nkb),
         "counts": (B, H, nqb),
         "indices": (B, H, nqb, index_cap if index_cap > 0 else nkb),
         "full_counts": (B, H, nqb),
@@ -149,7 +144,7 @@ def site_plan(
     if packed is None:  # a dense call: the exact output is known; the kernel keeps nothing
         tensors = [
             torch.zeros(shapes["counts"], device=dev, dtype=torch.int32),
-            torch.empty(shapes["indices"], device=dev, dtype=shapes["index_dtype"]),  # never read (counts 0)
+            torch.empty(shapes["indices"], device=dev, dtype=torch.int32),  # never read (counts 0)
             torch.zeros(shapes["full_counts"], device=dev, dtype=torch.int32),
             torch.zeros(shapes["full_tiles"], device=dev, dtype=torch.int32),
         ]
@@ -165,8 +160,8 @@ def site_plan(
 
 
 def _packed_tensors(packed, shapes, dev, block_m: int, block_n: int, full_tile: int) -> list:
-    """counts, indices, full_counts, full_tiles of ``packed``, contiguous, in the shapes and dtypes
-    the fake implementation declares (int32; the indices ``shapes["index_dtype"]``)."""
+    """counts, indices, full_counts, full_tiles of ``packed``, contiguous int32, in the shapes the
+    fake implementation declares."""
     if (packed.block_m, packed.block_n) != (block_m, block_n):
         raise RuntimeError(
             f"fgcompile::site_plan: the site's plan is packed for block_m={packed.block_m}, block_n={packed.block_n}; "
@@ -186,9 +181,8 @@ def _packed_tensors(packed, shapes, dev, block_m: int, block_n: int, full_tile: 
             t = torch.zeros(want, device=dev, dtype=torch.int32)
         if tuple(t.shape) != want:
             raise RuntimeError(f"fgcompile::site_plan: {name} has shape {tuple(t.shape)}, expected {want}")
-        dtype = shapes["index_dtype"] if name == "indices" else torch.int32
-        if t.dtype != dtype:
-            t = t.to(dtype)
+        if t.dtype != torch.int32:
+            t = t.to(torch.int32)
         if not t.is_contiguous():
             t = t.contiguous()  # the torch packing returns row-padded views (stride nKB + 1)
         tensors.append(t)
@@ -206,7 +200,7 @@ def _site_plan_fake(q, k, v, key_padding, scale, site, owner, block_m, block_n, 
     i32 = dict(dtype=torch.int32, device=q.device)
     return (
         q.new_empty(s["counts"], **i32),
-        q.new_empty(s["indices"], dtype=s["index_dtype"], device=q.device),
+        q.new_empty(s["indices"], **i32),
         q.new_empty(s["full_counts"], **i32),
         q.new_empty(s["full_tiles"], **i32),
         q.new_empty(s["dense_out"]),
