@@ -44,15 +44,16 @@ B, H, S, D, BM = 1, 12, 32760, 128, 128
 #: name -> sparse-kernel config (the first is the shipped heuristic config)
 KERNEL_CONFIGS = {
     "m128_n128_w8_s3": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "PAD_TAIL": True},
+    # the shipped config without splitting the last wave's blocks (triton_sparse.tail_split)
+    "m128_n128_w8_s3_no_tail_split": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "PAD_TAIL": True, "SLOTS": 0},
     "m128_n128_w8_s3_masked_tail": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "PAD_TAIL": False},
     "m128_n128_w8_s2": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
     "m128_n64_w8_s3": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     "m128_n64_w8_s4": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
-    # two programs per SM (96 / 64 KB of shared memory, registers capped at 128 per thread): their
-    # softmax and tensor-core phases can interleave, which one program's lockstep warpgroups cannot
+    # two programs per SM (96 KB of shared memory, registers capped at 128 per thread), so that
+    # their softmax and tensor-core phases interleave: 3% slower than the shipped config at d0.6
+    # (session 11; BLOCK_N 32 variants 15-18% slower: results/session11/variant_probe_h200_2cta.json)
     "m128_n64_w8_s2_r128": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128},
-    "m128_n32_w8_s2_r128": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "maxnreg": 128},
-    "m128_n32_w8_s3_r128": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 3, "maxnreg": 128},
 }
 
 

@@ -187,6 +187,35 @@ def test_triton_strided_inputs_and_packed_input():
 
 
 @needs_interp
+@pytest.mark.parametrize("slots,block_n", [(12, 1), (13, 1), (26, 2)])
+def test_tail_split_gives_the_unsplit_output(slots, block_n):
+    """The last wave's blocks shared among several programs (``tail_split``: partial softmax states
+    merged by ``_combine_parts``), with an empty block and a one-tile block among them, GQA, and
+    shares with no tile, give the unsplit output up to rounding."""
+    from fgcompile.kernels.triton_sparse import INTERPRET_CONFIG, sparse_attention_triton, tail_split
+
+    assert tail_split(3072, 132) == (3036, 3)  # Wan2.1 480p on 132 SMs: the last 36 blocks in 3 shares each
+    assert tail_split(264, 132) == (264, 1) and tail_split(100, 132) == (100, 1) and tail_split(133, 132) == (132, 8)
+    B, H, H_kv, S, D, bm = 1, 4, 2, 200, 32, 32
+    q, k, v = _rand(B, H, H_kv, S, S, D, seed=11)
+    nqb, nkb = -(-S // bm), -(-S // block_n)
+    g = torch.Generator().manual_seed(12)
+    keep = torch.rand(B, H, nqb, nkb, generator=g) < 0.4
+    keep[0, 3, nqb - 1] = False  # the last block: split, nothing kept
+    keep[0, 3, nqb - 2] = False
+    keep[0, 3, nqb - 2, 3] = True  # one key block: one tile, most shares empty
+    n_full, splits = tail_split(B * H * nqb, slots)
+    assert splits > 1 and n_full <= B * H * nqb - 2  # both blocks above are split
+    packed = pack_slices(keep, block_m=bm, block_n=block_n, seq_len_kv=S, full_tile=0)
+    ref = reference.sparse_attention_reference(q, k, v, keep, bm, block_n, 0.2)
+    whole = sparse_attention_triton(q, k, v, packed, 0.2, config=INTERPRET_CONFIG)
+    split = sparse_attention_triton(q, k, v, packed, 0.2, config={**INTERPRET_CONFIG, "SLOTS": slots})
+    assert _rel(split, ref) < 1e-5 and _rel(whole, ref) < 1e-5
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+    assert torch.all(split[0, 3, (nqb - 1) * bm:] == 0)
+
+
+@needs_interp
 def test_launch_writes_dense_out_where_use_dense_holds():
     """The lowered graph's select (the copy kernel the launch runs after the sparse kernel):
     ``use_dense`` True writes ``dense_out`` (the lists are empty on those calls), False the sparse
@@ -548,10 +577,10 @@ import json, re
 from fgcompile.kernels.triton_sparse import compile_for_target
 out = []
 # the direct call's kernel (full tiles, 64-bit offsets) and the compiled model's (no full tiles,
-# 32-bit offsets)
-for offs_64, full_tile in ((True, 128), (False, 0)):
+# 32-bit offsets, the last wave's blocks split in 3)
+for offs_64, full_tile, splits in ((True, 128, 1), (False, 0, 3)):
     ck = compile_for_target(90, dtype="bf16", head_dim=128, block_m=128, key_block=1, block_n=128, num_warps=8,
-                            num_stages=3, offs_64=offs_64, full_tile=full_tile)
+                            num_stages=3, offs_64=offs_64, full_tile=full_tile, splits=splits)
     ptx, ttgir = ck.asm["ptx"], ck.asm["ttgir"]
     out.append({
         "cp_async_16": len(re.findall(r"cp\.async\.cg\.shared\.global[^\n]*0x10", ptx)),

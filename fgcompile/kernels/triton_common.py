@@ -67,15 +67,25 @@ def collect_compiles() -> Iterator[list[Callable[[], Any]]]:
 
 
 @triton.jit
-def _program_heads(H, GROUP):
-    """(query block, b * H + h, b, h, kv head) of this program (grid: (n query blocks, B * H)), the
-    last three as int64 for the base-pointer arithmetic."""
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
+def _heads(qb, bh, H, GROUP):
+    """(query block, b * H + h, b, h, kv head), the last three as int64 for the base-pointer
+    arithmetic."""
     b = bh // H
     h = bh % H
     hk = h // GROUP
     return qb, bh, b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
+
+
+@triton.jit
+def _program_heads(H, GROUP):
+    """``_heads`` of this program of a grid (n query blocks, B * H)."""
+    return _heads(tl.program_id(0), tl.program_id(1), H, GROUP)
+
+
+@triton.jit
+def _block_heads(blk, NQB, H, GROUP):
+    """``_heads`` of block ``blk`` of a 1-D grid over (query block fastest, then b * H + h)."""
+    return _heads(blk % NQB, blk // NQB, H, GROUP)
 
 
 @triton.jit

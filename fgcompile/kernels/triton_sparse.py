@@ -46,7 +46,7 @@ import triton.language as tl
 
 from .packing import PackedSlices
 from .triton_common import (
-    LOG2E, _online_softmax_step, _out_ptrs, _program_heads, _q_tile, _softmax_state, head_dim_pad, interpreting, launch,
+    LOG2E, _block_heads, _online_softmax_step, _out_ptrs, _q_tile, _softmax_state, head_dim_pad, interpreting, launch,
 )
 
 
@@ -88,6 +88,7 @@ def _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs
 def _fg_sparse_fwd(
     Q, K, V, O,
     COUNTS, IDX, FCOUNTS, FIDX,
+    PART_ACC, PART_ML,
     qk_scale,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -97,7 +98,7 @@ def _fg_sparse_fwd(
     stride_ib, stride_ih, stride_iq,
     stride_fcb, stride_fch, stride_fcq,
     stride_fb, stride_fh, stride_fq,
-    H, GROUP, S_Q, S_KV, S_KV_BUCKET,
+    H, GROUP, S_Q, S_KV, S_KV_BUCKET, N_FULL, NQB,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -108,8 +109,22 @@ def _fg_sparse_fwd(
     UPCAST: tl.constexpr,
     OFFS_64: tl.constexpr = True,
     PAD_TAIL: tl.constexpr = True,
+    SPLITS: tl.constexpr = 1,
 ):
-    qb, bh, b64, h64, hk64 = _program_heads(H, GROUP)
+    # Program -> (query block, b * H + h): programs 0 .. N_FULL - 1 take blocks 0 .. N_FULL - 1
+    # whole (query block fastest); with SPLITS > 1 (``tail_split``) the remaining blocks, the
+    # last wave's, are each taken by SPLITS programs over equal shares of its key tiles, whose
+    # partial softmax states (PART_ACC, PART_ML) ``_combine_parts`` merges.
+    pid = tl.program_id(0)
+    if SPLITS > 1:
+        split = pid >= N_FULL
+        sp = tl.maximum(pid - N_FULL, 0)
+        blk = tl.where(split, N_FULL + sp // SPLITS, pid)
+        part = tl.where(split, sp % SPLITS, 0)
+        n_parts = tl.where(split, SPLITS, 1)
+    else:
+        blk = pid
+    qb, bh, b64, h64, hk64 = _block_heads(blk, NQB, H, GROUP)
     q, offs_m, offs_d, m_ok, d_ok = _q_tile(Q, b64, h64, qb, stride_qb, stride_qh, stride_qs, stride_qd, S_Q,
                                             BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
     offs_n = tl.arange(0, BLOCK_N)
@@ -149,6 +164,11 @@ def _fg_sparse_fwd(
     # run past S_kv, and it sorts last): those run unmasked; the last tile is padded (PAD_TAIL)
     # or masked.
     n_tiles = tl.cdiv(n_keys, BLOCK_N)
+    t0 = 0
+    t1 = n_tiles
+    if SPLITS > 1:  # this program's share of the tiles (PAD_TAIL, no full tiles: see the launch)
+        t0 = part * n_tiles // n_parts
+        t1 = (part + 1) * n_tiles // n_parts
     if PAD_TAIL:
         # One loop, every tile unmasked: the slots of the last tile past the list, and with
         # KEY_BLOCK > 1 the positions of the last key block past S_KV, read the row of the last
@@ -160,8 +180,8 @@ def _fg_sparse_fwd(
         else:
             j_star = tl.minimum(last * KEY_BLOCK + KEY_BLOCK - 1, S_KV - 1)
             n_valid = n_keys - tl.maximum((last + 1) * KEY_BLOCK - S_KV, 0)
-        j_next = _load_index_tile(i_base, 0, offs_n, n_keys, KEY_BLOCK)
-        for it in range(0, n_tiles):
+        j_next = _load_index_tile(i_base, t0 * BLOCK_N, offs_n, n_keys, KEY_BLOCK)
+        for it in range(t0, t1):
             start = it * BLOCK_N
             j = j_next
             j_next = _load_index_tile(i_base, start + BLOCK_N, offs_n, n_keys, KEY_BLOCK)
@@ -173,7 +193,8 @@ def _fg_sparse_fwd(
             kpos = _key_rows(tl.where((vpos < n_keys) & (kpos < S_KV), kpos, j_star), OFFS_64)
             k, v = _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
             acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, offs_n >= 0, qk_scale, False)
-        r = tl.where(n_tiles > 0, n_tiles * BLOCK_N - n_valid, 0)  # padded slots (none without kept keys)
+        # padded slots (none without kept keys; all in the last tile, i.e. the last share's)
+        r = tl.where((t1 == n_tiles) & (t1 > t0), n_tiles * BLOCK_N - n_valid, 0)
         if r > 0:
             # the padded slots' scores, by the same dot as in the loop (16 copies of j_star's row)
             spos = _key_rows(j_star + tl.zeros([16], tl.int32), OFFS_64)
@@ -210,10 +231,58 @@ def _fg_sparse_fwd(
             k, v = _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
             acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, True)
 
+    if SPLITS > 1:
+        if split:  # the partial state (unnormalised acc, running max and sum) for _combine_parts
+            rows = sp.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+            tl.store(PART_ACC + rows[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc)
+            tl.store(PART_ML + rows * 2, m_i)
+            tl.store(PART_ML + rows * 2 + 1, l_i)
+            return
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]  # rows with nothing kept: acc == 0 -> zeros
     o_ptrs = _out_ptrs(O, b64, h64, offs_m, offs_d, stride_ob, stride_oh, stride_os, stride_od)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine_parts(
+    PART_ACC, PART_ML, O,
+    stride_ob, stride_oh, stride_os, stride_od,
+    H, S_Q, N_FULL, NQB,
+    SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """O rows of the split blocks (``_fg_sparse_fwd`` with SPLITS > 1): block N_FULL + program,
+    from its SPLITS partial states (base-2 running max m, sum l, unnormalised acc, fp32):
+    m = max m_p, O = sum 2^(m_p - m) acc_p / sum 2^(m_p - m) l_p (zeros where nothing was kept).
+    Grid: (number of split blocks,)."""
+    s = tl.program_id(0)
+    blk = N_FULL + s
+    qb = blk % NQB
+    bh = blk // NQB
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for p in tl.static_range(SPLITS):
+        rows = (s * SPLITS + p).to(tl.int64) * BLOCK_M + offs_r
+        m = tl.maximum(m, tl.load(PART_ML + rows * 2))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    for p in tl.static_range(SPLITS):
+        rows = (s * SPLITS + p).to(tl.int64) * BLOCK_M + offs_r
+        w = tl.math.exp2(tl.load(PART_ML + rows * 2) - m_safe)  # 0 for a share with nothing kept
+        l += w * tl.load(PART_ML + rows * 2 + 1)
+        acc += w[:, None] * tl.load(PART_ACC + rows[:, None] * HEAD_DIM_PAD + offs_d[None, :])
+    l_safe = tl.where(l > 0.0, l, 1.0)
+    offs_m = qb * BLOCK_M + offs_r
+    ok = (offs_m < S_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(_out_ptrs(O, b64, h64, offs_m, offs_d, stride_ob, stride_oh, stride_os, stride_od),
+             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -352,6 +421,47 @@ def _seq_bucket(s: int) -> int:
     return 1 << max(0, int(s - 1).bit_length())
 
 
+#: most programs one split block's key tiles are shared among (``tail_split``)
+MAX_SPLITS = 8
+
+
+def tail_split(n_blocks, slots: int) -> tuple:
+    """(blocks taken whole, programs per remaining block) of a launch of ``n_blocks`` equal query
+    blocks on ``slots`` concurrent programs (multiprocessors x programs per multiprocessor).
+
+    Every block of a density-budget mask has the same kept count, so the grid runs in waves of
+    ``slots`` programs and its last, partial wave leaves ``slots - rem`` of them idle for a whole
+    block's time (Wan2.1 480p: 3,072 blocks on 132 SMs, the 24th wave 27% full: ~3% of the
+    kernel). The last ``rem`` blocks are instead each shared by ``s = slots // rem`` programs (at
+    most ``MAX_SPLITS``; at least 2, else no split) over equal shares of its key tiles, so the tail
+    takes ~1/s of a block's time. Nothing is split when the blocks fill whole waves, when they fit
+    in one wave, or when ``n_blocks`` is symbolic."""
+    if not isinstance(n_blocks, int) or slots <= 0 or n_blocks <= slots:
+        return n_blocks, 1
+    rem = n_blocks % slots
+    s = min(MAX_SPLITS, slots // rem) if rem else 1
+    if s < 2:
+        return n_blocks, 1
+    return n_blocks - rem, s
+
+
+def _schedule_slots(q: torch.Tensor, meta: dict, config: dict) -> int:
+    """Programs of this config that run at once on q's GPU: ``config["SLOTS"]`` if given (tests,
+    probes), else multiprocessors x programs per multiprocessor (by shared memory, and one for
+    8-warp configs, whose ~200 registers per thread fill the register file); 0 off CUDA."""
+    if "SLOTS" in config:
+        return int(config["SLOTS"])
+    if q.device.type != "cuda" or interpreting():
+        return 0
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    cfg = triton.Config({"BLOCK_N": config["BLOCK_N"], "FULL_N": config.get("FULL_N", config["BLOCK_N"])},
+                        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
+    per_sm = max(1, (_SMEM_LIMIT + 1024) // (_smem_estimate(cfg, dict(meta, Q=q)) + 1024))
+    if cfg.num_warps >= 8:
+        per_sm = 1
+    return sms * per_sm
+
+
 def needs_64bit_offsets(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether a key row's offset within its (batch, kv head) can pass int32: the kernel adds
     ``row * stride_s + d * stride_d`` to the head's base pointer. True (64-bit) when a size or
@@ -400,7 +510,7 @@ def launch_sparse_kernel(
     B, H, S_q, D = q.shape
     H_kv, S_kv = k.shape[1], k.shape[2]
     upcast = interpreting() and q.dtype != torch.float32
-    grid = (triton.cdiv(S_q, block_m), B * H)
+    n_qb = triton.cdiv(S_q, block_m)
     c, ix, fc, fx = counts, indices, full_counts, full_tiles
     has_dense = dense_out is not None
     if has_dense != (use_dense is not None):
@@ -408,13 +518,6 @@ def launch_sparse_kernel(
     # S_KV_BUCKET is only the triton.autotune key (unused by the kernel body); a symbolic S_kv is
     # passed as is (bucketing it would specialise the traced graph on its value).
     bucket = _seq_bucket(S_kv) if isinstance(S_kv, int) else S_kv
-    args = (
-        q, k, v, out, c, ix, fc, fx,
-        float(scale) * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *c.stride(), *ix.stride()[:3], *fc.stride(), *fx.stride()[:3],
-        H, H // H_kv, S_q, S_kv, bucket,
-    )
     meta = dict(
         HEAD_DIM=D,
         HEAD_DIM_PAD=head_dim_pad(D),
@@ -429,6 +532,22 @@ def launch_sparse_kernel(
         config = INTERPRET_CONFIG
     elif config is None and not (autotune_wanted() if autotune is None else autotune):
         config = heuristic_config(q, meta)
+    n_blocks = n_qb * B * H
+    n_full, splits = n_blocks, 1
+    if config is not None and meta["PAD_TAIL"] and full_tile == 0:
+        n_full, splits = tail_split(n_blocks, _schedule_slots(q, meta, config))
+    n_split = n_blocks - n_full
+    # partial softmax states of the split blocks' shares (fp32; a stand-in when nothing is split)
+    part_acc = q.new_empty((max(n_split * splits * block_m, 1), head_dim_pad(D)), dtype=torch.float32)
+    part_ml = q.new_empty((max(n_split * splits * block_m, 1), 2), dtype=torch.float32)
+    grid = (n_full + n_split * splits,)
+    args = (
+        q, k, v, out, c, ix, fc, fx, part_acc, part_ml,
+        float(scale) * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *c.stride(), *ix.stride()[:3], *fc.stride(), *fx.stride()[:3],
+        H, H // H_kv, S_q, S_kv, bucket, n_full, n_qb,
+    )
     if wrap is None:  # a direct launch (a background precompile may collect it: triton_common.launch)
         go = launch
     else:  # traced into Inductor's graph
@@ -445,7 +564,14 @@ def launch_sparse_kernel(
             FULL_N=config.get("FULL_N", config["BLOCK_N"]),
             num_warps=config.get("num_warps", 4),
             num_stages=config.get("num_stages", 3),
+            SPLITS=splits,
             **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
+        )
+    if splits > 1:
+        go(
+            _combine_parts, (n_split,),
+            part_acc, part_ml, out, *out.stride(), H, S_q, n_full, n_qb,
+            SPLITS=splits, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BLOCK_M=block_m, num_warps=8 if block_m >= 128 else 4,
         )
     if has_dense:
         copy_m = 64
@@ -499,6 +625,7 @@ def compile_for_target(
     num_stages: int = 3,
     offs_64: bool = True,
     pad_tail: bool = True,
+    splits: int = 1,
 ):
     """Compile the sparse kernel ahead of time for ``sm_<arch>`` (no GPU needed; not under the
     interpreter) and return Triton's compiled kernel (``.asm`` holds ttgir, ptx, cubin...)."""
@@ -508,11 +635,12 @@ def compile_for_target(
     fn = _fg_sparse_fwd
     sig = {}
     ptr_args = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}",
-                "COUNTS": "*i32", "IDX": "*i32", "FCOUNTS": "*i32", "FIDX": "*i32"}
+                "COUNTS": "*i32", "IDX": "*i32", "FCOUNTS": "*i32", "FIDX": "*i32",
+                "PART_ACC": "*fp32", "PART_ML": "*fp32"}
     consts = {
         "HEAD_DIM": head_dim, "HEAD_DIM_PAD": head_dim_pad(head_dim), "BLOCK_M": block_m, "BLOCK_N": block_n,
         "KEY_BLOCK": key_block, "FULL_TILE": full_tile, "UPCAST": False, "FULL_N": block_n,
-        "OFFS_64": offs_64, "PAD_TAIL": pad_tail,
+        "OFFS_64": offs_64, "PAD_TAIL": pad_tail, "SPLITS": splits,
     }
     # mimic the JIT's specialisation for contiguous (B, H, S, D) tensors: unit strides become
     # constants, pointers and the other q/k/v/out strides are multiples of 16.
