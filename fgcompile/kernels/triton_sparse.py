@@ -554,7 +554,7 @@ def launch_sparse_kernel(
         def go(kernel, grid, *a, **kw):
             wrap(kernel)[grid](*a, **kw)
     if config is None:
-        go(_fg_sparse_fwd_tuned, grid, *args, **meta)
+        go(_fg_sparse_fwd_tuned, grid, *args, **meta, SPLITS=1)  # every constexpr passed (Inductor needs them)
     else:
         go(
             _fg_sparse_fwd, grid,
