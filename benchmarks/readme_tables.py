@@ -39,8 +39,8 @@ def e2e_table(path: Path) -> str:
         f"End to end, {d['config']} transformer forward, {d['device']}, torch {d['torch']}, triton {d['triton']}, "
         f"{d['compile']} (`python benchmarks/e2e_wan.py`, {path.name}):",
         "",
-        "| size | batch | setting | density | default compile ms | fgattn ms | speedup | limit speedup | model memory ratio | mask storage | masks on GPU, GB | process memory ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| size | batch | setting | density | default compile ms | fgattn ms | speedup | limit speedup | model memory ratio | mask storage | masks on GPU, GB | lists in host memory, GB | process memory ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in d["rows"]:
         lim = f"{r['limit_speedup']:.2f}x" if r.get("limit_speedup") else "-"
@@ -50,7 +50,8 @@ def e2e_table(path: Path) -> str:
         note = " (kernel inside site_plan)" if r.get("direct_calls_timed") else ""
         lines.append(
             f"| {r['size']} | {r['batch']} | {r['setting']}{note} | {r['density']:.3f} | {r['ms_default']:.1f} | "
-            f"{r['ms_fgattn']:.1f} | {r['speedup']:.2f}x | {lim} | {mem} | {r.get('mask_storage', 'device')} | {masks} | {proc} |"
+            f"{r['ms_fgattn']:.1f} | {r['speedup']:.2f}x | {lim} | {mem} | {r.get('mask_storage', 'device')} | {masks} | "
+            f"{r.get('host_list_bytes', 0) / 1e9:.2f} | {proc} |"
         )
     if "memory_definition" in d.get("summary", {}):
         lines += ["", "Model memory: " + d["summary"]["memory_definition"] + "."]

@@ -1,7 +1,9 @@
 """The fine-grained sparse attention kernel (FG-Attn's asynchronous-gather load), in Triton.
 
-One program per (query block i, batch b * head h). It keeps the block's BLOCK_M queries in
-registers and walks the key blocks that ``PackedSlices`` lists for (b, h, i):
+One program per (query block i, batch b * head h), a 1-D grid with the query block fastest (the
+last, partial wave's blocks may be shared by several programs each: see ``SPLITS`` below). It
+keeps the block's BLOCK_M queries in registers and walks the key blocks that ``PackedSlices``
+lists for (b, h, i):
 
 1. the fully kept tiles (``full_tiles``: aligned runs of FULL_TILE keys, kept whole) as plain
    contiguous blocks, no index needed;
@@ -28,6 +30,14 @@ kernel's epilogue it cost ~15% of its Triton compile, which a compiled model's f
 for (benchmarks/NOTES.md, session 7). ``OFFS_64`` keeps the K/V row offsets in 64 bits; the
 launcher clears it when every row offset of a head fits in int32 (5-8% faster on the H100,
 benchmarks/NOTES.md, session 4).
+
+Under a density budget every query block keeps the same number of keys, so the grid runs in
+equal waves, and its last wave is usually partial (Wan2.1 480p: 3,072 blocks on 132 SMs, the 24th
+wave 27% full). With ``SPLITS`` > 1 (``tail_split``; PAD_TAIL without full tiles) the last wave's
+blocks are each shared by SPLITS programs over equal shares of their key tiles; each writes its
+partial softmax state (unnormalised fp32 accumulator, running max and sum) and ``_combine_parts``
+merges them into O. H200: 1.9% less kernel time at density 0.3, none measurable at 0.6
+(benchmarks/NOTES.md, session 11). Index lists are int32: int16 lists ran ~8% slower.
 
 Supports any strides of q/k/v/out, GQA (kv head = h // (H // H_kv)), head dims up to 128 (a dim
 that is not a power of two, e.g. 96, is padded to the next one with a mask on D), fp16/bf16/fp32
