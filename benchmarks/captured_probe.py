@@ -4,8 +4,9 @@ during a sparse forward of the compiled model (480p, density budget 0.6), then t
 
 - the layer's kernel in the model (torch.profiler, one sparse forward), with mask_storage "host_lists"
   and "device" (no side-stream copies during the kernel);
-- the same kernel alone (do_bench median) on the captured tensors as the model passes them, on
-  contiguous copies of them, and on random tensors of the same layout and the same lists;
+- the same kernel alone (do_bench median) on the model's own q, k, v in place (where its allocator
+  put them; their contents may have changed since), on copies of them in the same layout, on
+  contiguous copies, and on random tensors of the same layout, with the same lists;
 
 so that the slowdown can be told apart between the data, the layout, and the model around it. Each
 alone case runs on the lists as the model made them and on a copy in the other index dtype (int32 /
@@ -70,6 +71,7 @@ def main(argv=None) -> None:
                 runtime.state_of(model).sites[want] is site:
             # copies of the whole storages (the compiled graph may reuse its buffers), same layout
             captured.update(q=_same_layout_copy(q), k=_same_layout_copy(k), v=_same_layout_copy(v), scale=scale,
+                            in_place=(q, k, v),  # the model's own tensors (their contents may change later)
                             packed=dataclasses.replace(packed, counts=packed.counts.clone(), indices=packed.indices.clone(),
                                                        full_counts=packed.full_counts.clone(),
                                                        full_tiles=packed.full_tiles.clone()))
@@ -101,6 +103,7 @@ def main(argv=None) -> None:
         res["strides"] = {"q": list(q.stride()), "k": list(k.stride()), "v": list(v.stride())}
         out = torch.empty_like(q)
         cases = {
+            "model_tensors_in_place": captured["in_place"],  # where the model's allocator put them
             "captured": (q, k, v),
             "captured_contiguous": tuple(t.contiguous() for t in (q, k, v)),
             "random_same_layout": tuple(torch.randn_like(t) for t in (q, k, v)),
