@@ -502,14 +502,17 @@ class _PaddedAttn(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q * self.w, k, v, attn_mask=keep[:, None, None, :])
 
 
-def test_cached_mask_follows_the_key_padding_of_each_call():
+@pytest.mark.parametrize("storage", ["host", "host_lists"])
+def test_cached_mask_follows_the_key_padding_of_each_call(storage):
     """Keys padded at the profiled call are cached as kept, and every sparse call applies its own
     padding: a later call whose padding differs at the same shape (another prompt's text length)
-    gets dense attention's answer when every slice is kept, never the profiled call's padding."""
+    gets dense attention's answer when every slice is kept, never the profiled call's padding.
+    With mask_storage="host_lists" no lists are kept for padded calls (each packs its own)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 256, 64, generator=g) for _ in range(3))
     m = _PaddedAttn()
-    c = torch.compile(m, backend=fgcompile.backend(min_seq_len=64, block_m=64, alpha=1e-6, max_density=1.0))
+    c = torch.compile(m, backend=fgcompile.backend(min_seq_len=64, block_m=64, alpha=1e-6, max_density=1.0,
+                                                   mask_storage=storage))
     half = torch.ones(1, 256, dtype=torch.bool)
     half[:, 128:] = False
     full = torch.ones(1, 256, dtype=torch.bool)
@@ -517,7 +520,7 @@ def test_cached_mask_follows_the_key_padding_of_each_call():
         for keep in (half, full, half, full):  # profiled once, then sparse with other paddings
             torch.testing.assert_close(c(q, k, v, keep), m(q, k, v, keep), atol=1e-5, rtol=1e-4)
     (s,) = fgcompile.stats(c).values()
-    assert (s.profiled_calls, s.sparse_calls) == (1, 3)
+    assert (s.profiled_calls, s.sparse_calls) == (1, 3) and s.host_list_bytes == 0
 
 
 def test_configure_block_n_on_a_key_padding_site_is_refused():
