@@ -43,7 +43,7 @@ import itertools
 import logging
 import threading
 import weakref
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
 import torch
@@ -451,8 +451,6 @@ class SiteState:
         mask's later sparse calls: the indices in host memory (pinned, copied on the side stream
         once the current stream has produced them; no host sync), the small tensors where they
         are. Pinned memory that cannot be had leaves the site packing its bitmap at every call."""
-        import dataclasses
-
         self._lists = self._lists_source = self._lists_ready = None
         idx = packed.indices
         if idx.device.type == "cuda":
@@ -470,15 +468,13 @@ class SiteState:
             self._lists_ready = side.record_event()
         else:
             host = idx.contiguous()
-        self._lists = dataclasses.replace(packed, indices=host)
+        self._lists = replace(packed, indices=host)
         self._lists_source, self._lists_kept = self.mask, kept
 
     def _lists_for_call(self, device: torch.device, prefetched: Optional[tuple]) -> Any:
         """The cached lists on ``device`` for a sparse call (fresh tensors: the compiled graph owns
         its plan's outputs): the indices ``prefetched`` when that is a copy of them, else copied now
         on the current stream. No host sync."""
-        import dataclasses
-
         lists = self._lists
         idx = None
         if prefetched is not None:
@@ -491,8 +487,8 @@ class SiteState:
                 idx = copy
         if idx is None:
             idx = _copy_to(lists.indices, self._lists_ready, device)
-        return dataclasses.replace(lists, counts=lists.counts.clone(), indices=idx,
-                                   full_counts=lists.full_counts.clone(), full_tiles=lists.full_tiles.clone())
+        return replace(lists, counts=lists.counts.clone(), indices=idx,
+                       full_counts=lists.full_counts.clone(), full_tiles=lists.full_tiles.clone())
 
     def _wants_prefetch(self) -> bool:
         """Whether the site's next call should find its host mask on the device already: host
