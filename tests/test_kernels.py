@@ -600,6 +600,12 @@ sig = {n: ("*i32" if n in ("W", "COUNTS", "IDX", "FCOUNTS", "FTILES") else "cons
 pk = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                     options={"num_warps": 4})
 out.append({"pack_popc": len(re.findall(r"popc\.b32", pk.asm["ptx"]))})
+# the merge of the split blocks' shares compiles for sm_90 too
+from fgcompile.kernels.triton_sparse import _combine_parts as cf
+cc = {"SPLITS": 3, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_M": 128, "ROWS": 32}
+csig = {n: ("constexpr" if n in cc else "*fp32" if n.startswith("PART") else "*bf16" if n == "O" else "i32")
+        for n in cf.arg_names}
+triton.compile(ASTSource(fn=cf, signature=csig, constexprs=cc), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 print(json.dumps(out))
 """
 

@@ -263,28 +263,30 @@ def _combine_parts(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    """O rows of the split blocks (``_fg_sparse_fwd`` with SPLITS > 1): block N_FULL + program,
-    from its SPLITS partial states (base-2 running max m, sum l, unnormalised acc, fp32):
-    m = max m_p, O = sum 2^(m_p - m) acc_p / sum 2^(m_p - m) l_p (zeros where nothing was kept).
-    Grid: (number of split blocks,)."""
+    """O rows of the split blocks (``_fg_sparse_fwd`` with SPLITS > 1): ROWS rows of block
+    N_FULL + program_id(0), from its SPLITS partial states (base-2 running max m, sum l,
+    unnormalised acc, fp32): m = max m_p, O = sum 2^(m_p - m) acc_p / sum 2^(m_p - m) l_p (zeros
+    where nothing was kept). Grid: (number of split blocks, BLOCK_M // ROWS). Loops, not unrolled
+    over the shares: its Triton compile is on a compiled model's first call."""
     s = tl.program_id(0)
     blk = N_FULL + s
     qb = blk % NQB
     bh = blk // NQB
     b64 = (bh // H).to(tl.int64)
     h64 = (bh % H).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_M)
+    offs_r = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for p in tl.static_range(SPLITS):
-        rows = (s * SPLITS + p).to(tl.int64) * BLOCK_M + offs_r
-        m = tl.maximum(m, tl.load(PART_ML + rows * 2))
+    base = s.to(tl.int64) * SPLITS * BLOCK_M + offs_r
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    for p in range(SPLITS):
+        m = tl.maximum(m, tl.load(PART_ML + (base + p * BLOCK_M) * 2))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    for p in tl.static_range(SPLITS):
-        rows = (s * SPLITS + p).to(tl.int64) * BLOCK_M + offs_r
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM_PAD], tl.float32)
+    for p in range(SPLITS):
+        rows = base + p * BLOCK_M
         w = tl.math.exp2(tl.load(PART_ML + rows * 2) - m_safe)  # 0 for a share with nothing kept
         l += w * tl.load(PART_ML + rows * 2 + 1)
         acc += w[:, None] * tl.load(PART_ACC + rows[:, None] * HEAD_DIM_PAD + offs_d[None, :])
@@ -578,10 +580,11 @@ def launch_sparse_kernel(
             **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
         )
     if splits > 1:
+        rows = min(32, block_m)
         go(
-            _combine_parts, (n_split,),
+            _combine_parts, (n_split, block_m // rows),
             part_acc, part_ml, out, *out.stride(), H, S_q, n_full, n_qb,
-            SPLITS=splits, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BLOCK_M=block_m, num_warps=8 if block_m >= 128 else 4,
+            SPLITS=splits, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BLOCK_M=block_m, ROWS=rows, num_warps=4,
         )
     if has_dense:
         copy_m = 64
