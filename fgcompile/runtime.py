@@ -279,7 +279,7 @@ class SiteState:
                     # sized for the budget.)
                     bits = bits | packing.pack_bits(~key_padding.to(torch.bool))[:, None, None, :]
                 self._keep_mask(bits)
-                self._lists = self._lists_source = self._lists_ready = self._lists_kept = None  # of the old mask
+                self._drop_lists()  # of the old mask
                 self.mask_key = key
                 self.mask_cap = predictors.density_budget(-(-k.shape[2] // cfg.block_n), cfg.density)
                 self._note_mask_density(kept.mean())
@@ -452,7 +452,7 @@ class SiteState:
         copied on the side stream from a device copy made on the current stream: 0.1-0.2 ms per
         Wan layer, once per mask; no host sync), the small tensors where they are. Pinned memory
         that cannot be had leaves the site packing its bitmap at every call."""
-        self._lists = self._lists_source = self._lists_ready = None
+        self._drop_lists()
         # private copies: the compiled graph owns this call's tensors and may reuse their memory
         # for its own later outputs, on the current stream, while the side stream still reads them
         packed = replace(packed, counts=packed.counts.clone(), indices=packed.indices.clone(),
@@ -542,6 +542,10 @@ class SiteState:
     def _drop_mask(self) -> None:
         """Forget the cached mask and every copy of it (in flight, prefetched)."""
         self.mask = self.mask_key = self._mask_ready = self._prefetched = self._profiled_bits = None
+        self._drop_lists()
+
+    def _drop_lists(self) -> None:
+        """Forget the cached index lists (``mask_storage="host_lists"``)."""
         self._lists = self._lists_source = self._lists_ready = self._lists_kept = None
 
     def _note_mask_density(self, d: torch.Tensor) -> None:

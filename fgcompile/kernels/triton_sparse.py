@@ -56,7 +56,7 @@ import triton.language as tl
 
 from .packing import PackedSlices
 from .triton_common import (
-    LOG2E, _block_heads, _online_softmax_step, _out_ptrs, _q_tile, _softmax_state, head_dim_pad, interpreting, launch,
+    LOG2E, _block_heads, _online_softmax_step, _out_ptrs, _program_heads, _q_tile, _softmax_state, head_dim_pad, interpreting, launch,
 )
 
 
@@ -271,11 +271,7 @@ def _combine_parts(
     where nothing was kept). Grid: (number of split blocks, BLOCK_M // ROWS). Loops, not unrolled
     over the shares: its Triton compile is on a compiled model's first call."""
     s = tl.program_id(0)
-    blk = N_FULL + s
-    qb = blk % NQB
-    bh = blk // NQB
-    b64 = (bh // H).to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
+    qb, bh, b64, h64, hk64 = _block_heads(N_FULL + s, NQB, H, 1)
     offs_r = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     base = s.to(tl.int64) * SPLITS * BLOCK_M + offs_r
@@ -311,10 +307,8 @@ def _copy_dense(
     step computed), copy the rows of ``DENSE`` over O (both (B, H, S_q, D), any strides); else
     nothing (DENSE is then never read). Grid: (cdiv(S_q, BLOCK_M), B * H)."""
     if tl.load(USE_DENSE) != 0:
-        bh = tl.program_id(1)
-        b64 = (bh // H).to(tl.int64)
-        h64 = (bh % H).to(tl.int64)
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        qb, bh, b64, h64, hk64 = _program_heads(H, 1)
+        offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         ok = (offs_m < S_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
         x = tl.load(_out_ptrs(DENSE, b64, h64, offs_m, offs_d, stride_db, stride_dh, stride_ds, stride_dd), mask=ok)
@@ -397,13 +391,19 @@ HEURISTIC_CONFIGS = [
 INTERPRET_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 
 
+def _triton_config(c: dict) -> triton.Config:
+    """A launch config dict ({"BLOCK_N", "num_warps", "num_stages", "FULL_N"}) as a ``triton.Config``
+    (what the prune predicate and the shared-memory estimate take)."""
+    return triton.Config({"BLOCK_N": c["BLOCK_N"], "FULL_N": c.get("FULL_N", c["BLOCK_N"])},
+                         num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 3))
+
+
 def heuristic_config(q: torch.Tensor, meta: dict) -> dict:
     """The config a launch without autotuning uses: the first of ``HEURISTIC_CONFIGS`` that the
     prune predicate keeps for these constexprs (``meta``) and q's dtype."""
     nargs = dict(meta, Q=q)
     for c in HEURISTIC_CONFIGS:
-        cfg = triton.Config({"BLOCK_N": c["BLOCK_N"], "FULL_N": c["FULL_N"]}, num_warps=c["num_warps"], num_stages=c["num_stages"])
-        if _fits(cfg, nargs):
+        if _fits(_triton_config(c), nargs):
             return c
     return HEURISTIC_CONFIGS[-1]
 
@@ -466,12 +466,10 @@ def _schedule_slots(q: torch.Tensor, meta: dict, config: dict) -> int:
     if q.device.type != "cuda" or interpreting():
         return 0
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    cfg = triton.Config({"BLOCK_N": config["BLOCK_N"], "FULL_N": config.get("FULL_N", config["BLOCK_N"])},
-                        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
-    per_sm = max(1, (_SMEM_LIMIT + 1024) // (_smem_estimate(cfg, dict(meta, Q=q)) + 1024))
+    cfg = _triton_config(config)
     if cfg.num_warps >= 8:
-        per_sm = 1
-    return sms * per_sm
+        return sms
+    return sms * max(1, (_SMEM_LIMIT + 1024) // (_smem_estimate(cfg, dict(meta, Q=q)) + 1024))
 
 
 def needs_64bit_offsets(k: torch.Tensor, v: torch.Tensor) -> bool:
