@@ -34,6 +34,8 @@
 #   bash benchmarks/h100_session.sh P   # pack_probe.py (the packing's launch grid) and an ncu profile of it
 #   bash benchmarks/h100_session.sh N   # every GPU test, then e2e_wan.py at 480p batch 1, the density budgets with
 #                                       # mask_storage "host_lists" against "host" (SETTINGS, REPS)
+#   bash benchmarks/h100_session.sh R   # every GPU test, then captured_probe.py (one Wan layer's kernel in the model
+#                                       # against alone: in place, copies, after GEMMs, during a copy; clocks)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
 OUT=${OUT:-/tmp/out}
@@ -226,5 +228,13 @@ for r in json.load(open(sys.argv[1]))["rows"]:
           f"x{r['speedup']:.3f} sparse {sp:.1f} packing {pk:.1f} mem {r['memory_ratio']:.3f} err {r['rel_err_sparse_call']:.4f}")
 PY
   ;;
-*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|N|P|Q|S|T|V|W|X"; exit 2 ;;
+R)
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests -n 6 > "$OUT/gpu_tests_all.txt" 2>&1
+  echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests_all.txt" | head -12
+  timeout ${LIMIT:-300} python3 benchmarks/captured_probe.py ${EXTRA} --out "$OUT/captured_probe_${TAG}.json" \
+      > "$OUT/captured_probe.txt" 2>&1
+  echo "captured_probe rc=$?"
+  grep -vE "Warning|warn|^ *$" "$OUT/captured_probe.txt" | tail -45
+  ;;
+*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|N|P|Q|R|S|T|V|W|X"; exit 2 ;;
 esac
