@@ -36,6 +36,10 @@
 #                                       # mask_storage "host_lists" against "host" (SETTINGS, REPS)
 #   bash benchmarks/h100_session.sh R   # every GPU test, then captured_probe.py (one Wan layer's kernel in the model
 #                                       # against alone: in place, copies, after GEMMs, during a copy; clocks)
+#   bash benchmarks/h100_session.sh Y   # gap_probe.py (idle gaps of the compute stream in one Wan forward: default
+#                                       # compile and fgattn d0.6 per mask storage; their causes, CUDA API calls)
+#   bash benchmarks/h100_session.sh Z   # the sparse-kernel GPU tests, variant_probe.py --parts kernel (lazy vs eager
+#                                       # rescale, ...), e2e_wan.py at 480p batch 1 (SETTINGS, default d0.6,d0.3; REPS)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
 OUT=${OUT:-/tmp/out}
@@ -236,5 +240,19 @@ R)
   echo "captured_probe rc=$?"
   grep -vE "Warning|warn|^ *$" "$OUT/captured_probe.txt" | tail -45
   ;;
-*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|N|P|Q|R|S|T|V|W|X"; exit 2 ;;
+Y)
+  timeout ${LIMIT:-420} python3 benchmarks/gap_probe.py ${EXTRA} --out "$OUT/gap_probe_${TAG}.json" > "$OUT/gap_probe.txt" 2>&1
+  echo "gap_probe rc=$?"
+  grep -vE "Warning|warn|^ *$" "$OUT/gap_probe.txt" | tail -50
+  ;;
+Z)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py -n 6 > "$OUT/gpu_tests_kernels.txt" 2>&1
+  echo "gpu kernel tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests_kernels.txt" | head -12
+  timeout 150 python3 benchmarks/variant_probe.py --parts kernel --out "$OUT/variant_probe_${TAG}.json" > "$OUT/variant_probe.txt" 2>&1
+  echo "variant_probe rc=$?"; grep -E "^d0|cudnn" "$OUT/variant_probe.txt"
+  timeout 280 python3 benchmarks/e2e_wan.py --reps ${REPS:-3} --skip-720p --skip-b2 --settings ${SETTINGS:-d0.6,d0.3} \
+      --out "$OUT/e2e_wan_${TAG}.json" > "$OUT/e2e.txt" 2>&1
+  echo "e2e rc=$?"; tail -6 "$OUT/e2e.txt"
+  ;;
+*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|N|P|Q|R|S|T|V|W|X|Y|Z"; exit 2 ;;
 esac

@@ -159,6 +159,38 @@ def test_triton_matches_reference(case, pad_tail, monkeypatch):
 
 
 @needs_interp
+@pytest.mark.parametrize("lazy", ["0", "1"])
+@pytest.mark.parametrize("pad_tail", ["0", "1"])
+@pytest.mark.parametrize("kind", ["runs", "random"])
+def test_triton_rescale_with_growing_scores(lazy, pad_tail, kind, monkeypatch):
+    """Scores that grow along the key order by a few units per key tile: the online softmax's max
+    moves by less than the lazy threshold over some tiles and by more over others, so the lazy
+    rescale (``LAZY_RESCALE``) both skips and performs rescales mid-loop; against float64, both
+    tail modes, the full-tile loop and the gathered loop, and exp2 weights never overflow."""
+    monkeypatch.setenv("FGCOMPILE_LAZY_RESCALE", lazy)
+    monkeypatch.setenv("FGCOMPILE_PAD_TAIL", pad_tail)
+    B, H, S_q, S_kv, D, bm = 1, 2, 128, 640, 32, 64
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(B, H, S_q, D, generator=g)
+    q[..., 0] = 4.0  # every query weighs the keys' first coordinate
+    k = torch.randn(B, H, S_kv, D, generator=g)
+    # the first coordinate ramps up: ~1.5 units of score (base e) more per 16 keys, the
+    # interpreter's tile; the largest scores are ~60 units over the first tile's
+    k[..., 0] = torch.linspace(-2.0, 13.0, S_kv)
+    v = torch.randn(B, H, S_kv, D, generator=g)
+    if kind == "runs":
+        keep = _mask(B, H, S_q, S_kv, bm, 1, "runs", seed=3)
+    else:
+        keep = torch.rand(B, H, -(-S_q // bm), S_kv, generator=g) < 0.6
+    keep[..., -1] = True  # the largest score is kept: its weight is the row's largest
+    scale = D ** -0.5
+    out = sparse_attention(q.to(DEV), k.to(DEV), v.to(DEV), keep.to(DEV), block_m=bm, scale=scale, impl="triton")
+    ref = _f64_sparse(q, k, v, keep, bm, 1, scale)
+    assert torch.isfinite(out).all()
+    assert _rel(out.cpu(), ref) < 1e-5
+
+
+@needs_interp
 def test_triton_strided_inputs_and_packed_input():
     """(B, S, H, D) tensors seen as (B, H, S, D) (non-contiguous), a PackedSlices input, and the
     full-tile fast path on and off give the same result."""
