@@ -47,9 +47,6 @@ KERNEL_CONFIGS = {
     # the shipped config without splitting the last wave's blocks (triton_sparse.tail_split)
     "m128_n128_w8_s3_no_tail_split": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "PAD_TAIL": True, "SLOTS": 0},
     "m128_n128_w8_s3_masked_tail": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "PAD_TAIL": False},
-    # the accumulator rescaled at every tile (before session 13) instead of lazily (LAZY_RESCALE)
-    "m128_n128_w8_s3_eager_rescale": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "PAD_TAIL": True,
-                                      "LAZY_RESCALE": False},
     "m128_n128_w8_s2": {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
     "m128_n64_w8_s3": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     "m128_n64_w8_s4": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4},

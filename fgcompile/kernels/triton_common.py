@@ -113,24 +113,12 @@ def _softmax_state(BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     return m_i, l_i, acc
 
 
-#: the lazy rescale's threshold (``_online_softmax_step``, LAZY): the running max of the online
-#: softmax moves only when some row's max has grown by more than this (base-2 units) since it last
-#: moved, so exp2 weights stay <= 2**8 (FlashAttention-4's conditional rescaling)
-LAZY_RESCALE_LOG2 = tl.constexpr(8.0)
-
-
 @triton.jit
-def _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, MASKED: tl.constexpr, LAZY: tl.constexpr = False):
+def _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, MASKED: tl.constexpr):
     """One key tile of the online softmax (base 2): scores q k^T * qk_scale, running max ``m_i``
     and sum ``l_i`` (BLOCK_M,), accumulator ``acc`` (BLOCK_M, D) rescaled and updated with p v.
     ``MASKED``: keys where ``valid`` (BLOCK_N,) is False get no weight (rows with no valid key
-    so far keep m = -inf and produce no NaN); else every key of the tile counts.
-    ``LAZY`` (unmasked steps only): ``m_i`` is the reference the weights are taken against, not
-    necessarily the running max: it moves (and ``acc`` and ``l_i`` are rescaled) only when some
-    row's max exceeds it by more than ``LAZY_RESCALE_LOG2``; most tiles then skip the BLOCK_M x D
-    multiply of the accumulator (~10% of the loop's instructions at D = 128). ``acc / l_i`` is the
-    same softmax; (acc, m_i, l_i) stay a consistent partial state (what ``_combine_parts`` and the
-    padded-slot correction read)."""
+    so far keep m = -inf and produce no NaN); else every key of the tile counts."""
     qk = tl.dot(q, tl.trans(k))
     if MASKED:
         qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
@@ -138,25 +126,12 @@ def _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, MASKED: tl.con
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
     else:
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        if LAZY:
-            # the first tile always moves it (m_i = -inf: the difference is +inf)
-            if tl.max(m_new - m_i, 0) > LAZY_RESCALE_LOG2:
-                alpha = tl.math.exp2(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-            m_new = m_i
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            l_i = l_i + tl.sum(p, 1)
-        else:
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
 
