@@ -38,8 +38,8 @@
 #                                       # against alone: in place, copies, after GEMMs, during a copy; clocks)
 #   bash benchmarks/h100_session.sh Y   # gap_probe.py (idle gaps of the compute stream in one Wan forward: default
 #                                       # compile and fgattn d0.6 per mask storage; their causes, CUDA API calls)
-#   bash benchmarks/h100_session.sh Z   # the sparse-kernel GPU tests, variant_probe.py --parts kernel (lazy vs eager
-#                                       # rescale, ...), e2e_wan.py at 480p batch 1 (SETTINGS, default d0.6,d0.3; REPS)
+#   bash benchmarks/h100_session.sh Z   # the sparse-kernel GPU tests (PYK: a -k filter), variant_probe.py --parts kernel,
+#                                       # e2e_wan.py at 480p batch 1 (SETTINGS, default d0.6,d0.3; REPS; SKIP_E2E=1: none)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
 OUT=${OUT:-/tmp/out}
@@ -246,10 +246,11 @@ Y)
   grep -vE "Warning|warn|^ *$" "$OUT/gap_probe.txt" | tail -50
   ;;
 Z)
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py -n 6 > "$OUT/gpu_tests_kernels.txt" 2>&1
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py -n 6 ${PYK:+-k "$PYK"} > "$OUT/gpu_tests_kernels.txt" 2>&1
   echo "gpu kernel tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests_kernels.txt" | head -12
   timeout 150 python3 benchmarks/variant_probe.py --parts kernel --out "$OUT/variant_probe_${TAG}.json" > "$OUT/variant_probe.txt" 2>&1
   echo "variant_probe rc=$?"; grep -E "^d0|cudnn" "$OUT/variant_probe.txt"
+  [ -n "$SKIP_E2E" ] && exit 0
   timeout 280 python3 benchmarks/e2e_wan.py --reps ${REPS:-3} --skip-720p --skip-b2 --settings ${SETTINGS:-d0.6,d0.3} \
       --out "$OUT/e2e_wan_${TAG}.json" > "$OUT/e2e.txt" 2>&1
   echo "e2e rc=$?"; tail -6 "$OUT/e2e.txt"
