@@ -113,63 +113,12 @@ def _softmax_state(BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     return m_i, l_i, acc
 
 
-def _exp2_mixed_asm(poly: int, pack: int = 8) -> str:
-    """PTX for ``_exp2_mixed``: ``pack`` fp32 exponents in ($pack .. $2pack-1), their powers of two
-    out ($0 .. $pack-1); the last ``poly`` of each pack by a degree-3 polynomial on the FMA pipe
-    (2**x = 2**round(x) * p(x - round(x)), p a relative minimax fit on [-0.5, 0.5], error < 7.5e-5;
-    round(x) by the 1.5 * 2**23 trick, added to the exponent bits; x clamped at -126, where the
-    result is below 2**-125), the others by the MUFU (ex2.approx.ftz)."""
-    lines = ["{", ".reg .f32 %pt, %pj, %pf, %pr;", ".reg .b32 %pb, %pe;"]
-    for e in range(pack):
-        x, y = f"${pack + e}", f"${e}"
-        if e < pack - poly:
-            lines.append(f"ex2.approx.ftz.f32 {y}, {x};")
-        else:
-            lines += [
-                f"max.f32 %pt, {x}, 0fC2FC0000;",  # -126
-                "add.rn.f32 %pj, %pt, 0f4B400000;",  # 1.5 * 2**23: round(x) in the low mantissa bits
-                "sub.rn.f32 %pf, %pj, 0f4B400000;",
-                "sub.rn.f32 %pf, %pt, %pf;",  # x - round(x), in [-0.5, 0.5]
-                "fma.rn.f32 %pr, %pf, 0f3D61FBB0, 0f3E786F0E;",
-                "fma.rn.f32 %pr, %pr, %pf, 0f3F31798D;",
-                "fma.rn.f32 %pr, %pr, %pf, 0f3F7FFB49;",
-                "mov.b32 %pe, %pj;",
-                "shl.b32 %pe, %pe, 23;",  # round(x) << 23: the exponent increment
-                "mov.b32 %pb, %pr;",
-                "add.s32 %pb, %pb, %pe;",
-                f"mov.b32 {y}, %pb;",
-            ]
-    lines.append("}")
-    return "\n".join(lines)
-
-
-_EXP2_POLY1 = tl.constexpr(_exp2_mixed_asm(1))
-_EXP2_POLY2 = tl.constexpr(_exp2_mixed_asm(2))
-_EXP2_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 8))
-
-
 @triton.jit
-def _exp2_mixed(x, POLY: tl.constexpr):
-    """2**x (fp32, x <= 0, any shape with a multiple of 8 elements per thread): ``POLY`` of every 8
-    of a thread's elements (0, 1 or 2) by a polynomial on the FMA pipe, the rest by the MUFU, whose
-    16 results per clock per SM bound the softmax phase of a 128 x 128 tile (FlashAttention-4's
-    exp2 emulation). ``POLY`` 0: ``tl.math.exp2`` (also what the interpreter runs)."""
-    if POLY == 0:
-        return tl.math.exp2(x)
-    elif POLY == 1:
-        return tl.inline_asm_elementwise(_EXP2_POLY1, _EXP2_CONSTRAINTS, [x], dtype=tl.float32, is_pure=True, pack=8)
-    else:
-        return tl.inline_asm_elementwise(_EXP2_POLY2, _EXP2_CONSTRAINTS, [x], dtype=tl.float32, is_pure=True, pack=8)
-
-
-@triton.jit
-def _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, MASKED: tl.constexpr, POLY: tl.constexpr = 0):
+def _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, MASKED: tl.constexpr):
     """One key tile of the online softmax (base 2): scores q k^T * qk_scale, running max ``m_i``
     and sum ``l_i`` (BLOCK_M,), accumulator ``acc`` (BLOCK_M, D) rescaled and updated with p v.
     ``MASKED``: keys where ``valid`` (BLOCK_N,) is False get no weight (rows with no valid key
-    so far keep m = -inf and produce no NaN); else every key of the tile counts, and ``POLY``
-    (unmasked steps) picks how p's exp2 is split between the MUFU and the FMA pipe
-    (``_exp2_mixed``)."""
+    so far keep m = -inf and produce no NaN); else every key of the tile counts."""
     qk = tl.dot(q, tl.trans(k))
     if MASKED:
         qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
@@ -179,7 +128,7 @@ def _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, MASKED: tl.con
         alpha = tl.math.exp2(m_i - m_safe)
     else:
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = _exp2_mixed(qk * qk_scale - m_new[:, None], POLY)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]

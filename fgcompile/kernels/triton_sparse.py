@@ -120,7 +120,6 @@ def _fg_sparse_fwd(
     OFFS_64: tl.constexpr = True,
     PAD_TAIL: tl.constexpr = True,
     SPLITS: tl.constexpr = 1,
-    POLY_EXP2: tl.constexpr = 0,
 ):
     # Program -> (query block, b * H + h): programs 0 .. N_FULL - 1 take blocks 0 .. N_FULL - 1
     # whole (query block fastest); with SPLITS > 1 (``tail_split``) the remaining blocks, the
@@ -161,7 +160,7 @@ def _fg_sparse_fwd(
             t_next = tl.load(f_base + (it + 1) // R, mask=it + 1 < n_full_it, other=0)
             kpos = _key_rows(t * FULL_TILE + (it % R) * FN + offs_f, OFFS_64)
             k, v = _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
-            acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, offs_f >= 0, qk_scale, False, POLY_EXP2)
+            acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, offs_f >= 0, qk_scale, False)
 
     # ---- 2. the other kept keys: gathered by index, BLOCK_N keys per tile
     count = tl.load(COUNTS + b64 * stride_cb + h64 * stride_ch + qb * stride_cq)
@@ -203,7 +202,7 @@ def _fg_sparse_fwd(
                 kpos = j * KEY_BLOCK + vpos % KEY_BLOCK
             kpos = _key_rows(tl.where((vpos < n_keys) & (kpos < S_KV), kpos, j_star), OFFS_64)
             k, v = _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
-            acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, offs_n >= 0, qk_scale, False, POLY_EXP2)
+            acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, offs_n >= 0, qk_scale, False)
         # padded slots (none without kept keys; all in the last tile, i.e. the last share's)
         r = tl.where((t1 == n_tiles) & (t1 > t0), n_tiles * BLOCK_N - n_valid, 0)
         if r > 0:
@@ -227,7 +226,7 @@ def _fg_sparse_fwd(
             else:
                 kpos = _key_rows(j * KEY_BLOCK + (start + offs_n) % KEY_BLOCK, OFFS_64)
             k, v = _load_kv(k_base, v_base, kpos, offs_d, d_ok, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
-            acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, offs_n >= 0, qk_scale, False, POLY_EXP2)
+            acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, offs_n >= 0, qk_scale, False)
         if n_tiles > 0:
             start = n_main * BLOCK_N
             vpos = start + offs_n
@@ -429,16 +428,6 @@ def pad_tail_wanted() -> bool:
     return os.environ.get("FGCOMPILE_PAD_TAIL", "1") != "0"
 
 
-def poly_exp2_wanted() -> int:
-    """Of every 8 softmax weights of a thread, how many the gather and full-tile loops compute by a
-    polynomial on the FMA pipe instead of the MUFU (``POLY_EXP2``: 0, 1 or 2; environment
-    ``FGCOMPILE_POLY_EXP2``; see ``triton_common._exp2_mixed``). Never under the interpreter."""
-    v = os.environ.get("FGCOMPILE_POLY_EXP2", "0")
-    if v not in ("0", "1", "2"):
-        raise ValueError(f"FGCOMPILE_POLY_EXP2: expected 0, 1 or 2, got {v!r}")
-    return int(v)
-
-
 def _seq_bucket(s: int) -> int:
     """Sequence lengths bucketed to the next power of two (the autotuning key)."""
     return 1 << max(0, int(s - 1).bit_length())
@@ -575,18 +564,12 @@ def launch_sparse_kernel(
         def go(kernel, grid, *a, **kw):
             wrap(kernel)[grid](*a, **kw)
     if config is None:
-        # every constexpr passed (Inductor needs them)
-        go(_fg_sparse_fwd_tuned, grid, *args, **meta, SPLITS=1, POLY_EXP2=0)
+        go(_fg_sparse_fwd_tuned, grid, *args, **meta, SPLITS=1)  # every constexpr passed (Inductor needs them)
     else:
-        # the polynomial exp2 works on packs of 8 of a thread's scores
-        per_thread = block_m * config["BLOCK_N"] // (32 * config.get("num_warps", 4))
-        poly = config["POLY_EXP2"] if "POLY_EXP2" in config else poly_exp2_wanted()
-        poly = int(poly) if not interpreting() and per_thread % 8 == 0 else 0
         go(
             _fg_sparse_fwd, grid,
             *args,
             **meta,
-            POLY_EXP2=poly,
             BLOCK_N=config["BLOCK_N"],
             FULL_N=config.get("FULL_N", config["BLOCK_N"]),
             num_warps=config.get("num_warps", 4),
@@ -654,7 +637,6 @@ def compile_for_target(
     offs_64: bool = True,
     pad_tail: bool = True,
     splits: int = 1,
-    poly_exp2: int = 0,
 ):
     """Compile the sparse kernel ahead of time for ``sm_<arch>`` (no GPU needed; not under the
     interpreter) and return Triton's compiled kernel (``.asm`` holds ttgir, ptx, cubin...)."""
@@ -669,7 +651,7 @@ def compile_for_target(
     consts = {
         "HEAD_DIM": head_dim, "HEAD_DIM_PAD": head_dim_pad(head_dim), "BLOCK_M": block_m, "BLOCK_N": block_n,
         "KEY_BLOCK": key_block, "FULL_TILE": full_tile, "UPCAST": False, "FULL_N": block_n,
-        "OFFS_64": offs_64, "PAD_TAIL": pad_tail, "SPLITS": splits, "POLY_EXP2": poly_exp2,
+        "OFFS_64": offs_64, "PAD_TAIL": pad_tail, "SPLITS": splits,
     }
     # mimic the JIT's specialisation for contiguous (B, H, S, D) tensors: unit strides become
     # constants, pointers and the other q/k/v/out strides are multiples of 16.
