@@ -12,12 +12,13 @@ its Chrome trace:
   when that launch came after the previous kernel had ended (the GPU waited for the CPU), else
   "device" (a cross-stream wait or the launch latency); host gaps are attributed to the innermost
   CPU op around the launch;
+- the kernels, copies and memsets of the forward, by name (total ms, count: every stream);
 - the CUDA runtime/driver calls of the forward on the CPU (count and total ms; synchronising calls
   and allocations show up here);
 - the time of the forward on the host (until the call returns, no sync) and on the GPU (events).
 
 Variants: ``default``, and fgattn at a density budget with each ``--storages`` mask storage
-(default ``host_lists,device``).
+(default ``host_lists,device,host``).
 
     python benchmarks/gap_probe.py [--density 0.6] [--storages host_lists,device] [--out OUT.json]
 """
@@ -98,6 +99,10 @@ def analyse_trace(path: str, top: int = 15) -> dict:
         if e.get("cat") in LAUNCH_CATS:
             api[e["name"]][0] += 1
             api[e["name"]][1] += e["dur"] / 1e3
+    kernels = defaultdict(lambda: [0.0, 0])
+    for e in gpu:
+        kernels[e["name"][:80]][0] += e["dur"] / 1e3
+        kernels[e["name"][:80]][1] += 1
     other_streams = {str(s): dict(kernels_ms=round(kernel_time[s] / 1e3, 3),
                                   copies_ms=round(sum(e["dur"] for e in es2 if e["cat"] == "gpu_memcpy") / 1e3, 3))
                      for s, es2 in by_stream.items() if s != main}
@@ -110,6 +115,12 @@ def analyse_trace(path: str, top: int = 15) -> dict:
         gap_histogram_us={f"<{b}": sum(1 for g in gaps if g["us"] < b and g["us"] >= a)
                           for a, b in ((0, 5), (5, 20), (20, 100), (100, 1000), (1000, 1e9))},
         api_calls={k: [v[0], round(v[1], 3)] for k, v in sorted(api.items(), key=lambda kv: -kv[1][1])[:25]},
+        top_kernels={k: [round(v[0], 3), v[1]] for k, v in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:2 * top]},
+        # each self-attention kernel of the forward in order (sparse kernel, else cuDNN's; ms)
+        attention_ms_in_order=[round(e["dur"] / 1e3, 4) for e in sorted(gpu, key=lambda e: e["ts"])
+                               if e["name"].startswith("_fg_sparse_fwd")]
+        or [round(e["dur"] / 1e3, 4) for e in sorted(gpu, key=lambda e: e["ts"])
+            if "sdpa" in e["name"] and e["dur"] > 1000.0],
         main_stream=str(main), other_streams=other_streams,
     )
 
@@ -123,7 +134,7 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--density", type=float, default=0.6)
-    p.add_argument("--storages", default="host_lists,device")
+    p.add_argument("--storages", default="host_lists,device,host")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -194,6 +205,11 @@ def main(argv=None) -> None:
             print(f"  {g['us']:8.1f} us {g['cause']:<6} at {g['at_us'] / 1e3:7.2f} ms before {g['before'][:40]} "
                   f"(after {g['after'][:30]}) op {g['cpu_op'][:40]}")
         print("  api:", {a: b for a, b in list(t["api_calls"].items())[:8]})
+        print("  kernels:", {a[:40]: b for a, b in list(t["top_kernels"].items())[:8]})
+        a = t["attention_ms_in_order"]
+        if a:
+            print(f"  attention kernels: {len(a)}, first 10 mean {statistics.mean(a[:10]):.3f} ms, last 10 mean "
+                  f"{statistics.mean(a[-10:]):.3f} ms, all {statistics.mean(a):.3f} ms")
 
 
 if __name__ == "__main__":
