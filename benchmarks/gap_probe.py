@@ -13,6 +13,8 @@ its Chrome trace:
   "device" (a cross-stream wait or the launch latency); host gaps are attributed to the innermost
   CPU op around the launch;
 - the kernels, copies and memsets of the forward, by name (total ms, count: every stream);
+- the self-attention kernels and the host-to-device copies on other streams in time (which
+  kernels ran while a copy did);
 - the CUDA runtime/driver calls of the forward on the CPU (count and total ms; synchronising calls
   and allocations show up here);
 - the time of the forward on the host (until the call returns, no sync) and on the GPU (events).
@@ -107,6 +109,22 @@ def analyse_trace(path: str, top: int = 15) -> dict:
                                   copies_ms=round(sum(e["dur"] for e in es2 if e["cat"] == "gpu_memcpy") / 1e3, 3))
                      for s, es2 in by_stream.items() if s != main}
     gaps.sort(key=lambda g: -g["us"])
+    # the self-attention kernels against the host-to-device copies of other streams: when each ran
+    # (ms from the first kernel of the forward) and how much of each kernel a copy overlapped
+    t0 = es[0]["ts"]
+    attn = sorted((e for e in gpu if e["name"].startswith("_fg_sparse_fwd")
+                   or ("sdpa" in e["name"] and e["dur"] > 1000.0)), key=lambda e: e["ts"])
+    copies = sorted((e for e in gpu if e["cat"] == "gpu_memcpy" and e["args"].get("stream") != main
+                     and e["dur"] > 100.0), key=lambda e: e["ts"])
+
+    def overlap(a, b):
+        return max(0.0, min(a["ts"] + a["dur"], b["ts"] + b["dur"]) - max(a["ts"], b["ts"]))
+
+    timeline = dict(
+        attention=[[round((e["ts"] - t0) / 1e3, 3), round(e["dur"] / 1e3, 4),
+                    round(sum(overlap(e, c) for c in copies) / max(e["dur"], 1e-9), 3)] for e in attn],
+        copies=[[round((c["ts"] - t0) / 1e3, 3), round(c["dur"] / 1e3, 4)] for c in copies],
+    )
     return dict(
         span_ms=span / 1e3, busy_ms=busy / 1e3, idle_ms=(span - busy) / 1e3, n_gaps=len(gaps),
         idle_by_cause_ms={k: v / 1e3 for k, v in by_cause.items()},
@@ -122,6 +140,7 @@ def analyse_trace(path: str, top: int = 15) -> dict:
         or [round(e["dur"] / 1e3, 4) for e in sorted(gpu, key=lambda e: e["ts"])
             if "sdpa" in e["name"] and e["dur"] > 1000.0],
         main_stream=str(main), other_streams=other_streams,
+        timeline=timeline,
     )
 
 
@@ -210,6 +229,15 @@ def main(argv=None) -> None:
         if a:
             print(f"  attention kernels: {len(a)}, first 10 mean {statistics.mean(a[:10]):.3f} ms, last 10 mean "
                   f"{statistics.mean(a[-10:]):.3f} ms, all {statistics.mean(a):.3f} ms")
+        tl_ = t["timeline"]
+        if tl_["copies"]:
+            print("  attention [start ms, ms, share overlapped by a copy]:", tl_["attention"][:3], "...", tl_["attention"][-3:])
+            print("  copies [start ms, ms]:", tl_["copies"][:4], "...", tl_["copies"][-3:])
+            lap = [x for x in tl_["attention"] if x[2] > 0.5]
+            free = [x for x in tl_["attention"] if x[2] <= 0.5]
+            if lap and free:
+                print(f"  attention with a copy over half of it: {len(lap)} kernels, {statistics.mean(x[1] for x in lap):.3f} ms;"
+                      f" without: {len(free)}, {statistics.mean(x[1] for x in free):.3f} ms")
 
 
 if __name__ == "__main__":
