@@ -17,7 +17,8 @@ its Chrome trace:
   kernels ran while a copy did);
 - the CUDA runtime/driver calls of the forward on the CPU (count and total ms; synchronising calls
   and allocations show up here);
-- the time of the forward on the host (until the call returns, no sync) and on the GPU (events).
+- the time of the forward on the host (until the call returns, no sync) and on the GPU (events),
+  and the most memory the timed forwards allocated on top of what was allocated before them.
 
 Variants: ``default``, and fgattn at a density budget with each ``--storages`` mask storage
 (default ``host_lists,device,host``).
@@ -171,6 +172,9 @@ def main(argv=None) -> None:
             return model(*x, return_dict=False)[0]
 
         gpu, host = [], []
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         for _ in range(args.reps):
             torch.cuda.synchronize()
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -181,6 +185,7 @@ def main(argv=None) -> None:
             host.append(1e3 * (time.perf_counter() - t0))
             torch.cuda.synchronize()
             gpu.append(a.elapsed_time(b))
+        peak = torch.cuda.max_memory_allocated() - base  # what the timed forwards allocated at most
         from torch.profiler import ProfilerActivity, profile
 
         torch.cuda.synchronize()
@@ -192,7 +197,7 @@ def main(argv=None) -> None:
             prof.export_chrome_trace(path)
             trace = analyse_trace(path)
         return dict(gpu_ms=statistics.median(gpu), host_ms=statistics.median(host), gpu_all=gpu, host_all=host,
-                    trace=trace)
+                    forward_peak_bytes=peak, trace=trace)
 
     results = {}
     with torch.no_grad():
@@ -211,11 +216,12 @@ def main(argv=None) -> None:
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                shape="480p b1 (32,760 tokens)", density=args.density, variants=results)
     write_result(out, "gap_probe", args.out)
-    print(f"\n{'variant':<28} {'gpu ms':>8} {'host ms':>8} {'span':>8} {'busy':>8} {'idle':>7} {'host idle':>9} gaps>50us")
+    print(f"\n{'variant':<28} {'gpu ms':>8} {'host ms':>8} {'span':>8} {'busy':>8} {'idle':>7} {'host idle':>9} gaps>50us  peak GB")
     for k, r in results.items():
         t = r["trace"]
         print(f"{k:<28} {r['gpu_ms']:8.1f} {r['host_ms']:8.1f} {t['span_ms']:8.1f} {t['busy_ms']:8.1f} "
-              f"{t['idle_ms']:7.2f} {t['idle_by_cause_ms'].get('host', 0.0):9.2f} {t['gaps_over_50us']}")
+              f"{t['idle_ms']:7.2f} {t['idle_by_cause_ms'].get('host', 0.0):9.2f} {t['gaps_over_50us']:9d}  "
+              f"{r['forward_peak_bytes'] / 1e9:.3f}")
     for k, r in results.items():
         t = r["trace"]
         print(f"\n{k}: idle by cause {t['idle_by_cause_ms']}, histogram {t['gap_histogram_us']}")
