@@ -18,12 +18,14 @@ its Chrome trace:
 - the CUDA runtime/driver calls of the forward on the CPU (count and total ms; synchronising calls
   and allocations show up here);
 - the time of the forward on the host (until the call returns, no sync) and on the GPU (events),
-  and the most memory the timed forwards allocated on top of what was allocated before them.
+  and the most active memory (allocated, or freed but still used by a stream's pending work) the
+  timed forwards added to what was active before them.
 
 Variants: ``default``, and fgattn at a density budget with each ``--storages`` mask storage
-(default ``host_lists,device,host``).
+(default ``host_lists,device,host``; ``host_lists@none`` with no bound on the host's lead over the
+GPU, ``runtime.PREFETCH_LEAD``).
 
-    python benchmarks/gap_probe.py [--density 0.6] [--storages host_lists,device] [--out OUT.json]
+    python benchmarks/gap_probe.py [--density 0.6] [--storages host_lists@none,host_lists,device] [--out OUT.json]
 """
 
 from __future__ import annotations
@@ -150,11 +152,13 @@ def main(argv=None) -> None:
     from results_io import write_result
 
     import fgcompile
-    from e2e_wan import WAN_13B, build, inputs
+    from e2e_wan import WAN_13B, active_bytes, build, inputs
+    from fgcompile import runtime
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--density", type=float, default=0.6)
-    p.add_argument("--storages", default="host_lists,device,host")
+    p.add_argument("--storages", default="host_lists,device,host",
+                   help="mask storages, each optionally with @LEAD: runtime.PREFETCH_LEAD (an int, or none)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -173,7 +177,7 @@ def main(argv=None) -> None:
 
         gpu, host = [], []
         torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
+        base = active_bytes()
         torch.cuda.reset_peak_memory_stats()
         for _ in range(args.reps):
             torch.cuda.synchronize()
@@ -185,7 +189,7 @@ def main(argv=None) -> None:
             host.append(1e3 * (time.perf_counter() - t0))
             torch.cuda.synchronize()
             gpu.append(a.elapsed_time(b))
-        peak = torch.cuda.max_memory_allocated() - base  # what the timed forwards allocated at most
+        peak = active_bytes("peak") - base  # the most active memory the timed forwards added
         from torch.profiler import ProfilerActivity, profile
 
         torch.cuda.synchronize()
@@ -200,19 +204,25 @@ def main(argv=None) -> None:
                     forward_peak_bytes=peak, trace=trace)
 
     results = {}
+    lead_default = runtime.PREFETCH_LEAD
     with torch.no_grad():
         for _ in range(2):
             dense(*x, return_dict=False)
         results["default"] = measure(dense)
         fg(*x, return_dict=False)  # compiles; fgcompile's state exists from here on
-        for storage in [s for s in args.storages.split(",") if s]:
+        for spec in [s for s in args.storages.split(",") if s]:
+            storage, _, lead = spec.partition("@")  # "host_lists@none": runtime.PREFETCH_LEAD None
+            runtime.PREFETCH_LEAD = lead_default if not lead else (None if lead == "none" else int(lead))
             fgcompile.configure(fg, mask_storage=storage)
             fgcompile.reset(fg)
             for _ in range(3):  # the profiled call, sparse calls
                 fg(*x, return_dict=False)
-            results[f"fgattn_d{args.density}_{storage}"] = measure(fg)
+            name = f"fgattn_d{args.density}_{spec}"
+            results[name] = measure(fg)
             st = fgcompile.stats(fg)
-            results[f"fgattn_d{args.density}_{storage}"]["profiled_calls"] = sum(s.profiled_calls for s in st.values())
+            results[name]["profiled_calls"] = sum(s.profiled_calls for s in st.values())
+            results[name]["prefetch_lead"] = runtime.PREFETCH_LEAD
+        runtime.PREFETCH_LEAD = lead_default
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                shape="480p b1 (32,760 tokens)", density=args.density, variants=results)
     write_result(out, "gap_probe", args.out)

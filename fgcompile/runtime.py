@@ -27,7 +27,8 @@ memory; ``"host"`` keeps it in pinned host memory (copied there on a side stream
 call that made it) and brings it back for each sparse call only. Sites learn the order in which
 they run (each site's ``successor``, per thread, across models: with regional compilation every
 block has its own ``ModelState``), and after each call the next site's host mask is prefetched on
-the side stream while this site runs.
+the side stream while this site runs. The host first waits until the GPU has reached the call
+(``PREFETCH_LEAD``): copies it enqueued far ahead would all hold GPU memory at once.
 
 ``"host_lists"`` keeps the mask's packed index lists (``PackedSlices``) in host memory as well,
 made by the first sparse call after the mask changed: later sparse calls copy (prefetch) the lists
@@ -39,6 +40,7 @@ bitmap as ``"host"`` does.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
@@ -95,6 +97,18 @@ _TEMPLATES: dict[int, SiteTemplate] = {}
 _OWNED: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
 _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # CUDA device index -> the stream mask copies run on
 _ORDER = threading.local()  # .last: weakref to the site this thread called last (see SiteState.successor)
+# .marks: events on the current stream at this thread's last prefetching calls (_bound_lead)
+
+#: How many prefetching site calls the host may run ahead of the GPU (None: no bound). A prefetched
+#: copy (a host mask, or with mask_storage="host_lists" a site's index lists: 241 MB per Wan2.1
+#: layer at 480p and density 0.6) is allocated when the host enqueues it and its memory is reusable
+#: only once the GPU has run the call that read it; a host that runs the whole forward ahead (it
+#: does: ~60 ms of host time for a ~420 ms Wan forward) would hold every layer's copy at once (7.2
+#: GB; benchmarks/NOTES.md, session 13). With 0 the host waits, before each prefetch, until the GPU
+#: has reached the current call: at most two prefetched copies exist (this call's and the next
+#: site's), at the cost of a short idle gap on the GPU per prefetching call (the launch of the
+#: call's kernel after the wait).
+PREFETCH_LEAD: Optional[int] = 0
 
 
 def register_site(name: str, config: FGAttnConfig, info: Any = None, owner_name: Optional[str] = None) -> int:
@@ -230,7 +244,8 @@ class SiteState:
         (cached mask or this call's prediction, padded keys removed). A profiled call leaves the
         mask it made, on q's device, in ``_profiled_bits`` for the caller (which clears it). Then
         learns the call order and prefetches the next site's host mask (``_note_call``). No host
-        synchronisation."""
+        synchronisation, except that a prefetch on CUDA first waits for the GPU to reach this call
+        (``PREFETCH_LEAD``)."""
         call = self.calls
         self.calls += 1
         self.last_shapes = (tuple(q.shape), tuple(k.shape))
@@ -741,11 +756,29 @@ def _note_call(site: SiteState) -> None:
     nxt = site.successor
     if nxt is not None and nxt._wants_prefetch():
         try:
+            _bound_lead(site._device)
             nxt.prefetch()
         except Exception as e:  # only speed depends on it: the next call copies its mask itself
             if strict_mode():
                 raise
             log.warning("fgcompile: site %s: prefetching its cached mask failed: %s", nxt.name, e)
+
+
+def _bound_lead(device: Optional[torch.device]) -> None:
+    """Before a prefetch on CUDA: keep the host at most ``PREFETCH_LEAD`` prefetching calls ahead
+    of the GPU (marks on the current stream; the host waits for the oldest beyond the lead). Not
+    while a CUDA graph is being captured (no waiting on the device then)."""
+    lead = PREFETCH_LEAD
+    if lead is None or device is None or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return
+    marks = getattr(_ORDER, "marks", None)
+    if marks is None:
+        marks = _ORDER.marks = collections.deque()
+    mark = torch.cuda.Event()
+    mark.record(torch.cuda.current_stream(device))
+    marks.append(mark)
+    while len(marks) > lead:
+        marks.popleft().synchronize()
 
 
 def _site(handle: int, owner: Optional[torch.Tensor]) -> SiteState:

@@ -8,7 +8,9 @@ for each sparse call, prefetched on a side stream one site ahead.
   sparse forward on;
 - a loaded state's masks go to pinned memory;
 - no host synchronisation in steady-state calls, profiled calls included
-  (``set_sync_debug_mode("error")``);
+  (``set_sync_debug_mode("error")``), other than the prefetch's wait for the GPU to reach the call
+  (``runtime.PREFETCH_LEAD``, an event wait, which the debug mode does not flag);
+- with a host that runs ahead of the GPU, at most two prefetched copies exist at once;
 - peak GPU memory of a sparse forward is lower than with device storage, by at least the masks of
   all but two sites.
 """
@@ -158,7 +160,7 @@ def test_host_storage_lowers_peak_memory():
             torch.cuda.reset_peak_memory_stats()
             c(*_inputs(seed=2))  # sparse: measured
             torch.cuda.synchronize()
-            peak[storage] = torch.cuda.max_memory_allocated()
+            peak[storage] = _active_peak()
             st = fgcompile.stats(c)
             if storage == "device":
                 mask_bytes = st["blocks.0.attn"].mask_bytes
@@ -169,6 +171,42 @@ def test_host_storage_lowers_peak_memory():
     print("peak MiB:", {k: v / 2**20 for k, v in peak.items()}, "mask MiB:", mask_bytes / 2**20)
     assert peak["host"] < peak["device"]
     assert peak["device"] - peak["host"] >= (DEPTH - 2) * mask_bytes
+
+
+def _active_peak() -> int:
+    """Peak of the allocator's active bytes: allocated memory and freed memory that a stream's
+    pending work still uses (``record_stream``), which max_memory_allocated leaves out."""
+    return torch.cuda.memory_stats()["active_bytes.all.peak"]
+
+
+@pytest.mark.parametrize("storage", ["host", "host_lists"])
+def test_prefetch_lead_bounds_memory_when_the_host_runs_ahead(storage, monkeypatch):
+    """The host enqueues a whole sparse forward while the GPU is still busy (a spin kernel queued
+    first), as it does in a large model: without a bound every site's prefetched copy (mask or
+    index lists) is allocated before the GPU has freed any; with ``PREFETCH_LEAD`` 0 (the default)
+    the host waits for the GPU at each prefetch and at most two copies exist."""
+    depth = 6
+    cfg = dataclasses.replace(CFG, mask_storage=storage, profile_calls=(0,))
+    c = _compile(_model(depth), cfg)
+    peaks = {}
+    with torch.no_grad():
+        for i in range(3):  # profiled call 0; sparse 1 (host_lists: makes the lists) and 2
+            c(*_inputs(seed=i))
+        x = _inputs(seed=5)
+        for lead in (None, 0, None, 0):
+            monkeypatch.setattr(runtime, "PREFETCH_LEAD", lead)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_stats()["active_bytes.all.current"]
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the forward's first kernel
+            c(*x)
+            torch.cuda.synchronize()
+            peaks.setdefault(lead, []).append(_active_peak() - base)
+        assert len(getattr(runtime._ORDER, "marks", ())) == 0
+    sites = runtime.state_of(c).sites.values()
+    copy = max(s._lists.indices.numel() * 4 if storage == "host_lists" else s.mask.numel() * 4 for s in sites)
+    print(storage, "active peak MiB:", {k: [x / 2**20 for x in v] for k, v in peaks.items()}, "copy MiB:", copy / 2**20)
+    assert min(peaks[None]) - max(peaks[0]) >= (depth - 3) * copy
 
 
 def _kernel_names(fn) -> list:
