@@ -289,7 +289,7 @@ def main(argv=None):
             t_dense = timed(run_dense, args.reps, device)
             mem_dense = active_bytes("peak") if device.type == "cuda" else None
             mem_dense_alloc = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-            # the model alone: its weights + what its forward allocates on top of what was there
+            # the model alone: its weights + the active memory its forward adds to what was there
             model_mem_dense = (param_bytes(dense_model) + mem_dense - base) if device.type == "cuda" else None
             attn_dense, other_dense, _, top_dense = kernel_breakdown(run_dense, device)
             print(f"[{size} b{batch}] default compile: {t_dense:.1f} ms (attention {attn_dense} ms)", flush=True)

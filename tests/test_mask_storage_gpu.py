@@ -160,7 +160,7 @@ def test_host_storage_lowers_peak_memory():
             torch.cuda.reset_peak_memory_stats()
             c(*_inputs(seed=2))  # sparse: measured
             torch.cuda.synchronize()
-            peak[storage] = _active_peak()
+            peak[storage] = _active()
             st = fgcompile.stats(c)
             if storage == "device":
                 mask_bytes = st["blocks.0.attn"].mask_bytes
@@ -173,10 +173,11 @@ def test_host_storage_lowers_peak_memory():
     assert peak["device"] - peak["host"] >= (DEPTH - 2) * mask_bytes
 
 
-def _active_peak() -> int:
-    """Peak of the allocator's active bytes: allocated memory and freed memory that a stream's
-    pending work still uses (``record_stream``), which max_memory_allocated leaves out."""
-    return torch.cuda.memory_stats()["active_bytes.all.peak"]
+def _active(which: str = "peak") -> int:
+    """The allocator's active bytes (``"peak"`` or ``"current"``): allocated memory and freed memory
+    that a stream's pending work still uses (``record_stream``), which max_memory_allocated leaves
+    out."""
+    return torch.cuda.memory_stats()[f"active_bytes.all.{which}"]
 
 
 @pytest.mark.parametrize("storage", ["host", "host_lists"])
@@ -196,12 +197,12 @@ def test_prefetch_lead_bounds_memory_when_the_host_runs_ahead(storage, monkeypat
         for lead in (None, 0, None, 0):
             monkeypatch.setattr(runtime, "PREFETCH_LEAD", lead)
             torch.cuda.synchronize()
-            base = torch.cuda.memory_stats()["active_bytes.all.current"]
+            base = _active("current")
             torch.cuda.reset_peak_memory_stats()
             torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the forward's first kernel
             c(*x)
             torch.cuda.synchronize()
-            peaks.setdefault(lead, []).append(_active_peak() - base)
+            peaks.setdefault(lead, []).append(_active() - base)
         assert len(getattr(runtime._ORDER, "marks", ())) == 0
     sites = runtime.state_of(c).sites.values()
     copy = max(s._lists.indices.numel() * 4 if storage == "host_lists" else s.mask.numel() * 4 for s in sites)
