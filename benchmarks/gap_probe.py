@@ -22,10 +22,9 @@ its Chrome trace:
   timed forwards added to what was active before them.
 
 Variants: ``default``, and fgattn at a density budget with each ``--storages`` mask storage
-(default ``host_lists,device,host``; ``host_lists@none`` with no bound on the host's lead over the
-GPU, ``runtime.PREFETCH_LEAD``).
+(default ``host_lists,device,host``).
 
-    python benchmarks/gap_probe.py [--density 0.6] [--storages host_lists@none,host_lists,device] [--out OUT.json]
+    python benchmarks/gap_probe.py [--density 0.6] [--storages host_lists,device] [--out OUT.json]
 """
 
 from __future__ import annotations
@@ -152,12 +151,10 @@ def main(argv=None) -> None:
 
     import fgcompile
     from e2e_wan import WAN_13B, active_bytes, build, inputs
-    from fgcompile import runtime
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--density", type=float, default=0.6)
-    p.add_argument("--storages", default="host_lists,device,host",
-                   help="mask storages, each optionally with @LEAD: runtime.PREFETCH_LEAD (an int, or none)")
+    p.add_argument("--storages", default="host_lists,device,host", help="mask storages, comma-separated")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -203,25 +200,20 @@ def main(argv=None) -> None:
                     forward_peak_bytes=peak, trace=trace)
 
     results = {}
-    lead_default = runtime.PREFETCH_LEAD
     with torch.no_grad():
         for _ in range(2):
             dense(*x, return_dict=False)
         results["default"] = measure(dense)
         fg(*x, return_dict=False)  # compiles; fgcompile's state exists from here on
-        for spec in [s for s in args.storages.split(",") if s]:
-            storage, _, lead = spec.partition("@")  # "host_lists@none": runtime.PREFETCH_LEAD None
-            runtime.PREFETCH_LEAD = lead_default if not lead else (None if lead == "none" else int(lead))
+        for storage in [s for s in args.storages.split(",") if s]:
             fgcompile.configure(fg, mask_storage=storage)
             fgcompile.reset(fg)
             for _ in range(3):  # the profiled call, sparse calls
                 fg(*x, return_dict=False)
-            name = f"fgattn_d{args.density}_{spec}"
+            name = f"fgattn_d{args.density}_{storage}"
             results[name] = measure(fg)
             st = fgcompile.stats(fg)
             results[name]["profiled_calls"] = sum(s.profiled_calls for s in st.values())
-            results[name]["prefetch_lead"] = runtime.PREFETCH_LEAD
-        runtime.PREFETCH_LEAD = lead_default
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                shape="480p b1 (32,760 tokens)", density=args.density, variants=results)
     write_result(out, "gap_probe", args.out)

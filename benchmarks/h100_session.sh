@@ -40,9 +40,8 @@
 #                                       # compile and fgattn d0.6 per mask storage; their causes, CUDA API calls)
 #   bash benchmarks/h100_session.sh Z   # the sparse-kernel GPU tests (PYK: a -k filter), variant_probe.py --parts kernel,
 #                                       # e2e_wan.py at 480p batch 1 (SETTINGS, default d0.6,d0.3; REPS; SKIP_E2E=1: none)
-#   bash benchmarks/h100_session.sh M   # the mask-storage GPU tests, e2e_wan.py at 480p batch 1 (SETTINGS, default
-#                                       # d0.6,d0.3; REPS), gap_probe.py (STORAGES, default host_lists@none,host_lists@0,
-#                                       # host_lists@1: the host's lead over the GPU against speed and active memory)
+#   bash benchmarks/h100_session.sh M   # the mask-storage GPU tests, e2e_wan.py (every row; E2E_ARGS adds options),
+#                                       # gap_probe.py (STORAGES, default host_lists: speed and active memory)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
 OUT=${OUT:-/tmp/out}
@@ -261,10 +260,10 @@ Z)
 M)
   timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_mask_storage_gpu.py -s > "$OUT/gpu_tests_storage.txt" 2>&1
   echo "gpu storage tests rc=$?"; grep -E "passed|failed|^FAILED|^E |active peak" "$OUT/gpu_tests_storage.txt" | head -12
-  timeout 230 python3 benchmarks/e2e_wan.py --reps ${REPS:-3} --skip-720p --skip-b2 --settings ${SETTINGS:-d0.6,d0.3} \
+  timeout ${E2E_LIMIT:-300} python3 benchmarks/e2e_wan.py --reps ${REPS:-3} ${E2E_ARGS} \
       --out "$OUT/e2e_wan_${TAG}.json" > "$OUT/e2e.txt" 2>&1
-  echo "e2e rc=$?"; grep -E "^480p|memory_ratio|speedup_480p_d0" "$OUT/e2e.txt"
-  timeout ${LIMIT:-150} python3 benchmarks/gap_probe.py --storages ${STORAGES:-host_lists@none,host_lists@0,host_lists@1} \
+  echo "e2e rc=$?"; grep -E "^4|^7|memory_ratio|speedup_" "$OUT/e2e.txt"
+  timeout ${LIMIT:-150} python3 benchmarks/gap_probe.py --storages ${STORAGES:-host_lists} \
       --out "$OUT/gap_probe_${TAG}.json" > "$OUT/gap_probe.txt" 2>&1
   echo "gap_probe rc=$?"; grep -E "^variant|^default |^fgattn" "$OUT/gap_probe.txt"
   ;;

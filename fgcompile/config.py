@@ -114,9 +114,9 @@ class FGAttnConfig:
         packing the bitmap on the GPU at every call (a kernel of ~0.25 ms per Wan2.1 layer at
         density 0.6), for ``4 * B*H*nQB*cap`` bytes of host memory per site (cap: the density
         budget's bound, else nKB; Wan2.1-1.3B at 480p under a 0.3 budget: 121 MB per layer,
-        3.6 GB for 30) and one more list in GPU memory (the next site's: before each prefetch
-        the host waits for the GPU to reach the call, ``runtime.PREFETCH_LEAD``). On the CPU "device"
-        and "host" are the same; "host_lists" keeps the lists there.
+        3.6 GB for 30) and one more list in GPU memory (the next site's; prefetched copies reuse
+        each other's memory in stream order, so a host running ahead of the GPU holds no more).
+        On the CPU "device" and "host" are the same; "host_lists" keeps the lists there.
     """
 
     predictor: str = "profile"

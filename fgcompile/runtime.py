@@ -27,8 +27,10 @@ memory; ``"host"`` keeps it in pinned host memory (copied there on a side stream
 call that made it) and brings it back for each sparse call only. Sites learn the order in which
 they run (each site's ``successor``, per thread, across models: with regional compilation every
 block has its own ``ModelState``), and after each call the next site's host mask is prefetched on
-the side stream while this site runs. The host first waits until the GPU has reached the call
-(``PREFETCH_LEAD``): copies it enqueued far ahead would all hold GPU memory at once.
+the side stream while this site runs. The copy is allocated on the side stream, which first waits
+for the work the current stream has been given so far: a copy's memory is reused by later copies
+in stream order, and a host that runs the whole forward ahead of the GPU still holds at most two
+copies (this call's and the next site's), without ever waiting for the GPU (``SiteState.prefetch``).
 
 ``"host_lists"`` keeps the mask's packed index lists (``PackedSlices``) in host memory as well,
 made by the first sparse call after the mask changed: later sparse calls copy (prefetch) the lists
@@ -40,7 +42,6 @@ bitmap as ``"host"`` does.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import threading
@@ -97,18 +98,6 @@ _TEMPLATES: dict[int, SiteTemplate] = {}
 _OWNED: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
 _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # CUDA device index -> the stream mask copies run on
 _ORDER = threading.local()  # .last: weakref to the site this thread called last (see SiteState.successor)
-# .marks: events on the current stream at this thread's last prefetching calls (_bound_lead)
-
-#: How many prefetching site calls the host may run ahead of the GPU (None: no bound). A prefetched
-#: copy (a host mask, or with mask_storage="host_lists" a site's index lists: 241 MB per Wan2.1
-#: layer at 480p and density 0.6) is allocated when the host enqueues it and its memory is reusable
-#: only once the GPU has run the call that read it; a host that runs the whole forward ahead (it
-#: does: ~60 ms of host time for a ~420 ms Wan forward) would hold every layer's copy at once (7.2
-#: GB; benchmarks/NOTES.md, session 13). With 0 the host waits, before each prefetch, until the GPU
-#: has reached the current call: at most two prefetched copies exist (this call's and the next
-#: site's), at the cost of a short idle gap on the GPU per prefetching call (the launch of the
-#: call's kernel after the wait).
-PREFETCH_LEAD: Optional[int] = 0
 
 
 def register_site(name: str, config: FGAttnConfig, info: Any = None, owner_name: Optional[str] = None) -> int:
@@ -244,8 +233,7 @@ class SiteState:
         (cached mask or this call's prediction, padded keys removed). A profiled call leaves the
         mask it made, on q's device, in ``_profiled_bits`` for the caller (which clears it). Then
         learns the call order and prefetches the next site's host mask (``_note_call``). No host
-        synchronisation, except that a prefetch on CUDA first waits for the GPU to reach this call
-        (``PREFETCH_LEAD``)."""
+        synchronisation."""
         call = self.calls
         self.calls += 1
         self.last_shapes = (tuple(q.shape), tuple(k.shape))
@@ -443,10 +431,8 @@ class SiteState:
         if prefetched is not None:
             bits, copied, source = prefetched
             if source is self.mask and bits.device == device:
-                current = torch.cuda.current_stream(device)
-                current.wait_event(copied)
-                bits.record_stream(current)  # made on the side stream, read on this one
-                return bits
+                torch.cuda.current_stream(device).wait_event(copied)
+                return bits  # no record_stream: see prefetch()
         return self._copy_mask(device)
 
     # ----------------------------------------------------------------- cached index lists
@@ -501,9 +487,7 @@ class SiteState:
             copy, copied, source = prefetched
             if source is lists.indices and copy.device == device:
                 if device.type == "cuda":
-                    current = torch.cuda.current_stream(device)
-                    current.wait_event(copied)
-                    copy.record_stream(current)
+                    torch.cuda.current_stream(device).wait_event(copied)  # no record_stream: see prefetch()
                 idx = copy
         if idx is None:
             idx = _copy_to(lists.indices, self._lists_ready, device)
@@ -531,8 +515,20 @@ class SiteState:
         """Start copying the host mask (or, with ``mask_storage="host_lists"``, its cached index
         lists) to the device of the site's last call on the device's side stream; the next call
         uses the copy if the mask has not changed since (``_mask_for_call``, ``_lists_for_call``),
-        else drops it."""
+        else drops it.
+
+        Memory: the copy is allocated on the side stream and read on the current stream without
+        ``record_stream``; the side stream first waits for everything the current stream has been
+        given so far. Once the host frees a copy (after enqueueing the call that reads it), the
+        allocator may hand its block to a later copy on the side stream at once, and that copy runs
+        only after the current stream has passed the reading call: reuse in stream order, no host
+        wait. A host far ahead of the GPU (it enqueues a whole Wan forward in ~60 ms of a ~420 ms
+        GPU forward) thus holds two copies at a time (this call's and the next site's), where
+        ``record_stream`` would keep every freed copy until the GPU reached its reader: every
+        layer's lists at once (7.2 GB for Wan2.1-1.3B at 480p, density 0.6; benchmarks/NOTES.md,
+        sessions 13-14). The copy starts when the GPU reaches this call."""
         side = _side_stream(self._device)
+        side.wait_stream(torch.cuda.current_stream(self._device))
         if self._lists_usable():
             source = self._lists.indices
             copy = _copy_to(source, self._lists_ready, self._device, side)
@@ -754,31 +750,14 @@ def _note_call(site: SiteState) -> None:
         last._successor = ref
     _ORDER.last = ref
     nxt = site.successor
-    if nxt is not None and nxt._wants_prefetch():
+    # (not while a CUDA graph is captured: the next call copies its own mask then)
+    if nxt is not None and nxt._wants_prefetch() and not torch.cuda.is_current_stream_capturing():
         try:
-            _bound_lead(site._device)
             nxt.prefetch()
         except Exception as e:  # only speed depends on it: the next call copies its mask itself
             if strict_mode():
                 raise
             log.warning("fgcompile: site %s: prefetching its cached mask failed: %s", nxt.name, e)
-
-
-def _bound_lead(device: Optional[torch.device]) -> None:
-    """Before a prefetch on CUDA: keep the host at most ``PREFETCH_LEAD`` prefetching calls ahead
-    of the GPU (marks on the current stream; the host waits for the oldest beyond the lead). Not
-    while a CUDA graph is being captured (no waiting on the device then)."""
-    lead = PREFETCH_LEAD
-    if lead is None or device is None or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return
-    marks = getattr(_ORDER, "marks", None)
-    if marks is None:
-        marks = _ORDER.marks = collections.deque()
-    mark = torch.cuda.Event()
-    mark.record(torch.cuda.current_stream(device))
-    marks.append(mark)
-    while len(marks) > lead:
-        marks.popleft().synchronize()
 
 
 def _site(handle: int, owner: Optional[torch.Tensor]) -> SiteState:
