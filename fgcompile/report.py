@@ -140,17 +140,23 @@ def _compiled_config(model: Any) -> Optional[FGAttnConfig]:
         return None
 
 
-def explain(model: Callable, *args: Any, config: Optional[FGAttnConfig] = None, **kwargs: Any) -> Report:
+def explain(
+    model: Callable, *args: Any, config: Optional[FGAttnConfig] = None, dynamic: Optional[bool] = None, **kwargs: Any
+) -> Report:
     """Capture ``model(*args, **kwargs)`` with Dynamo and report every attention site fgcompile
     finds and its decision, with the rewritten graph(s). Nothing runs sparse: the captured graphs
     run as they were (dense, uncompiled). ``config`` defaults to the config ``model`` was compiled
-    with when it has run under fgattn (with one config), else ``FGAttnConfig()``."""
+    with when it has run under fgattn (with one config), else ``FGAttnConfig()``. ``dynamic``: as
+    ``torch.compile``'s (pass the value the model is compiled with: under ``dynamic=True`` sizes
+    are symbolic and Python floats are graph inputs, which can change decisions)."""
     from .dynamo_backend import transform
 
     if config is None:
         config = _compiled_config(model) or FGAttnConfig()
     if not isinstance(config, FGAttnConfig):
         raise ValueError(f"config: expected an FGAttnConfig or None, got {type(config).__name__}")
+    if dynamic is not None and not isinstance(dynamic, bool):
+        raise ValueError(f"dynamic: expected True, False or None, got {dynamic!r}")
     if not callable(model):
         raise ValueError(f"model: expected a callable (an nn.Module or a function), got {type(model).__name__}")
     target = getattr(model, "_orig_mod", model)  # an already compiled model: explain what it wraps
@@ -171,7 +177,7 @@ def explain(model: Callable, *args: Any, config: Optional[FGAttnConfig] = None, 
     breaks_before = torch_private.graph_break_count()
     # A fresh wrapper per call: Dynamo guards each cache entry on its backend, so this capture
     # neither reuses nor evicts what other torch.compile calls compiled.
-    compiled = torch.compile(target, backend=capture, fullgraph=False)
+    compiled = torch.compile(target, backend=capture, fullgraph=False, dynamic=dynamic)
     with torch.no_grad(), torch_private.raised_recompile_limits():
         compiled(*args, **kwargs)
     report.graph_breaks = max(torch_private.graph_break_count() - breaks_before, max(len(report.graphs) - 1, 0))

@@ -14,7 +14,8 @@ shape it was computed for.
 
 Schedule of one site, call ``c`` (0-based, counted per site):
 
-    if predictor == "dense" or c < dense_calls or the site matches dense_sites:   dense SDPA
+    if predictor == "dense" or c < dense_calls or the site matches dense_sites
+            or S_q or S_kv < min_seq_len (a short call of a dynamic-length site):   dense SDPA
     elif predictor == "profile":
         if c is a profiled call (config.is_profiled_call) or no mask of this shape is cached:
             out, block_max = profile_attention(q, k, v)     # exact output
@@ -240,7 +241,8 @@ class SiteState:
         self._device = q.device
         prefetched, self._prefetched = self._prefetched, None  # for this call only: used or dropped
         self._profiled_bits = None
-        if self._dense_call(call):
+        if self._dense_call(call) or min(q.shape[2], k.shape[2]) < self.config.min_seq_len:
+            # (a short call of a dynamic-length site: see find_attention's decision)
             self.n_dense += 1
             out, packed = dense_attention(q, k, v, key_padding, scale), None
         else:

@@ -626,7 +626,7 @@ def test_dynamic_shapes():
     s = sites[1][0]
     assert all(isinstance(x, str) for x in (s.batch, s.seq_len_q, s.seq_len_kv))
     assert (s.num_heads, s.head_dim) == (H, D)
-    assert "dynamic sequence length, decided on its example size 80x80" in s.reason
+    assert "dynamic sequence length (example 80): calls shorter than min_seq_len 64 run dense" in s.reason
     g = graphs[1]
     assert len(ops(g)) == 2 and left(g) == []
     assert any(n.target is torch.ops.aten.sym_size.int for n in g.graph.nodes)
@@ -640,8 +640,10 @@ def test_dynamic_shapes():
     with torch.no_grad():
         c(*(qkv((2, H, 16, D)) + (key_keep(2, 16),)))
         c(*(qkv((2, H, 24, D)) + (key_keep(2, 24),)))
-    assert [s.decision for s in sites[1]] == ["dense", "dense"]
-    assert "(=24) < min_seq_len 64" in sites[1][0].reason
+    # a self-attention of dynamic length below min_seq_len at the example size: still a site (the
+    # runtime runs its short calls dense; tests/test_runtime.py), the reason says so
+    assert [s.decision for s in sites[1]] == ["sparse", "sparse"]
+    assert "dynamic sequence length (example 24): calls shorter than min_seq_len 64 run dense" in sites[1][0].reason
 
 
 # ============================================================================ the rewrite
@@ -1303,3 +1305,79 @@ def test_sdpa_output_keeps_the_layout_eager_gives_it():
         out = torch.compile(m, backend=fgattn_backend(CFG))(x)
     assert [s.decision for s in rep.sites] == ["sparse"]
     torch.testing.assert_close(out, ref)
+
+
+# ============================================================================ probes of session 14
+def test_a_float_attribute_scale_under_dynamic_true_says_how_to_serve_it():
+    """Under dynamic=True Dynamo passes a Python float attribute (``self.scale``) as a graph input:
+    the site is dense, the reason names the setting that makes it a constant, and explain(...,
+    dynamic=True) reports what such a compile does; with specialize_float the site is served."""
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(D, D)
+            self.scale = D**-0.5
+
+        def forward(self, q, k, v):
+            return (self.proj(q) @ k.transpose(-2, -1) * self.scale).softmax(-1) @ v
+
+    m = M()
+    x = qkv()
+    with torch.no_grad():
+        static = fgcompile.explain(m, *x, config=CFG)
+        torch._dynamo.reset()
+        dyn = fgcompile.explain(m, *x, config=CFG, dynamic=True)
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(specialize_float=True):
+            spec = fgcompile.explain(m, *x, config=CFG, dynamic=True)
+    assert [s.decision for s in static.sites] == ["sparse"]
+    assert [s.decision for s in dyn.sites] == ["dense"]
+    assert "specialize_float" in dyn.sites[0].reason
+    assert [s.decision for s in spec.sites] == ["sparse"]
+    with pytest.raises(ValueError, match="dynamic: expected"):
+        fgcompile.explain(m, *x, config=CFG, dynamic="yes")
+
+
+@pytest.mark.parametrize("spelling", ["method", "functions", "dtype"])
+def test_exp_of_log_softmax_is_a_softmax(spelling):
+    """``exp(log_softmax(s))`` is softmax written in logs: a site like any other spelling; the
+    rewritten graph computes the same attention."""
+
+    def f(q, k, v):
+        s = q @ k.transpose(-2, -1) * 0.125
+        if spelling == "method":
+            p = s.log_softmax(-1).exp()
+        elif spelling == "functions":
+            p = torch.exp(F.log_softmax(s, dim=-1))
+        else:
+            p = torch.log_softmax(s, -1, torch.float32).exp()  # dtype given positionally
+        return p @ v
+
+    x = qkv()
+    r = capture(f, *x)
+    assert [(s.pattern, s.decision) for s in r.sites] == [("matmul_softmax", "sparse")], r.sites
+    g = r.graphs[0]
+    assert len(ops(g)) == 1 and left(g) == []
+    assert not any("log_softmax" in str(n.target) for n in g.graph.nodes)
+    torch.testing.assert_close(r.out, f(*x), atol=1e-5, rtol=1e-4)
+
+
+def test_where_fill_given_as_a_0d_tensor_is_a_key_mask():
+    """``where(keep, s, torch.tensor(-inf))``: the 0-d tensor of a number is that number (a key
+    mask, served); a 0-d tensor computed from the data is not a constant and the reason says so."""
+
+    def f(q, k, v, keep):
+        s = q @ k.transpose(-2, -1) * 0.125
+        return torch.where(keep[:, None, None, :], s, torch.tensor(float("-inf"))).softmax(-1) @ v
+
+    def g(q, k, v, keep):
+        s = q @ k.transpose(-2, -1) * 0.125
+        return torch.where(keep[:, None, None, :], s, v.amin() - 1e4).softmax(-1) @ v  # a 0-d tensor of the data
+
+    x = qkv() + (key_keep(),)
+    r = capture(f, *x)
+    assert [(s.decision, s.mask) for s in r.sites] == [("sparse", "key_padding")], r.sites
+    torch.testing.assert_close(r.out, f(*x), atol=1e-5, rtol=1e-4)
+    r = capture(g, *x)
+    assert [s.decision for s in r.sites] == ["dense"] and "not a constant number" in r.sites[0].reason, r.sites

@@ -631,3 +631,35 @@ def test_stats_and_explain_of_a_compiled_method():
     st = fgcompile.stats(f)
     assert st.keys() == fgcompile.stats(model).keys() and any(s.profiled_calls == 1 for s in st.values())
     assert any(s.decision == "sparse" for s in rep.sites)  # the compiled config, not the default
+
+
+def test_a_short_call_does_not_leave_later_long_calls_dense():
+    """A short call after a long one makes Dynamo recompile with a dynamic sequence length, whose
+    graph is decided on the short example: the self-attention stays a site, its calls shorter than
+    min_seq_len run dense and the long ones sparse (profiled, then from the cached mask)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(128, 384)
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            q, k, v = self.qkv(x).view(b, s, 3, 2, 64).permute(2, 0, 3, 1, 4)
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, 128)
+
+    torch.manual_seed(0)
+    cfg = FGAttnConfig(predictor="profile", min_seq_len=64, block_m=32, alpha=1.0, max_density=1.0, profile_every=10)
+    m = M().eval()
+    c = torch.compile(m, backend=fgcompile.backend(cfg))
+    seen = []
+    with torch.no_grad():
+        for s in (256, 48, 512, 512, 40):
+            x = torch.randn(2, s, 128)
+            out = c(x)
+            if s < 64:
+                torch.testing.assert_close(out, m(x), atol=1e-5, rtol=1e-4)
+            st = fgcompile.stats(c)["attention"]
+            seen.append((s, st.calls, st.profiled_calls, st.sparse_calls, st.dense_calls))
+    # 256: profiled; 48 (recompiled, dynamic): dense; 512: profiled (new shape), then sparse; 40: dense
+    assert seen == [(256, 1, 1, 0, 0), (48, 2, 1, 0, 1), (512, 3, 2, 0, 1), (512, 4, 2, 1, 1), (40, 5, 2, 1, 2)], seen

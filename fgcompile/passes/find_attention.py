@@ -45,8 +45,10 @@ With ``config.predictor == "dense"`` sparse-eligible sites are still rewritten (
 the other predictors would run, so ``predictor="dense"`` is the way to test the rewrite.
 
 Sizes under dynamic shapes are SymInts: ``SiteInfo`` stores ints where static and the str of the
-sympy expression otherwise. A symbolic sequence length is compared against ``min_seq_len`` through
-its size hint (the example input's size), and the reason says so; no guard is added.
+sympy expression otherwise. A self-attention whose sequence length is symbolic is a site whatever
+its example size (the runtime runs its calls shorter than ``min_seq_len`` dense); other symbolic
+sequence lengths are compared against ``min_seq_len`` through their size hint (the example input's
+size), and the reason says so; no guard is added.
 """
 
 from __future__ import annotations
@@ -423,6 +425,22 @@ def _is_one(a: Any) -> bool:
     return size_of(a) == 1
 
 
+def _fill_number(fill: Any) -> Optional[float]:
+    """A fill's value: a constant number, or a graph node ``torch.tensor(c)`` /
+    ``torch.scalar_tensor(c)`` / ``torch.full((), c)`` of a constant number ``c`` (0-d); else None."""
+    c = _const_number(fill)
+    if c is not None or not isinstance(fill, fx.Node) or fill.op != "call_function":
+        return c
+    t = _tensor(fill)
+    if t is None or t.dim() != 0:
+        return None
+    if fill.target in (torch.tensor, torch.scalar_tensor) and fill.args:
+        return _const_number(fill.args[0])
+    if fill.target is torch.full and len(fill.args) >= 2 and tuple(fill.args[0]) == ():
+        return _const_number(fill.args[1])
+    return None
+
+
 def _fill_mask(words, cond, fill, invert, mask_kind, mask_node, mask_invert, dense, after=1.0):
     """A boolean fill of the scores (``masked_fill(mask, value)`` or ``where(cond, s, fill)``;
     ``words``: the op, its condition and its fill, for the reasons; ``after``: the constant factor
@@ -437,16 +455,29 @@ def _fill_mask(words, cond, fill, invert, mask_kind, mask_node, mask_invert, den
     elif not isinstance(cond, fx.Node) or _tensor(cond) is None or _tensor(cond).dtype != torch.bool:
         mask_kind = "other"
         dense.append(f"{op} with a non-boolean {cond_word}")
-    elif _const_number(fill) is None or not (_const_number(fill) * after <= _LOWEST):
+    elif _fill_number(fill) is None:
+        mask_kind = "other"
+        dense.append(f"{op} with {fill_word} {fill}: not a constant number (a 0-d torch.tensor(c) of a number counts)")
+    elif not (_fill_number(fill) * after <= _LOWEST):
         mask_kind = "other"
         scaled = f" scaled by {after:g} afterwards" if after != 1.0 else ""
-        dense.append(f"{op} with {fill_word} {fill}{scaled} (not a -inf / very negative fill)")
+        dense.append(f"{op} with {fill_word} {_fill_number(fill):g}{scaled} (not a -inf / very negative fill)")
     else:
         mask_kind = "bool"
         mask_node, mask_invert = cond, invert
     if isinstance(cond, fx.Node) and mask_node is None:
         mask_node = cond
     return mask_kind, mask_node, mask_invert
+
+
+#: The reason of a site whose softmax scale is not a number known at compile time. Under
+#: ``torch.compile(..., dynamic=True)`` Dynamo passes a Python float read from an attribute
+#: (``self.scale``) as a graph input (``torch._dynamo.config.specialize_float`` is False), so the
+#: usual spelling lands here; a scale computed from the shape (``q.shape[-1] ** -0.5``) does not.
+SCALE_NOT_CONSTANT = (
+    "the scale is not a constant (a Python float is a run-time input under dynamic=True: set "
+    "torch._dynamo.config.specialize_float = True, or compute it from the head dim)"
+)
 
 
 def _const_number(x: Any) -> Optional[float]:
@@ -608,18 +639,36 @@ def _dropout_src(node: fx.Node) -> Optional[tuple]:
     return None
 
 
+_LOG_SOFTMAX_FNS = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax, torch.special.log_softmax}
+_EXP_FNS = {torch.exp, torch.Tensor.exp}
+
+
+def _exp_of_log_softmax(node: fx.Node) -> Optional[fx.Node]:
+    """The log_softmax node of ``exp(log_softmax(x))`` (a softmax) when ``node`` is that exp and
+    the exp is the log_softmax's only user; else None."""
+    if not isinstance(node, fx.Node) or not _is_fn(node, _EXP_FNS, ("exp",)) or len(node.args) != 1 or node.kwargs:
+        return None
+    src = node.args[0]
+    if isinstance(src, fx.Node) and _is_fn(src, _LOG_SOFTMAX_FNS, ("log_softmax",)) and list(src.users) == [node]:
+        return src
+    return None
+
+
 def _is_softmax(node: fx.Node) -> Optional[tuple]:
-    """(input node, dim, dtype) for a softmax node."""
-    if not _is_fn(node, _SOFTMAX_FNS, ("softmax",)):
+    """(input node, dim, dtype) for a softmax node, or for the exp of ``exp(log_softmax(x))``."""
+    inner = _exp_of_log_softmax(node)
+    if inner is not None:
+        node = inner
+    elif not _is_fn(node, _SOFTMAX_FNS, ("softmax",)):
         return None
     x = _get(node, 0, "input")
     if "self" in node.kwargs:
         x = node.kwargs["self"]
     dim = _get(node, 1, "dim")
     dtype = node.kwargs.get("dtype")
-    if node.target is F.softmax and len(node.args) > 3:
+    if node.target in (F.softmax, F.log_softmax) and len(node.args) > 3:
         dtype = node.args[3]
-    elif node.target is not F.softmax and len(node.args) > 2:
+    elif node.target not in (F.softmax, F.log_softmax) and len(node.args) > 2:
         dtype = node.args[2]
     if not isinstance(x, fx.Node):
         return None
@@ -831,7 +880,7 @@ class _Finder:
         elif _const_number(scale) is not None:
             m.scale = info.scale = float(scale)
         else:
-            dense.append("the scale is not a constant")
+            dense.append(SCALE_NOT_CONSTANT)
         # mask
         mask = a["attn_mask"]
         if mask is not None:
@@ -859,7 +908,8 @@ class _Finder:
             raise _Reject("softmax input of unknown rank")
         if _norm_dim(dim, nd) != nd - 1:
             raise _Reject(f"softmax over dim {dim}, not the last")
-        region = [sm]
+        inner = _exp_of_log_softmax(sm)
+        region = [sm] if inner is None else [sm, inner]
         dense: list[str] = []
         scale = 1.0
         scale_const = True
@@ -901,7 +951,7 @@ class _Finder:
                 if not other or (isinstance(other[0], fx.Node) and _tensor(other[0]) is not None) or not isinstance(other[0], fx.Node):
                     raise _Reject("the scores are multiplied or divided by a tensor")
                 scale_const = False
-                dense.append("the scale is not a constant")
+                dense.append(SCALE_NOT_CONSTANT)
                 cur = src
                 continue
             if _is_fn(cur, _ADD_FNS, ("add", "__add__", "__radd__")):
@@ -1020,12 +1070,12 @@ class _Finder:
         qa_node, f, _ = self._strip_scale(qa_node, qk, region, allow_swap=False)
         scale *= f[0]
         if f[1]:
-            dense.append("the scale is not a constant")
+            dense.append(SCALE_NOT_CONSTANT)
             scale_const = False
         kb_node, f, swaps = self._strip_scale(kb_node, qk, region, allow_swap=k_is_t)
         scale *= f[0]
         if f[1]:
-            dense.append("the scale is not a constant")
+            dense.append(SCALE_NOT_CONSTANT)
             scale_const = False
         if k_is_t:
             k_transpose = swaps % 2 == 0  # kb is k^T after an even number of swaps
@@ -1265,11 +1315,18 @@ class _Finder:
             reasons.append("is_causal=True: the kernels serve non-causal attention")
         if info.mask == "key_padding" and cfg.block_n != 1:
             reasons.append(f"key-padding mask with block_n={cfg.block_n} (served with block_n == 1 only)")
+        # a self-attention of a symbolic length serves every length the graph runs: the runtime runs
+        # its calls shorter than min_seq_len dense (a short example, e.g. a small warm-up call that
+        # made Dynamo recompile with dynamic sizes, must not leave the long calls dense)
+        # (k of its own graph input has its own symbol: equal example sizes count as the same length)
+        dyn_self = not isinstance(size_of(s_q), int) and (
+            _same(s_q, s_kv) or (not isinstance(size_of(s_kv), int) and _hint(s_q) is not None and _hint(s_q) == _hint(s_kv))
+        )
         for what, s in (("seq_len_q", s_q), ("seq_len_kv", s_kv)):
             h = _hint(s)
             if h is None:
                 reasons.append(f"{what} {size_of(s)} has no size hint")
-            elif h < cfg.min_seq_len:
+            elif h < cfg.min_seq_len and not dyn_self:
                 reasons.append(f"{what} {size_of(s)}{'' if isinstance(size_of(s), int) else f' (={h})'} < min_seq_len {cfg.min_seq_len} (cross or short attention)")
         if not isinstance(info.head_dim, int):
             reasons.append(f"symbolic head dim {info.head_dim}")
@@ -1285,7 +1342,7 @@ class _Finder:
         elif info.dtype not in SERVED_DTYPES:
             reasons.append(f"dtype {info.dtype} not in {SERVED_DTYPES}")
         if (m.scale == 0.0 or info.scale is None) and not any("scale" in r or "symbolic head dim" in r for r in reasons):
-            reasons.append("the scale is not a constant")
+            reasons.append(SCALE_NOT_CONSTANT)
         elif info.scale is not None and not (math.isfinite(info.scale) and info.scale > 0):
             reasons.append(f"scale {info.scale:g} is not a finite number > 0 (the sparse kernels need one)")
         info.reason = ""
@@ -1299,12 +1356,16 @@ class _Finder:
                 extra.append("key-padding mask folded into the sparsity")
             if info.num_kv_heads != info.num_heads:
                 extra.append(f"GQA {info.num_heads}/{info.num_kv_heads}")
-            if any(not isinstance(getattr(info, f), int) for f in ("seq_len_q", "seq_len_kv")):
+            if dyn_self:
+                extra.append(f"dynamic sequence length (example {_hint(s_q)}): calls shorter than min_seq_len "
+                             f"{cfg.min_seq_len} run dense")
+            elif any(not isinstance(getattr(info, f), int) for f in ("seq_len_q", "seq_len_kv")):
                 extra.append(f"dynamic sequence length, decided on its example size {_hint(s_q)}x{_hint(s_kv)}")
             if cfg.predictor == "dense":
                 extra.append('predictor="dense": the runtime runs it dense')
             kind = "self-attention" if _same(s_q, s_kv) else "attention"
-            info.reason = kind + f" {info.seq_len_q}x{info.seq_len_kv} >= min_seq_len {cfg.min_seq_len}" + (
+            size_ok = "" if dyn_self else f" >= min_seq_len {cfg.min_seq_len}"
+            info.reason = kind + f" {info.seq_len_q}x{info.seq_len_kv}{size_ok}" + (
                 "; " + "; ".join(extra) if extra else ""
             )
 

@@ -185,9 +185,25 @@ def _like_layout(b: _Builder, o: fx.Node, old: torch.Tensor) -> fx.Node:
     return b.method("permute", x, *inverse)
 
 
+def _same_size(a: Any, b: Any) -> bool:
+    """Whether two sizes are provably equal without a guard: the same int or expression, or
+    expressions that the shape environment simplifies to one another (``(s0**2)//s0`` and ``s0``,
+    as a reshape under ``dynamic=True`` can produce)."""
+    if size_of(a) == size_of(b):
+        return True
+    if not isinstance(a, torch.SymInt) and not isinstance(b, torch.SymInt):
+        return False
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
 def _check_same(new: torch.Tensor, old: torch.Tensor, name: str) -> None:
     ns, os_ = [size_of(s) for s in new.shape], [size_of(s) for s in old.shape]
-    if ns != os_:
+    if len(ns) != len(os_) or not all(_same_size(a, b) for a, b in zip(new.shape, old.shape)):
         raise RuntimeError(f"site {name}: the rewritten output has shape {ns}, the original {os_}")
     if new.dtype != old.dtype:
         raise RuntimeError(f"site {name}: the rewritten output has dtype {new.dtype}, the original {old.dtype}")
