@@ -12,8 +12,8 @@ With a real pipeline (weights from your own disk or the Hub) the whole change is
     print(fgcompile.stats(pipe.transformer))          # kept density per layer and head
 
 A density budget trades accuracy for a known speed; with one, keeping the masks' key lists in
-pinned host memory skips a packing kernel per layer and call (benchmarks/e2e_wan.py: 1.23x
-instead of 1.20x over the default compile at density 0.6, 480p, for 7.2 GB of host memory):
+pinned host memory skips a packing kernel per layer and call (benchmarks/e2e_wan.py, H100: 1.25x
+over the default compile at density 0.6, 480p, for 7.2 GB of host memory):
 
     pipe.transformer.compile_repeated_blocks(
         backend=fgcompile.backend(density=0.6, mask_storage="host_lists"))
@@ -25,6 +25,11 @@ error against dense attention.
 
     python examples/wan_transformer.py                # CPU: a 2-layer Wan, 3 x 16 x 16 latents
     python examples/wan_transformer.py --device cuda  # Wan2.1-1.3B, 480p, 81 frames, bf16
+    python examples/wan_transformer.py --density 0.5  # at most half of each query block's keys
+
+Random weights have no attention structure: at alpha 0.5 the profiled masks keep nearly every
+key, and such sites run dense until the next profiled call (``max_density``); a density budget
+makes them sparse at a known density. Each call's line says what its sites did.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--calls", type=int, default=4, help="transformer calls (sampler steps)")
     p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--density", type=float, default=None, help="density budget (FGAttnConfig.density)")
     args = p.parse_args(argv)
 
     from diffusers import WanTransformer3DModel
@@ -58,18 +64,26 @@ def main(argv=None) -> None:
     latents = torch.randn(latents_shape, device=device, dtype=dtype)
     text = torch.randn(text_shape, device=device, dtype=dtype)
 
-    config = fgcompile.FGAttnConfig(alpha=args.alpha, block_m=block_m, min_seq_len=min_seq, profile_every=10)
+    config = fgcompile.FGAttnConfig(alpha=args.alpha, block_m=block_m, min_seq_len=min_seq, profile_every=10,
+                                    density=args.density)
     print(fgcompile.explain(transformer, latents, torch.tensor([999], device=device), text, config=config).table())
 
     compiled = torch.compile(transformer, backend=fgcompile.backend(config))
+
+    def counts() -> tuple:  # (profiled, sparse, dense) calls over every site so far
+        st = fgcompile.stats(compiled).values()
+        return tuple(sum(getattr(s, f) for s in st) for f in ("profiled_calls", "sparse_calls", "dense_calls"))
+
     with torch.no_grad():
         for i, t in enumerate(torch.linspace(999, 0, args.calls).long()):
             timestep = t.reshape(1).to(device)
+            before = counts() if i else (0, 0, 0)
             out = compiled(latents, timestep, text, return_dict=False)[0]
             ref = transformer(latents, timestep, text, return_dict=False)[0]
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            kind = "profiled (dense)" if i % 10 == 0 else "sparse"
-            print(f"call {i}: {kind:<16} relative error vs dense attention {err:.4f}")
+            profiled, sparse, dense = (a - b for a, b in zip(counts(), before))
+            kind = ", ".join(f"{n} {what}" for n, what in ((profiled, "profiled"), (sparse, "sparse"), (dense, "dense")) if n)
+            print(f"call {i}: sites {kind:<24} relative error vs dense attention {err:.4f}")
 
     print()
     for name, s in fgcompile.stats(compiled).items():

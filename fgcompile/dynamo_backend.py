@@ -61,14 +61,36 @@ def _on_cuda(example_inputs: Sequence[Any]) -> bool:
     return any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
 
 
-def _owner_placeholder(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[torch.fx.Node]:
-    """The graph's first placeholder whose example input is an ``nn.Parameter``: at run time its
-    identity says which model instance the graph is running for (see fgcompile.runtime)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, value in zip(placeholders, example_inputs):
-        if isinstance(value, torch.nn.Parameter):
-            return node
-    return None
+def _owner_placeholder(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], matches: Sequence[Any] = ()
+) -> Optional[torch.fx.Node]:
+    """The parameter placeholder whose identity, at run time, says which model instance (or
+    block) the graph is running for (see fgcompile.runtime): the parameter nearest to the first
+    site's queries (walking back from q through the graph: the query projection's weight, or a
+    query norm's), else the graph's first parameter. Near the attention rather than first, so
+    that blocks or models that share some other parameter (a tied embedding, a shared patch
+    module) do not share their sites' state."""
+    params = {
+        node for node, value in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)
+        if isinstance(value, torch.nn.Parameter)
+    }
+    if not params:
+        return None
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for m in matches:
+        seen, frontier = {m.q}, [m.q]
+        while frontier:  # breadth first: the fewest ops between the parameter and q
+            found = [n for n in frontier if n in params]
+            if found:
+                return min(found, key=order.__getitem__)
+            nxt = []
+            for n in frontier:
+                for a in n.all_input_nodes:
+                    if a not in seen:
+                        seen.add(a)
+                        nxt.append(a)
+            frontier = nxt
+    return next(n for n in gm.graph.nodes if n in params)
 
 
 def _make_dense(matches: list, reason: str) -> None:
@@ -101,7 +123,7 @@ def transform(
     if _grad_needed(example_inputs):
         _make_dense(matches, "autograd is recording (inputs require grad): the sparse kernels have no backward; "
                              "run inference under torch.no_grad() or torch.inference_mode()")
-    owner = _owner_placeholder(gm, example_inputs)
+    owner = _owner_placeholder(gm, example_inputs, [m for m in matches if m.info.decision == "sparse"] or matches)
     if owner is None and config.predictor == "profile":
         # No parameter says which model or layer a call is for: the same graph may run for
         # several (a compiled function, a module without parameters, a graph-break segment that

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import weakref
 from dataclasses import dataclass, field, fields, replace
@@ -849,9 +850,15 @@ def stats(model: Any) -> dict[str, SiteStats]:
     return {name: s.stats() for name, s in state_of(model).sites.items()}
 
 
+def _check_path(path: Any) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path: expected a file path (str or os.PathLike), got {type(path).__name__}")
+
+
 def save_state(model: Any, path: str) -> None:
     """Save calibrated state (config, per-site schedule position and cached masks, as bitmaps) to
     ``path`` (torch.save format, versioned)."""
+    _check_path(path)
     st = state_of(model)
     config = st.single_config()
     sites = {}
@@ -873,10 +880,57 @@ def save_state(model: Any, path: str) -> None:
     torch.save({"format": "fgcompile-state", "version": STATE_VERSION, "config": config.to_dict() if config else None, "sites": sites}, path)
 
 
+def _saved_entry(name: str, entry: Any) -> tuple:
+    """``(config, calls, counts, mask_key, mask_bits)`` of one site's entry of a state file, checked
+    against each other (the bitmap's shape and dtype against the shapes it was made for); raises
+    ValueError naming the site and what is wrong."""
+    where = f"path: site {name!r} of the state file"
+    if not isinstance(entry, dict) or not {"config", "calls", "counts", "mask_key", "mask_bits"} <= set(entry):
+        raise ValueError(f"{where}: expected an entry with config, calls, counts, mask_key and mask_bits")
+    cfg = entry["config"]
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: its config is not a dict")
+    unknown = sorted(set(cfg) - {f.name for f in fields(FGAttnConfig)})
+    if unknown:
+        raise ValueError(f"{where}: its config has fields this fgcompile does not know: {unknown} (a newer version's file?)")
+    try:
+        config = FGAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: its config is not valid: {e}") from e
+    calls, counts = entry["calls"], entry["counts"]
+    if not isinstance(calls, int) or calls < 0:
+        raise ValueError(f"{where}: calls should be an int >= 0, got {calls!r}")
+    if not (isinstance(counts, (list, tuple)) and len(counts) == 3 and all(isinstance(c, int) and c >= 0 for c in counts)):
+        raise ValueError(f"{where}: counts should be 3 ints >= 0, got {counts!r}")
+    key, bits = entry["mask_key"], entry["mask_bits"]
+    if (key is None) != (bits is None):
+        raise ValueError(f"{where}: mask_key and mask_bits should both be given or both None")
+    if key is not None:
+        try:
+            q_shape, k_shape, bm, bn = key
+            q_shape, k_shape = tuple(int(x) for x in q_shape), tuple(int(x) for x in k_shape)
+            assert len(q_shape) == len(k_shape) == 4 and int(bm) > 0 and int(bn) > 0
+        except Exception:
+            raise ValueError(f"{where}: mask_key should be [q shape (4 ints), k shape (4 ints), block_m, block_n], got {key!r}") from None
+        b, h, s_q, _ = q_shape
+        want = (b, h, -(-s_q // int(bm)), -(-(-(-k_shape[2] // int(bn))) // 32))
+        if not isinstance(bits, torch.Tensor) or bits.dtype != torch.int32 or tuple(bits.shape) != want:
+            got = f"{tuple(bits.shape)} {bits.dtype}" if isinstance(bits, torch.Tensor) else type(bits).__name__
+            raise ValueError(f"{where}: its mask should be an int32 bitmap of shape {want} for the shapes it was saved "
+                             f"for, got {got}")
+        key = (q_shape, k_shape, int(bm), int(bn))
+    return config, calls, tuple(counts), key, bits
+
+
 def load_state(model: Any, path: str) -> None:
     """Load state saved by ``save_state`` into a compiled model that has run once (so its sites
-    exist). Raises ValueError when the file is not fgcompile state, its version is unknown, or its
-    sites or shapes do not match the model's."""
+    exist): each site's schedule position, cached mask and settings. The file's settings replace
+    those the model was compiled or configured with (they are the calibration: predictor, alpha,
+    density, block sizes, ...; a warning lists what changed), except ``mask_storage``, which stays
+    this model's. Raises ValueError when the file is not fgcompile state, its version is unknown,
+    an entry is malformed (a mask that does not fit the shapes it was saved for), or its sites or
+    shapes do not match the model's; nothing is loaded then."""
+    _check_path(path)
     st = state_of(model)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -888,36 +942,41 @@ def load_state(model: Any, path: str) -> None:
         raise ValueError(f"path: {path!r} is not an fgcompile state file")
     if blob.get("version") != STATE_VERSION:
         raise ValueError(f"path: state version {blob.get('version')!r} is not supported (expected {STATE_VERSION})")
-    saved, have = set(blob["sites"]), set(st.sites)
+    if not isinstance(blob.get("sites"), dict):
+        raise ValueError(f"path: {path!r} is not an fgcompile state file (no sites)")
+    entries = {name: _saved_entry(name, entry) for name, entry in blob["sites"].items()}
+    saved, have = set(entries), set(st.sites)
     if saved != have:
         raise ValueError(
             f"path: the saved state's sites do not match the model's: missing in the model {sorted(saved - have)}, "
             f"not in the file {sorted(have - saved)}"
         )
-    for name, entry in blob["sites"].items():
+    for name, (_, _, _, key, _) in entries.items():
         last = st.sites[name].last_shapes
-        if entry["mask_key"] is None or last is None:
+        if key is None or last is None:
             continue
-        (b, h, s_q, d), (_, _, s_kv, _) = entry["mask_key"][0], entry["mask_key"][1]
+        (b, h, s_q, d), (_, _, s_kv, _) = key[0], key[1]
         (b2, h2, s_q2, d2), (_, _, s_kv2, _) = last
         if (b, h, s_q, s_kv, d) != (b2, h2, s_q2, s_kv2, d2):  # a mask holds one row set per batch item
             raise ValueError(
                 f"path: site {name!r} was saved for a different shape: (batch, heads, S_q, S_kv, head_dim) = "
                 f"{(b, h, s_q, s_kv, d)} in the file, {(b2, h2, s_q2, s_kv2, d2)} in the model's last call"
             )
-    for name, entry in blob["sites"].items():
+    changed: set = set()
+    for name, (saved, calls, counts, key, bits) in entries.items():
         site = st.sites[name]
         site.full_name = name  # its path in the model: dense_sites patterns of the file match it here
-        saved = FGAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["config"].items()})
-        site.config = saved.replace(mask_storage=site.config.mask_storage)  # where masks live: this machine's choice
+        saved = saved.replace(mask_storage=site.config.mask_storage)  # where masks live: this machine's choice
+        changed |= {f.name for f in fields(FGAttnConfig) if getattr(saved, f.name) != getattr(site.config, f.name)}
+        site.config = saved
         site.reset()
-        site.calls = entry["calls"]
-        site.n_dense, site.n_profiled, site.n_sparse = entry["counts"]
-        if entry["mask_bits"] is not None:
-            q_shape, k_shape, bm, bn = entry["mask_key"]
+        site.calls = calls
+        site.n_dense, site.n_profiled, site.n_sparse = counts
+        if bits is not None:
+            q_shape, k_shape, bm, bn = key
             from .kernels.packing import popcount_rows
 
-            site.mask = entry["mask_bits"]
+            site.mask = bits
             if site.config.mask_storage != "device" and torch.cuda.is_available() and not site._pin_failed:
                 # no pinned memory to be had: the mask goes to the device at first use
                 pinned = site._pinned(site.mask.pin_memory, "cannot pin its loaded mask (%s); it will stay on the GPU")
@@ -928,6 +987,8 @@ def load_state(model: Any, path: str) -> None:
             rows = popcount_rows(site.mask)
             site.mask_density = float(rows.double().mean()) / n_kb
             site.mask_cap = int(rows.max()) if rows.numel() else None
+    if changed:
+        log.warning("fgcompile: load_state(%s): the file's settings replace the model's for %s", path, sorted(changed))
 
 
 def plan_site(

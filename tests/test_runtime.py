@@ -195,6 +195,44 @@ def test_load_state_mismatch_errors(tmp_path):
     garbage.write_bytes(b"not a torch file at all")
     with pytest.raises(ValueError, match="not an fgcompile state file"):
         fgcompile.load_state(ca, str(garbage))
+    with pytest.raises(ValueError, match="path: expected a file path"):
+        fgcompile.save_state(ca, None)
+
+    # malformed entries: each a clear ValueError naming the site, and nothing loaded
+    def corrupt(edit, match):
+        blob = torch.load(str(path), weights_only=True)
+        name = next(n for n, e in blob["sites"].items() if e["mask_bits"] is not None)
+        edit(blob["sites"][name])
+        bad = tmp_path / "bad.pt"
+        torch.save(blob, str(bad))
+        before = {n: (s.calls, s.mask) for n, s in fgcompile.runtime.state_of(ca).sites.items()}
+        with pytest.raises(ValueError, match=match):
+            fgcompile.load_state(ca, str(bad))
+        after = {n: (s.calls, s.mask) for n, s in fgcompile.runtime.state_of(ca).sites.items()}
+        assert after == before
+
+    corrupt(lambda e: e.update(mask_bits=e["mask_bits"][..., :1]), "mask should be an int32 bitmap of shape")
+    corrupt(lambda e: e.update(mask_bits=e["mask_bits"].to(torch.int64)), "int32 bitmap")
+    corrupt(lambda e: e.pop("calls"), "expected an entry with")
+    corrupt(lambda e: e["config"].update(newfield=1), "does not know: \\['newfield'\\]")
+    corrupt(lambda e: e["config"].update(alpha=-1.0), "config is not valid")
+    corrupt(lambda e: e.update(counts=[1, 2]), "counts should be 3 ints")
+    corrupt(lambda e: e.update(mask_key=[[1, 2], [1], 32, 1]), "mask_key should be")
+
+
+def test_load_state_warns_when_the_files_settings_replace_the_models(tmp_path, caplog):
+    x = _inputs()
+    ca = torch.compile(ToyVideoDiT(SMALL).eval(), backend=fgcompile.backend(_cfg(alpha=0.5)))
+    cb = torch.compile(ToyVideoDiT(SMALL).eval(), backend=fgcompile.backend(_cfg(alpha=0.2)))
+    with torch.no_grad():
+        ca(*x)
+        cb(*x)
+    path = tmp_path / "state.pt"
+    fgcompile.save_state(ca, str(path))
+    with caplog.at_level("WARNING", logger="fgcompile"):
+        fgcompile.load_state(cb, str(path))
+    assert any("replace the model's for ['alpha']" in r.getMessage() for r in caplog.records), caplog.records
+    assert all(s.config.alpha == 0.5 for s in fgcompile.runtime.state_of(cb).sites.values())
 
 
 def _regional(depth: int, **cfg):
@@ -663,3 +701,41 @@ def test_a_short_call_does_not_leave_later_long_calls_dense():
             seen.append((s, st.calls, st.profiled_calls, st.sparse_calls, st.dense_calls))
     # 256: profiled; 48 (recompiled, dynamic): dense; 512: profiled (new shape), then sparse; 40: dense
     assert seen == [(256, 1, 1, 0, 0), (48, 2, 1, 0, 1), (512, 3, 2, 0, 1), (512, 4, 2, 1, 1), (40, 5, 2, 1, 2)], seen
+
+
+def test_blocks_sharing_a_parameter_keep_their_own_state():
+    """A compiled graph's state is owned by the parameter nearest its attention (the query
+    projection's weight), not by its first parameter: blocks compiled one by one that share a
+    tied gain used first in their forward keep one state each, and each block's first call is
+    profiled (exact), not run on the other block's mask."""
+
+    class Block(nn.Module):
+        def __init__(self, gain):
+            super().__init__()
+            self.gain = gain  # the same Parameter in every block, read first
+            self.qkv = nn.Linear(128, 384)
+            self.out = nn.Linear(128, 128)
+            with torch.no_grad():
+                self.qkv.weight.mul_(8.0)  # peaked attention: sparse masks
+
+        def forward(self, x):
+            h = x * self.gain
+            b, s, _ = h.shape
+            q, k, v = self.qkv(h).view(b, s, 3, 2, 64).permute(2, 0, 3, 1, 4)
+            return x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, 128))
+
+    torch.manual_seed(0)
+    gain = nn.Parameter(torch.ones(128))
+    blocks = nn.ModuleList([Block(gain), Block(gain)]).eval()
+    be = fgcompile.backend(_cfg(profile_every=100, density=0.3))
+    compiled = [torch.compile(b, backend=be) for b in blocks]
+    x = torch.randn(1, 256, 128)
+    with torch.no_grad():
+        first = compiled[0](x)  # block 0 profiles
+        torch.testing.assert_close(first, blocks[0](x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(compiled[1](x), blocks[1](x), atol=1e-5, rtol=1e-4)  # its own profiled call
+        compiled[0](x)
+        compiled[1](x)
+    for c in compiled:
+        st = fgcompile.stats(c)
+        assert [(s.calls, s.profiled_calls, s.sparse_calls) for s in st.values()] == [(2, 1, 1)], st
