@@ -42,6 +42,8 @@
 #                                       # e2e_wan.py at 480p batch 1 (SETTINGS, default d0.6,d0.3; REPS; SKIP_E2E=1: none)
 #   bash benchmarks/h100_session.sh M   # the mask-storage GPU tests, e2e_wan.py (every row; E2E_ARGS adds options),
 #                                       # gap_probe.py (STORAGES, default host_lists: speed and active memory)
+#   bash benchmarks/h100_session.sh U   # every GPU test, e2e_wan.py at 480p batch 1 (SETTINGS, default d0.6,d0.3; REPS),
+#                                       # overhead_bench.py at 32,760 tokens (the pooled predictor's cost against cuDNN)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
 OUT=${OUT:-/tmp/out}
@@ -267,5 +269,14 @@ M)
       --out "$OUT/gap_probe_${TAG}.json" > "$OUT/gap_probe.txt" 2>&1
   echo "gap_probe rc=$?"; grep -E "^variant|^default |^fgattn" "$OUT/gap_probe.txt"
   ;;
-*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|M|N|P|Q|R|S|T|V|W|X|Y|Z"; exit 2 ;;
+U)
+  timeout ${TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu tests -n 4 > "$OUT/gpu_tests_all.txt" 2>&1
+  echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests_all.txt" | head -12
+  timeout ${E2E_LIMIT:-200} python3 benchmarks/e2e_wan.py --reps ${REPS:-3} --skip-720p --skip-b2 --settings ${SETTINGS:-d0.6,d0.3} \
+      --out "$OUT/e2e_wan_${TAG}.json" > "$OUT/e2e.txt" 2>&1
+  echo "e2e rc=$?"; grep -E "^480p|memory_ratio_480p|speedup_480p_d0" "$OUT/e2e.txt"
+  timeout ${LIMIT:-100} python3 benchmarks/overhead_bench.py --seqs 32760 --no-sweep --out "$OUT/overhead_${TAG}.json" > "$OUT/overhead.txt" 2>&1
+  echo "overhead rc=$?"; grep -oE '"(cudnn_dense_ms|pooled_bits_ms|pooled_over_cudnn|pooled_select_kernel_ms|pooled_parts_kernel_ms)": [0-9.e-]+' "$OUT/overhead_${TAG}.json"
+  ;;
+*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|M|N|P|Q|R|S|T|U|V|W|X|Y|Z"; exit 2 ;;
 esac
