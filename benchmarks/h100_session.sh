@@ -44,6 +44,8 @@
 #                                       # gap_probe.py (STORAGES, default host_lists: speed and active memory)
 #   bash benchmarks/h100_session.sh U   # every GPU test, e2e_wan.py at 480p batch 1 (SETTINGS, default d0.6,d0.3; REPS),
 #                                       # overhead_bench.py at 32,760 tokens (the pooled predictor's cost against cuDNN)
+#   bash benchmarks/h100_session.sh O   # pooled_select_probe.py (the pooled selection kernel's variants), then
+#                                       # variant_probe.py --parts kernel (the sparse kernel's tile configs)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
 OUT=${OUT:-/tmp/out}
@@ -269,6 +271,12 @@ M)
       --out "$OUT/gap_probe_${TAG}.json" > "$OUT/gap_probe.txt" 2>&1
   echo "gap_probe rc=$?"; grep -E "^variant|^default |^fgattn" "$OUT/gap_probe.txt"
   ;;
+O)
+  timeout ${LIMIT:-150} python3 benchmarks/pooled_select_probe.py --out "$OUT/pooled_select_probe_${TAG}.json" > "$OUT/pooled_select_probe.txt" 2>&1
+  echo "pooled_select_probe rc=$?"; grep -vE "Warning|warn|^ *$" "$OUT/pooled_select_probe.txt" | tail -14
+  timeout 220 python3 benchmarks/variant_probe.py --parts kernel --out "$OUT/variant_probe_${TAG}.json" > "$OUT/variant_probe.txt" 2>&1
+  echo "variant_probe rc=$?"; grep -vE "Warning|warn|^ *$" "$OUT/variant_probe.txt" | tail -20
+  ;;
 U)
   timeout ${TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu tests -n 4 > "$OUT/gpu_tests_all.txt" 2>&1
   echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests_all.txt" | head -12
@@ -278,5 +286,5 @@ U)
   timeout ${LIMIT:-100} python3 benchmarks/overhead_bench.py --seqs 32760 --no-sweep --out "$OUT/overhead_${TAG}.json" > "$OUT/overhead.txt" 2>&1
   echo "overhead rc=$?"; grep -oE '"(cudnn_dense_ms|pooled_bits_ms|pooled_over_cudnn|pooled_select_kernel_ms|pooled_parts_kernel_ms)": [0-9.e-]+' "$OUT/overhead_${TAG}.json"
   ;;
-*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|M|N|P|Q|R|S|T|U|V|W|X|Y|Z"; exit 2 ;;
+*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z"; exit 2 ;;
 esac
