@@ -15,7 +15,7 @@ shape it was computed for.
 Schedule of one site, call ``c`` (0-based, counted per site):
 
     if predictor == "dense" or c < dense_calls or the site matches dense_sites
-            or S_q or S_kv < min_seq_len (a short call of a dynamic-length site):   dense SDPA
+            or (a dynamic-length site) S_q or S_kv < min_seq_len:   dense SDPA
     elif predictor == "profile":
         if c is a profiled call (config.is_profiled_call) or no mask of this shape is cached:
             out, block_max = profile_attention(q, k, v)     # exact output
@@ -242,8 +242,7 @@ class SiteState:
         self._device = q.device
         prefetched, self._prefetched = self._prefetched, None  # for this call only: used or dropped
         self._profiled_bits = None
-        if self._dense_call(call) or min(q.shape[2], k.shape[2]) < self.config.min_seq_len:
-            # (a short call of a dynamic-length site: see find_attention's decision)
+        if self._dense_call(call) or self._short_call(q, k):
             self.n_dense += 1
             out, packed = dense_attention(q, k, v, key_padding, scale), None
         else:
@@ -254,6 +253,13 @@ class SiteState:
         del prefetched  # an unused prefetched copy is freed before the next site's is made
         _note_call(self)
         return out, packed
+
+    def _short_call(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """A call shorter than ``min_seq_len`` of a site whose sequence length is dynamic (symbolic
+        in its graph: find_attention makes such a self-attention a site whatever its example size);
+        static sites were decided on their exact sizes."""
+        dynamic = self.info is not None and not isinstance(getattr(self.info, "seq_len_q", 0), int)
+        return dynamic and min(q.shape[2], k.shape[2]) < self.config.min_seq_len
 
     def _dense_call(self, call: int) -> bool:
         """Whether the schedule runs call ``call`` dense whatever the mask: a failed sparse path,
@@ -640,6 +646,8 @@ class ModelState:
         elif site._template_config != template.config:  # compiled again with another config
             site.config = site._template_config = template.config
             site.reset()  # its schedule (warm-up, profiled calls) starts over, as for a new model
+        if template.info is not None:
+            site.info = template.info  # the graph running now (static and dynamic graphs may alternate)
         return site
 
 
