@@ -44,7 +44,7 @@
 #                                       # gap_probe.py (STORAGES, default host_lists: speed and active memory)
 #   bash benchmarks/h100_session.sh U   # every GPU test, e2e_wan.py at 480p batch 1 (SETTINGS, default d0.6,d0.3; REPS),
 #                                       # overhead_bench.py at 32,760 tokens (the pooled predictor's cost against cuDNN)
-#   bash benchmarks/h100_session.sh O   # pooled_select_probe.py (the pooled selection kernel's variants), then
+#   bash benchmarks/h100_session.sh O   # the predictor GPU tests, pooled_select_probe.py (the selection kernel's variants),
 #                                       # variant_probe.py --parts kernel (the sparse kernel's tile configs)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
@@ -272,6 +272,8 @@ M)
   echo "gap_probe rc=$?"; grep -E "^variant|^default |^fgattn" "$OUT/gap_probe.txt"
   ;;
 O)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_predictors.py > "$OUT/gpu_tests_predictors.txt" 2>&1
+  echo "gpu predictor tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests_predictors.txt" | head -8
   timeout ${LIMIT:-150} python3 benchmarks/pooled_select_probe.py --out "$OUT/pooled_select_probe_${TAG}.json" > "$OUT/pooled_select_probe.txt" 2>&1
   echo "pooled_select_probe rc=$?"; grep -vE "Warning|warn|^ *$" "$OUT/pooled_select_probe.txt" | tail -14
   timeout 220 python3 benchmarks/variant_probe.py --parts kernel --out "$OUT/variant_probe_${TAG}.json" > "$OUT/variant_probe.txt" 2>&1

@@ -32,6 +32,8 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from fgcompile.kernels.triton_pooled import _search_start  # noqa: E402
+
 
 @triton.jit
 def _row_body(L, DIS, BITS, r, tau, one_minus_tau, NKB, NW, STEPS: tl.constexpr, TILE: tl.constexpr,
@@ -56,9 +58,7 @@ def _row_body(L, DIS, BITS, r, tau, one_minus_tau, NKB, NW, STEPS: tl.constexpr,
     else:
         z = tl.sum(e, 0)
     n = tl.maximum(NKB, 1).to(tl.float32)
-    lo = tl.log(one_minus_tau / n) + tl.log(tl.maximum(z, 1.1754943508222875e-38))
-    hi = tl.full([], 1.0, tl.float32)
-    target = tau * z
+    lo, hi, target = _search_start(z, n, tau, one_minus_tau)
     if search:
         for _ in range(STEPS):
             mid = 0.5 * (lo + hi)

@@ -257,16 +257,20 @@ def test_regional_compilation_names_sites_by_full_path():
 
 
 class _DirectBlock(nn.Module):
-    """A block that calls SDPA twice in its own forward (no attention submodule)."""
+    """A block that calls SDPA in its own forward (no attention submodule): twice, with a residual
+    (``twice``), or once, returning the attention alone."""
 
-    def __init__(self):
+    def __init__(self, twice: bool = True):
         super().__init__()
         self.qkv = nn.Linear(128, 384)
+        self.twice = twice
 
     def forward(self, x):
         b, s, _ = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, 2, 64).permute(2, 0, 3, 1, 4)
         o = F.scaled_dot_product_attention(q, k, v)
+        if not self.twice:
+            return o.transpose(1, 2).reshape(b, s, -1)
         o = F.scaled_dot_product_attention(o, k, v)
         return x + o.transpose(1, 2).reshape(b, s, -1)
 
@@ -675,20 +679,9 @@ def test_a_short_call_does_not_leave_later_long_calls_dense():
     """A short call after a long one makes Dynamo recompile with a dynamic sequence length, whose
     graph is decided on the short example: the self-attention stays a site, its calls shorter than
     min_seq_len run dense and the long ones sparse (profiled, then from the cached mask)."""
-
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.qkv = nn.Linear(128, 384)
-
-        def forward(self, x):
-            b, s, _ = x.shape
-            q, k, v = self.qkv(x).view(b, s, 3, 2, 64).permute(2, 0, 3, 1, 4)
-            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, 128)
-
     torch.manual_seed(0)
     cfg = FGAttnConfig(predictor="profile", min_seq_len=64, block_m=32, alpha=1.0, max_density=1.0, profile_every=10)
-    m = M().eval()
+    m = _DirectBlock(twice=False).eval()
     c = torch.compile(m, backend=fgcompile.backend(cfg))
     seen = []
     with torch.no_grad():

@@ -120,6 +120,15 @@ def _store_bits(w_base, keep, word0, NW, TILE: tl.constexpr):
 
 
 @triton.jit
+def _search_start(z, n, tau, one_minus_tau):
+    """The threshold search's first bracket [lo, hi] (log-weights, relative to the row max) and its
+    target mass, for a row of normaliser ``z`` over ``n`` valid keys: a key of weight below
+    (1 - tau) Z / n is never needed (all such keys together hold at most 1 - tau of the mass)."""
+    lo = tl.log(one_minus_tau / n) + tl.log(tl.maximum(z, 1.1754943508222875e-38))
+    return lo, tl.full([], 1.0, tl.float32), tau * z
+
+
+@triton.jit
 def _bisect_bracket(mass, target, mid, lo, hi):
     """The new bracket of a bisection pass: [mid, hi] where the mass at or above exp(mid) reaches
     target (mid keeps enough), else [lo, mid] (``predictors.top_cdf``, the same arithmetic)."""
@@ -181,9 +190,7 @@ def _pooled_select(
             n = tl.maximum(tl.sum(valid.to(tl.float32), 0), 1.0)
         else:  # every key block of the row is valid: no reduction needed
             n = tl.maximum(NKB, 1).to(tl.float32)
-        lo = tl.log(one_minus_tau / n) + tl.log(tl.maximum(z, 1.1754943508222875e-38))
-        hi = tl.full([], 1.0, tl.float32)
-        target = tau * z
+        lo, hi, target = _search_start(z, n, tau, one_minus_tau)
         if search:
             for _ in range(STEPS):
                 if ARITY == 1:
@@ -209,9 +216,7 @@ def _pooled_select(
             n += tl.sum(valid.to(tl.float32), 0)
         m = tl.where(m == float("-inf"), 0.0, m)
         n = tl.maximum(n, 1.0)
-        lo = tl.log(one_minus_tau / n) + tl.log(tl.maximum(z, 1.1754943508222875e-38))
-        hi = tl.full([], 1.0, tl.float32)
-        target = tau * z
+        lo, hi, target = _search_start(z, n, tau, one_minus_tau)
         if search:
             for _ in range(STEPS):
                 if ARITY == 1:
