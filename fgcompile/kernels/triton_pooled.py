@@ -103,11 +103,13 @@ def _row_logits(l_base, v_base, j, NKB, HAS_VALID: tl.constexpr):
     """The logits of keys ``j`` of one row, float32, -inf where a key is out of range or not
     valid; and the valid mask."""
     ok = j < NKB
-    valid = ok
-    if HAS_VALID:
-        valid = valid & (tl.load(v_base + j, mask=ok, other=0) != 0)
     lg = tl.load(l_base + j, mask=ok, other=float("-inf")).to(tl.float32)
-    return tl.where(valid, lg, float("-inf")), valid
+    if HAS_VALID:
+        valid = ok & (tl.load(v_base + j, mask=ok, other=0) != 0)
+        lg = tl.where(valid, lg, float("-inf"))
+    else:  # out of range is -inf already (the load's fill): no select (7% of the selection, H100)
+        valid = ok
+    return lg, valid
 
 
 @triton.jit
