@@ -898,11 +898,8 @@ def _saved_entry(name: str, entry: Any) -> tuple:
     cfg = entry["config"]
     if not isinstance(cfg, dict):
         raise ValueError(f"{where}: its config is not a dict")
-    unknown = sorted(set(cfg) - {f.name for f in fields(FGAttnConfig)})
-    if unknown:
-        raise ValueError(f"{where}: its config has fields this fgcompile does not know: {unknown} (a newer version's file?)")
-    try:
-        config = FGAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+    try:  # unknown fields (a newer version's file?) and invalid values raise there
+        config = FGAttnConfig.from_options({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: its config is not valid: {e}") from e
     calls, counts = entry["calls"], entry["counts"]
@@ -916,17 +913,18 @@ def _saved_entry(name: str, entry: Any) -> tuple:
     if key is not None:
         try:
             q_shape, k_shape, bm, bn = key
-            q_shape, k_shape = tuple(int(x) for x in q_shape), tuple(int(x) for x in k_shape)
-            assert len(q_shape) == len(k_shape) == 4 and int(bm) > 0 and int(bn) > 0
+            q_shape, k_shape, bm, bn = tuple(int(x) for x in q_shape), tuple(int(x) for x in k_shape), int(bm), int(bn)
+            assert len(q_shape) == len(k_shape) == 4 and bm > 0 and bn > 0
         except Exception:
             raise ValueError(f"{where}: mask_key should be [q shape (4 ints), k shape (4 ints), block_m, block_n], got {key!r}") from None
         b, h, s_q, _ = q_shape
-        want = (b, h, -(-s_q // int(bm)), -(-(-(-k_shape[2] // int(bn))) // 32))
+        n_kb = -(-k_shape[2] // bn)
+        want = (b, h, -(-s_q // bm), -(-n_kb // 32))  # (B, H, nQB, words of nKB bits)
         if not isinstance(bits, torch.Tensor) or bits.dtype != torch.int32 or tuple(bits.shape) != want:
             got = f"{tuple(bits.shape)} {bits.dtype}" if isinstance(bits, torch.Tensor) else type(bits).__name__
             raise ValueError(f"{where}: its mask should be an int32 bitmap of shape {want} for the shapes it was saved "
                              f"for, got {got}")
-        key = (q_shape, k_shape, int(bm), int(bn))
+        key = (q_shape, k_shape, bm, bn)
     return config, calls, tuple(counts), key, bits
 
 

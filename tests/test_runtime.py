@@ -214,7 +214,7 @@ def test_load_state_mismatch_errors(tmp_path):
     corrupt(lambda e: e.update(mask_bits=e["mask_bits"][..., :1]), "mask should be an int32 bitmap of shape")
     corrupt(lambda e: e.update(mask_bits=e["mask_bits"].to(torch.int64)), "int32 bitmap")
     corrupt(lambda e: e.pop("calls"), "expected an entry with")
-    corrupt(lambda e: e["config"].update(newfield=1), "does not know: \\['newfield'\\]")
+    corrupt(lambda e: e["config"].update(newfield=1), "unknown FGAttnConfig field\\(s\\) \\['newfield'\\]")
     corrupt(lambda e: e["config"].update(alpha=-1.0), "config is not valid")
     corrupt(lambda e: e.update(counts=[1, 2]), "counts should be 3 ints")
     corrupt(lambda e: e.update(mask_key=[[1, 2], [1], 32, 1]), "mask_key should be")

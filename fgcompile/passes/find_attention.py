@@ -449,19 +449,20 @@ def _fill_mask(words, cond, fill, invert, mask_kind, mask_node, mask_invert, den
     ``after``, is -inf or very negative is a key mask ("bool", inverted when True marks the masked
     keys); anything else makes the site dense, with its reason appended to ``dense``."""
     op, cond_word, fill_word = words
+    value = _fill_number(fill)
     if mask_kind != "none":
         dense.append("more than one mask")
         mask_kind = "other"
     elif not isinstance(cond, fx.Node) or _tensor(cond) is None or _tensor(cond).dtype != torch.bool:
         mask_kind = "other"
         dense.append(f"{op} with a non-boolean {cond_word}")
-    elif _fill_number(fill) is None:
+    elif value is None:
         mask_kind = "other"
         dense.append(f"{op} with {fill_word} {fill}: not a constant number (a 0-d torch.tensor(c) of a number counts)")
-    elif not (_fill_number(fill) * after <= _LOWEST):
+    elif not (value * after <= _LOWEST):
         mask_kind = "other"
         scaled = f" scaled by {after:g} afterwards" if after != 1.0 else ""
-        dense.append(f"{op} with {fill_word} {_fill_number(fill):g}{scaled} (not a -inf / very negative fill)")
+        dense.append(f"{op} with {fill_word} {value:g}{scaled} (not a -inf / very negative fill)")
     else:
         mask_kind = "bool"
         mask_node, mask_invert = cond, invert
