@@ -44,6 +44,8 @@
 #                                       # gap_probe.py (STORAGES, default host_lists: speed and active memory)
 #   bash benchmarks/h100_session.sh U   # every GPU test, e2e_wan.py at 480p batch 1 (SETTINGS, default d0.6,d0.3; REPS),
 #                                       # overhead_bench.py at 32,760 tokens (the pooled predictor's cost against cuDNN)
+#   bash benchmarks/h100_session.sh J   # sm90_probe.py: the Gluon sm_90 sparse kernel's correctness, then its speed
+#                                       # against the shipped Triton kernel, cuDNN, flash and FlexAttention
 #   bash benchmarks/h100_session.sh O   # the predictor GPU tests, pooled_select_probe.py (the selection kernel's variants),
 #                                       # variant_probe.py --parts kernel (the sparse kernel's tile configs)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -288,5 +290,9 @@ U)
   timeout ${LIMIT:-100} python3 benchmarks/overhead_bench.py --seqs 32760 --no-sweep --out "$OUT/overhead_${TAG}.json" > "$OUT/overhead.txt" 2>&1
   echo "overhead rc=$?"; grep -oE '"(cudnn_dense_ms|pooled_bits_ms|pooled_over_cudnn|pooled_select_kernel_ms|pooled_parts_kernel_ms)": [0-9.e-]+' "$OUT/overhead_${TAG}.json"
   ;;
-*) echo "usage: $0 A|B|C|D|E|F|G|H|I|K|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z"; exit 2 ;;
+J)
+  timeout ${LIMIT:-300} python3 benchmarks/sm90_probe.py ${PROBE_ARGS} --out "$OUT/sm90_probe_${TAG}.json" > "$OUT/sm90_probe.txt" 2>&1
+  echo "sm90_probe rc=$?"; grep -vE "Warning|warn|^ *$" "$OUT/sm90_probe.txt" | tail -${TAIL:-40}
+  ;;
+*) echo "usage: $0 A|B|C|D|E|F|G|H|I|J|K|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z"; exit 2 ;;
 esac

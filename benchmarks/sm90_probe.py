@@ -1,0 +1,194 @@
+"""The Gluon sm_90 sparse kernel (``fgcompile.kernels.gluon_sparse_sm90``) against the shipped Triton
+kernel and the dense baselines of the same run (GPU only, Hopper).
+
+1. Correctness: fresh random inputs, poisoned (NaN) outputs, a float64 reference by the definition,
+   on shapes that exercise partial query blocks, partial and exact key tiles, empty query blocks,
+   GQA, head dim 64, fp16, cross-attention lengths and (B, S, H, D) layouts seen through transpose.
+2. Speed: Wan 480p self-attention (B=1, H=12, S=32,760, D=128, bf16) on density-budget masks
+   (each query block keeps the same number of random keys) at 0.6 and 0.3: the Gluon kernel (3 x 128
+   keys, 4 and 5 x 64 keys of K/V buffers), the shipped Triton kernel, SDPA cuDNN, SDPA flash, FlexAttention on a BlockMask of
+   equal density (128 x 128 blocks), each a do_bench median, warm. The shipped kernel is timed
+   twice (first and last) to show the run's drift.
+
+    python benchmarks/sm90_probe.py [--out benchmarks/results/sm90_probe_<device>.json] [--skip-speed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from fgcompile.attention import pack_slices  # noqa: E402
+from fgcompile.kernels import reference  # noqa: E402
+from fgcompile.kernels.gluon_sparse_sm90 import launch_sparse_kernel_sm90, sm90_supported  # noqa: E402
+from fgcompile.kernels.triton_sparse import sparse_attention_triton  # noqa: E402
+from results_io import write_result  # noqa: E402
+
+BM = 128
+
+
+def ms(fn, rep=100):
+    return float(do_bench(fn, warmup=10, rep=rep, return_mode="median"))
+
+
+def random_keep(B, H, nqb, S_kv, density, gen, empty_every=0):
+    keep = torch.rand(B, H, nqb, S_kv, device="cuda", generator=gen) < density
+    if empty_every:
+        keep[:, :, ::empty_every] = False
+    return keep
+
+
+def budget_mask(B, H, S, density, gen):
+    """bool (B, H, nQB, S): each query block keeps round(density * S) random keys."""
+    nqb = -(-S // BM)
+    n = round(density * S)
+    r = torch.rand(B, H, nqb, S, device="cuda", generator=gen)
+    thr = r.kthvalue(S - n + 1, dim=-1, keepdim=True).values
+    return r >= thr
+
+
+CASES = [
+    # name, B, H, H_kv, S_q, S_kv, D, dtype, density, layout, empty_every
+    ("partial_blocks_bf16", 2, 4, 4, 1000, 1000, 128, torch.bfloat16, 0.3, "bhsd", 3),
+    ("exact_tiles_bf16", 1, 2, 2, 1024, 1024, 128, torch.bfloat16, 1.0, "bhsd", 0),
+    ("sparse_short_lists", 1, 3, 3, 640, 2048, 128, torch.bfloat16, 0.02, "bhsd", 0),
+    ("gqa_d64_fp16_cross", 2, 4, 2, 777, 1500, 64, torch.float16, 0.4, "bhsd", 0),
+    ("bshd_view_bf16", 1, 6, 6, 900, 900, 128, torch.bfloat16, 0.5, "bshd", 0),
+    ("dense_fp16_d128", 1, 2, 2, 513, 700, 128, torch.float16, 1.0, "bhsd", 0),
+]
+
+
+def make(B, H, S, D, dtype, layout, gen):
+    if layout == "bshd":
+        return torch.randn(B, S, H, D, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
+    return torch.randn(B, H, S, D, device="cuda", dtype=dtype, generator=gen)
+
+
+def correctness(res):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rows = []
+    for name, B, H, H_kv, S_q, S_kv, D, dtype, dens, layout, empty in CASES:
+        q = make(B, H, S_q, D, dtype, layout, gen)
+        k = make(B, H_kv, S_kv, D, dtype, layout, gen)
+        v = make(B, H_kv, S_kv, D, dtype, layout, gen)
+        keep = random_keep(B, H, -(-S_q // BM), S_kv, dens, gen, empty)
+        packed = pack_slices(keep, block_m=BM, seq_len_kv=S_kv, full_tile=0)
+        scale = D ** -0.5
+        out = torch.full((B, H, S_q, D), float("nan"), device="cuda", dtype=dtype)
+        if layout == "bshd":
+            out = out.transpose(1, 2).contiguous().transpose(1, 2)
+        row = {"case": name, "supported": sm90_supported(q, k, v, out, BM, 1, 0)}
+        try:
+            launch_sparse_kernel_sm90(q, k, v, out, packed.counts, packed.indices, scale)
+            torch.cuda.synchronize()
+            ref = reference.sparse_attention_reference(q.double(), k.double(), v.double(), keep, BM, 1, scale)
+            tri = sparse_attention_triton(q, k, v, packed, scale)
+            row["nan"] = bool(out.isnan().any())
+            row["rel_err_vs_fp64"] = float((out.double() - ref).norm() / ref.norm())
+            row["triton_rel_err_vs_fp64"] = float((tri.double() - ref).norm() / ref.norm())
+            row["max_abs_vs_fp64"] = float((out.double() - ref).abs().max())
+            empty_rows = (packed.counts == 0)
+            row["empty_blocks"] = int(empty_rows.sum())
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        rows.append(row)
+        print(row, flush=True)
+    res["correctness"] = rows
+    res["correct"] = all(r.get("nan") is False and r.get("rel_err_vs_fp64", 1) < 1e-2 for r in rows)
+
+
+def speed(res):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    B, H, S, D = 1, 12, 32760, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    scale = D ** -0.5
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        cudnn = ms(lambda: F.scaled_dot_product_attention(q, k, v))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        flash = ms(lambda: F.scaled_dot_product_attention(q, k, v))
+    res["speed"] = {"shape": [B, H, S, D], "dtype": "bf16", "cudnn_ms": cudnn, "flash_ms": flash, "rows": []}
+    print(f"cudnn {cudnn:.3f} ms  flash {flash:.3f} ms", flush=True)
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention)
+    except Exception:
+        flex = None
+    hs = slice(0, 2)
+    shipped = {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+    for dens in (0.6, 0.3):
+        keep = budget_mask(B, H, S, dens, gen)
+        packed = pack_slices(keep, block_m=BM, seq_len_kv=S, full_tile=0)
+        ref = reference.sparse_attention_reference(q[:, hs].double(), k[:, hs].double(), v[:, hs].double(),
+                                                   keep[:, hs], BM, 1, scale)
+        variants = [
+            ("triton_shipped", lambda o: sparse_attention_triton(q, k, v, packed, scale, config=shipped, out=o)),
+            ("gluon_s3", lambda o: launch_sparse_kernel_sm90(q, k, v, o, packed.counts, packed.indices, scale, stages=3)),
+            ("gluon_n64_s4", lambda o: launch_sparse_kernel_sm90(q, k, v, o, packed.counts, packed.indices, scale, stages=4, block_n=64)),
+            ("gluon_n64_s5", lambda o: launch_sparse_kernel_sm90(q, k, v, o, packed.counts, packed.indices, scale, stages=5, block_n=64)),
+            ("triton_shipped_again", lambda o: sparse_attention_triton(q, k, v, packed, scale, config=shipped, out=o)),
+        ]
+        for name, fn in variants:
+            row = {"density": dens, "kernel": name}
+            out = torch.full_like(q, float("nan"))
+            try:
+                fn(out)
+                torch.cuda.synchronize()
+                row["rel_err_vs_fp64"] = float((out[:, hs].double() - ref).norm() / ref.norm())
+                row["nan"] = bool(out.isnan().any())
+                t = ms(lambda: fn(out))
+                row.update(ms=t, speedup_vs_cudnn=cudnn / t, ratio_to_limit=t / (dens * cudnn),
+                           kept_tflops=4 * B * H * S * S * D * dens / (t * 1e-3) / 1e12)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            res["speed"]["rows"].append(row)
+            print(row, flush=True)
+        if flex is not None:
+            row = {"density": dens, "kernel": "flex_blockmask_128"}
+            try:
+                nb = -(-S // 128)
+                blk = torch.rand(H, nb, nb, device="cuda", generator=gen) < dens
+                blk[..., 0] = True
+                bm = create_block_mask(lambda b, h, qi, ki: blk[h, qi // 128, ki // 128], B, H, S, S, device="cuda")
+                flex(q, k, v, block_mask=bm)
+                row["block_density"] = float(blk.float().mean())
+                t = ms(lambda: flex(q, k, v, block_mask=bm))
+                row.update(ms=t, speedup_vs_cudnn=cudnn / t)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            res["speed"]["rows"].append(row)
+            print(row, flush=True)
+        del keep, packed, ref
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-speed", action="store_true")
+    args = ap.parse_args()
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    correctness(res)
+    if not args.skip_speed:
+        speed(res)
+    write_result(res, "sm90_probe", args.out)
+    if "speed" in res:
+        print(f"{'density':>7} {'kernel':22s} {'ms':>8} {'x cuDNN':>8} {'err':>9}")
+        for r in res["speed"]["rows"]:
+            if "ms" in r:
+                print(f"{r['density']:7.1f} {r['kernel']:22s} {r['ms']:8.3f} {r['speedup_vs_cudnn']:8.3f} {r.get('rel_err_vs_fp64', float('nan')):9.2e}")
+            else:
+                print(f"{r['density']:7.1f} {r['kernel']:22s} {r['error'][:80]}")
+
+
+if __name__ == "__main__":
+    main()

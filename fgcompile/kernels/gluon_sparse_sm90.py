@@ -1,0 +1,256 @@
+"""The fine-grained sparse attention kernel for Hopper (sm_90), in Gluon.
+
+Same contract as ``triton_sparse._fg_sparse_fwd`` for the case compiled models use most: one
+program per (query block i of BLOCK_M = 128 rows, batch b * head h), the query block fastest, that
+walks the kept keys ``PackedSlices`` lists for (b, h, i) (``block_n == 1``, no full tiles) in tiles
+of BLOCK_N keys and gathers their K and V rows with ``cp.async`` into 128-byte-swizzled
+shared-memory tiles (NVMMASharedLayout), the packed tiles the tensor cores read.
+
+Why a second kernel: Triton 3.6/3.7 waits for every ``q k^T`` wgmma right after issuing it, so
+the softmax of a tile never overlaps tensor-core work (benchmarks/NOTES.md, sessions 11 and 13).
+Gluon exposes the asynchronous ``warpgroup_mma`` and its wait counts, so this kernel schedules
+the loop as FlashAttention-3's intra-warpgroup overlap (arXiv 2407.08608, algorithm 2):
+
+    for t in 1 .. n_tiles - 1:                       # P_{t-1}: the previous tile's weights
+        wait for tile t's K/V copies; barrier        # (issued STAGES - 2 iterations ago)
+        issue the copies of tile t + STAGES - 2       # into the stage tile t - 2 used
+        S_t = Q K_t^T                  (async)
+        O  += P_{t-1} V_{t-1}          (async)
+        wait for S_t only; softmax(S_t) -> P_t     # overlaps the P V wgmma
+        wait for O; O *= 2^(m_old - m_new)
+
+Each stage holds a K and a V tile; two stages are being read (K_t, V_{t-1}), so STAGES - 2 tiles
+of copies are in flight. Slots of the last tile past the list are zero-filled by the copy
+(``cp.async`` with a false predicate reads nothing) and their scores masked to -inf in that tile
+only. A query block with nothing kept writes zeros. The index tile of tile t + STAGES - 2 is
+loaded one iteration ahead into registers, so its latency is off the copy's critical path.
+
+Layouts: q/k/v/out (B, H, S, D) with any strides whose last is 1 and rows 16-byte aligned;
+D in (64, 128); fp16 or bf16; GQA through ``GROUP`` (kv head = h // GROUP); ``COUNTS`` (B, H,
+nQB) and ``IDX`` (B, H, nQB, cap) int32, as ``fgcompile.kernels.packing.PackedSlices`` holds
+them. Accumulation in fp32, softmax in base 2 with log2(e) folded into ``qk_scale``.
+``sm90_supported`` says whether a launch can take this kernel; ``triton_sparse`` falls back to the
+Triton kernel otherwise. Gluon is Triton's experimental layer: its import is feature-detected here.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+try:  # Gluon (triton.experimental.gluon) is experimental: present in triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    HAVE_GLUON = True
+except Exception:  # pragma: no cover - older triton
+    HAVE_GLUON = False
+
+BLOCK_M = 128
+BLOCK_N = 128
+NUM_WARPS = 8
+STAGES = 3
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _issue_kv(k_smem, v_smem, stage, k_base, v_base, kpos, ok, offs_d, stride_ks, stride_vs):
+        """cp.async of the K and V rows ``kpos`` (slots where ``ok`` is false: zero-filled, not
+        read) into ``stage`` of the K/V buffers; one commit group."""
+        rows_k = (kpos * stride_ks)[:, None] + offs_d[None, :]
+        rows_v = (kpos * stride_vs)[:, None] + offs_d[None, :]
+        m = ok[:, None] & (offs_d >= 0)[None, :]
+        async_copy.async_copy_global_to_shared(k_smem.index(stage), k_base + rows_k, mask=m)
+        async_copy.async_copy_global_to_shared(v_smem.index(stage), v_base + rows_v, mask=m)
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _tile_slots(i_base, t, n_keys, offs_n):
+        """Index tile t of the kept-key list: (key rows, in-list flags); rows past the list are 0."""
+        vpos = t * offs_n.shape[0] + offs_n
+        ok = vpos < n_keys
+        return gl.load(i_base + vpos, mask=ok, other=0), ok
+
+    @gluon.jit
+    def _softmax_tile(s, m_i, l_i, qk_scale, valid_cols, last):
+        """One tile's online-softmax update in base 2: (p, m_new, l_new, alpha); the columns of the
+        ``last`` tile (a runtime flag) outside ``valid_cols`` are masked. Rows whose running max is
+        still -inf (nothing kept so far) get p = 0."""
+        if last:
+            s = gl.where(valid_cols[None, :], s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s * qk_scale - m_use[:, None])
+        alpha = gl.exp2(m_i - m_use)
+        l_new = l_i * alpha + gl.sum(p, 1)
+        return p, m_new, l_new, alpha
+
+    @gluon.jit
+    def _fg_sparse_fwd_sm90(
+        Q, K, V, O, COUNTS, IDX,
+        qk_scale,
+        stride_qb, stride_qh, stride_qs,
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        stride_ob, stride_oh, stride_os,
+        stride_cb, stride_ch, stride_cq,
+        stride_ib, stride_ih, stride_iq,
+        H, GROUP, S_Q, NQB,
+        HEAD_DIM: gl.constexpr,
+        BLOCK_M: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        gl.static_assert(STAGES >= 3, "two stages are read while the copies of a third land")
+        dtype: gl.constexpr = Q.dtype.element_ty
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        # 16-byte vectors along D: HEAD_DIM // 8 threads per row
+        ld_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[256 // HEAD_DIM, HEAD_DIM // 8],
+                                                   warps_per_cta=[num_warps, 1], order=[1, 0])
+        tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+        pid = gl.program_id(0)
+        qb = pid % NQB
+        bh = pid // NQB
+        b = (bh // H).to(gl.int64)
+        h = (bh % H).to(gl.int64)
+        hk = h // GROUP
+
+        # Q tile -> shared memory (rows past S_Q read as zeros)
+        offs_m = qb * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
+        q_ptrs = Q + b * stride_qb + h * stride_qh + (offs_m.to(gl.int64) * stride_qs)[:, None] + offs_d[None, :]
+        q = gl.load(q_ptrs, mask=(offs_m < S_Q)[:, None], other=0.0)
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], tile_smem, q)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile_smem)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile_smem)
+
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+        count = gl.load(COUNTS + b * stride_cb + h * stride_ch + qb * stride_cq)
+        i_base = IDX + b * stride_ib + h * stride_ih + qb * stride_iq
+        n_tiles = gl.maximum(gl.cdiv(count, BLOCK_N), 1)  # >= 1: an empty list runs one all-masked tile
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld_layout))
+        offs_c = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+
+        # prologue: copies of tiles 0 .. STAGES - 2, the index tile of STAGES - 1 in registers
+        for st in gl.static_range(STAGES - 1):
+            kpos, ok = _tile_slots(i_base, st, count, offs_n)
+            _issue_kv(k_smem, v_smem, st, k_base, v_base, kpos, ok, offs_d, stride_ks, stride_vs)
+        kpos_next, ok_next = _tile_slots(i_base, STAGES - 1, count, offs_n)
+
+        # tile 0: S_0 and its weights
+        async_copy.wait_group(STAGES - 2)
+        fence_async_shared()
+        gl.barrier()
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, offs_c < count, n_tiles == 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+        for t in range(1, n_tiles):
+            # tile t's copies are complete in every thread (the group of tile t + STAGES - 3 may
+            # still run), and every warp is past the P V wgmma of tile t - 2 (waited last iteration)
+            async_copy.wait_group(STAGES - 3)
+            fence_async_shared()
+            gl.barrier()
+            nxt = t + STAGES - 2
+            _issue_kv(k_smem, v_smem, nxt % STAGES, k_base, v_base, kpos_next, ok_next, offs_d, stride_ks, stride_vs)
+            kpos_next, ok_next = _tile_slots(i_base, nxt + 1, count, offs_n)
+            s = warpgroup_mma(q_smem, k_smem.index(t % STAGES).permute((1, 0)),
+                              gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+            acc = warpgroup_mma(p_op, v_smem.index((t - 1) % STAGES), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, t * BLOCK_N + offs_c < count, t == n_tiles - 1)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+        acc = warpgroup_mma(p_op, v_smem.index((n_tiles - 1) % STAGES), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        async_copy.wait_group(0)
+
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        out = acc / gl.where(l_o > 0.0, l_o, 1.0)[:, None]  # nothing kept: acc == 0 -> zeros
+        rows = qb * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        o_ptrs = O + b * stride_ob + h * stride_oh + (rows.to(gl.int64) * stride_os)[:, None] + cols[None, :]
+        gl.store(o_ptrs, out.to(dtype), mask=(rows < S_Q)[:, None])
+
+
+def sm90_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   block_m: int, key_block: int, full_tile: int) -> bool:
+    """Whether ``launch_sparse_kernel_sm90`` can take this launch: Gluon present, a Hopper GPU
+    (compute capability 9.0), fp16/bf16, head dim 64 or 128, unit last strides and 16-byte
+    aligned rows, 128-row query blocks, single-key slices (block_n 1) and no full tiles."""
+    if not HAVE_GLUON or q.device.type != "cuda" or block_m != BLOCK_M or key_block != 1 or full_tile != 0:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype == out.dtype):
+        return False
+    D = q.shape[-1]
+    if not isinstance(D, int) or D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D:
+        return False
+    for t in (q, k, v, out):
+        st = t.stride()
+        if not all(isinstance(x, int) for x in st) or st[-1] != 1 or any(x % 8 for x in st[:-1]):
+            return False
+    return torch.cuda.get_device_capability(q.device) == (9, 0)
+
+
+def launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale: float, *, stages: int = STAGES,
+                              block_n: int = BLOCK_N):
+    """Launch ``_fg_sparse_fwd_sm90``: q (B, H, S_q, D), k/v (B, H_kv, S_kv, D), out like q;
+    counts (B, H, nQB), indices (B, H, nQB, cap) int32 (``PackedSlices``, block_m 128, block_n 1,
+    no full tiles). Check ``sm90_supported`` first. ``stages`` (>= 3) K/V buffers of ``block_n`` keys
+    (64 or 128) each: 3 x 128 keys fill the shared memory at D = 128. Returns ``out``. No host sync."""
+    from .triton_common import LOG2E
+
+    B, H, S_q, D = q.shape
+    H_kv = k.shape[1]
+    n_qb = triton.cdiv(S_q, BLOCK_M)
+    _fg_sparse_fwd_sm90[(n_qb * B * H,)](
+        q, k, v, out, counts, indices,
+        float(scale) * LOG2E,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *counts.stride(), *indices.stride()[:3],
+        H, H // H_kv, S_q, n_qb,
+        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def compile_for_target_sm90(head_dim: int = 128, dtype: str = "bf16", stages: int = STAGES, block_n: int = BLOCK_N):
+    """Compile the kernel for sm_90 with no GPU (Triton's compiled kernel: ``.asm`` has ttgir,
+    ptx, cubin); the CPU tests check it builds and holds cp.async and wgmma."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = _fg_sparse_fwd_sm90
+    ptrs = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "COUNTS": "*i32", "IDX": "*i32"}
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": BLOCK_M, "BLOCK_N": block_n, "STAGES": stages, "num_warps": NUM_WARPS}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in ptrs:
+            sig[name] = ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in consts:
+            sig[name] = "constexpr"
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name[:8] in ("stride_q", "stride_k", "stride_v", "stride_o"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
