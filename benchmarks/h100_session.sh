@@ -45,7 +45,8 @@
 #   bash benchmarks/h100_session.sh U   # every GPU test, e2e_wan.py at 480p batch 1 (SETTINGS, default d0.6,d0.3; REPS),
 #                                       # overhead_bench.py at 32,760 tokens (the pooled predictor's cost against cuDNN)
 #   bash benchmarks/h100_session.sh J   # sm90_probe.py: the Gluon sm_90 sparse kernel's correctness, then its speed
-#                                       # against the shipped Triton kernel, cuDNN, flash and FlexAttention
+#                                       # against the Triton kernel, cuDNN, flash and FlexAttention; if correct, the
+#                                       # kernel and lowering GPU tests (TESTS) and e2e_wan.py 480p b1 (SKIP_E2E=1: none)
 #   bash benchmarks/h100_session.sh O   # the predictor GPU tests, pooled_select_probe.py (the selection kernel's variants),
 #                                       # variant_probe.py --parts kernel (the sparse kernel's tile configs)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -291,8 +292,15 @@ U)
   echo "overhead rc=$?"; grep -oE '"(cudnn_dense_ms|pooled_bits_ms|pooled_over_cudnn|pooled_select_kernel_ms|pooled_parts_kernel_ms)": [0-9.e-]+' "$OUT/overhead_${TAG}.json"
   ;;
 J)
-  timeout ${LIMIT:-300} python3 benchmarks/sm90_probe.py ${PROBE_ARGS} --out "$OUT/sm90_probe_${TAG}.json" > "$OUT/sm90_probe.txt" 2>&1
+  timeout ${LIMIT:-220} python3 benchmarks/sm90_probe.py ${PROBE_ARGS} --out "$OUT/sm90_probe_${TAG}.json" > "$OUT/sm90_probe.txt" 2>&1
   echo "sm90_probe rc=$?"; grep -vE "Warning|warn|^ *$" "$OUT/sm90_probe.txt" | tail -${TAIL:-40}
+  python3 -c "import json,sys; sys.exit(0 if json.load(open('$OUT/sm90_probe_${TAG}.json'))['correct'] else 1)" || exit 1
+  timeout ${TEST_LIMIT:-150} python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS:-tests/test_kernels_gpu.py tests/test_lowering_gpu.py} -n 4 > "$OUT/gpu_tests.txt" 2>&1
+  echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.txt" | head -12
+  [ -n "$SKIP_E2E" ] && exit 0
+  timeout ${E2E_LIMIT:-200} python3 benchmarks/e2e_wan.py --reps ${REPS:-3} --skip-720p --skip-b2 --settings ${SETTINGS:-d0.6,d0.3} \
+      --out "$OUT/e2e_wan_${TAG}.json" > "$OUT/e2e.txt" 2>&1
+  echo "e2e rc=$?"; grep -E "^480p|memory_ratio_480p|speedup_480p_d0" "$OUT/e2e.txt"
   ;;
 *) echo "usage: $0 A|B|C|D|E|F|G|H|I|J|K|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z"; exit 2 ;;
 esac

@@ -801,3 +801,42 @@ def test_profile_bits_with_sdpa_forward(monkeypatch, padded):
     mismatch = (got[1] ^ ref[1]).ne(0).sum().item()
     assert mismatch <= 2, mismatch  # a few ulps of the threshold may straddle
     assert (got[2] - ref[2]).abs().max().item() <= 2
+
+
+_GLUON_COMPILE_SCRIPT = r"""
+import json, re
+from fgcompile.kernels import gluon_sparse_sm90 as g
+out = []
+for d, stages, bn in ((128, 3, 128), (64, 4, 128), (128, 5, 64)):
+    ck = g.compile_for_target_sm90(head_dim=d, stages=stages, block_n=bn)
+    ptx = ck.asm["ptx"]
+    out.append({
+        "d": d, "stages": stages, "block_n": bn,
+        "cp_async_16": len(re.findall(r"cp\.async\.cg\.shared\.global[^\n]*0x10", ptx)),
+        "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+        "wgmma_waits": [int(x) for x in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)],
+        "ld_shared": len(re.findall(r"ld\.shared", ptx)),
+        "shared": ck.metadata.shared,
+    })
+print(json.dumps(out))
+"""
+
+
+def test_gluon_sm90_kernel_compiles_with_overlapped_wgmma():
+    """The Gluon sm_90 kernel builds for sm_90 on a machine without a GPU, gathers K/V with 16-byte
+    cp.async copies, and keeps one wgmma group in flight (``wait_group 1``: the P V product of the
+    previous tile runs while the softmax of this one does); its layout conversions stay in registers
+    (no ld.shared) and its buffers fit Hopper's 227 KB of shared memory."""
+    pytest.importorskip("triton.experimental.gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _GLUON_COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for info in json.loads(res.stdout.strip().splitlines()[-1]):
+        # per thread: 16-byte rows of K and V for the prologue's STAGES - 1 tiles and the loop's one
+        per_tile = 2 * info["block_n"] * info["d"] * 2 // 16 // 256
+        assert info["cp_async_16"] == per_tile * info["stages"], info
+        assert info["wgmma"] > 0 and 1 in info["wgmma_waits"], info
+        assert info["ld_shared"] == 0, info
+        assert info["shared"] <= 227 * 1024, info

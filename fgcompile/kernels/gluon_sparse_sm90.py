@@ -192,8 +192,9 @@ if HAVE_GLUON:
 def sm90_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    block_m: int, key_block: int, full_tile: int) -> bool:
     """Whether ``launch_sparse_kernel_sm90`` can take this launch: Gluon present, a Hopper GPU
-    (compute capability 9.0), fp16/bf16, head dim 64 or 128, unit last strides and 16-byte
-    aligned rows, 128-row query blocks, single-key slices (block_n 1) and no full tiles."""
+    (compute capability 9.0), fp16/bf16, head dim 64 or 128, static sizes, unit last strides and
+    16-byte aligned rows, key row offsets within int32, 128-row query blocks, single-key slices
+    (block_n 1) and no full tiles."""
     if not HAVE_GLUON or q.device.type != "cuda" or block_m != BLOCK_M or key_block != 1 or full_tile != 0:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype == out.dtype):
@@ -203,8 +204,12 @@ def sm90_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
         return False
     for t in (q, k, v, out):
         st = t.stride()
-        if not all(isinstance(x, int) for x in st) or st[-1] != 1 or any(x % 8 for x in st[:-1]):
-            return False
+        if not all(isinstance(x, int) for x in (*st, *t.shape, t.storage_offset())):
+            return False  # symbolic sizes: the Triton kernel serves them
+        if st[-1] != 1 or any(x % 8 for x in st[:-1]) or t.storage_offset() % 8:
+            return False  # 16-byte rows for cp.async
+    if any((t.shape[2] - 1) * t.stride(2) + D >= 2**31 for t in (k, v)):
+        return False  # key row offsets are 32-bit in the kernel
     return torch.cuda.get_device_capability(q.device) == (9, 0)
 
 
