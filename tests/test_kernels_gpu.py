@@ -182,3 +182,43 @@ def test_pooled_bits_kernel_vs_torch(S_q, S_kv, H_kv, padded, tau):
     # the same logits; only the order of the normaliser's sum differs: near-threshold keys at most
     assert (got != keep).float().mean().item() < 1e-4
     assert 0.001 < got.float().mean().item() < 0.9
+
+
+@pytest.mark.parametrize(
+    "B,H,H_kv,S_q,S_kv,D,density,dtype,layout",
+    [
+        (2, 4, 4, 1000, 1000, 128, 0.3, torch.bfloat16, "bhsd"),  # partial query block and tiles
+        (1, 2, 2, 1024, 1024, 128, 1.0, torch.bfloat16, "bhsd"),  # exact tiles
+        (1, 3, 3, 640, 2048, 128, 0.02, torch.bfloat16, "bhsd"),  # every list shorter than a tile
+        (2, 4, 2, 777, 1500, 64, 0.4, torch.float16, "bhsd"),  # GQA, head dim 64, cross lengths
+        (1, 6, 6, 900, 900, 128, 0.5, torch.bfloat16, "bshd"),  # (B, S, H, D) views
+    ],
+)
+@pytest.mark.parametrize("stages,block_n", [(3, 128), (4, 64)])
+def test_gluon_sm90_kernel_vs_float64(B, H, H_kv, S_q, S_kv, D, density, dtype, layout, stages, block_n):
+    """The Gluon sm_90 kernel (what compiled models run on Hopper) against float64, poisoned outputs,
+    empty query blocks, partial last tiles."""
+    from fgcompile.kernels.gluon_sparse_sm90 import launch_sparse_kernel_sm90, sm90_supported
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel is for sm_90")
+
+    def make(h, s):
+        if layout == "bshd":
+            return torch.randn(B, s, h, D, device="cuda", dtype=dtype).transpose(1, 2)
+        return torch.randn(B, h, s, D, device="cuda", dtype=dtype)
+
+    q, k, v = make(H, S_q), make(H_kv, S_kv), make(H_kv, S_kv)
+    keep = torch.rand(B, H, -(-S_q // 128), S_kv, device="cuda") < density
+    keep[:, :, 1 % keep.shape[2]] = False  # a query block with nothing kept writes zeros
+    packed = pack_slices(keep, block_m=128, seq_len_kv=S_kv, full_tile=0)
+    out = torch.full((B, H, S_q, D), float("nan"), device="cuda", dtype=dtype)
+    assert sm90_supported(q, k, v, out, 128, 1, 0)
+    launch_sparse_kernel_sm90(q, k, v, out, packed.counts, packed.indices, D ** -0.5, stages=stages, block_n=block_n)
+    torch.cuda.synchronize()
+    assert not out.isnan().any(), "the kernel left elements unwritten"
+    assert _rel64(out, q, k, v, keep, 128, 1, D ** -0.5) < 1e-2
+    assert torch.all(out[:, :, 128:256] == 0)
+    if (stages, block_n) == (3, 128):  # the defaults: the launcher takes this kernel without a config
+        out2 = sparse_attention_triton(q, k, v, packed, D ** -0.5)
+        torch.testing.assert_close(out2, out, rtol=0, atol=0)
