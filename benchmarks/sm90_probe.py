@@ -123,7 +123,7 @@ def speed(res):
     res["speed"] = {"shape": [B, H, S, D], "dtype": "bf16", "cudnn_ms": cudnn, "flash_ms": flash, "rows": []}
     print(f"cudnn {cudnn:.3f} ms  flash {flash:.3f} ms", flush=True)
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
         flex = torch.compile(flex_attention)
     except Exception:
         flex = None
@@ -158,10 +158,14 @@ def speed(res):
         if flex is not None:
             row = {"density": dens, "kernel": "flex_blockmask_128"}
             try:
+                # a random block mask of 128 x 128 blocks at the same density (diagonal kept),
+                # given by its kept blocks, all full (FlexAttention's KV-block format; no mask_mod work)
                 nb = -(-S // 128)
-                blk = torch.rand(H, nb, nb, device="cuda", generator=gen) < dens
-                blk[..., 0] = True
-                bm = create_block_mask(lambda b, h, qi, ki: blk[h, qi // 128, ki // 128], B, H, S, S, device="cuda")
+                blk = torch.rand(B, H, nb, nb, device="cuda", generator=gen) < dens
+                blk |= torch.eye(nb, device="cuda", dtype=torch.bool)
+                num = blk.sum(-1).to(torch.int32)
+                idx = torch.argsort(blk.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+                bm = BlockMask.from_kv_blocks(torch.zeros_like(num), idx, num, idx, BLOCK_SIZE=128, seq_lengths=(S, S))
                 flex(q, k, v, block_mask=bm)
                 row["block_density"] = float(blk.float().mean())
                 t = ms(lambda: flex(q, k, v, block_mask=bm))

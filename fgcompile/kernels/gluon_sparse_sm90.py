@@ -43,6 +43,8 @@ try:  # Gluon (triton.experimental.gluon) is experimental: present in triton >= 
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    # the CTA-wide barrier: ``thread_barrier`` in triton 3.6, ``barrier`` in 3.7
+    _cta_barrier = getattr(gl, "barrier", None) or getattr(gl, "thread_barrier")
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - older triton
     HAVE_GLUON = False
@@ -149,7 +151,7 @@ if HAVE_GLUON:
         # tile 0: S_0 and its weights
         async_copy.wait_group(STAGES - 2)
         fence_async_shared()
-        gl.barrier()
+        _cta_barrier()
         s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
                           use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
@@ -164,7 +166,7 @@ if HAVE_GLUON:
             # still run), and every warp is past the P V wgmma of tile t - 2 (waited last iteration)
             async_copy.wait_group(STAGES - 3)
             fence_async_shared()
-            gl.barrier()
+            _cta_barrier()
             nxt = t + STAGES - 2
             _issue_kv(k_smem, v_smem, nxt % STAGES, k_base, v_base, kpos_next, ok_next, offs_d, stride_ks, stride_vs)
             kpos_next, ok_next = _tile_slots(i_base, nxt + 1, count, offs_n)
