@@ -105,6 +105,7 @@ if HAVE_GLUON:
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
         num_warps: gl.constexpr,
+        COPY_FIRST: gl.constexpr = False,
     ):
         gl.static_assert(STAGES >= 3, "two stages are read while the copies of a third land")
         dtype: gl.constexpr = Q.dtype.element_ty
@@ -168,11 +169,15 @@ if HAVE_GLUON:
             fence_async_shared()
             _cta_barrier()
             nxt = t + STAGES - 2
-            _issue_kv(k_smem, v_smem, nxt % STAGES, k_base, v_base, kpos_next, ok_next, offs_d, stride_ks, stride_vs)
-            kpos_next, ok_next = _tile_slots(i_base, nxt + 1, count, offs_n)
+            if COPY_FIRST:
+                _issue_kv(k_smem, v_smem, nxt % STAGES, k_base, v_base, kpos_next, ok_next, offs_d, stride_ks, stride_vs)
+                kpos_next, ok_next = _tile_slots(i_base, nxt + 1, count, offs_n)
             s = warpgroup_mma(q_smem, k_smem.index(t % STAGES).permute((1, 0)),
                               gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
             acc = warpgroup_mma(p_op, v_smem.index((t - 1) % STAGES), acc, is_async=True)
+            if not COPY_FIRST:  # the tensor cores start first; the copies go to the stage neither reads
+                _issue_kv(k_smem, v_smem, nxt % STAGES, k_base, v_base, kpos_next, ok_next, offs_d, stride_ks, stride_vs)
+                kpos_next, ok_next = _tile_slots(i_base, nxt + 1, count, offs_n)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
             p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, t * BLOCK_N + offs_c < count, t == n_tiles - 1)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
@@ -216,7 +221,7 @@ def sm90_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
 
 
 def launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale: float, *, stages: int = STAGES,
-                              block_n: int = BLOCK_N):
+                              block_n: int = BLOCK_N, copy_first: bool = False):
     """Launch ``_fg_sparse_fwd_sm90``: q (B, H, S_q, D), k/v (B, H_kv, S_kv, D), out like q;
     counts (B, H, nQB), indices (B, H, nQB, cap) int32 (``PackedSlices``, block_m 128, block_n 1,
     no full tiles). Check ``sm90_supported`` first. ``stages`` (>= 3) K/V buffers of ``block_n`` keys
@@ -232,7 +237,7 @@ def launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale: float, *, st
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *counts.stride(), *indices.stride()[:3],
         H, H // H_kv, S_q, n_qb,
-        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, num_warps=NUM_WARPS,
+        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, num_warps=NUM_WARPS, COPY_FIRST=copy_first,
     )
     return out
 
