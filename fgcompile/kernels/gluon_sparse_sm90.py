@@ -250,7 +250,7 @@ def compile_for_target_sm90(head_dim: int = 128, dtype: str = "bf16", stages: in
 
     fn = _fg_sparse_fwd_sm90
     ptrs = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "COUNTS": "*i32", "IDX": "*i32"}
-    consts = {"HEAD_DIM": head_dim, "BLOCK_M": BLOCK_M, "BLOCK_N": block_n, "STAGES": stages, "num_warps": NUM_WARPS}
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": BLOCK_M, "BLOCK_N": block_n, "STAGES": stages, "num_warps": NUM_WARPS, "COPY_FIRST": False}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in ptrs:
