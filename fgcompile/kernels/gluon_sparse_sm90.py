@@ -58,15 +58,11 @@ STAGES = 3
 if HAVE_GLUON:
 
     @gluon.jit
-    def _issue_kv(k_smem, v_smem, stage, k_base, v_base, kpos, ok, offs_d, stride_ks, stride_vs):
-        """cp.async of the K and V rows ``kpos`` (slots where ``ok`` is false: zero-filled, not
-        read) into ``stage`` of the K/V buffers; one commit group."""
-        rows_k = (kpos * stride_ks)[:, None] + offs_d[None, :]
-        rows_v = (kpos * stride_vs)[:, None] + offs_d[None, :]
-        m = ok[:, None] & (offs_d >= 0)[None, :]
-        async_copy.async_copy_global_to_shared(k_smem.index(stage), k_base + rows_k, mask=m)
-        async_copy.async_copy_global_to_shared(v_smem.index(stage), v_base + rows_v, mask=m)
-        async_copy.commit_group()
+    def _issue_rows(buf, stage, base, kpos, ok, offs_d, stride_s):
+        """cp.async of the rows ``kpos`` of one K or V head (slots where ``ok`` is false are
+        zero-filled, nothing read) into ``stage`` of ``buf``; the caller commits the group."""
+        rows = (kpos * stride_s)[:, None] + offs_d[None, :]
+        async_copy.async_copy_global_to_shared(buf.index(stage), base + rows, mask=ok[:, None] & (offs_d >= 0)[None, :])
 
     @gluon.jit
     def _tile_slots(i_base, t, n_keys, offs_n):
@@ -105,9 +101,8 @@ if HAVE_GLUON:
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
         num_warps: gl.constexpr,
-        COPY_FIRST: gl.constexpr = False,
     ):
-        gl.static_assert(STAGES >= 3, "two stages are read while the copies of a third land")
+        gl.static_assert(STAGES >= 2, "one K and one V buffer are read while the next tiles land")
         dtype: gl.constexpr = Q.dtype.element_ty
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -143,11 +138,22 @@ if HAVE_GLUON:
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld_layout))
         offs_c = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
 
-        # prologue: copies of tiles 0 .. STAGES - 2, the index tile of STAGES - 1 in registers
-        for st in gl.static_range(STAGES - 1):
-            kpos, ok = _tile_slots(i_base, st, count, offs_n)
-            _issue_kv(k_smem, v_smem, st, k_base, v_base, kpos, ok, offs_d, stride_ks, stride_vs)
-        kpos_next, ok_next = _tile_slots(i_base, STAGES - 1, count, offs_n)
+        # Copy groups: P_j = {K_j, V_(j-1)} for j < STAGES - 1 (the prologue), then in iteration t
+        # (t = 0: tile 0's phase) G_t = {K_(t+STAGES-1), V_(t+STAGES-2)}: the V stream trails the K
+        # stream by one tile, as V_(t-1) is read one iteration after K_(t-1). Iteration t needs K_t
+        # and V_(t-1), both in the t-th group committed: STAGES - 2 groups may stay in flight, and
+        # every K/V buffer it writes was last read by a wgmma that both warpgroups have waited for
+        # (K_(t-1): iteration t-1's S; V_(t-2): iteration t-1's P V) before the barrier.
+        kv_prev, ok_prev = _tile_slots(i_base, 0, count, offs_n)
+        for j in gl.static_range(STAGES - 1):
+            kv_j, ok_j = _tile_slots(i_base, j, count, offs_n)
+            _issue_rows(k_smem, j, k_base, kv_j, ok_j, offs_d, stride_ks)
+            if j > 0:
+                _issue_rows(v_smem, j - 1, v_base, kv_prev, ok_prev, offs_d, stride_vs)
+            async_copy.commit_group()
+            kv_prev, ok_prev = kv_j, ok_j
+        kv_v, ok_v = kv_prev, ok_prev  # tile STAGES - 2: the next V copy
+        kv_k, ok_k = _tile_slots(i_base, STAGES - 1, count, offs_n)  # tile STAGES - 1: the next K copy
 
         # tile 0: S_0 and its weights
         async_copy.wait_group(STAGES - 2)
@@ -155,6 +161,11 @@ if HAVE_GLUON:
         _cta_barrier()
         s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
                           use_acc=False, is_async=True)
+        _issue_rows(k_smem, (STAGES - 1) % STAGES, k_base, kv_k, ok_k, offs_d, stride_ks)
+        _issue_rows(v_smem, (STAGES - 2) % STAGES, v_base, kv_v, ok_v, offs_d, stride_vs)
+        async_copy.commit_group()
+        kv_v, ok_v = kv_k, ok_k
+        kv_k, ok_k = _tile_slots(i_base, STAGES, count, offs_n)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
@@ -163,27 +174,27 @@ if HAVE_GLUON:
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
 
         for t in range(1, n_tiles):
-            # tile t's copies are complete in every thread (the group of tile t + STAGES - 3 may
-            # still run), and every warp is past the P V wgmma of tile t - 2 (waited last iteration)
-            async_copy.wait_group(STAGES - 3)
+            async_copy.wait_group(STAGES - 2)  # K_t and V_(t-1) landed (this thread's copies) ...
             fence_async_shared()
-            _cta_barrier()
-            nxt = t + STAGES - 2
-            if COPY_FIRST:
-                _issue_kv(k_smem, v_smem, nxt % STAGES, k_base, v_base, kpos_next, ok_next, offs_d, stride_ks, stride_vs)
-                kpos_next, ok_next = _tile_slots(i_base, nxt + 1, count, offs_n)
+            _cta_barrier()  # ... and every thread's; every warp is past iteration t-1's waits
             s = warpgroup_mma(q_smem, k_smem.index(t % STAGES).permute((1, 0)),
                               gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
             acc = warpgroup_mma(p_op, v_smem.index((t - 1) % STAGES), acc, is_async=True)
-            if not COPY_FIRST:  # the tensor cores start first; the copies go to the stage neither reads
-                _issue_kv(k_smem, v_smem, nxt % STAGES, k_base, v_base, kpos_next, ok_next, offs_d, stride_ks, stride_vs)
-                kpos_next, ok_next = _tile_slots(i_base, nxt + 1, count, offs_n)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+            # the tensor cores have their work; now the copies, into buffers neither wgmma reads
+            _issue_rows(k_smem, (t + STAGES - 1) % STAGES, k_base, kv_k, ok_k, offs_d, stride_ks)
+            _issue_rows(v_smem, (t + STAGES - 2) % STAGES, v_base, kv_v, ok_v, offs_d, stride_vs)
+            async_copy.commit_group()
+            kv_v, ok_v = kv_k, ok_k
+            kv_k, ok_k = _tile_slots(i_base, t + STAGES, count, offs_n)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # S_t; the P V product still runs
             p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, t * BLOCK_N + offs_c < count, t == n_tiles - 1)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
+        async_copy.wait_group(STAGES - 2)  # V_(n_tiles - 1)
+        fence_async_shared()
+        _cta_barrier()
         acc = warpgroup_mma(p_op, v_smem.index((n_tiles - 1) % STAGES), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         async_copy.wait_group(0)
@@ -221,7 +232,7 @@ def sm90_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
 
 
 def launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale: float, *, stages: int = STAGES,
-                              block_n: int = BLOCK_N, copy_first: bool = False):
+                              block_n: int = BLOCK_N):
     """Launch ``_fg_sparse_fwd_sm90``: q (B, H, S_q, D), k/v (B, H_kv, S_kv, D), out like q;
     counts (B, H, nQB), indices (B, H, nQB, cap) int32 (``PackedSlices``, block_m 128, block_n 1,
     no full tiles). Check ``sm90_supported`` first. ``stages`` (>= 3) K/V buffers of ``block_n`` keys
@@ -237,7 +248,7 @@ def launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale: float, *, st
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *counts.stride(), *indices.stride()[:3],
         H, H // H_kv, S_q, n_qb,
-        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, num_warps=NUM_WARPS, COPY_FIRST=copy_first,
+        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, num_warps=NUM_WARPS,
     )
     return out
 
@@ -250,7 +261,7 @@ def compile_for_target_sm90(head_dim: int = 128, dtype: str = "bf16", stages: in
 
     fn = _fg_sparse_fwd_sm90
     ptrs = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "COUNTS": "*i32", "IDX": "*i32"}
-    consts = {"HEAD_DIM": head_dim, "BLOCK_M": BLOCK_M, "BLOCK_N": block_n, "STAGES": stages, "num_warps": NUM_WARPS, "COPY_FIRST": False}
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": BLOCK_M, "BLOCK_N": block_n, "STAGES": stages, "num_warps": NUM_WARPS}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in ptrs:
