@@ -219,6 +219,3 @@ def test_gluon_sm90_kernel_vs_float64(B, H, H_kv, S_q, S_kv, D, density, dtype, 
     assert not out.isnan().any(), "the kernel left elements unwritten"
     assert _rel64(out, q, k, v, keep, 128, 1, D ** -0.5) < 1e-2
     assert torch.all(out[:, :, 128:256] == 0)
-    if (stages, block_n) == (3, 128):  # the defaults: the launcher takes this kernel without a config
-        out2 = sparse_attention_triton(q, k, v, packed, D ** -0.5)
-        torch.testing.assert_close(out2, out, rtol=0, atol=0)

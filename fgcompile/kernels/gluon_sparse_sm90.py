@@ -1,4 +1,10 @@
-"""The fine-grained sparse attention kernel for Hopper (sm_90), in Gluon.
+"""An experimental Hopper (sm_90) sparse attention kernel in Gluon: NOT used by compiled models.
+
+Status (benchmarks/NOTES.md, session 15; ``benchmarks/sm90_probe.py``): correct against float64
+on every shape tried, but slower than the shipped Triton kernel (``triton_sparse``) at Wan 480p on
+the H100. Kept as the base of the warp-specialised (FA3 ping-pong) version that issue 7 needs, and
+tested (tests/test_kernels*.py), so that it stays correct until then. Callers reach it only
+through ``launch_sparse_kernel_sm90``.
 
 Same contract as ``triton_sparse._fg_sparse_fwd`` for the case compiled models use most: one
 program per (query block i of BLOCK_M = 128 rows, batch b * head h), the query block fastest, that
@@ -12,25 +18,27 @@ Gluon exposes the asynchronous ``warpgroup_mma`` and its wait counts, so this ke
 the loop as FlashAttention-3's intra-warpgroup overlap (arXiv 2407.08608, algorithm 2):
 
     for t in 1 .. n_tiles - 1:                       # P_{t-1}: the previous tile's weights
-        wait for tile t's K/V copies; barrier        # (issued STAGES - 2 iterations ago)
-        issue the copies of tile t + STAGES - 2       # into the stage tile t - 2 used
+        wait for K_t and V_{t-1}; fence; barrier
         S_t = Q K_t^T                  (async)
         O  += P_{t-1} V_{t-1}          (async)
+        copy K_{t+STAGES-1}, V_{t+STAGES-2}          # into buffers neither wgmma reads
         wait for S_t only; softmax(S_t) -> P_t     # overlaps the P V wgmma
         wait for O; O *= 2^(m_old - m_new)
 
-Each stage holds a K and a V tile; two stages are being read (K_t, V_{t-1}), so STAGES - 2 tiles
-of copies are in flight. Slots of the last tile past the list are zero-filled by the copy
-(``cp.async`` with a false predicate reads nothing) and their scores masked to -inf in that tile
-only. A query block with nothing kept writes zeros. The index tile of tile t + STAGES - 2 is
-loaded one iteration ahead into registers, so its latency is off the copy's critical path.
+K and V have STAGES buffers each, and the V copies trail the K copies by one tile (V_{t-1} is read
+one iteration after K_{t-1}), so STAGES - 1 tiles of each are in flight. Slots of the last tile
+past the list are zero-filled by the copy (``cp.async`` with a false predicate reads nothing) and
+their scores masked to -inf in that tile only. A query block with nothing kept writes zeros. The
+index tile of the next K copy is loaded one iteration ahead into registers. The CTA-wide barrier
+of every iteration keeps the two warpgroups in lockstep: their softmaxes cannot overlap each
+other's wgmmas (FA3's ping-pong needs mbarrier-synchronised producer warps instead).
 
 Layouts: q/k/v/out (B, H, S, D) with any strides whose last is 1 and rows 16-byte aligned;
 D in (64, 128); fp16 or bf16; GQA through ``GROUP`` (kv head = h // GROUP); ``COUNTS`` (B, H,
 nQB) and ``IDX`` (B, H, nQB, cap) int32, as ``fgcompile.kernels.packing.PackedSlices`` holds
 them. Accumulation in fp32, softmax in base 2 with log2(e) folded into ``qk_scale``.
-``sm90_supported`` says whether a launch can take this kernel; ``triton_sparse`` falls back to the
-Triton kernel otherwise. Gluon is Triton's experimental layer: its import is feature-detected here.
+``sm90_supported`` says whether a launch fits these limits. Gluon is Triton's experimental layer:
+its import is feature-detected here (its API differs between triton 3.6 and 3.7: ``_cta_barrier``).
 """
 
 from __future__ import annotations
