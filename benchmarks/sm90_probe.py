@@ -20,19 +20,18 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
 from fgcompile.attention import pack_slices  # noqa: E402
 from fgcompile.kernels import reference  # noqa: E402
 from fgcompile.kernels.gluon_sparse_sm90 import launch_sparse_kernel_sm90, sm90_supported  # noqa: E402
 from fgcompile.kernels.triton_sparse import sparse_attention_triton  # noqa: E402
 from results_io import write_result  # noqa: E402
+import variant_probe as wan  # noqa: E402  (the Wan 480p shape, its budget masks, dense baselines)
 
 BM = 128
 #: the Triton kernel's heuristic config at 128-row blocks of 128-dim heads (given explicitly: without a
@@ -40,24 +39,11 @@ BM = 128
 SHIPPED = {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
 
 
-def ms(fn, rep=100):
-    return float(do_bench(fn, warmup=10, rep=rep, return_mode="median"))
-
-
 def random_keep(B, H, nqb, S_kv, density, gen, empty_every=0):
     keep = torch.rand(B, H, nqb, S_kv, device="cuda", generator=gen) < density
     if empty_every:
         keep[:, :, ::empty_every] = False
     return keep
-
-
-def budget_mask(B, H, S, density, gen):
-    """bool (B, H, nQB, S): each query block keeps round(density * S) random keys."""
-    nqb = -(-S // BM)
-    n = round(density * S)
-    r = torch.rand(B, H, nqb, S, device="cuda", generator=gen)
-    thr = r.kthvalue(S - n + 1, dim=-1, keepdim=True).values
-    return r >= thr
 
 
 CASES = [
@@ -111,15 +97,11 @@ def correctness(res):
 
 
 def speed(res, flex=True):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    B, H, S, D = 1, 12, 32760, 128
     gen = torch.Generator(device="cuda").manual_seed(0)
+    B, H, S, D = wan.B, wan.H, wan.S, wan.D
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
     scale = D ** -0.5
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        cudnn = ms(lambda: F.scaled_dot_product_attention(q, k, v))
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        flash = ms(lambda: F.scaled_dot_product_attention(q, k, v))
+    cudnn, flash = wan.dense_baselines(q, k, v)
     res["speed"] = {"shape": [B, H, S, D], "dtype": "bf16", "cudnn_ms": cudnn, "flash_ms": flash, "rows": []}
     print(f"cudnn {cudnn:.3f} ms  flash {flash:.3f} ms", flush=True)
     try:
@@ -129,7 +111,7 @@ def speed(res, flex=True):
         flex = None
     hs = slice(0, 2)
     for dens in (0.6, 0.3):
-        keep = budget_mask(B, H, S, dens, gen)
+        keep = wan.budget_mask(dens, gen)
         packed = pack_slices(keep, block_m=BM, seq_len_kv=S, full_tile=0)
         ref = reference.sparse_attention_reference(q[:, hs].double(), k[:, hs].double(), v[:, hs].double(),
                                                    keep[:, hs], BM, 1, scale)
@@ -148,7 +130,7 @@ def speed(res, flex=True):
                 torch.cuda.synchronize()
                 row["rel_err_vs_fp64"] = float((out[:, hs].double() - ref).norm() / ref.norm())
                 row["nan"] = bool(out.isnan().any())
-                t = ms(lambda: fn(out))
+                t = wan.ms(lambda: fn(out))
                 row.update(ms=t, speedup_vs_cudnn=cudnn / t, ratio_to_limit=t / (dens * cudnn),
                            kept_tflops=4 * B * H * S * S * D * dens / (t * 1e-3) / 1e12)
             except Exception as e:
@@ -168,7 +150,7 @@ def speed(res, flex=True):
                 bm = BlockMask.from_kv_blocks(torch.zeros_like(num), idx, num, idx, BLOCK_SIZE=128, seq_lengths=(S, S))
                 flex(q, k, v, block_mask=bm)
                 row["block_density"] = float(blk.float().mean())
-                t = ms(lambda: flex(q, k, v, block_mask=bm))
+                t = wan.ms(lambda: flex(q, k, v, block_mask=bm))
                 row.update(ms=t, speedup_vs_cudnn=cudnn / t)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -72,16 +72,22 @@ def budget_mask(density, gen):
     return r >= thr
 
 
-def kernel_part(res):
+def dense_baselines(q, k, v) -> tuple[float, float]:
+    """(SDPA cuDNN ms, SDPA flash ms) on q, k, v: the dense baselines of a run."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
-    scale = D ** -0.5
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         cudnn = ms(lambda: F.scaled_dot_product_attention(q, k, v))
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         flash = ms(lambda: F.scaled_dot_product_attention(q, k, v))
+    return cudnn, flash
+
+
+def kernel_part(res):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    scale = D ** -0.5
+    cudnn, flash = dense_baselines(q, k, v)
     res["kernel"] = {"cudnn_ms": cudnn, "flash_ms": flash, "rows": []}
     print(f"cudnn {cudnn:.3f} ms  flash {flash:.3f} ms", flush=True)
     hs = slice(0, 2)

@@ -640,14 +640,20 @@ print(json.dumps(out))
 """
 
 
-def test_kernel_compiles_for_sm90_with_cp_async_and_wgmma():
-    pytest.importorskip("triton")
+def _compile_in_child(script: str):
+    """Run ``script`` (it prints one JSON line last) in a fresh interpreter without
+    TRITON_INTERPRET (the interpreter replaces the compiler); returns the parsed line."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    *infos, pack = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_kernel_compiles_for_sm90_with_cp_async_and_wgmma():
+    pytest.importorskip("triton")
+    *infos, pack = _compile_in_child(_COMPILE_SCRIPT)
     assert pack["pack_popc"] > 0, pack
     for info in infos:  # 64-bit offsets; 32-bit with the dense epilogue
         assert info["cp_async_16"] > 0, info  # the gathered K/V rows: 16-byte asynchronous copies
@@ -828,12 +834,7 @@ def test_gluon_sm90_kernel_compiles_with_overlapped_wgmma():
     previous tile runs while the softmax of this one does); its layout conversions stay in registers
     (no ld.shared) and its buffers fit Hopper's 227 KB of shared memory."""
     pytest.importorskip("triton.experimental.gluon")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", _GLUON_COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    for info in json.loads(res.stdout.strip().splitlines()[-1]):
+    for info in _compile_in_child(_GLUON_COMPILE_SCRIPT):
         # per thread, 16-byte rows of one K or V tile: the prologue's STAGES - 1 K and STAGES - 2 V
         # tiles, then one K and one V tile in tile 0's phase and in the loop
         per_tile = info["block_n"] * info["d"] * 2 // 16 // 256

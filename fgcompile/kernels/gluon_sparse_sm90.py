@@ -267,21 +267,11 @@ def compile_for_target_sm90(head_dim: int = 128, dtype: str = "bf16", stages: in
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    from .triton_common import aot_signature
+
     fn = _fg_sparse_fwd_sm90
     ptrs = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "COUNTS": "*i32", "IDX": "*i32"}
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": BLOCK_M, "BLOCK_N": block_n, "STAGES": stages, "num_warps": NUM_WARPS}
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in ptrs:
-            sig[name] = ptrs[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in consts:
-            sig[name] = "constexpr"
-        elif name == "qk_scale":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-            if name[:8] in ("stride_q", "stride_k", "stride_v", "stride_o"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
+    sig, consts, attrs = aot_signature(fn.arg_names, ptrs, consts)
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})

@@ -140,3 +140,28 @@ def _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, MASKED: tl.con
 def _out_ptrs(O, b64, h64, offs_m, offs_d, stride_ob, stride_oh, stride_os, stride_od):
     """Pointers of the output tile (BLOCK_M, HEAD_DIM_PAD) of (b, h) at rows ``offs_m``."""
     return O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :] * stride_od
+
+
+def aot_signature(arg_names, ptrs: dict, consts: dict, ones=()) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for compiling a kernel ahead of time (``triton.compile`` of
+    an ``ASTSource``, no GPU) as the JIT would specialise it for contiguous (B, H, S, D) tensors:
+    ``ptrs`` {name: "*bf16"...} 16-byte aligned, ``consts`` constexprs, ``ones`` unit strides
+    (constants), ``qk_scale`` fp32, other arguments i32 (q/k/v/o strides multiples of 16)."""
+    consts = dict(consts)
+    sig, attrs = {}, {}
+    for i, name in enumerate(arg_names):
+        if name in ptrs:
+            sig[name] = ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in consts:
+            sig[name] = "constexpr"
+        elif name in ones:
+            sig[name] = "constexpr"
+            consts[name] = 1
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name[:8] in ("stride_q", "stride_k", "stride_v", "stride_o"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs

@@ -56,7 +56,8 @@ import triton.language as tl
 
 from .packing import PackedSlices
 from .triton_common import (
-    LOG2E, _block_heads, _online_softmax_step, _out_ptrs, _program_heads, _q_tile, _softmax_state, head_dim_pad, interpreting, launch,
+    LOG2E, _block_heads, _online_softmax_step, _out_ptrs, _program_heads, _q_tile, _softmax_state, aot_signature, head_dim_pad,
+    interpreting, launch,
 )
 
 
@@ -644,7 +645,6 @@ def compile_for_target(
     from triton.compiler import ASTSource
 
     fn = _fg_sparse_fwd
-    sig = {}
     ptr_args = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}",
                 "COUNTS": "*i32", "IDX": "*i32", "FCOUNTS": "*i32", "FIDX": "*i32",
                 "PART_ACC": "*fp32", "PART_ML": "*fp32"}
@@ -653,24 +653,8 @@ def compile_for_target(
         "KEY_BLOCK": key_block, "FULL_TILE": full_tile, "UPCAST": False, "FULL_N": block_n,
         "OFFS_64": offs_64, "PAD_TAIL": pad_tail, "SPLITS": splits,
     }
-    # mimic the JIT's specialisation for contiguous (B, H, S, D) tensors: unit strides become
-    # constants, pointers and the other q/k/v/out strides are multiples of 16.
+    # mimic the JIT's specialisation for contiguous (B, H, S, D) tensors
     ones = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_cq", "stride_fcq"}
-    attrs = {}
-    for i, name in enumerate(fn.arg_names):
-        if name in ptr_args:
-            sig[name] = ptr_args[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in consts:
-            sig[name] = "constexpr"
-        elif name in ones:
-            sig[name] = "constexpr"
-            consts[name] = 1
-        elif name == "qk_scale":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-            if name[:8] in ("stride_q", "stride_k", "stride_v", "stride_o"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
+    sig, consts, attrs = aot_signature(fn.arg_names, ptr_args, consts, ones)
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
