@@ -1,10 +1,12 @@
 """An experimental Hopper (sm_90) sparse attention kernel in Gluon: NOT used by compiled models.
 
-Status (benchmarks/NOTES.md, session 15; ``benchmarks/sm90_probe.py``): correct against float64
-on every shape tried, but slower than the shipped Triton kernel (``triton_sparse``) at Wan 480p on
-the H100. Kept as the base of the warp-specialised (FA3 ping-pong) version that issue 7 needs, and
-tested (tests/test_kernels*.py), so that it stays correct until then. Callers reach it only
-through ``launch_sparse_kernel_sm90``.
+Status (benchmarks/NOTES.md, session 15; ``benchmarks/sm90_probe.py``): its earlier form (commit
+ee11282: one K and one V tile per copy group, one tile of copies in flight) was correct against
+float64 on every shape tried and 5% slower than the shipped Triton kernel (``triton_sparse``) at
+Wan 480p on the H100. This form (the V copies trail the K copies by one tile: two tiles in flight)
+compiles for sm_90 but has NOT run on a GPU yet: run ``bash benchmarks/h100_session.sh J`` (its
+GPU test and the probe) first. Kept as the base of the warp-specialised (FA3 ping-pong) version
+that issue 7 needs. Callers reach it only through ``launch_sparse_kernel_sm90``.
 
 Same contract as ``triton_sparse._fg_sparse_fwd`` for the case compiled models use most: one
 program per (query block i of BLOCK_M = 128 rows, batch b * head h), the query block fastest, that
