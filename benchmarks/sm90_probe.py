@@ -10,7 +10,7 @@ kernel and the dense baselines of the same run (GPU only, Hopper).
    equal density (128 x 128 blocks), each a do_bench median, warm. The shipped kernel is timed
    twice (first and last) to show the run's drift.
 
-    python benchmarks/sm90_probe.py [--out benchmarks/results/sm90_probe_<device>.json] [--skip-speed]
+    python benchmarks/sm90_probe.py [--out benchmarks/results/sm90_probe_<device>.json] [--skip-speed] [--no-flex]
 """
 
 from __future__ import annotations
@@ -29,14 +29,13 @@ import triton  # noqa: E402
 from fgcompile.attention import pack_slices  # noqa: E402
 from fgcompile.kernels import reference  # noqa: E402
 from fgcompile.kernels.gluon_sparse_sm90 import launch_sparse_kernel_sm90, sm90_supported  # noqa: E402
-from fgcompile.kernels.triton_sparse import sparse_attention_triton  # noqa: E402
+from fgcompile.kernels.triton_sparse import HEURISTIC_CONFIGS, sparse_attention_triton  # noqa: E402
 from results_io import write_result  # noqa: E402
 import variant_probe as wan  # noqa: E402  (the Wan 480p shape, its budget masks, dense baselines)
 
 BM = 128
-#: the Triton kernel's heuristic config at 128-row blocks of 128-dim heads (given explicitly: without a
-#: config, launches the Gluon kernel serves go to it)
-SHIPPED = {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+#: the Triton kernel's config at 128-row blocks of 128-dim heads (what compiled models launch)
+SHIPPED = HEURISTIC_CONFIGS[0]
 
 
 def random_keep(B, H, nqb, S_kv, density, gen, empty_every=0):

@@ -196,8 +196,8 @@ def test_pooled_bits_kernel_vs_torch(S_q, S_kv, H_kv, padded, tau):
 )
 @pytest.mark.parametrize("stages,block_n", [(3, 128), (4, 64)])
 def test_gluon_sm90_kernel_vs_float64(B, H, H_kv, S_q, S_kv, D, density, dtype, layout, stages, block_n):
-    """The Gluon sm_90 kernel (what compiled models run on Hopper) against float64, poisoned outputs,
-    empty query blocks, partial last tiles."""
+    """The experimental Gluon sm_90 kernel (not used by compiled models) against float64, poisoned
+    outputs, empty query blocks, partial last tiles."""
     from fgcompile.kernels.gluon_sparse_sm90 import launch_sparse_kernel_sm90, sm90_supported
 
     if torch.cuda.get_device_capability() != (9, 0):

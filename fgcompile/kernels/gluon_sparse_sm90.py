@@ -154,8 +154,7 @@ if HAVE_GLUON:
         # and V_(t-1), both in the t-th group committed: STAGES - 2 groups may stay in flight, and
         # every K/V buffer it writes was last read by a wgmma that both warpgroups have waited for
         # (K_(t-1): iteration t-1's S; V_(t-2): iteration t-1's P V) before the barrier.
-        kv_prev, ok_prev = _tile_slots(i_base, 0, count, offs_n)
-        for j in gl.static_range(STAGES - 1):
+        for j in gl.static_range(STAGES - 1):  # unrolled at compile time: kv_prev is set from j = 1 on
             kv_j, ok_j = _tile_slots(i_base, j, count, offs_n)
             _issue_rows(k_smem, j, k_base, kv_j, ok_j, offs_d, stride_ks)
             if j > 0:
