@@ -842,3 +842,17 @@ def test_gluon_sm90_kernel_compiles_with_overlapped_wgmma():
         assert info["wgmma"] > 0 and 1 in info["wgmma_waits"], info
         assert info["ld_shared"] == 0, info
         assert info["shared"] <= 227 * 1024, info
+
+
+def test_gluon_sm90_launch_rejects_what_it_cannot_serve():
+    """``launch_sparse_kernel_sm90`` raises a ValueError naming its inputs (not a compile error) on
+    tensors ``sm90_supported`` rejects: here CPU tensors."""
+    pytest.importorskip("triton.experimental.gluon")
+    from fgcompile.kernels.gluon_sparse_sm90 import launch_sparse_kernel_sm90, sm90_supported
+
+    q = torch.zeros(1, 2, 256, 128, dtype=torch.bfloat16)
+    counts = torch.zeros(1, 2, 2, dtype=torch.int32)
+    idx = torch.zeros(1, 2, 2, 256, dtype=torch.int32)
+    assert not sm90_supported(q, q, q, q, 128, 1, 0)
+    with pytest.raises(ValueError, match="q, k, v, out: expected"):
+        launch_sparse_kernel_sm90(q, q, q, torch.empty_like(q), counts, idx, 0.1)

@@ -244,10 +244,17 @@ def launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale: float, *, st
                               block_n: int = BLOCK_N):
     """Launch ``_fg_sparse_fwd_sm90``: q (B, H, S_q, D), k/v (B, H_kv, S_kv, D), out like q;
     counts (B, H, nQB), indices (B, H, nQB, cap) int32 (``PackedSlices``, block_m 128, block_n 1,
-    no full tiles). Check ``sm90_supported`` first. ``stages`` (>= 3) K/V buffers of ``block_n`` keys
-    (64 or 128) each: 3 x 128 keys fill the shared memory at D = 128. Returns ``out``. No host sync."""
+    no full tiles); a launch ``sm90_supported`` rejects raises ValueError. ``stages`` (>= 2) K and
+    ``stages`` V buffers of ``block_n`` keys (64 or 128) each: 3 x 128 keys fill the shared memory at
+    D = 128. Returns ``out``. No host sync."""
     from .triton_common import LOG2E
 
+    if not sm90_supported(q, k, v, out, BLOCK_M, 1, 0):
+        raise ValueError(
+            "q, k, v, out: expected fp16/bf16 CUDA tensors of one dtype on an sm_90 GPU, head dim 64 or 128, "
+            f"unit last strides and 16-byte aligned rows (sm90_supported), got {q.dtype} q of shape "
+            f"{tuple(q.shape)} on {q.device}"
+        )
     B, H, S_q, D = q.shape
     H_kv = k.shape[1]
     n_qb = triton.cdiv(S_q, BLOCK_M)
