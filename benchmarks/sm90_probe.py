@@ -5,9 +5,10 @@ kernel and the dense baselines of the same run (GPU only, Hopper).
    on shapes that exercise partial query blocks, partial and exact key tiles, empty query blocks,
    GQA, head dim 64, fp16, cross-attention lengths and (B, S, H, D) layouts seen through transpose.
 2. Speed: Wan 480p self-attention (B=1, H=12, S=32,760, D=128, bf16) on density-budget masks
-   (each query block keeps the same number of random keys) at 0.6 and 0.3: the Gluon kernel (3 x 128
-   keys, 2 x 128 keys, 5 x 64 keys), the shipped Triton kernel, SDPA cuDNN, SDPA flash, FlexAttention on a BlockMask of
-   equal density (128 x 128 blocks), each a do_bench median, warm. The shipped kernel is timed
+   (each query block keeps the same number of random keys) at 0.6 and 0.3: the Gluon kernel, the
+   shipped Triton kernel, SDPA cuDNN, SDPA flash, FlexAttention on a BlockMask of
+   equal density (128 x 128 blocks), each a do_bench median, warm. Both forms of the Gluon kernel:
+   "ws" (warp-specialised ping-pong; 3 and 2 stages) and "overlap" (3 stages). The shipped kernel is timed
    twice (first and last) to show the run's drift.
 
     python benchmarks/sm90_probe.py [--out benchmarks/results/sm90_probe_<device>.json] [--skip-speed] [--no-flex]
@@ -65,7 +66,8 @@ def make(B, H, S, D, dtype, layout, gen):
 def correctness(res):
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows = []
-    for name, B, H, H_kv, S_q, S_kv, D, dtype, dens, layout, empty in CASES:
+    for (name, B, H, H_kv, S_q, S_kv, D, dtype, dens, layout, empty), form in (
+            [(c, "overlap") for c in CASES] + [(c, "ws") for c in CASES]):
         q = make(B, H, S_q, D, dtype, layout, gen)
         k = make(B, H_kv, S_kv, D, dtype, layout, gen)
         v = make(B, H_kv, S_kv, D, dtype, layout, gen)
@@ -75,9 +77,9 @@ def correctness(res):
         out = torch.full((B, H, S_q, D), float("nan"), device="cuda", dtype=dtype)
         if layout == "bshd":
             out = out.transpose(1, 2).contiguous().transpose(1, 2)
-        row = {"case": name, "supported": sm90_supported(q, k, v, out, BM, 1, 0)}
+        row = {"case": name, "form": form, "supported": sm90_supported(q, k, v, out, BM, 1, 0)}
         try:
-            launch_sparse_kernel_sm90(q, k, v, out, packed.counts, packed.indices, scale)
+            launch_sparse_kernel_sm90(q, k, v, out, packed.counts, packed.indices, scale, form=form)
             torch.cuda.synchronize()
             ref = reference.sparse_attention_reference(q.double(), k.double(), v.double(), keep, BM, 1, scale)
             tri = sparse_attention_triton(q, k, v, packed, scale, config=SHIPPED)
@@ -92,7 +94,10 @@ def correctness(res):
         rows.append(row)
         print(row, flush=True)
     res["correctness"] = rows
-    res["correct"] = all(r.get("nan") is False and r.get("rel_err_vs_fp64", 1) < 1e-2 for r in rows)
+    ok = {f: all(r.get("nan") is False and r.get("rel_err_vs_fp64", 1) < 1e-2 for r in rows if r["form"] == f)
+          for f in ("overlap", "ws")}
+    res["correct_by_form"] = ok
+    res["correct"] = all(ok.values())
 
 
 def speed(res, flex=True):
@@ -116,9 +121,9 @@ def speed(res, flex=True):
                                                    keep[:, hs], BM, 1, scale)
         variants = [
             ("triton_shipped", lambda o: sparse_attention_triton(q, k, v, packed, scale, config=SHIPPED, out=o)),
-            ("gluon_s3", lambda o: launch_sparse_kernel_sm90(q, k, v, o, packed.counts, packed.indices, scale, stages=3)),
-            ("gluon_s2", lambda o: launch_sparse_kernel_sm90(q, k, v, o, packed.counts, packed.indices, scale, stages=2)),
-            ("gluon_n64_s5", lambda o: launch_sparse_kernel_sm90(q, k, v, o, packed.counts, packed.indices, scale, stages=5, block_n=64)),
+            ("gluon_ws_s3", lambda o: launch_sparse_kernel_sm90(q, k, v, o, packed.counts, packed.indices, scale, stages=3, form="ws")),
+            ("gluon_ws_s2", lambda o: launch_sparse_kernel_sm90(q, k, v, o, packed.counts, packed.indices, scale, stages=2, form="ws")),
+            ("gluon_overlap_s3", lambda o: launch_sparse_kernel_sm90(q, k, v, o, packed.counts, packed.indices, scale, stages=3)),
             ("triton_shipped_again", lambda o: sparse_attention_triton(q, k, v, packed, scale, config=SHIPPED, out=o)),
         ]
         for name, fn in variants:
@@ -163,7 +168,20 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--no-flex", action="store_true", help="leave FlexAttention out (its compile takes ~1 min)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="one small launch of each form and exit (run under `timeout`: a hang is a deadlock)")
     args = ap.parse_args()
+    if args.smoke:
+        q = torch.randn(1, 2, 700, 128, device="cuda", dtype=torch.bfloat16)
+        keep = torch.rand(1, 2, 6, 700, device="cuda") < 0.5
+        packed = pack_slices(keep, block_m=BM, seq_len_kv=700, full_tile=0)
+        ref = reference.sparse_attention_reference(q.double(), q.double(), q.double(), keep, BM, 1, 128 ** -0.5)
+        for form in ("overlap", "ws"):
+            out = torch.full_like(q, float("nan"))
+            launch_sparse_kernel_sm90(q, q, q, out, packed.counts, packed.indices, 128 ** -0.5, form=form)
+            torch.cuda.synchronize()
+            print("smoke", form, float((out.double() - ref).norm() / ref.norm()), flush=True)
+        return
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     correctness(res)
     if not args.skip_speed:

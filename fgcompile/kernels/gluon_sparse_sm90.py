@@ -52,7 +52,7 @@ try:  # Gluon (triton.experimental.gluon) is experimental: present in triton >= 
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait
     # the CTA-wide barrier: ``thread_barrier`` in triton 3.6, ``barrier`` in 3.7
     _cta_barrier = getattr(gl, "barrier", None) or getattr(gl, "thread_barrier")
     HAVE_GLUON = True
@@ -63,6 +63,14 @@ BLOCK_M = 128
 BLOCK_N = 128
 NUM_WARPS = 8
 STAGES = 3
+#: the warp-specialised form: a producer warpgroup, two consumer warpgroups (the default partition
+#: is the first), registers per thread of each (setmaxnreg) under the kernel's ``maxnreg``:
+#: 4 warps x 3 warpgroups x WS_MAXNREG = the default's + CONSUMER_REGS + PRODUCER_REGS (x 128)
+WS_PRODUCER_WARPS = 4
+WS_CONSUMER_REGS = 232
+WS_PRODUCER_REGS = 40
+WS_MAXNREG = 168
+FORMS = ("overlap", "ws")
 
 
 if HAVE_GLUON:
@@ -216,6 +224,177 @@ if HAVE_GLUON:
         gl.store(o_ptrs, out.to(dtype), mask=(rows < S_Q)[:, None])
 
 
+    # ------------------------------------------------------------------ warp-specialised form
+    # One producer warpgroup gathers K and V rows with cp.async into STAGES buffers each and signals
+    # them full on mbarriers (``cp.async.mbarrier.arrive.noinc``: each producer thread arrives when its
+    # own copies have landed); two consumer warpgroups take 64 of the block's 128 query rows each,
+    # wait on the full barriers, and release each buffer on its empty barrier (one arrival per
+    # warpgroup). The consumers take turns issuing their wgmmas (FlashAttention-3's ping-pong: a
+    # ``turn`` mbarrier per warpgroup), so one warpgroup's softmax runs while the other's wgmmas do,
+    # and each keeps the intra-warpgroup overlap of the form above (S_t and P_(t-1) V_(t-1) in flight).
+
+    @gluon.jit
+    def _ws_producer(k_smem, v_smem, k_full, v_full, k_empty, v_empty, k_base, v_base, i_base, count,
+                     stride_ks, stride_vs,
+                     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
+        """Gathers tile t's K rows into ``k_smem[t % STAGES]`` and its V rows into ``v_smem[...]``
+        once the consumers released that buffer, for every tile of the kept-key list."""
+        ld_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[256 // HEAD_DIM, HEAD_DIM // 8],
+                                                   warps_per_cta=[WARPS, 1], order=[1, 0])
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
+        n_tiles = gl.maximum(gl.cdiv(count, BLOCK_N), 1)
+        for t in range(n_tiles):
+            st = t % STAGES
+            ph = (t // STAGES) & 1
+            kv, ok = _tile_slots(i_base, t, count, offs_n)
+            mbarrier.wait(k_empty.index(st), ph ^ 1)
+            _issue_rows(k_smem, st, k_base, kv, ok, offs_d, stride_ks)
+            async_copy.mbarrier_arrive(k_full.index(st), increment_count=False)
+            mbarrier.wait(v_empty.index(st), ph ^ 1)
+            _issue_rows(v_smem, st, v_base, kv, ok, offs_d, stride_vs)
+            async_copy.mbarrier_arrive(v_full.index(st), increment_count=False)
+
+    @gluon.jit
+    def _ws_consumer(q_smem, k_smem, v_smem, k_full, v_full, k_empty, v_empty, turn_mine, turn_other,
+                     o_base, stride_os, row0, S_Q, count, qk_scale,
+                     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr):
+        """64 query rows (``q_smem``, rows row0 .. row0 + 63 of the output) against every tile; writes
+        their normalised output."""
+        WG_M: gl.constexpr = 64
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        offs_c = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        n_tiles = gl.maximum(gl.cdiv(count, BLOCK_N), 1)
+        # turn event j (j = 0: tile 0's S; j = t: iteration t; j = n_tiles: the last P V): the first
+        # warpgroup's wait needs j arrivals of the other's, the second's j + 1 (an mbarrier starts as
+        # if its phase 1 had completed): wait on parity (j & 1) ^ F
+        F: gl.constexpr = 1 if FIRST else 0
+
+        mbarrier.wait(k_full.index(0), 0)
+        fence_async_shared()
+        mbarrier.wait(turn_mine, F)
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+        mbarrier.arrive(turn_other, count=1)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        m_i = gl.full([WG_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
+        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, offs_c < count, n_tiles == 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
+
+        for t in range(1, n_tiles):
+            st = t % STAGES
+            sv = (t - 1) % STAGES
+            mbarrier.wait(k_full.index(st), (t // STAGES) & 1)
+            mbarrier.wait(v_full.index(sv), ((t - 1) // STAGES) & 1)
+            fence_async_shared()
+            mbarrier.wait(turn_mine, (t & 1) ^ F)
+            s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)),
+                              gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+            acc = warpgroup_mma(p_op, v_smem.index(sv), acc, is_async=True)
+            mbarrier.arrive(turn_other, count=1)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # S_t; the P V product still runs
+            mbarrier.arrive(k_empty.index(st), count=1)
+            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, t * BLOCK_N + offs_c < count, t == n_tiles - 1)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(v_empty.index(sv), count=1)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+        sv = (n_tiles - 1) % STAGES
+        mbarrier.wait(v_full.index(sv), ((n_tiles - 1) // STAGES) & 1)
+        fence_async_shared()
+        mbarrier.wait(turn_mine, (n_tiles & 1) ^ F)
+        acc = warpgroup_mma(p_op, v_smem.index(sv), acc, is_async=True)
+        mbarrier.arrive(turn_other, count=1)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(v_empty.index(sv), count=1)
+
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        out = acc / gl.where(l_o > 0.0, l_o, 1.0)[:, None]  # nothing kept: acc == 0 -> zeros
+        rows = row0 + gl.arange(0, WG_M, layout=gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        o_ptrs = o_base + (rows.to(gl.int64) * stride_os)[:, None] + cols[None, :]
+        gl.store(o_ptrs, out.to(dtype), mask=(rows < S_Q)[:, None])
+
+    @gluon.jit
+    def _fg_sparse_fwd_sm90_ws(
+        Q, K, V, O, COUNTS, IDX,
+        qk_scale,
+        stride_qb, stride_qh, stride_qs,
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        stride_ob, stride_oh, stride_os,
+        stride_cb, stride_ch, stride_cq,
+        stride_ib, stride_ih, stride_iq,
+        H, GROUP, S_Q, NQB,
+        HEAD_DIM: gl.constexpr,
+        BLOCK_M: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr,
+        PRODUCER_WARPS: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        gl.static_assert(BLOCK_M == 128, "two consumer warpgroups of 64 rows")
+        gl.static_assert(num_warps == 4, "the default partition is the first consumer warpgroup")
+        dtype: gl.constexpr = Q.dtype.element_ty
+        ld_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[256 // HEAD_DIM, HEAD_DIM // 8],
+                                                   warps_per_cta=[num_warps, 1], order=[1, 0])
+        tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+        pid = gl.program_id(0)
+        qb = pid % NQB
+        bh = pid // NQB
+        b = (bh // H).to(gl.int64)
+        h = (bh % H).to(gl.int64)
+        hk = h // GROUP
+
+        offs_m = qb * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
+        q_ptrs = Q + b * stride_qb + h * stride_qh + (offs_m.to(gl.int64) * stride_qs)[:, None] + offs_d[None, :]
+        q = gl.load(q_ptrs, mask=(offs_m < S_Q)[:, None], other=0.0)
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], tile_smem, q)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile_smem)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile_smem)
+        k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_full.index(i), count=PRODUCER_WARPS * 32)  # every producer thread's copies
+            mbarrier.init(v_full.index(i), count=PRODUCER_WARPS * 32)
+            mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups
+            mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
+        fence_async_shared()
+
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+        o_base = O + b * stride_ob + h * stride_oh
+        count = gl.load(COUNTS + b * stride_cb + h * stride_ch + qb * stride_cq)
+        i_base = IDX + b * stride_ib + h * stride_ih + qb * stride_iq
+        row0 = qb * BLOCK_M
+        gl.warp_specialize([
+            (_ws_consumer, (q_smem.slice(0, 64), k_smem, v_smem, k_full, v_full, k_empty, v_empty,
+                            turn.index(0), turn.index(1),
+                            o_base, stride_os, row0, S_Q, count, qk_scale, HEAD_DIM, BLOCK_N, STAGES, True)),
+            (_ws_consumer, (q_smem.slice(64, 64), k_smem, v_smem, k_full, v_full, k_empty, v_empty,
+                            turn.index(1), turn.index(0),
+                            o_base, stride_os, row0 + 64, S_Q, count, qk_scale, HEAD_DIM, BLOCK_N, STAGES, False)),
+            (_ws_producer, (k_smem, v_smem, k_full, v_full, k_empty, v_empty, k_base, v_base, i_base, count,
+                            stride_ks, stride_vs, HEAD_DIM, BLOCK_N, STAGES, PRODUCER_WARPS)),
+        ], [4, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
+
+
 def sm90_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    block_m: int, key_block: int, full_tile: int) -> bool:
     """Whether ``launch_sparse_kernel_sm90`` can take this launch: Gluon present, a Hopper GPU
@@ -241,14 +420,17 @@ def sm90_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
 
 
 def launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale: float, *, stages: int = STAGES,
-                              block_n: int = BLOCK_N):
+                              block_n: int = BLOCK_N, form: str = "overlap"):
     """Launch ``_fg_sparse_fwd_sm90``: q (B, H, S_q, D), k/v (B, H_kv, S_kv, D), out like q;
     counts (B, H, nQB), indices (B, H, nQB, cap) int32 (``PackedSlices``, block_m 128, block_n 1,
     no full tiles); a launch ``sm90_supported`` rejects raises ValueError. ``stages`` (>= 2) K and
     ``stages`` V buffers of ``block_n`` keys (64 or 128) each: 3 x 128 keys fill the shared memory at
-    D = 128. Returns ``out``. No host sync."""
+    D = 128. ``form``: "overlap" (8 warps, copies issued by the consumers) or "ws" (warp-specialised:
+    producer warpgroup, two consumer warpgroups in ping-pong). Returns ``out``. No host sync."""
     from .triton_common import LOG2E
 
+    if form not in FORMS:
+        raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
     if not sm90_supported(q, k, v, out, BLOCK_M, 1, 0):
         raise ValueError(
             "q, k, v, out: expected fp16/bf16 CUDA tensors of one dtype on an sm_90 GPU, head dim 64 or 128, "
@@ -258,28 +440,41 @@ def launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale: float, *, st
     B, H, S_q, D = q.shape
     H_kv = k.shape[1]
     n_qb = triton.cdiv(S_q, BLOCK_M)
-    _fg_sparse_fwd_sm90[(n_qb * B * H,)](
-        q, k, v, out, counts, indices,
-        float(scale) * LOG2E,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        *counts.stride(), *indices.stride()[:3],
-        H, H // H_kv, S_q, n_qb,
-        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, num_warps=NUM_WARPS,
-    )
+    args = (q, k, v, out, counts, indices, float(scale) * LOG2E,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            *counts.stride(), *indices.stride()[:3], H, H // H_kv, S_q, n_qb)
+    grid = (n_qb * B * H,)
+    if form == "ws":
+        _fg_sparse_fwd_sm90_ws[grid](*args, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages,
+                                     PRODUCER_WARPS=WS_PRODUCER_WARPS, CONSUMER_REGS=WS_CONSUMER_REGS,
+                                     PRODUCER_REGS=WS_PRODUCER_REGS, num_warps=4, maxnreg=WS_MAXNREG)
+    else:
+        _fg_sparse_fwd_sm90[grid](*args, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages,
+                                  num_warps=NUM_WARPS)
     return out
 
 
-def compile_for_target_sm90(head_dim: int = 128, dtype: str = "bf16", stages: int = STAGES, block_n: int = BLOCK_N):
-    """Compile the kernel for sm_90 with no GPU (Triton's compiled kernel: ``.asm`` has ttgir,
-    ptx, cubin); the CPU tests check it builds and holds cp.async and wgmma."""
+def compile_for_target_sm90(head_dim: int = 128, dtype: str = "bf16", stages: int = STAGES, block_n: int = BLOCK_N,
+                            form: str = "overlap"):
+    """Compile the kernel (``form`` as in ``launch_sparse_kernel_sm90``) for sm_90 with no GPU
+    (Triton's compiled kernel: ``.asm`` has ttgir, ptx, cubin); the CPU tests check it builds and
+    holds cp.async and wgmma."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from .triton_common import aot_signature
 
-    fn = _fg_sparse_fwd_sm90
     ptrs = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "COUNTS": "*i32", "IDX": "*i32"}
-    consts = {"HEAD_DIM": head_dim, "BLOCK_M": BLOCK_M, "BLOCK_N": block_n, "STAGES": stages, "num_warps": NUM_WARPS}
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": BLOCK_M, "BLOCK_N": block_n, "STAGES": stages}
+    if form == "ws":
+        fn = _fg_sparse_fwd_sm90_ws
+        consts.update(PRODUCER_WARPS=WS_PRODUCER_WARPS, CONSUMER_REGS=WS_CONSUMER_REGS,
+                      PRODUCER_REGS=WS_PRODUCER_REGS, num_warps=4)
+        options = {"num_warps": 4, "maxnreg": WS_MAXNREG}
+    else:
+        fn = _fg_sparse_fwd_sm90
+        consts["num_warps"] = NUM_WARPS
+        options = {"num_warps": NUM_WARPS}
     sig, consts, attrs = aot_signature(fn.arg_names, ptrs, consts)
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
