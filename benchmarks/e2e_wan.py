@@ -165,6 +165,16 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def sparse_kernel_name(device) -> str:
+    from fgcompile.kernels import gluon_sparse_sm90
+    from fgcompile.kernels.triton_sparse import sm90_kernel_wanted
+
+    if (device.type == "cuda" and sm90_kernel_wanted() and gluon_sparse_sm90.HAVE_GLUON
+            and torch.cuda.get_device_capability(device) == (9, 0)):
+        return "gluon_sm90_ws"
+    return "triton"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -228,6 +238,8 @@ def main(argv=None):
             "torch": torch.__version__, "triton": triton.__version__,
             "config": "tiny" if args.tiny else "Wan2.1-1.3B", "compile": "compile_repeated_blocks (30 block graphs)",
             "dtype": str(dtype), "reps": args.reps, "rows": rows,
+            # the sparse kernel compiled models launched (the Gluon sm_90 kernel on Hopper, else Triton)
+            "sparse_kernel": sparse_kernel_name(device),
             "summary": {
                 "speedup_480p_d06": pick("480p", 1, "d0.6"),
                 "speedup_480p_d03": pick("480p", 1, "d0.3"),

@@ -98,8 +98,10 @@ def test_output_code_holds_the_autotuned_kernel(monkeypatch):
 
 def test_max_autotune_mode_autotunes_and_default_mode_does_not(monkeypatch):
     """Inductor's rule for its own templates: autotune in mode="max-autotune" only. The default
-    mode launches the heuristic config (one compile)."""
+    mode launches the heuristic config (one compile). The Triton kernel's lowering: on sm_90 the
+    default mode otherwise runs the Gluon kernel (test below)."""
     monkeypatch.delenv("FGCOMPILE_AUTOTUNE", raising=False)
+    monkeypatch.setenv("FGCOMPILE_SM90_KERNEL", "0")
     code = _output_code(_compile(_model(depth=1)))
     assert "def _fg_sparse_fwd(" in code
     n_default = _kernel_configs(code)
@@ -109,6 +111,37 @@ def test_max_autotune_mode_autotunes_and_default_mode_does_not(monkeypatch):
     n_tuned = _kernel_configs(code)
     print("configs: default mode", n_default, "max-autotune", n_tuned)
     assert n_tuned >= 4
+
+
+@pytest.mark.parametrize("density", [None, 0.3])
+def test_gluon_sm90_kernel_in_the_lowered_graph(monkeypatch, density):
+    """On an sm_90 GPU the default mode's lowered graph calls the warp-specialised Gluon kernel
+    (``fgcompile::sparse_attention_sm90``, an opaque op inside the triton_op: no ``_fg_sparse_fwd``
+    source in the output code) and gives what the Triton kernel's lowering gives, call by call
+    through the schedule (profiled and sparse calls)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel is for sm_90")
+    monkeypatch.delenv("FGCOMPILE_AUTOTUNE", raising=False)
+    cfg = dataclasses.replace(CFG, density=density)
+    m1 = _model()
+    m2 = copy.deepcopy(m1)
+    outs = []
+    for m, env in ((m1, "1"), (m2, "0")):
+        torch._dynamo.reset()
+        monkeypatch.setenv("FGCOMPILE_SM90_KERNEL", env)
+        c = _compile(m, cfg)
+        with torch.no_grad():
+            _, codes = run_and_get_code(c, *_inputs(seed=0))
+            code = "\n".join(codes)
+            if env == "1":
+                assert "fgcompile.sparse_attention_sm90" in code and "def _fg_sparse_fwd(" not in code
+            else:
+                assert "sparse_attention_sm90" not in code and "def _fg_sparse_fwd(" in code
+            outs.append([c(*_inputs(seed=i)) for i in range(1, 6)])
+        st = fgcompile.stats(c)
+        assert all(v.sparse_calls >= 3 and v.fallback is None for v in st.values()), st
+    for i, (a, b) in enumerate(zip(*outs)):
+        assert _rel(a, b) < 1e-2, (i, _rel(a, b))
 
 
 @pytest.mark.parametrize("density", [None, 0.3])

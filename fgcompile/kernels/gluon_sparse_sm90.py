@@ -420,14 +420,16 @@ def sm90_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
 
 
 def launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale: float, *, stages: int = STAGES,
-                              block_n: int = BLOCK_N, form: str = "overlap"):
+                              block_n: int = BLOCK_N, form: str = "ws"):
     """Launch ``_fg_sparse_fwd_sm90``: q (B, H, S_q, D), k/v (B, H_kv, S_kv, D), out like q;
     counts (B, H, nQB), indices (B, H, nQB, cap) int32 (``PackedSlices``, block_m 128, block_n 1,
     no full tiles); a launch ``sm90_supported`` rejects raises ValueError. ``stages`` (>= 2) K and
     ``stages`` V buffers of ``block_n`` keys (64 or 128) each: 3 x 128 keys fill the shared memory at
-    D = 128. ``form``: "overlap" (8 warps, copies issued by the consumers) or "ws" (warp-specialised:
-    producer warpgroup, two consumer warpgroups in ping-pong). Returns ``out``. No host sync."""
-    from .triton_common import LOG2E
+    D = 128 (``form`` "ws": 3 is best, session 16). ``form``: "ws" (warp-specialised: a producer
+    warpgroup, two consumer warpgroups in ping-pong; what compiled models run) or "overlap" (8 warps
+    issuing their own copies; slower, kept for comparison). Returns ``out``. No host sync. Launched
+    through ``triton_common.launch``: inside ``collect_compiles`` it only records a compile thunk."""
+    from .triton_common import LOG2E, launch
 
     if form not in FORMS:
         raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
@@ -445,17 +447,17 @@ def launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale: float, *, st
             *counts.stride(), *indices.stride()[:3], H, H // H_kv, S_q, n_qb)
     grid = (n_qb * B * H,)
     if form == "ws":
-        _fg_sparse_fwd_sm90_ws[grid](*args, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages,
+        launch(_fg_sparse_fwd_sm90_ws, grid, *args, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages,
                                      PRODUCER_WARPS=WS_PRODUCER_WARPS, CONSUMER_REGS=WS_CONSUMER_REGS,
                                      PRODUCER_REGS=WS_PRODUCER_REGS, num_warps=4, maxnreg=WS_MAXNREG)
     else:
-        _fg_sparse_fwd_sm90[grid](*args, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages,
-                                  num_warps=NUM_WARPS)
+        launch(_fg_sparse_fwd_sm90, grid, *args, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages,
+               num_warps=NUM_WARPS)
     return out
 
 
 def compile_for_target_sm90(head_dim: int = 128, dtype: str = "bf16", stages: int = STAGES, block_n: int = BLOCK_N,
-                            form: str = "overlap"):
+                            form: str = "ws"):
     """Compile the kernel (``form`` as in ``launch_sparse_kernel_sm90``) for sm_90 with no GPU
     (Triton's compiled kernel: ``.asm`` has ttgir, ptx, cubin); the CPU tests check it builds and
     holds cp.async and wgmma."""

@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gluon_sparse_sm90 import launch_sparse_kernel_sm90, sm90_supported
 from .packing import PackedSlices
 from .triton_common import (
     LOG2E, _block_heads, _online_softmax_step, _out_ptrs, _program_heads, _q_tile, _softmax_state, aot_signature, head_dim_pad,
@@ -505,6 +506,7 @@ def launch_sparse_kernel(
     wrap=None,
     dense_out: Optional[torch.Tensor] = None,
     use_dense: Optional[torch.Tensor] = None,
+    sm90_launch=None,
 ) -> torch.Tensor:
     """THE launch of the sparse kernel, shared by the direct call (:func:`sparse_attention_triton`)
     and the ``fgcompile::sparse_attention`` triton_op (``fgcompile.lowering.ops``), which passes
@@ -517,7 +519,11 @@ def launch_sparse_kernel(
     ``config``: {"BLOCK_N", "num_warps", "num_stages", "FULL_N"} (and optionally "maxnreg", a
     register cap per thread, and "OFFS_64", else
     :func:`needs_64bit_offsets`); None: the autotuner if
-    ``autotune`` (None: ``autotune_wanted()``, the environment), else ``heuristic_config``."""
+    ``autotune`` (None: ``autotune_wanted()``, the environment), else ``heuristic_config``.
+    A launch :func:`sm90_serves` accepts (no ``config`` or autotuning, a Hopper GPU, 128-row blocks,
+    single keys, no full tiles; ``FGCOMPILE_SM90_KERNEL=0`` turns it off) runs the warp-specialised
+    Gluon sm_90 kernel instead: through ``sm90_launch(q, k, v, out, counts, indices, scale)`` if
+    given (the lowering's opaque op: Inductor does not trace a Gluon launch), else directly."""
     B, H, S_q, D = q.shape
     H_kv, S_kv = k.shape[1], k.shape[2]
     upcast = interpreting() and q.dtype != torch.float32
@@ -539,6 +545,16 @@ def launch_sparse_kernel(
         OFFS_64=needs_64bit_offsets(k, v) if config is None or "OFFS_64" not in config else bool(config["OFFS_64"]),
         PAD_TAIL=pad_tail_wanted() if config is None or "PAD_TAIL" not in config else bool(config["PAD_TAIL"]),
     )
+    if wrap is None:  # a direct launch (a background precompile may collect it: triton_common.launch)
+        go = launch
+    else:  # traced into Inductor's graph
+        def go(kernel, grid, *a, **kw):
+            wrap(kernel)[grid](*a, **kw)
+    if sm90_serves(q, k, v, out, block_m, key_block, full_tile, config=config, autotune=autotune):
+        (sm90_launch or launch_sparse_kernel_sm90)(q, k, v, out, c, ix, scale)
+        if has_dense:
+            _launch_copy_dense(go, use_dense, dense_out, out)
+        return out
     if config is None and interpreting():
         config = INTERPRET_CONFIG
     elif config is None and not (autotune_wanted() if autotune is None else autotune):
@@ -559,11 +575,6 @@ def launch_sparse_kernel(
         *c.stride(), *ix.stride()[:3], *fc.stride(), *fx.stride()[:3],
         H, H // H_kv, S_q, S_kv, bucket, n_full, n_qb,
     )
-    if wrap is None:  # a direct launch (a background precompile may collect it: triton_common.launch)
-        go = launch
-    else:  # traced into Inductor's graph
-        def go(kernel, grid, *a, **kw):
-            wrap(kernel)[grid](*a, **kw)
     if config is None:
         go(_fg_sparse_fwd_tuned, grid, *args, **meta, SPLITS=1)  # every constexpr passed (Inductor needs them)
     else:
@@ -586,13 +597,40 @@ def launch_sparse_kernel(
             SPLITS=splits, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BLOCK_M=block_m, ROWS=rows, num_warps=4,
         )
     if has_dense:
-        copy_m = 64
-        go(
-            _copy_dense, (triton.cdiv(S_q, copy_m), B * H),
-            use_dense, dense_out, out, *dense_out.stride(), *out.stride(), H, S_q,
-            HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BLOCK_M=copy_m, num_warps=4,
-        )
+        _launch_copy_dense(go, use_dense, dense_out, out)
     return out
+
+
+def _launch_copy_dense(go, use_dense: torch.Tensor, dense_out: torch.Tensor, out: torch.Tensor) -> None:
+    """``_copy_dense`` over ``out`` (B, H, S_q, D) through the launcher ``go``."""
+    B, H, S_q, D = out.shape
+    copy_m = 64
+    go(
+        _copy_dense, (triton.cdiv(S_q, copy_m), B * H),
+        use_dense, dense_out, out, *dense_out.stride(), *out.stride(), H, S_q,
+        HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BLOCK_M=copy_m, num_warps=4,
+    )
+
+
+def sm90_serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, block_m: int, key_block: int,
+                full_tile: int, *, config: Optional[dict] = None, autotune: Optional[bool] = None) -> bool:
+    """Whether :func:`launch_sparse_kernel` runs this launch on the Gluon sm_90 kernel
+    (``gluon_sparse_sm90``, warp-specialised): no ``config`` given, no autotuning, not the
+    interpreter, ``sm90_kernel_wanted()`` and ``sm90_supported`` (a Hopper GPU, fp16/bf16, head dim
+    64 or 128, static sizes, 128-row blocks, single keys, no full tiles)."""
+    return (
+        config is None
+        and not interpreting()
+        and not (autotune_wanted() if autotune is None else autotune)
+        and sm90_kernel_wanted()
+        and sm90_supported(q, k, v, out, block_m, key_block, full_tile)
+    )
+
+
+def sm90_kernel_wanted() -> bool:
+    """Whether launches the Gluon sm_90 kernel can serve take it (default); ``FGCOMPILE_SM90_KERNEL=0``
+    keeps the Triton kernel (comparisons, and an escape hatch)."""
+    return os.environ.get("FGCOMPILE_SM90_KERNEL", "1") != "0"
 
 
 def sparse_attention_triton(

@@ -130,6 +130,7 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patche
     import os
 
     from .. import runtime
+    from ..kernels.triton_sparse import sm90_serves
     from . import early_compile, torch_private, warmup
 
     lowering_on = os.environ.get("FGCOMPILE_LOWERING", "1") != "0"
@@ -177,7 +178,9 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patche
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         lowered += 1
-        if not autotune:  # Inductor's source for the kernel, compiled from now on (early_compile)
+        # the Gluon sm_90 kernel, where it serves the site, runs as an opaque op (no Inductor source)
+        gluon = sm90_serves(qv, kv, vv, _ops.sparse_out(qv, like_q), bm, bn, ft, autotune=bool(autotune))
+        if not autotune and not gluon:  # Inductor's source for the kernel, compiled from now on (early_compile)
             fakes = [_val(n) for n in (q, k, v, counts, indices, full_counts, full_tiles)]
             args = (*fakes, float(scale), bm, bn, ft, False, _val(dense_out), _val(use_dense), like_q)
             launch = lambda wrap, a=args: _ops.launch_sparse_op(*a, wrap)  # noqa: E731
@@ -189,8 +192,8 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patche
             with torch_private.timed("fgcompile.schedule_precompile"):
                 warmup.schedule(template.name, cfg, qv, kv, vv, _val(kp), float(scale), cols, lowered=True)
         log.info(
-            "fgcompile: site %s lowered for CUDA: site_plan + sparse_attention (Triton, block_m=%d, block_n=%d, full_tile=%d)",
-            template.name, bm, bn, ft,
+            "fgcompile: site %s lowered for CUDA: site_plan + sparse_attention (%s, block_m=%d, block_n=%d, full_tile=%d)",
+            template.name, "Gluon sm_90" if gluon else "Triton", bm, bn, ft,
         )
     if lowered:
         graph.lint()

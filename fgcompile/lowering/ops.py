@@ -225,8 +225,37 @@ def launch_sparse_op(q, k, v, counts, indices, full_counts, full_tiles, scale: f
     return launch_sparse_kernel(
         q, k, v, sparse_out(q, out_like_q), counts, indices, full_counts, full_tiles,
         scale, block_m, block_n, full_tile, autotune=autotune, wrap=wrap,
-        dense_out=dense_out, use_dense=use_dense,
+        dense_out=dense_out, use_dense=use_dense, sm90_launch=sparse_attention_sm90_op(),
     )
+
+
+_SM90_OP = None
+
+
+def sparse_attention_sm90_op():
+    """``torch.ops.fgcompile.sparse_attention_sm90`` (q, k, v, out, counts, indices, scale) -> None,
+    registered on first use: the Gluon sm_90 kernel (``kernels.gluon_sparse_sm90``) writing
+    ``out`` in place, as an opaque custom op. ``launch_sparse_kernel`` calls it inside the
+    ``sparse_attention`` triton_op for the launches that kernel serves: Inductor traces a triton_op's
+    ``wrap_triton`` launches into its program, but not a Gluon launch, so this one stays a call
+    (its output is still an Inductor buffer, written in place)."""
+    global _SM90_OP
+    if _SM90_OP is not None:
+        return _SM90_OP
+
+    @torch.library.custom_op("fgcompile::sparse_attention_sm90", mutates_args=("out",), device_types="cuda")
+    def sparse_attention_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                              counts: torch.Tensor, indices: torch.Tensor, scale: float) -> None:
+        from ..kernels.gluon_sparse_sm90 import launch_sparse_kernel_sm90
+
+        launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale)
+
+    @sparse_attention_sm90.register_fake
+    def _(q, k, v, out, counts, indices, scale):
+        return None
+
+    _SM90_OP = torch.ops.fgcompile.sparse_attention_sm90.default
+    return _SM90_OP
 
 
 _SPARSE_OP = None
