@@ -148,14 +148,15 @@ def test_fake_cuda_site_is_lowered(heads, kv_heads, block_n, density):
     assert tuple(dense_out.shape) == (2, heads, 256, 64) and dense_out.device.type == "cuda"
     assert use_dense.shape == () and use_dense.dtype == torch.bool
     sp = next(n for n in gm.graph.nodes if n.target is sparse_op)
-    assert sp.args[-4] is False  # no autotuning outside mode="max-autotune": one heuristic config
+    assert sp.args[-5] is False  # no autotuning outside mode="max-autotune": one heuristic config
+    assert sp.args[-1] is False  # the Triton kernel: no GPU here (the Gluon sm_90 kernel needs one)
     parts = tuple(n for n in gm.graph.nodes if n.op == "call_function" and n.args and n.args[0] is plan)
     # the lists, then dense_out and use_dense: the kernel's epilogue selects (no torch.where)
-    assert sp.args[3:7] == parts[:4] and sp.args[-3:-1] == parts[4:6]
-    assert [a.args[1] for a in sp.args[-3:-1]] == [4, 5]
+    assert sp.args[3:7] == parts[:4] and sp.args[-4:-2] == parts[4:6]
+    assert [a.args[1] for a in sp.args[-4:-2]] == [4, 5]
     # an SDPA site's output has q's layout, as eager cuDNN SDPA's: a permuted (B, S, H, D) q gives
     # a permuted output (no copy before the output projection)
-    assert sp.args[-1] is True
+    assert sp.args[-2] is True
     qv, ov = sp.args[0].meta["example_value"], sp.meta["example_value"]
     assert ov.stride() == qv.stride() and (heads == 1 or not qv.is_contiguous())
     out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0][0].meta["example_value"]
@@ -184,7 +185,7 @@ def test_fake_cuda_hand_written_site_keeps_a_contiguous_output():
     assert [s.pattern for s in r.sites] == ["matmul_softmax"] and r.lowered == 1
     sp = next(n for n in gm.graph.nodes if n.target is lops.sparse_attention_op())
     assert not sp.args[0].meta["example_value"].is_contiguous()  # q: a permuted view
-    assert sp.args[-1] is False and sp.meta["example_value"].is_contiguous()
+    assert sp.args[-2] is False and sp.meta["example_value"].is_contiguous()
 
 
 def test_fake_cuda_reference_impl_stays_opaque():
@@ -368,7 +369,7 @@ def test_autotune_decision_is_part_of_the_graph(monkeypatch):
     with torch.no_grad():
         transform(gm, fakes, FGAttnConfig(min_seq_len=64, block_m=64), autotune=True)
     sp = next(n for n in gm.graph.nodes if n.target is lops.sparse_attention_op())
-    assert sp.args[-4] is True
+    assert sp.args[-5] is True
 
 
 _EXIT_SCRIPT = r"""

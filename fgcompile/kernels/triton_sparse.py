@@ -506,6 +506,7 @@ def launch_sparse_kernel(
     wrap=None,
     dense_out: Optional[torch.Tensor] = None,
     use_dense: Optional[torch.Tensor] = None,
+    sm90: Optional[bool] = None,
     sm90_launch=None,
 ) -> torch.Tensor:
     """THE launch of the sparse kernel, shared by the direct call (:func:`sparse_attention_triton`)
@@ -520,10 +521,12 @@ def launch_sparse_kernel(
     register cap per thread, and "OFFS_64", else
     :func:`needs_64bit_offsets`); None: the autotuner if
     ``autotune`` (None: ``autotune_wanted()``, the environment), else ``heuristic_config``.
-    A launch :func:`sm90_serves` accepts (no ``config`` or autotuning, a Hopper GPU, 128-row blocks,
-    single keys, no full tiles; ``FGCOMPILE_SM90_KERNEL=0`` turns it off) runs the warp-specialised
-    Gluon sm_90 kernel instead: through ``sm90_launch(q, k, v, out, counts, indices, scale)`` if
-    given (the lowering's opaque op: Inductor does not trace a Gluon launch), else directly."""
+    ``sm90`` None: a launch :func:`sm90_serves` accepts (no ``config`` or autotuning, a Hopper GPU,
+    128-row blocks, single keys, no full tiles; ``FGCOMPILE_SM90_KERNEL=0`` turns it off) runs the
+    warp-specialised Gluon sm_90 kernel instead; True / False: the caller chose (the lowered op: its
+    lowering pass asked ``sm90_serves``), True still only where ``sm90_supported``. The Gluon launch
+    goes through ``sm90_launch(q, k, v, out, counts, indices, scale)`` if given (the lowering's
+    opaque op: Inductor does not trace a Gluon launch), else directly."""
     B, H, S_q, D = q.shape
     H_kv, S_kv = k.shape[1], k.shape[2]
     upcast = interpreting() and q.dtype != torch.float32
@@ -550,7 +553,9 @@ def launch_sparse_kernel(
     else:  # traced into Inductor's graph
         def go(kernel, grid, *a, **kw):
             wrap(kernel)[grid](*a, **kw)
-    if sm90_serves(q, k, v, out, block_m, key_block, full_tile, config=config, autotune=autotune):
+    if sm90 is None:
+        sm90 = sm90_serves(q, k, v, out, block_m, key_block, full_tile, config=config, autotune=autotune)
+    if sm90 and sm90_supported(q, k, v, out, block_m, key_block, full_tile):
         (sm90_launch or launch_sparse_kernel_sm90)(q, k, v, out, c, ix, scale)
         if has_dense:
             _launch_copy_dense(go, use_dense, dense_out, out)

@@ -161,6 +161,9 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patche
         cap = index_cap_for(kv.shape[2], bn, cfg.density)
         # the output's layout: what eager gave the graph after the site (see ops.sparse_attention_op)
         like_q = getattr(template.info, "pattern", "sdpa") == "sdpa"
+        # the Gluon sm_90 kernel, where it serves the site: an opaque op inside the sparse op (no
+        # Inductor source to compile early); the choice is the op's last argument
+        gluon = sm90_serves(qv, kv, vv, _ops.sparse_out(qv, like_q), bm, bn, ft, autotune=bool(autotune))
         with graph.inserting_before(node):
             plan = _insert(graph, meta, fake_mode, torch.ops.fgcompile.site_plan.default,
                            (q, k, v, kp, float(scale), int(site), owner, bm, bn, ft, cap))
@@ -172,14 +175,12 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patche
             out = _insert(
                 graph, meta, fake_mode, sparse_op,
                 (q, k, v, counts, indices, full_counts, full_tiles, float(scale), bm, bn, s_kv, ft, bool(autotune),
-                 dense_out, use_dense, like_q),
+                 dense_out, use_dense, like_q, gluon),
                 value_fn=lambda q_, *rest: _ops.sparse_out(q_, like_q),
             )
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         lowered += 1
-        # the Gluon sm_90 kernel, where it serves the site, runs as an opaque op (no Inductor source)
-        gluon = sm90_serves(qv, kv, vv, _ops.sparse_out(qv, like_q), bm, bn, ft, autotune=bool(autotune))
         if not autotune and not gluon:  # Inductor's source for the kernel, compiled from now on (early_compile)
             fakes = [_val(n) for n in (q, k, v, counts, indices, full_counts, full_tiles)]
             args = (*fakes, float(scale), bm, bn, ft, False, _val(dense_out), _val(use_dense), like_q)
@@ -190,7 +191,7 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patche
         cols = cap or (-(-s_kv // bn) if isinstance(s_kv, int) else None)  # site_plan's index columns
         if cols is not None:
             with torch_private.timed("fgcompile.schedule_precompile"):
-                warmup.schedule(template.name, cfg, qv, kv, vv, _val(kp), float(scale), cols, lowered=True)
+                warmup.schedule(template.name, cfg, qv, kv, vv, _val(kp), float(scale), cols, lowered=not gluon)
         log.info(
             "fgcompile: site %s lowered for CUDA: site_plan + sparse_attention (%s, block_m=%d, block_n=%d, full_tile=%d)",
             template.name, "Gluon sm_90" if gluon else "Triton", bm, bn, ft,

@@ -216,16 +216,20 @@ def sparse_out(q: torch.Tensor, out_like_q: bool) -> torch.Tensor:
 
 
 def launch_sparse_op(q, k, v, counts, indices, full_counts, full_tiles, scale: float, block_m: int, block_n: int,
-                     full_tile: int, autotune: bool, dense_out, use_dense, out_like_q: bool, wrap) -> torch.Tensor:
+                     full_tile: int, autotune: bool, dense_out, use_dense, out_like_q: bool, wrap,
+                     sm90: bool = False) -> torch.Tensor:
     """The body of ``fgcompile::sparse_attention``: allocate the output (:func:`sparse_out`) and
     launch the kernel through ``wrap`` (``wrap_triton`` in the op; the early compile's recorder in
-    ``lowering.cuda``, which must see the very launch Inductor traces). Returns the output."""
+    ``lowering.cuda``, which must see the very launch Inductor traces). ``sm90``: the lowering pass
+    chose the Gluon sm_90 kernel (``triton_sparse.sm90_serves``), called through the opaque
+    ``fgcompile::sparse_attention_sm90``; an argument of the op, so that the choice is part of the
+    graph (and of Inductor's cache key), not of the environment at run time. Returns the output."""
     from ..kernels.triton_sparse import launch_sparse_kernel
 
     return launch_sparse_kernel(
         q, k, v, sparse_out(q, out_like_q), counts, indices, full_counts, full_tiles,
         scale, block_m, block_n, full_tile, autotune=autotune, wrap=wrap,
-        dense_out=dense_out, use_dense=use_dense, sm90_launch=sparse_attention_sm90_op(),
+        dense_out=dense_out, use_dense=use_dense, sm90=sm90, sm90_launch=sparse_attention_sm90_op() if sm90 else None,
     )
 
 
@@ -289,10 +293,11 @@ def sparse_attention_op():
         dense_out: Optional[torch.Tensor] = None,
         use_dense: Optional[torch.Tensor] = None,
         out_like_q: bool = True,
+        sm90: bool = False,
     ) -> torch.Tensor:
         return launch_sparse_op(
             q, k, v, counts, indices, full_counts, full_tiles, scale, block_m, block_n, full_tile,
-            autotune, dense_out, use_dense, out_like_q, wrap_triton,
+            autotune, dense_out, use_dense, out_like_q, wrap_triton, sm90,
         )
 
     _SPARSE_OP = torch.ops.fgcompile.sparse_attention.default

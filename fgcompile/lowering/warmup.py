@@ -123,8 +123,9 @@ def _nbytes(spec: tuple) -> int:
 
 def _step(name: str, config: Any, specs: tuple, scale: float, index_cap: Optional[int], lowered: bool) -> list:
     """One throwaway schedule step of a fresh site state: the profiled (or pooled) call, the
-    packing of its mask, and, for a site left opaque or served by the Gluon sm_90 kernel (which
-    Inductor does not compile: the lowered graph calls it), the sparse kernel on that packing. Runs with
+    packing of its mask, and, unless ``lowered`` (Inductor compiles the site's sparse kernel: a
+    lowered site on the Triton kernel), the sparse kernel on that packing (an opaque site, or a
+    lowered one on the Gluon sm_90 kernel, which the lowered graph calls as is). Runs with
     ``collect_compiles``: the kernels launched through ``triton_common.launch`` are not launched
     but returned as compile thunks (for the pool's thread or threads to run); the others compile
     and run here, on the scratch tensors."""
@@ -143,16 +144,10 @@ def _step(name: str, config: Any, specs: tuple, scale: float, index_cap: Optiona
             raise RuntimeError(site.fallback)
         if packed is None and site._profiled_bits is not None:  # a profiled call: pack its new mask
             packed = site.packed(site._profiled_bits, k, index_cap)
-        if packed is not None and (not lowered or _gluon_serves(q, k, v, packed)):
-            site.run_sparse(q, k, v, kp, scale, packed)  # a lowered site runs a Gluon kernel as an opaque op
+        if packed is not None and not lowered:
+            site.run_sparse(q, k, v, kp, scale, packed)
         del q, k, v, kp, out, packed, site  # freed in stream order: the memory is reusable at once
     return [(dev, t) for t in thunks]
-
-
-def _gluon_serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Any) -> bool:
-    from ..kernels.triton_sparse import sm90_serves
-
-    return sm90_serves(q, k, v, q, packed.block_m, packed.block_n, packed.full_tile)
 
 
 def _on(dev: torch.device) -> Any:
@@ -330,7 +325,7 @@ def schedule(
 ) -> bool:
     """Start compiling the schedule-step kernels of a site in the background (q, k, v,
     key_padding: the node's fake tensors; ``index_cap``: the graph's index columns, None for an
-    opaque site). Returns whether a job was started (False: disabled, symbolic or non-CUDA shapes,
+    opaque site; ``lowered``: as in ``_step``). Returns whether a job was started (False: disabled, symbolic or non-CUDA shapes,
     not enough free memory, or the same shapes and config already scheduled)."""
     global _POOL
     if not enabled():
