@@ -1,12 +1,24 @@
-"""An experimental Hopper (sm_90) sparse attention kernel in Gluon: NOT used by compiled models.
+"""The Hopper (sm_90) sparse attention kernel in Gluon: what compiled models run on an H100/H200.
 
-Status (benchmarks/NOTES.md, session 15; ``benchmarks/sm90_probe.py``): its earlier form (commit
-ee11282: one K and one V tile per copy group, one tile of copies in flight) was correct against
-float64 on every shape tried and 5% slower than the shipped Triton kernel (``triton_sparse``) at
-Wan 480p on the H100. This form (the V copies trail the K copies by one tile: two tiles in flight)
-compiles for sm_90 but has NOT run on a GPU yet: run ``bash benchmarks/h100_session.sh J`` (its
-GPU test and the probe) first. Kept as the base of the warp-specialised (FA3 ping-pong) version
-that issue 7 needs. Callers reach it only through ``launch_sparse_kernel_sm90``.
+``triton_sparse.launch_sparse_kernel`` sends a launch here where ``triton_sparse.sm90_serves``
+accepts it (a Hopper GPU, fp16/bf16, head dim 64 or 128, static sizes, 128-row query blocks,
+single-key slices, no full tiles, no autotuning; ``FGCOMPILE_SM90_KERNEL=0`` keeps the Triton
+kernel); the lowered graph calls it through the opaque op ``fgcompile::sparse_attention_sm90``.
+Two forms (``launch_sparse_kernel_sm90(form=...)``), both checked against float64 by
+``benchmarks/sm90_probe.py`` and ``tests/test_kernels_gpu.py``:
+
+- ``"ws"`` (default): warp-specialised, FlashAttention-3's ping-pong (arXiv 2407.08608, 3.1). A
+  producer warpgroup gathers the kept keys' K and V rows with ``cp.async`` into STAGES buffers each
+  and signals them full on mbarriers (``cp.async.mbarrier.arrive.noinc``: each producer thread
+  arrives when its own copies have landed); two consumer warpgroups take 64 of the block's 128
+  query rows each, wait on the full barriers and release each buffer on its empty barrier (one
+  arrival per warpgroup). The consumers take turns issuing their wgmmas (a ``turn`` mbarrier per
+  warpgroup), so one warpgroup's softmax runs while the other's wgmmas do, and each keeps the
+  intra-warpgroup overlap below. Registers per thread: producer 40, consumers 232 (setmaxnreg).
+  Wan 480p on the H100 (session 16): 6.97 ms at density 0.6 and 3.60 ms at 0.3 against the
+  Triton kernel's 8.00-8.05 / 4.13-4.21 in the same run (cuDNN dense 11.36 ms).
+- ``"overlap"``: 8 warps that issue their own copies (CTA barrier per tile), with the
+  intra-warpgroup overlap only: 8.88-9.23 ms at 0.6, slower than Triton; kept for comparison.
 
 Same contract as ``triton_sparse._fg_sparse_fwd`` for the case compiled models use most: one
 program per (query block i of BLOCK_M = 128 rows, batch b * head h), the query block fastest, that
@@ -14,10 +26,12 @@ walks the kept keys ``PackedSlices`` lists for (b, h, i) (``block_n == 1``, no f
 of BLOCK_N keys and gathers their K and V rows with ``cp.async`` into 128-byte-swizzled
 shared-memory tiles (NVMMASharedLayout), the packed tiles the tensor cores read.
 
-Why a second kernel: Triton 3.6/3.7 waits for every ``q k^T`` wgmma right after issuing it, so
-the softmax of a tile never overlaps tensor-core work (benchmarks/NOTES.md, sessions 11 and 13).
-Gluon exposes the asynchronous ``warpgroup_mma`` and its wait counts, so this kernel schedules
-the loop as FlashAttention-3's intra-warpgroup overlap (arXiv 2407.08608, algorithm 2):
+Why Gluon: Triton 3.6/3.7 waits for every ``q k^T`` wgmma right after issuing it, so the softmax
+of a tile never overlaps tensor-core work (benchmarks/NOTES.md, sessions 11 and 13), and its
+warp specialisation does not apply to this loop. Gluon exposes the asynchronous ``warpgroup_mma``
+and its wait counts, mbarriers and warp partitions. Each consumer (and the overlap form's loop)
+schedules its tiles as FlashAttention-3's intra-warpgroup overlap (algorithm 2); the overlap
+form's loop (the ws consumers wait on mbarriers instead of the copy groups and the barrier):
 
     for t in 1 .. n_tiles - 1:                       # P_{t-1}: the previous tile's weights
         wait for K_t and V_{t-1}; fence; barrier
@@ -27,20 +41,21 @@ the loop as FlashAttention-3's intra-warpgroup overlap (arXiv 2407.08608, algori
         wait for S_t only; softmax(S_t) -> P_t     # overlaps the P V wgmma
         wait for O; O *= 2^(m_old - m_new)
 
-K and V have STAGES buffers each, and the V copies trail the K copies by one tile (V_{t-1} is read
-one iteration after K_{t-1}), so STAGES - 1 tiles of each are in flight. Slots of the last tile
+In the overlap form K and V have STAGES buffers each, and the V copies trail the K copies by one
+tile (V_{t-1} is read one iteration after K_{t-1}), so STAGES - 1 tiles of each are in flight. Slots of the last tile
 past the list are zero-filled by the copy (``cp.async`` with a false predicate reads nothing) and
 their scores masked to -inf in that tile only. A query block with nothing kept writes zeros. The
 index tile of the next K copy is loaded one iteration ahead into registers. The CTA-wide barrier
 of every iteration keeps the two warpgroups in lockstep: their softmaxes cannot overlap each
-other's wgmmas (FA3's ping-pong needs mbarrier-synchronised producer warps instead).
+other's wgmmas, which is what the ws form's producer warps and mbarriers remove.
 
 Layouts: q/k/v/out (B, H, S, D) with any strides whose last is 1 and rows 16-byte aligned;
 D in (64, 128); fp16 or bf16; GQA through ``GROUP`` (kv head = h // GROUP); ``COUNTS`` (B, H,
 nQB) and ``IDX`` (B, H, nQB, cap) int32, as ``fgcompile.kernels.packing.PackedSlices`` holds
 them. Accumulation in fp32, softmax in base 2 with log2(e) folded into ``qk_scale``.
 ``sm90_supported`` says whether a launch fits these limits. Gluon is Triton's experimental layer:
-its import is feature-detected here (its API differs between triton 3.6 and 3.7: ``_cta_barrier``).
+its import is feature-detected here (its API differs between triton 3.6 and 3.7: ``_cta_barrier``);
+the ws form compiles with both.
 """
 
 from __future__ import annotations
