@@ -37,7 +37,7 @@ def e2e_table(path: Path) -> str:
     d = json.loads(path.read_text())
     lines = [
         f"End to end, {d['config']} transformer forward, {d['device']}, torch {d['torch']}, triton {d['triton']}, "
-        f"{d['compile']} (`python benchmarks/e2e_wan.py`, {path.name}):",
+        f"{d['compile']}, sparse kernel: {d.get('sparse_kernel', 'triton')} (`python benchmarks/e2e_wan.py`, {path.name}):",
         "",
         "| size | batch | setting | density | default compile ms | fgattn ms | speedup | limit speedup | model memory ratio | mask storage | masks on GPU, GB | lists in host memory, GB | process memory ratio |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
