@@ -7,8 +7,8 @@ kernel and the dense baselines of the same run (GPU only, Hopper).
 2. Speed: Wan 480p self-attention (B=1, H=12, S=32,760, D=128, bf16) on density-budget masks
    (each query block keeps the same number of random keys) at 0.6 and 0.3: the Gluon kernel, the
    shipped Triton kernel, SDPA cuDNN, SDPA flash, FlexAttention on a BlockMask of
-   equal density (128 x 128 blocks), each a do_bench median, warm. Both forms of the Gluon kernel:
-   "ws" (warp-specialised ping-pong; 3 and 2 stages) and "overlap" (3 stages). The shipped kernel is timed
+   equal density (128 x 128 blocks), each a do_bench median, warm; the Gluon kernel with 3 (its
+   default) and 2 stages. The shipped kernel is timed
    twice (first and last) to show the run's drift.
 
     python benchmarks/sm90_probe.py [--out benchmarks/results/sm90_probe_<device>.json] [--skip-speed] [--no-flex]
@@ -66,8 +66,7 @@ def make(B, H, S, D, dtype, layout, gen):
 def correctness(res):
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows = []
-    for (name, B, H, H_kv, S_q, S_kv, D, dtype, dens, layout, empty), form in (
-            [(c, "overlap") for c in CASES] + [(c, "ws") for c in CASES]):
+    for name, B, H, H_kv, S_q, S_kv, D, dtype, dens, layout, empty in CASES:
         q = make(B, H, S_q, D, dtype, layout, gen)
         k = make(B, H_kv, S_kv, D, dtype, layout, gen)
         v = make(B, H_kv, S_kv, D, dtype, layout, gen)
@@ -77,9 +76,9 @@ def correctness(res):
         out = torch.full((B, H, S_q, D), float("nan"), device="cuda", dtype=dtype)
         if layout == "bshd":
             out = out.transpose(1, 2).contiguous().transpose(1, 2)
-        row = {"case": name, "form": form, "supported": sm90_supported(q, k, v, out, BM, 1, 0)}
+        row = {"case": name, "supported": sm90_supported(q, k, v, out, BM, 1, 0)}
         try:
-            launch_sparse_kernel_sm90(q, k, v, out, packed.counts, packed.indices, scale, form=form)
+            launch_sparse_kernel_sm90(q, k, v, out, packed.counts, packed.indices, scale)
             torch.cuda.synchronize()
             ref = reference.sparse_attention_reference(q.double(), k.double(), v.double(), keep, BM, 1, scale)
             tri = sparse_attention_triton(q, k, v, packed, scale, config=SHIPPED)
@@ -94,10 +93,7 @@ def correctness(res):
         rows.append(row)
         print(row, flush=True)
     res["correctness"] = rows
-    ok = {f: all(r.get("nan") is False and r.get("rel_err_vs_fp64", 1) < 1e-2 for r in rows if r["form"] == f)
-          for f in ("overlap", "ws")}
-    res["correct_by_form"] = ok
-    res["correct"] = all(ok.values())
+    res["correct"] = all(r.get("nan") is False and r.get("rel_err_vs_fp64", 1) < 1e-2 for r in rows)
 
 
 def speed(res, flex=True):
@@ -121,9 +117,8 @@ def speed(res, flex=True):
                                                    keep[:, hs], BM, 1, scale)
         variants = [
             ("triton_shipped", lambda o: sparse_attention_triton(q, k, v, packed, scale, config=SHIPPED, out=o)),
-            ("gluon_ws_s3", lambda o: launch_sparse_kernel_sm90(q, k, v, o, packed.counts, packed.indices, scale, stages=3, form="ws")),
-            ("gluon_ws_s2", lambda o: launch_sparse_kernel_sm90(q, k, v, o, packed.counts, packed.indices, scale, stages=2, form="ws")),
-            ("gluon_overlap_s3", lambda o: launch_sparse_kernel_sm90(q, k, v, o, packed.counts, packed.indices, scale, stages=3)),
+            ("gluon_ws_s3", lambda o: launch_sparse_kernel_sm90(q, k, v, o, packed.counts, packed.indices, scale, stages=3)),
+            ("gluon_ws_s2", lambda o: launch_sparse_kernel_sm90(q, k, v, o, packed.counts, packed.indices, scale, stages=2)),
             ("triton_shipped_again", lambda o: sparse_attention_triton(q, k, v, packed, scale, config=SHIPPED, out=o)),
         ]
         for name, fn in variants:
@@ -169,18 +164,17 @@ def main():
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--no-flex", action="store_true", help="leave FlexAttention out (its compile takes ~1 min)")
     ap.add_argument("--smoke", action="store_true",
-                    help="one small launch of each form and exit (run under `timeout`: a hang is a deadlock)")
+                    help="one small launch and exit (run under `timeout`: a hang is a deadlock)")
     args = ap.parse_args()
     if args.smoke:
         q = torch.randn(1, 2, 700, 128, device="cuda", dtype=torch.bfloat16)
         keep = torch.rand(1, 2, 6, 700, device="cuda") < 0.5
         packed = pack_slices(keep, block_m=BM, seq_len_kv=700, full_tile=0)
         ref = reference.sparse_attention_reference(q.double(), q.double(), q.double(), keep, BM, 1, 128 ** -0.5)
-        for form in ("overlap", "ws"):
-            out = torch.full_like(q, float("nan"))
-            launch_sparse_kernel_sm90(q, q, q, out, packed.counts, packed.indices, 128 ** -0.5, form=form)
-            torch.cuda.synchronize()
-            print("smoke", form, float((out.double() - ref).norm() / ref.norm()), flush=True)
+        out = torch.full_like(q, float("nan"))
+        launch_sparse_kernel_sm90(q, q, q, out, packed.counts, packed.indices, 128 ** -0.5)
+        torch.cuda.synchronize()
+        print("smoke", float((out.double() - ref).norm() / ref.norm()), flush=True)
         return
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     correctness(res)

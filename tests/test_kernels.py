@@ -813,47 +813,38 @@ _GLUON_COMPILE_SCRIPT = r"""
 import json, re
 from fgcompile.kernels import gluon_sparse_sm90 as g
 out = []
-for form, d, stages, bn in (("overlap", 128, 3, 128), ("overlap", 64, 4, 128), ("overlap", 128, 5, 64),
-                            ("ws", 128, 3, 128), ("ws", 64, 4, 128), ("ws", 128, 2, 128)):
-    ck = g.compile_for_target_sm90(head_dim=d, stages=stages, block_n=bn, form=form)
+for d, stages in ((128, 3), (64, 4), (128, 2)):
+    ck = g.compile_for_target_sm90(head_dim=d, stages=stages)
     ptx = ck.asm["ptx"]
     out.append({
-        "form": form, "d": d, "stages": stages, "block_n": bn,
+        "d": d, "stages": stages,
         "cp_async_16": len(re.findall(r"cp\.async\.cg\.shared\.global[^\n]*0x10", ptx)),
         "cp_async_arrive": len(re.findall(r"cp\.async\.mbarrier\.arrive\.noinc", ptx)),
         "setmaxnreg": sorted({int(x) for x in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)}),
         "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
         "wgmma_waits": [int(x) for x in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)],
-        "ld_shared": len(re.findall(r"ld\.shared", ptx)),
         "shared": ck.metadata.shared,
     })
 print(json.dumps(out))
 """
 
 
-def test_gluon_sm90_kernel_compiles_with_overlapped_wgmma():
-    """Both forms of the Gluon sm_90 kernel build for sm_90 on a machine without a GPU, gather K/V
-    with 16-byte cp.async copies, and keep one wgmma group in flight (``wait_group 1``: the P V
-    product of the previous tile runs while the softmax of this one does); their buffers fit
-    Hopper's 227 KB of shared memory. The overlap form's layout conversions stay in registers (no
-    ld.shared); the warp-specialised form's producer signals its copies on mbarriers
-    (``cp.async.mbarrier.arrive.noinc``) and its partitions re-balance registers (setmaxnreg: the
-    producer's 40, the consumers' 232)."""
+def test_gluon_sm90_kernel_compiles_warp_specialised():
+    """The Gluon sm_90 kernel builds for sm_90 on a machine without a GPU: its producer gathers K/V
+    with 16-byte cp.async copies and signals them on mbarriers (``cp.async.mbarrier.arrive.noinc``),
+    its partitions re-balance registers (setmaxnreg: the producer's 40, the consumers' 232), each
+    consumer keeps one wgmma group in flight (``wait_group 1``: the P V product of the previous
+    tile runs while the softmax of this one does), and its buffers fit Hopper's 227 KB of shared
+    memory."""
     pytest.importorskip("triton.experimental.gluon")
     from fgcompile.kernels import gluon_sparse_sm90 as g
 
     for info in _compile_in_child(_GLUON_COMPILE_SCRIPT):
-        rows = info["block_n"] * info["d"] * 2 // 16  # 16-byte rows of one K or V tile
-        if info["form"] == "overlap":
-            # per thread (256): the prologue's STAGES - 1 K and STAGES - 2 V tiles, then one K and
-            # one V tile in tile 0's phase and in the loop
-            assert info["cp_async_16"] == rows // 256 * (2 * info["stages"] + 1), info
-            assert info["ld_shared"] == 0, info
-        else:
-            # per producer thread: one K and one V tile in the producer's loop; one arrive after each
-            assert info["cp_async_16"] == 2 * rows // (32 * g.WS_PRODUCER_WARPS), info
-            assert info["cp_async_arrive"] == 2, info
-            assert {g.WS_PRODUCER_REGS, g.WS_CONSUMER_REGS} <= set(info["setmaxnreg"]), info
+        rows = g.BLOCK_N * info["d"] * 2 // 16  # 16-byte rows of one K or V tile
+        # per producer thread: one K and one V tile in the producer's loop; one arrive after each
+        assert info["cp_async_16"] == 2 * rows // (32 * g.WS_PRODUCER_WARPS), info
+        assert info["cp_async_arrive"] == 2, info
+        assert {g.WS_PRODUCER_REGS, g.WS_CONSUMER_REGS} <= set(info["setmaxnreg"]), info
         assert info["wgmma"] > 0 and 1 in info["wgmma_waits"], info
         assert info["shared"] <= 227 * 1024, info
 

@@ -4,21 +4,10 @@
 accepts it (a Hopper GPU, fp16/bf16, head dim 64 or 128, static sizes, 128-row query blocks,
 single-key slices, no full tiles, no autotuning; ``FGCOMPILE_SM90_KERNEL=0`` keeps the Triton
 kernel); the lowered graph calls it through the opaque op ``fgcompile::sparse_attention_sm90``.
-Two forms (``launch_sparse_kernel_sm90(form=...)``), both checked against float64 by
-``benchmarks/sm90_probe.py`` and ``tests/test_kernels_gpu.py``:
-
-- ``"ws"`` (default): warp-specialised, FlashAttention-3's ping-pong (arXiv 2407.08608, 3.1). A
-  producer warpgroup gathers the kept keys' K and V rows with ``cp.async`` into STAGES buffers each
-  and signals them full on mbarriers (``cp.async.mbarrier.arrive.noinc``: each producer thread
-  arrives when its own copies have landed); two consumer warpgroups take 64 of the block's 128
-  query rows each, wait on the full barriers and release each buffer on its empty barrier (one
-  arrival per warpgroup). The consumers take turns issuing their wgmmas (a ``turn`` mbarrier per
-  warpgroup), so one warpgroup's softmax runs while the other's wgmmas do, and each keeps the
-  intra-warpgroup overlap below. Registers per thread: producer 40, consumers 232 (setmaxnreg).
-  Wan 480p on the H100 (session 16): 6.97 ms at density 0.6 and 3.60 ms at 0.3 against the
-  Triton kernel's 8.00-8.05 / 4.13-4.21 in the same run (cuDNN dense 11.36 ms).
-- ``"overlap"``: 8 warps that issue their own copies (CTA barrier per tile), with the
-  intra-warpgroup overlap only: 8.88-9.23 ms at 0.6, slower than Triton; kept for comparison.
+Checked against float64 by ``benchmarks/sm90_probe.py`` and ``tests/test_kernels_gpu.py``. Wan
+480p on the H100 (session 16, ``results/session16/sm90_probe_h100_call2.json``): 6.97 ms at
+density 0.6 and 3.60 ms at 0.3 against the Triton kernel's 8.00-8.05 / 4.13-4.21 in the same run
+(cuDNN dense 11.36 ms).
 
 Same contract as ``triton_sparse._fg_sparse_fwd`` for the case compiled models use most: one
 program per (query block i of BLOCK_M = 128 rows, batch b * head h), the query block fastest, that
@@ -29,33 +18,40 @@ shared-memory tiles (NVMMASharedLayout), the packed tiles the tensor cores read.
 Why Gluon: Triton 3.6/3.7 waits for every ``q k^T`` wgmma right after issuing it, so the softmax
 of a tile never overlaps tensor-core work (benchmarks/NOTES.md, sessions 11 and 13), and its
 warp specialisation does not apply to this loop. Gluon exposes the asynchronous ``warpgroup_mma``
-and its wait counts, mbarriers and warp partitions. Each consumer (and the overlap form's loop)
-schedules its tiles as FlashAttention-3's intra-warpgroup overlap (algorithm 2); the overlap
-form's loop (the ws consumers wait on mbarriers instead of the copy groups and the barrier):
+and its wait counts, mbarriers and warp partitions, so the program is FlashAttention-3's
+warp-specialised ping-pong (arXiv 2407.08608, 3.1-3.2), in three partitions of 4 warps:
 
-    for t in 1 .. n_tiles - 1:                       # P_{t-1}: the previous tile's weights
-        wait for K_t and V_{t-1}; fence; barrier
-        S_t = Q K_t^T                  (async)
-        O  += P_{t-1} V_{t-1}          (async)
-        copy K_{t+STAGES-1}, V_{t+STAGES-2}          # into buffers neither wgmma reads
-        wait for S_t only; softmax(S_t) -> P_t     # overlaps the P V wgmma
-        wait for O; O *= 2^(m_old - m_new)
+- a producer warpgroup (``_ws_producer``, 40 registers per thread) that, for each tile t, waits
+  until buffer t % STAGES is empty, gathers the tile's K rows and then its V rows into it with
+  ``cp.async`` and arrives on its full mbarrier with ``cp.async.mbarrier.arrive.noinc`` (each
+  producer thread arrives once its own copies have landed). Slots past the list are zero-filled
+  (a false predicate reads nothing);
+- two consumer warpgroups (``_ws_consumer``, 232 registers), 64 of the block's 128 query rows
+  each, with the intra-warpgroup overlap (algorithm 2):
 
-In the overlap form K and V have STAGES buffers each, and the V copies trail the K copies by one
-tile (V_{t-1} is read one iteration after K_{t-1}), so STAGES - 1 tiles of each are in flight. Slots of the last tile
-past the list are zero-filled by the copy (``cp.async`` with a false predicate reads nothing) and
-their scores masked to -inf in that tile only. A query block with nothing kept writes zeros. The
-index tile of the next K copy is loaded one iteration ahead into registers. The CTA-wide barrier
-of every iteration keeps the two warpgroups in lockstep: their softmaxes cannot overlap each
-other's wgmmas, which is what the ws form's producer warps and mbarriers remove.
+      for t in 1 .. n_tiles - 1:                # P_{t-1}: the previous tile's weights
+          wait K_t full, V_{t-1} full; fence; wait for my turn
+          S_t = Q K_t^T              (async)
+          O  += P_{t-1} V_{t-1}      (async)
+          the other warpgroup's turn
+          wait for S_t only; release K_t; softmax(S_t) -> P_t    # overlaps the P V wgmma
+          wait for O; release V_{t-1}; O *= 2^(m_old - m_new)
+
+  Each release is one arrival per warpgroup on the buffer's empty mbarrier (count 2). The turns
+  (one mbarrier per warpgroup) order the two warpgroups' wgmmas, so one's softmax runs while the
+  other's wgmmas do. The last tile's scores past the list are masked to -inf; a query block with
+  nothing kept writes zeros.
 
 Layouts: q/k/v/out (B, H, S, D) with any strides whose last is 1 and rows 16-byte aligned;
 D in (64, 128); fp16 or bf16; GQA through ``GROUP`` (kv head = h // GROUP); ``COUNTS`` (B, H,
 nQB) and ``IDX`` (B, H, nQB, cap) int32, as ``fgcompile.kernels.packing.PackedSlices`` holds
 them. Accumulation in fp32, softmax in base 2 with log2(e) folded into ``qk_scale``.
 ``sm90_supported`` says whether a launch fits these limits. Gluon is Triton's experimental layer:
-its import is feature-detected here (its API differs between triton 3.6 and 3.7: ``_cta_barrier``);
-the ws form compiles with both.
+its import is feature-detected here; the kernel compiles with triton 3.6 and 3.7.
+
+An earlier form without warp specialisation (8 warps issuing their own copies, a CTA barrier per
+tile, the intra-warpgroup overlap only) was 9-15% slower than the Triton kernel (sessions 15-16);
+it is in git history (commit 9d7df44).
 """
 
 from __future__ import annotations
@@ -68,24 +64,20 @@ try:  # Gluon (triton.experimental.gluon) is experimental: present in triton >= 
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait
-    # the CTA-wide barrier: ``thread_barrier`` in triton 3.6, ``barrier`` in 3.7
-    _cta_barrier = getattr(gl, "barrier", None) or getattr(gl, "thread_barrier")
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - older triton
     HAVE_GLUON = False
 
 BLOCK_M = 128
 BLOCK_N = 128
-NUM_WARPS = 8
 STAGES = 3
-#: the warp-specialised form: a producer warpgroup, two consumer warpgroups (the default partition
-#: is the first), registers per thread of each (setmaxnreg) under the kernel's ``maxnreg``:
-#: 4 warps x 3 warpgroups x WS_MAXNREG = the default's + CONSUMER_REGS + PRODUCER_REGS (x 128)
+#: a producer warpgroup and two consumer warpgroups (the default partition is the first); their
+#: registers per thread (setmaxnreg) under the kernel's ``maxnreg``: 3 warpgroups x WS_MAXNREG =
+#: the default partition's + WS_CONSUMER_REGS + WS_PRODUCER_REGS
 WS_PRODUCER_WARPS = 4
 WS_CONSUMER_REGS = 232
 WS_PRODUCER_REGS = 40
 WS_MAXNREG = 168
-FORMS = ("overlap", "ws")
 
 
 if HAVE_GLUON:
@@ -117,136 +109,6 @@ if HAVE_GLUON:
         alpha = gl.exp2(m_i - m_use)
         l_new = l_i * alpha + gl.sum(p, 1)
         return p, m_new, l_new, alpha
-
-    @gluon.jit
-    def _fg_sparse_fwd_sm90(
-        Q, K, V, O, COUNTS, IDX,
-        qk_scale,
-        stride_qb, stride_qh, stride_qs,
-        stride_kb, stride_kh, stride_ks,
-        stride_vb, stride_vh, stride_vs,
-        stride_ob, stride_oh, stride_os,
-        stride_cb, stride_ch, stride_cq,
-        stride_ib, stride_ih, stride_iq,
-        H, GROUP, S_Q, NQB,
-        HEAD_DIM: gl.constexpr,
-        BLOCK_M: gl.constexpr,
-        BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr,
-        num_warps: gl.constexpr,
-    ):
-        gl.static_assert(STAGES >= 2, "one K and one V buffer are read while the next tiles land")
-        dtype: gl.constexpr = Q.dtype.element_ty
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        # 16-byte vectors along D: HEAD_DIM // 8 threads per row
-        ld_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[256 // HEAD_DIM, HEAD_DIM // 8],
-                                                   warps_per_cta=[num_warps, 1], order=[1, 0])
-        tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-
-        pid = gl.program_id(0)
-        qb = pid % NQB
-        bh = pid // NQB
-        b = (bh // H).to(gl.int64)
-        h = (bh % H).to(gl.int64)
-        hk = h // GROUP
-
-        # Q tile -> shared memory (rows past S_Q read as zeros)
-        offs_m = qb * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
-        q_ptrs = Q + b * stride_qb + h * stride_qh + (offs_m.to(gl.int64) * stride_qs)[:, None] + offs_d[None, :]
-        q = gl.load(q_ptrs, mask=(offs_m < S_Q)[:, None], other=0.0)
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], tile_smem, q)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile_smem)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile_smem)
-
-        k_base = K + b * stride_kb + hk * stride_kh
-        v_base = V + b * stride_vb + hk * stride_vh
-        count = gl.load(COUNTS + b * stride_cb + h * stride_ch + qb * stride_cq)
-        i_base = IDX + b * stride_ib + h * stride_ih + qb * stride_iq
-        n_tiles = gl.maximum(gl.cdiv(count, BLOCK_N), 1)  # >= 1: an empty list runs one all-masked tile
-        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld_layout))
-        offs_c = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-
-        # Copy groups: P_j = {K_j, V_(j-1)} for j < STAGES - 1 (the prologue), then in iteration t
-        # (t = 0: tile 0's phase) G_t = {K_(t+STAGES-1), V_(t+STAGES-2)}: the V stream trails the K
-        # stream by one tile, as V_(t-1) is read one iteration after K_(t-1). Iteration t needs K_t
-        # and V_(t-1), both in the t-th group committed: STAGES - 2 groups may stay in flight, and
-        # every K/V buffer it writes was last read by a wgmma that both warpgroups have waited for
-        # (K_(t-1): iteration t-1's S; V_(t-2): iteration t-1's P V) before the barrier.
-        for j in gl.static_range(STAGES - 1):  # unrolled at compile time: kv_prev is set from j = 1 on
-            kv_j, ok_j = _tile_slots(i_base, j, count, offs_n)
-            _issue_rows(k_smem, j, k_base, kv_j, ok_j, offs_d, stride_ks)
-            if j > 0:
-                _issue_rows(v_smem, j - 1, v_base, kv_prev, ok_prev, offs_d, stride_vs)
-            async_copy.commit_group()
-            kv_prev, ok_prev = kv_j, ok_j
-        kv_v, ok_v = kv_prev, ok_prev  # tile STAGES - 2: the next V copy
-        kv_k, ok_k = _tile_slots(i_base, STAGES - 1, count, offs_n)  # tile STAGES - 1: the next K copy
-
-        # tile 0: S_0 and its weights
-        async_copy.wait_group(STAGES - 2)
-        fence_async_shared()
-        _cta_barrier()
-        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
-                          use_acc=False, is_async=True)
-        _issue_rows(k_smem, (STAGES - 1) % STAGES, k_base, kv_k, ok_k, offs_d, stride_ks)
-        _issue_rows(v_smem, (STAGES - 2) % STAGES, v_base, kv_v, ok_v, offs_d, stride_vs)
-        async_copy.commit_group()
-        kv_v, ok_v = kv_k, ok_k
-        kv_k, ok_k = _tile_slots(i_base, STAGES, count, offs_n)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, offs_c < count, n_tiles == 1)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-
-        for t in range(1, n_tiles):
-            async_copy.wait_group(STAGES - 2)  # K_t and V_(t-1) landed (this thread's copies) ...
-            fence_async_shared()
-            _cta_barrier()  # ... and every thread's; every warp is past iteration t-1's waits
-            s = warpgroup_mma(q_smem, k_smem.index(t % STAGES).permute((1, 0)),
-                              gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-            acc = warpgroup_mma(p_op, v_smem.index((t - 1) % STAGES), acc, is_async=True)
-            # the tensor cores have their work; now the copies, into buffers neither wgmma reads
-            _issue_rows(k_smem, (t + STAGES - 1) % STAGES, k_base, kv_k, ok_k, offs_d, stride_ks)
-            _issue_rows(v_smem, (t + STAGES - 2) % STAGES, v_base, kv_v, ok_v, offs_d, stride_vs)
-            async_copy.commit_group()
-            kv_v, ok_v = kv_k, ok_k
-            kv_k, ok_k = _tile_slots(i_base, t + STAGES, count, offs_n)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # S_t; the P V product still runs
-            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, t * BLOCK_N + offs_c < count, t == n_tiles - 1)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-
-        async_copy.wait_group(STAGES - 2)  # V_(n_tiles - 1)
-        fence_async_shared()
-        _cta_barrier()
-        acc = warpgroup_mma(p_op, v_smem.index((n_tiles - 1) % STAGES), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        async_copy.wait_group(0)
-
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        out = acc / gl.where(l_o > 0.0, l_o, 1.0)[:, None]  # nothing kept: acc == 0 -> zeros
-        rows = qb * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        o_ptrs = O + b * stride_ob + h * stride_oh + (rows.to(gl.int64) * stride_os)[:, None] + cols[None, :]
-        gl.store(o_ptrs, out.to(dtype), mask=(rows < S_Q)[:, None])
-
-
-    # ------------------------------------------------------------------ warp-specialised form
-    # One producer warpgroup gathers K and V rows with cp.async into STAGES buffers each and signals
-    # them full on mbarriers (``cp.async.mbarrier.arrive.noinc``: each producer thread arrives when its
-    # own copies have landed); two consumer warpgroups take 64 of the block's 128 query rows each,
-    # wait on the full barriers, and release each buffer on its empty barrier (one arrival per
-    # warpgroup). The consumers take turns issuing their wgmmas (FlashAttention-3's ping-pong: a
-    # ``turn`` mbarrier per warpgroup), so one warpgroup's softmax runs while the other's wgmmas do,
-    # and each keeps the intra-warpgroup overlap of the form above (S_t and P_(t-1) V_(t-1) in flight).
 
     @gluon.jit
     def _ws_producer(k_smem, v_smem, k_full, v_full, k_empty, v_empty, k_base, v_base, i_base, count,
@@ -437,64 +299,52 @@ def sm90_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
         return False
 
 
-def launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale: float, *, stages: int = STAGES,
-                              block_n: int = BLOCK_N, form: str = "ws"):
-    """Launch ``_fg_sparse_fwd_sm90``: q (B, H, S_q, D), k/v (B, H_kv, S_kv, D), out like q;
+def launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale: float, *, stages: int = STAGES):
+    """Launch ``_fg_sparse_fwd_sm90_ws``: q (B, H, S_q, D), k/v (B, H_kv, S_kv, D), out like q;
     counts (B, H, nQB), indices (B, H, nQB, cap) int32 (``PackedSlices``, block_m 128, block_n 1,
-    no full tiles); a launch ``sm90_supported`` rejects raises ValueError. ``stages`` (>= 2) K and
-    ``stages`` V buffers of ``block_n`` keys (64 or 128) each: 3 x 128 keys fill the shared memory at
-    D = 128 (``form`` "ws": 3 is best, session 16). ``form``: "ws" (warp-specialised: a producer
-    warpgroup, two consumer warpgroups in ping-pong; what compiled models run) or "overlap" (8 warps
-    issuing their own copies; slower, kept for comparison). Returns ``out``. No host sync. Launched
-    through ``triton_common.launch``: inside ``collect_compiles`` it only records a compile thunk."""
+    no full tiles); a launch ``sm90_supported`` rejects raises ValueError. ``stages``: K and V
+    buffers of BLOCK_N (128) keys each, 2 or more; 3 (the default, the fastest measured) fill the
+    shared memory at D = 128. Returns ``out``. No host sync. Launched through
+    ``triton_common.launch``: inside ``collect_compiles`` it only records a compile thunk."""
     from .triton_common import LOG2E, launch
 
-    if form not in FORMS:
-        raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
     if not sm90_supported(q, k, v, out, BLOCK_M, 1, 0):
         raise ValueError(
             "q, k, v, out: expected fp16/bf16 CUDA tensors of one dtype on an sm_90 GPU, head dim 64 or 128, "
             f"unit last strides and 16-byte aligned rows (sm90_supported), got {q.dtype} q of shape "
             f"{tuple(q.shape)} on {q.device}"
         )
+    if not isinstance(stages, int) or stages < 2:
+        raise ValueError(f"stages: expected an int >= 2 (K/V buffers), got {stages!r}")
     B, H, S_q, D = q.shape
     H_kv = k.shape[1]
     n_qb = triton.cdiv(S_q, BLOCK_M)
-    args = (q, k, v, out, counts, indices, float(scale) * LOG2E,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            *counts.stride(), *indices.stride()[:3], H, H // H_kv, S_q, n_qb)
-    grid = (n_qb * B * H,)
-    if form == "ws":
-        launch(_fg_sparse_fwd_sm90_ws, grid, *args, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages,
-                                     PRODUCER_WARPS=WS_PRODUCER_WARPS, CONSUMER_REGS=WS_CONSUMER_REGS,
-                                     PRODUCER_REGS=WS_PRODUCER_REGS, num_warps=4, maxnreg=WS_MAXNREG)
-    else:
-        launch(_fg_sparse_fwd_sm90, grid, *args, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages,
-               num_warps=NUM_WARPS)
+    launch(
+        _fg_sparse_fwd_sm90_ws, (n_qb * B * H,),
+        q, k, v, out, counts, indices, float(scale) * LOG2E,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *counts.stride(), *indices.stride()[:3], H, H // H_kv, S_q, n_qb,
+        **_meta(D, stages), num_warps=4, maxnreg=WS_MAXNREG,
+    )
     return out
 
 
-def compile_for_target_sm90(head_dim: int = 128, dtype: str = "bf16", stages: int = STAGES, block_n: int = BLOCK_N,
-                            form: str = "ws"):
-    """Compile the kernel (``form`` as in ``launch_sparse_kernel_sm90``) for sm_90 with no GPU
-    (Triton's compiled kernel: ``.asm`` has ttgir, ptx, cubin); the CPU tests check it builds and
-    holds cp.async and wgmma."""
+def _meta(head_dim: int, stages: int) -> dict:
+    """The kernel's constexprs besides ``num_warps``."""
+    return dict(HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages, PRODUCER_WARPS=WS_PRODUCER_WARPS,
+                CONSUMER_REGS=WS_CONSUMER_REGS, PRODUCER_REGS=WS_PRODUCER_REGS)
+
+
+def compile_for_target_sm90(head_dim: int = 128, dtype: str = "bf16", stages: int = STAGES):
+    """Compile the kernel for sm_90 with no GPU (Triton's compiled kernel: ``.asm`` has ttgir, ptx,
+    cubin); the CPU tests check it builds and holds cp.async, mbarriers and wgmma."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from .triton_common import aot_signature
 
+    fn = _fg_sparse_fwd_sm90_ws
     ptrs = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "COUNTS": "*i32", "IDX": "*i32"}
-    consts = {"HEAD_DIM": head_dim, "BLOCK_M": BLOCK_M, "BLOCK_N": block_n, "STAGES": stages}
-    if form == "ws":
-        fn = _fg_sparse_fwd_sm90_ws
-        consts.update(PRODUCER_WARPS=WS_PRODUCER_WARPS, CONSUMER_REGS=WS_CONSUMER_REGS,
-                      PRODUCER_REGS=WS_PRODUCER_REGS, num_warps=4)
-        options = {"num_warps": 4, "maxnreg": WS_MAXNREG}
-    else:
-        fn = _fg_sparse_fwd_sm90
-        consts["num_warps"] = NUM_WARPS
-        options = {"num_warps": NUM_WARPS}
-    sig, consts, attrs = aot_signature(fn.arg_names, ptrs, consts)
+    sig, consts, attrs = aot_signature(fn.arg_names, ptrs, {**_meta(head_dim, stages), "num_warps": 4})
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": WS_MAXNREG})
