@@ -861,3 +861,33 @@ def test_gluon_sm90_launch_rejects_what_it_cannot_serve():
     assert not sm90_supported(q, q, q, q, 128, 1, 0)
     with pytest.raises(ValueError, match="q, k, v, out: expected"):
         launch_sparse_kernel_sm90(q, q, q, torch.empty_like(q), counts, idx, 0.1)
+
+
+def test_gluon_sm90_launch_binds_every_kernel_argument(monkeypatch):
+    """Without a GPU: inside ``collect_compiles`` the Gluon launcher records one compile thunk (it
+    never runs the kernel on lists a scratch step left unwritten) whose positional arguments and
+    constexprs are exactly the kernel's parameters, with the register split the kernel was
+    measured with."""
+    pytest.importorskip("triton.experimental.gluon")
+    from fgcompile.kernels import gluon_sparse_sm90 as g
+    from fgcompile.kernels.triton_common import collect_compiles
+
+    monkeypatch.setattr(g, "sm90_supported", lambda *a, **k: True)
+    q = torch.randn(2, 4, 300, 64, dtype=torch.bfloat16)
+    kv = torch.randn(2, 2, 500, 64, dtype=torch.bfloat16)
+    counts = torch.zeros(2, 4, 3, dtype=torch.int32)
+    idx = torch.zeros(2, 4, 3, 8, dtype=torch.int32)
+    with collect_compiles() as thunks:
+        out = g.launch_sparse_kernel_sm90(q, kv, kv, torch.empty_like(q), counts, idx, 0.125, stages=2)
+    assert len(thunks) == 1 and out.shape == q.shape
+    t = thunks[0]
+    names = g._fg_sparse_fwd_sm90_ws.arg_names
+    kw = dict(t.keywords)
+    assert kw.pop("grid") == (3 * 2 * 4,)
+    assert kw.pop("maxnreg") == g.WS_MAXNREG
+    assert list(names) == list(names[: len(t.args)]) + sorted(kw, key=list(names).index)
+    assert len(t.args) + len(kw) == len(names)
+    assert kw["HEAD_DIM"] == 64 and kw["STAGES"] == 2 and kw["num_warps"] == 4
+    assert t.args[names.index("GROUP")] == 2  # GQA: 4 query heads on 2 kv heads
+    with pytest.raises(ValueError, match="stages"):
+        g.launch_sparse_kernel_sm90(q, kv, kv, torch.empty_like(q), counts, idx, 0.125, stages=1)
