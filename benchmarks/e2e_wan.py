@@ -166,13 +166,12 @@ def plot(result: dict, path: str) -> None:
 
 
 def sparse_kernel_name(device) -> str:
-    from fgcompile.kernels import gluon_sparse_sm90
+    """The sparse kernel compiled models launch on ``device`` (every Wan site is one the Gluon
+    kernel serves: bf16, head dim 128, 128-row blocks of single keys)."""
+    from fgcompile.kernels.gluon_sparse_sm90 import sm90_device
     from fgcompile.kernels.triton_sparse import sm90_kernel_wanted
 
-    if (device.type == "cuda" and sm90_kernel_wanted() and gluon_sparse_sm90.HAVE_GLUON
-            and torch.cuda.get_device_capability(device) == (9, 0)):
-        return "gluon_sm90_ws"
-    return "triton"
+    return "gluon_sm90_ws" if sm90_kernel_wanted() and sm90_device(device) else "triton"
 
 
 def main(argv=None):

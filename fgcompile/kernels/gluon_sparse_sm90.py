@@ -272,14 +272,25 @@ if HAVE_GLUON:
         ], [4, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+def sm90_device(device: torch.device) -> bool:
+    """Whether the kernel can run on ``device`` at all: Gluon present and a Hopper GPU (compute
+    capability 9.0). False without CUDA in this build or process (fake CUDA tensors on a CPU
+    machine)."""
+    if not HAVE_GLUON or device.type != "cuda":
+        return False
+    try:
+        return torch.cuda.get_device_capability(device) == (9, 0)
+    except (AssertionError, RuntimeError):
+        return False
+
+
 def sm90_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    block_m: int, key_block: int, full_tile: int) -> bool:
-    """Whether ``launch_sparse_kernel_sm90`` can take this launch: Gluon present, a Hopper GPU
-    (compute capability 9.0), fp16/bf16, head dim 64 or 128, static sizes, unit last strides and
+    """Whether ``launch_sparse_kernel_sm90`` can take this launch: ``sm90_device``, fp16/bf16, head dim 64 or 128, static sizes, unit last strides and
     16-byte aligned rows, key row offsets within int32, 128-row query blocks, single-key slices
     (block_n 1) and no full tiles."""
     if not HAVE_GLUON or q.device.type != "cuda" or block_m != BLOCK_M or key_block != 1 or full_tile != 0:
-        return False
+        return False  # (sm90_device last: the shape checks are cheaper than the capability query)
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype == out.dtype):
         return False
     D = q.shape[-1]
@@ -293,10 +304,7 @@ def sm90_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
             return False  # 16-byte rows for cp.async
     if any((t.shape[2] - 1) * t.stride(2) + D >= 2**31 for t in (k, v)):
         return False  # key row offsets are 32-bit in the kernel
-    try:
-        return torch.cuda.get_device_capability(q.device) == (9, 0)
-    except (AssertionError, RuntimeError):  # no CUDA in this build or process (fake CUDA tensors)
-        return False
+    return sm90_device(q.device)
 
 
 def launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale: float, *, stages: int = STAGES):

@@ -555,7 +555,9 @@ def launch_sparse_kernel(
             wrap(kernel)[grid](*a, **kw)
     if sm90 is None:
         sm90 = sm90_serves(q, k, v, out, block_m, key_block, full_tile, config=config, autotune=autotune)
-    if sm90 and sm90_supported(q, k, v, out, block_m, key_block, full_tile):
+    elif sm90:  # the caller's choice, still only where the kernel can take the launch
+        sm90 = sm90_supported(q, k, v, out, block_m, key_block, full_tile)
+    if sm90:
         (sm90_launch or launch_sparse_kernel_sm90)(q, k, v, out, c, ix, scale)
         if has_dense:
             _launch_copy_dense(go, use_dense, dense_out, out)
