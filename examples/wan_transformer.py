@@ -12,8 +12,8 @@ With a real pipeline (weights from your own disk or the Hub) the whole change is
     print(fgcompile.stats(pipe.transformer))          # kept density per layer and head
 
 A density budget trades accuracy for a known speed; with one, keeping the masks' key lists in
-pinned host memory skips a packing kernel per layer and call (benchmarks/e2e_wan.py, H100: 1.25x
-over the default compile at density 0.6, 480p, for 7.2 GB of host memory):
+pinned host memory skips a packing kernel per layer and call (benchmarks/e2e_wan.py, H100,
+session 16: 1.35x over the default compile at density 0.6, 480p, for 7.2 GB of host memory):
 
     pipe.transformer.compile_repeated_blocks(
         backend=fgcompile.backend(density=0.6, mask_storage="host_lists"))

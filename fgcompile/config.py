@@ -80,9 +80,10 @@ class FGAttnConfig:
         strongest ones). ``None`` (default): no budget.
     max_density:
         In (0, 1]. A site whose profiled mask keeps more than this fraction of its slices runs
-        dense attention (cuDNN through SDPA) until its next profiled call: above ~0.8 the sparse
-        kernel is slower than dense attention (it runs at 1.23x cuDNN's time at density 1.0 on an
-        H100). Default 0.8; 1.0 never switches. The kept fraction reaches the host by an
+        dense attention (cuDNN through SDPA) until its next profiled call: above ~0.8 the Triton
+        sparse kernel is slower than dense attention (1.23x cuDNN's time at density 1.0 on an H100;
+        the Gluon sm_90 kernel's time at density 1.0 is not measured, at 0.6 it is 1.02x density x
+        cuDNN's). Default 0.8; 1.0 never switches. The kept fraction reaches the host by an
         asynchronous copy (no synchronisation); until it has arrived the site runs sparse.
     block_m:
         Queries per slice (M), a power of two in [16, 256]. Default 128 (FG-Attn's query block).

@@ -34,7 +34,7 @@ index_cap=0) -> (counts, indices, full_counts, full_tiles, dense_out, use_dense)
     ``dense_out`` over its output where ``use_dense`` holds (a small kernel after the sparse one).
 
     Why not the all-kept packing (the kernel recomputing dense attention)? It would run a dense
-    pass of the sparse kernel (~1.23x cuDNN, 14 ms at Wan-1.3B's shape) on top of the profiled
+    pass of the sparse kernel (the Triton kernel: ~1.23x cuDNN, 14 ms at Wan-1.3B's shape) on top of the profiled
     call's own dense pass, at every warm-up and profiled call (one call in ten by default: ~+20%
     of a site's time), its output would differ from ``site_attention``'s by rounding, and its
     index lists (403 MB at Wan's shape) would have to be cached or rebuilt. The select (the copy
