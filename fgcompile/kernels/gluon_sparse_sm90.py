@@ -286,9 +286,9 @@ def sm90_device(device: torch.device) -> bool:
 
 def sm90_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    block_m: int, key_block: int, full_tile: int) -> bool:
-    """Whether ``launch_sparse_kernel_sm90`` can take this launch: ``sm90_device``, fp16/bf16, head dim 64 or 128, static sizes, unit last strides and
-    16-byte aligned rows, key row offsets within int32, 128-row query blocks, single-key slices
-    (block_n 1) and no full tiles."""
+    """Whether ``launch_sparse_kernel_sm90`` can take this launch: ``sm90_device``, fp16/bf16,
+    head dim 64 or 128, static sizes, unit last strides and 16-byte aligned rows, key row offsets
+    within int32, 128-row query blocks, single-key slices (block_n 1) and no full tiles."""
     if not HAVE_GLUON or q.device.type != "cuda" or block_m != BLOCK_M or key_block != 1 or full_tile != 0:
         return False  # (sm90_device last: the shape checks are cheaper than the capability query)
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype == out.dtype):
