@@ -46,7 +46,9 @@
 #                                       # overhead_bench.py at 32,760 tokens (the pooled predictor's cost against cuDNN)
 #   bash benchmarks/h100_session.sh J   # sm90_probe.py: the Gluon sm_90 sparse kernel's correctness, then its speed
 #                                       # against the Triton kernel, cuDNN, flash and FlexAttention; if correct, the
-#                                       # kernel and lowering GPU tests (TESTS) and e2e_wan.py 480p b1 (SKIP_E2E=1: none)
+#                                       # kernel and lowering GPU tests (TESTS), with COMPILE=1 the cold compile times of
+#                                       # CASES (default wan,wan_model; REPEATS, default 2), and e2e_wan.py 480p b1
+#                                       # (SKIP_E2E=1: none)
 #   bash benchmarks/h100_session.sh O   # the predictor GPU tests, pooled_select_probe.py (the selection kernel's variants),
 #                                       # variant_probe.py --parts kernel (the sparse kernel's tile configs)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -297,6 +299,11 @@ J)
   python3 -c "import json,sys; sys.exit(0 if json.load(open('$OUT/sm90_probe_${TAG}.json'))['correct'] else 1)" || exit 1
   timeout ${TEST_LIMIT:-150} python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS:-tests/test_kernels_gpu.py tests/test_lowering_gpu.py} -n 4 > "$OUT/gpu_tests.txt" 2>&1
   echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.txt" | head -12
+  if [ -n "$COMPILE" ]; then
+    timeout ${COMPILE_LIMIT:-240} python3 benchmarks/lowering_bench.py --compile-only --cases ${CASES:-wan,wan_model} \
+        --repeats ${REPEATS:-2} --variants inductor,fgattn --out "$OUT/lowering_${TAG}_sm90.json" > "$OUT/lowering.txt" 2>&1
+    echo "lowering rc=$?"; grep -E "^(toy|wan|wan_model) |compile_time_ratio" "$OUT/lowering.txt" | tail -8
+  fi
   [ -n "$SKIP_E2E" ] && exit 0
   timeout ${E2E_LIMIT:-200} python3 benchmarks/e2e_wan.py --reps ${REPS:-3} --skip-720p --skip-b2 --settings ${SETTINGS:-d0.6,d0.3} \
       --out "$OUT/e2e_wan_${TAG}.json" > "$OUT/e2e.txt" 2>&1

@@ -891,3 +891,34 @@ def test_gluon_sm90_launch_binds_every_kernel_argument(monkeypatch):
     assert t.args[names.index("GROUP")] == 2  # GQA: 4 query heads on 2 kv heads
     with pytest.raises(ValueError, match="stages"):
         g.launch_sparse_kernel_sm90(q, kv, kv, torch.empty_like(q), counts, idx, 0.125, stages=1)
+
+
+@needs_interp
+def test_gluon_failure_falls_back_to_the_triton_kernel(monkeypatch, caplog):
+    """``launch_sm90`` (the body of ``fgcompile::sparse_attention_sm90``): where the Gluon launch
+    raises (here: made to), the Triton kernel computes the same lists' attention, one warning
+    names the error, and later launches of that (device, dtype, head dim) skip the Gluon try."""
+    from fgcompile.kernels import triton_sparse as ts
+
+    tries = []
+
+    def broken(*a, **k):
+        tries.append(1)
+        raise RuntimeError("PTX .version 9.9 does not support .target sm_90a")
+
+    monkeypatch.setattr(ts, "launch_sparse_kernel_sm90", broken)
+    monkeypatch.setattr(ts, "_SM90_FAILED", {})
+    B, H, H_kv, S_q, S_kv, D = 1, 2, 1, 200, 300, 64
+    q, k, v = _rand(B, H, H_kv, S_q, S_kv, D, device=DEV)
+    keep = torch.rand(B, H, 2, S_kv, generator=torch.Generator().manual_seed(3)) < 0.3
+    packed = pack_slices(keep.to(DEV), block_m=128, block_n=1, seq_len_kv=S_kv)
+    ref = _f64_sparse(q.cpu(), k.cpu(), v.cpu(), keep, 128, 1, D**-0.5)
+    with caplog.at_level("WARNING", logger="fgcompile"):
+        for _ in range(2):
+            out = torch.full_like(q, float("nan"))
+            ts.launch_sm90(q, k, v, out, packed.counts, packed.indices, D**-0.5)
+            torch.testing.assert_close(out.double().cpu(), ref, atol=2e-5, rtol=2e-5)
+    assert len(tries) == 1
+    warned = [r for r in caplog.records if "Gluon sm_90 kernel failed" in r.getMessage()]
+    assert len(warned) == 1 and "PTX .version 9.9" in warned[0].getMessage()
+    assert list(ts.sm90_failures().values()) == ["RuntimeError: PTX .version 9.9 does not support .target sm_90a"]

@@ -144,6 +144,38 @@ def test_gluon_sm90_kernel_in_the_lowered_graph(monkeypatch, density):
         assert _rel(a, b) < 1e-2, (i, _rel(a, b))
 
 
+def test_gluon_failure_in_the_lowered_graph_runs_the_triton_kernel(monkeypatch, caplog):
+    """A Gluon kernel that fails to build inside a compiled model (made to raise here) does not
+    crash the forward: ``fgcompile::sparse_attention_sm90`` runs the Triton kernel on the same
+    lists, with one warning, and the outputs match the Triton kernel's lowering."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel is for sm_90")
+    from fgcompile.kernels import triton_sparse as ts
+
+    monkeypatch.delenv("FGCOMPILE_AUTOTUNE", raising=False)
+    monkeypatch.setattr(ts, "_SM90_FAILED", {})
+
+    def broken(*a, **k):
+        raise RuntimeError("made to fail")
+
+    monkeypatch.setattr(ts, "launch_sparse_kernel_sm90", broken)  # (env "0" never calls it)
+    m1 = _model()
+    m2 = copy.deepcopy(m1)
+    outs = []
+    for m, env in ((m1, "1"), (m2, "0")):
+        torch._dynamo.reset()
+        monkeypatch.setenv("FGCOMPILE_SM90_KERNEL", env)
+        c = _compile(m)
+        with torch.no_grad(), caplog.at_level("WARNING", logger="fgcompile"):
+            _, codes = run_and_get_code(c, *_inputs(seed=0))
+            assert ("fgcompile.sparse_attention_sm90" in "\n".join(codes)) == (env == "1")
+            outs.append([c(*_inputs(seed=i)) for i in range(1, 6)])
+        assert all(v.sparse_calls >= 3 and v.fallback is None for v in fgcompile.stats(c).values())
+    assert sum("Gluon sm_90 kernel failed" in r.getMessage() for r in caplog.records) == 1
+    for i, (a, b) in enumerate(zip(*outs)):
+        assert _rel(a, b) < 1e-2, (i, _rel(a, b))
+
+
 @pytest.mark.parametrize("density", [None, 0.3])
 def test_lowered_matches_opaque_through_the_schedule(monkeypatch, density):
     """Also with a density budget (index buffers of the budget's width in the graph), raised by

@@ -47,6 +47,7 @@ interpreter (TRITON_INTERPRET=1) mishandles bf16 dots, so the launcher sets it t
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -54,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gluon_sparse_sm90 import BLOCK_M as SM90_BLOCK_M
 from .gluon_sparse_sm90 import launch_sparse_kernel_sm90, sm90_supported
 from .packing import PackedSlices
 from .triton_common import (
@@ -558,7 +560,7 @@ def launch_sparse_kernel(
     elif sm90:  # the caller's choice, still only where the kernel can take the launch
         sm90 = sm90_supported(q, k, v, out, block_m, key_block, full_tile)
     if sm90:
-        (sm90_launch or launch_sparse_kernel_sm90)(q, k, v, out, c, ix, scale)
+        (sm90_launch or launch_sm90)(q, k, v, out, c, ix, scale)
         if has_dense:
             _launch_copy_dense(go, use_dense, dense_out, out)
         return out
@@ -632,6 +634,40 @@ def sm90_serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
         and sm90_kernel_wanted()
         and sm90_supported(q, k, v, out, block_m, key_block, full_tile)
     )
+
+
+log = logging.getLogger("fgcompile")
+
+# (device, dtype, head dim) -> why the Gluon kernel failed there; those launches run the Triton kernel
+_SM90_FAILED: dict = {}
+
+
+def launch_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, counts: torch.Tensor,
+                indices: torch.Tensor, scale: float) -> torch.Tensor:
+    """The Gluon sm_90 kernel (``launch_sparse_kernel_sm90``: q (B, H, S_q, D), k/v (B, H_kv, S_kv, D),
+    out like q, counts (B, H, nQB) and indices (B, H, nQB, cap) int32 of 128-row blocks of single
+    keys, no full tiles), or the Triton kernel on the same lists where the Gluon launch raises (it
+    fails to build with this triton, too little shared memory, a launch it rejects): one warning
+    per (device, dtype, head dim), after which launches of that kind go straight to the Triton
+    kernel. Errors the GPU reports later (asynchronously) are not caught. Returns ``out``. The
+    body of the lowered op ``fgcompile::sparse_attention_sm90`` and of direct launches."""
+    key = (str(q.device), q.dtype, q.shape[-1])
+    if key not in _SM90_FAILED:
+        try:
+            return launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale)
+        except Exception as e:  # noqa: BLE001 - any failure to build or launch: the Triton kernel serves
+            _SM90_FAILED[key] = f"{type(e).__name__}: {e}"
+            log.warning("fgcompile: the Gluon sm_90 kernel failed for %s %s head dim %d (%s); "
+                        "the Triton kernel runs these launches instead", *key, _SM90_FAILED[key])
+    no_full = counts.new_zeros(counts.shape)  # full_tile 0: no full tiles, one stand-in column
+    return launch_sparse_kernel(q, k, v, out, counts, indices, no_full, no_full.unsqueeze(-1), scale,
+                                SM90_BLOCK_M, 1, 0, sm90=False)
+
+
+def sm90_failures() -> dict:
+    """(device, dtype, head dim) -> the error that made :func:`launch_sm90` fall back to the Triton
+    kernel there, in this process (a copy)."""
+    return dict(_SM90_FAILED)
 
 
 def sm90_kernel_wanted() -> bool:

@@ -239,7 +239,8 @@ _SM90_OP = None
 def sparse_attention_sm90_op():
     """``torch.ops.fgcompile.sparse_attention_sm90`` (q, k, v, out, counts, indices, scale) -> None,
     registered on first use: the Gluon sm_90 kernel (``kernels.gluon_sparse_sm90``) writing
-    ``out`` in place, as an opaque custom op. ``launch_sparse_kernel`` calls it inside the
+    ``out`` in place, as an opaque custom op (``triton_sparse.launch_sm90``: the Triton kernel
+    where the Gluon one fails to build or launch). ``launch_sparse_kernel`` calls it inside the
     ``sparse_attention`` triton_op for the launches that kernel serves: Inductor traces a triton_op's
     ``wrap_triton`` launches into its program, but not a Gluon launch, so this one stays a call
     (its output is still an Inductor buffer, written in place)."""
@@ -250,9 +251,9 @@ def sparse_attention_sm90_op():
     @torch.library.custom_op("fgcompile::sparse_attention_sm90", mutates_args=("out",), device_types="cuda")
     def sparse_attention_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                               counts: torch.Tensor, indices: torch.Tensor, scale: float) -> None:
-        from ..kernels.gluon_sparse_sm90 import launch_sparse_kernel_sm90
+        from ..kernels.triton_sparse import launch_sm90
 
-        launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale)
+        launch_sm90(q, k, v, out, counts, indices, scale)
 
     @sparse_attention_sm90.register_fake
     def _(q, k, v, out, counts, indices, scale):
