@@ -247,8 +247,14 @@ def runtime_ratio(B, H, S, D, density=0.3, dtype=torch.bfloat16) -> dict:
     p = pack_slices(keep, block_n=1, seq_len_kv=S, block_m=128, full_tile=model_full_tile(1))  # the compiled model's packing
     scale = D ** -0.5
 
+    # the kernel the lowering pass would pick (the Gluon sm_90 kernel where sm90_serves), so that
+    # both sides run the same kernel: the direct launch picks it the same way
+    from fgcompile.kernels.triton_sparse import sm90_serves
+
+    sm90 = sm90_serves(q, k, v, torch.empty_like(q), 128, 1, p.full_tile)
+
     def lowered(q, k, v, c, ix, fc, ft):
-        return op(q, k, v, c, ix, fc, ft, scale, 128, 1, S, p.full_tile)
+        return op(q, k, v, c, ix, fc, ft, scale, 128, 1, S, p.full_tile, sm90=sm90)
 
     torch._dynamo.reset()
     # what the fgattn backend patches in when it lowers a site (fp32 float kernel arguments)
@@ -272,6 +278,7 @@ def runtime_ratio(B, H, S, D, density=0.3, dtype=torch.bfloat16) -> dict:
         "lowered_ms": ml, "direct_ms": md, "lowered_ms_rounds": tl, "direct_ms_rounds": td,
         "runtime_ratio_lowered_vs_direct": ml / md,
         "rel_diff_lowered_vs_direct": rel,
+        "kernel": "gluon_sm90" if sm90 else "triton",
         "autotune_configs_in_output_code": n_cfg,
         "direct_autotuner_choice": __import__("fgcompile.kernels.triton_sparse", fromlist=["best_config"]).best_config(),
     }
