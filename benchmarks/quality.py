@@ -86,6 +86,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--heads", type=int, default=None)
     ap.add_argument("--head-dim", type=int, default=None)
     ap.add_argument("--text-tokens", type=int, default=0)
+    ap.add_argument("--pattern", default="mixed", help="the suite's head pattern (fgcompile.testing.synthetic.PATTERNS)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="", help="suffix of the result files: quality_<device>_<name>.json/.png")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -102,7 +103,8 @@ def main(argv=None) -> dict:
 
     t0 = time.time()
     case = make_attention_inputs(
-        *grid, heads=heads, head_dim=head_dim, text_tokens=args.text_tokens, seed=args.seed, dtype=dtype, device=device
+        *grid, heads=heads, head_dim=head_dim, text_tokens=args.text_tokens, seed=args.seed, dtype=dtype, device=device,
+        pattern=args.pattern,
     )
     q, k, v = case
     B, H, S, D = q.shape
@@ -169,6 +171,7 @@ def main(argv=None) -> dict:
             "seq_len": S,
             "head_dim": D,
             "dtype": str(dtype).replace("torch.", ""),
+            "pattern": args.pattern,
             "head_patterns": list(case.info.head_patterns),
             "seed": args.seed,
         },
