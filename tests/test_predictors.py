@@ -565,3 +565,26 @@ def test_config_takes_numpy_scalars():
     assert type(cfg.block_m) is int and type(cfg.alpha) is float
     with pytest.raises(ValueError, match="FGAttnConfig.block_m"):
         FGAttnConfig(block_m=np.int64(48))
+
+
+def test_quality_bench_top_key_mass_and_density_at():
+    """benchmarks/quality.py's calibration statistic (mean softmax mass of each query's top
+    fraction of keys, per head) against a brute-force sort, and its 1%-error interpolation."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import quality
+    finally:
+        sys.path.pop(0)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 50, 8, generator=g), torch.randn(2, 3, 40, 8, generator=g)
+    got = quality.top_key_mass(q, k, 0.7, fraction=0.25, chunk=7)
+    p = torch.softmax(q @ k.transpose(-1, -2) * 0.7, -1).sort(-1, descending=True).values[..., :10].sum(-1)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), p.mean((0, 2)).double(), rtol=1e-5, atol=1e-6)
+    assert quality.top_key_mass(q, k, 0.7, fraction=1.0) == pytest.approx([1.0] * 3)
+    d, exact = quality.density_at([(0.2, 0.04), (0.5, 0.005), (0.3, 0.02)])
+    assert exact and 0.3 < d < 0.5
+    assert quality.density_at([(0.2, 0.001)]) == (0.2, False)
+    assert quality.density_at([(0.2, 0.5)]) == (None, False)
