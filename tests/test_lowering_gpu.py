@@ -113,16 +113,15 @@ def test_max_autotune_mode_autotunes_and_default_mode_does_not(monkeypatch):
     assert n_tuned >= 4
 
 
-@pytest.mark.parametrize("density", [None, 0.3])
-def test_gluon_sm90_kernel_in_the_lowered_graph(monkeypatch, density):
-    """On an sm_90 GPU the default mode's lowered graph calls the warp-specialised Gluon kernel
-    (``fgcompile::sparse_attention_sm90``, an opaque op inside the triton_op: no ``_fg_sparse_fwd``
-    source in the output code) and gives what the Triton kernel's lowering gives, call by call
-    through the schedule (profiled and sparse calls)."""
+def _gluon_against_triton(monkeypatch, cfg=CFG):
+    """Compile ``_model()`` with the Gluon sm_90 kernel allowed and a copy with it off
+    (``FGCOMPILE_SM90_KERNEL`` 1 / 0): the first lowered graph calls
+    ``fgcompile::sparse_attention_sm90`` (an opaque op inside the triton_op: no ``_fg_sparse_fwd``
+    source in the output code), the second the Triton kernel's source; both give the same outputs
+    call by call through the schedule (profiled and sparse calls), and every site stays sparse."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernel is for sm_90")
     monkeypatch.delenv("FGCOMPILE_AUTOTUNE", raising=False)
-    cfg = dataclasses.replace(CFG, density=density)
     m1 = _model()
     m2 = copy.deepcopy(m1)
     outs = []
@@ -133,10 +132,8 @@ def test_gluon_sm90_kernel_in_the_lowered_graph(monkeypatch, density):
         with torch.no_grad():
             _, codes = run_and_get_code(c, *_inputs(seed=0))
             code = "\n".join(codes)
-            if env == "1":
-                assert "fgcompile.sparse_attention_sm90" in code and "def _fg_sparse_fwd(" not in code
-            else:
-                assert "sparse_attention_sm90" not in code and "def _fg_sparse_fwd(" in code
+            assert ("fgcompile.sparse_attention_sm90" in code) == (env == "1")
+            assert ("def _fg_sparse_fwd(" in code) == (env == "0")
             outs.append([c(*_inputs(seed=i)) for i in range(1, 6)])
         st = fgcompile.stats(c)
         assert all(v.sparse_calls >= 3 and v.fallback is None for v in st.values()), st
@@ -144,36 +141,27 @@ def test_gluon_sm90_kernel_in_the_lowered_graph(monkeypatch, density):
         assert _rel(a, b) < 1e-2, (i, _rel(a, b))
 
 
+@pytest.mark.parametrize("density", [None, 0.3])
+def test_gluon_sm90_kernel_in_the_lowered_graph(monkeypatch, density):
+    """On an sm_90 GPU the default mode's lowered graph calls the warp-specialised Gluon kernel and
+    gives what the Triton kernel's lowering gives (``_gluon_against_triton``)."""
+    _gluon_against_triton(monkeypatch, dataclasses.replace(CFG, density=density))
+
+
 def test_gluon_failure_in_the_lowered_graph_runs_the_triton_kernel(monkeypatch, caplog):
     """A Gluon kernel that fails to build inside a compiled model (made to raise here) does not
     crash the forward: ``fgcompile::sparse_attention_sm90`` runs the Triton kernel on the same
     lists, with one warning, and the outputs match the Triton kernel's lowering."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon kernel is for sm_90")
     from fgcompile.kernels import triton_sparse as ts
-
-    monkeypatch.delenv("FGCOMPILE_AUTOTUNE", raising=False)
-    monkeypatch.setattr(ts, "_SM90_FAILED", {})
 
     def broken(*a, **k):
         raise RuntimeError("made to fail")
 
-    monkeypatch.setattr(ts, "launch_sparse_kernel_sm90", broken)  # (env "0" never calls it)
-    m1 = _model()
-    m2 = copy.deepcopy(m1)
-    outs = []
-    for m, env in ((m1, "1"), (m2, "0")):
-        torch._dynamo.reset()
-        monkeypatch.setenv("FGCOMPILE_SM90_KERNEL", env)
-        c = _compile(m)
-        with torch.no_grad(), caplog.at_level("WARNING", logger="fgcompile"):
-            _, codes = run_and_get_code(c, *_inputs(seed=0))
-            assert ("fgcompile.sparse_attention_sm90" in "\n".join(codes)) == (env == "1")
-            outs.append([c(*_inputs(seed=i)) for i in range(1, 6)])
-        assert all(v.sparse_calls >= 3 and v.fallback is None for v in fgcompile.stats(c).values())
+    monkeypatch.setattr(ts, "_SM90_FAILED", {})
+    monkeypatch.setattr(ts, "launch_sparse_kernel_sm90", broken)  # (FGCOMPILE_SM90_KERNEL=0 never calls it)
+    with caplog.at_level("WARNING", logger="fgcompile"):
+        _gluon_against_triton(monkeypatch)
     assert sum("Gluon sm_90 kernel failed" in r.getMessage() for r in caplog.records) == 1
-    for i, (a, b) in enumerate(zip(*outs)):
-        assert _rel(a, b) < 1e-2, (i, _rel(a, b))
 
 
 @pytest.mark.parametrize("density", [None, 0.3])

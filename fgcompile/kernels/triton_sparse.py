@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -640,6 +641,7 @@ log = logging.getLogger("fgcompile")
 
 # (device, dtype, head dim) -> why the Gluon kernel failed there; those launches run the Triton kernel
 _SM90_FAILED: dict = {}
+_SM90_LOCK = threading.Lock()
 
 
 def launch_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, counts: torch.Tensor,
@@ -656,9 +658,12 @@ def launch_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
         try:
             return launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale)
         except Exception as e:  # noqa: BLE001 - any failure to build or launch: the Triton kernel serves
-            _SM90_FAILED[key] = f"{type(e).__name__}: {e}"
-            log.warning("fgcompile: the Gluon sm_90 kernel failed for %s %s head dim %d (%s); "
-                        "the Triton kernel runs these launches instead", *key, _SM90_FAILED[key])
+            why = f"{type(e).__name__}: {e}"
+            with _SM90_LOCK:  # one warning, also when the background precompile's thread fails too
+                first = _SM90_FAILED.setdefault(key, why) is why
+            if first:
+                log.warning("fgcompile: the Gluon sm_90 kernel failed for %s %s head dim %d (%s); "
+                            "the Triton kernel runs these launches instead", *key, why)
     no_full = counts.new_zeros(counts.shape)  # full_tile 0: no full tiles, one stand-in column
     return launch_sparse_kernel(q, k, v, out, counts, indices, no_full, no_full.unsqueeze(-1), scale,
                                 SM90_BLOCK_M, 1, 0, sm90=False)
