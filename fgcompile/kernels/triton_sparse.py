@@ -64,6 +64,8 @@ from .triton_common import (
     interpreting, launch,
 )
 
+log = logging.getLogger("fgcompile")
+
 
 @triton.jit
 def _load_index_tile(i_base, start, offs_n, n_keys, KEY_BLOCK: tl.constexpr):
@@ -636,8 +638,6 @@ def sm90_serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
         and sm90_supported(q, k, v, out, block_m, key_block, full_tile)
     )
 
-
-log = logging.getLogger("fgcompile")
 
 # (device, dtype, head dim) -> why the Gluon kernel failed there; those launches run the Triton kernel
 _SM90_FAILED: dict = {}
