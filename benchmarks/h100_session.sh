@@ -49,6 +49,8 @@
 #                                       # kernel and lowering GPU tests (TESTS), with COMPILE=1 the cold compile times of
 #                                       # CASES (default wan,wan_model; REPEATS, default 2), and e2e_wan.py 480p b1
 #                                       # (SKIP_E2E=1: none)
+#   bash benchmarks/h100_session.sh EQ  # equal_error_bench.py (each granularity's time at equal output error on the
+#                                       # synthetic suite, Wan 480p; EQ_ARGS), then the GPU tests (TESTS, default all)
 #   bash benchmarks/h100_session.sh O   # the predictor GPU tests, pooled_select_probe.py (the selection kernel's variants),
 #                                       # variant_probe.py --parts kernel (the sparse kernel's tile configs)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -309,5 +311,12 @@ J)
       --out "$OUT/e2e_wan_${TAG}.json" > "$OUT/e2e.txt" 2>&1
   echo "e2e rc=$?"; grep -E "^480p|memory_ratio_480p|speedup_480p_d0" "$OUT/e2e.txt"
   ;;
-*) echo "usage: $0 A|B|C|D|E|F|G|H|I|J|K|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z"; exit 2 ;;
+EQ)
+  timeout ${LIMIT:-280} python3 benchmarks/equal_error_bench.py ${EQ_ARGS} --out "$OUT/equal_error_${TAG}.json" > "$OUT/equal_error.txt" 2>&1
+  echo "equal_error rc=$?"; grep -vE "Warning|warn|^ *$" "$OUT/equal_error.txt" | tail -${TAIL:-12}
+  [ -n "$SKIP_TESTS" ] && exit 0
+  timeout ${TEST_LIMIT:-270} python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS:-tests} -n 4 --durations=6 > "$OUT/gpu_tests.txt" 2>&1
+  echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.txt" | head -12
+  ;;
+*) echo "usage: $0 A|B|C|D|E|EQ|F|G|H|I|J|K|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z"; exit 2 ;;
 esac

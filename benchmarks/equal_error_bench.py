@@ -1,0 +1,233 @@
+"""Attention time at equal output error (issue 5), in one run: on the synthetic video-attention suite
+(``fgcompile.testing.synthetic``) at the Wan 480p size, for each granularity, the sparsest profile
+mask whose output error against dense attention is at most the target, and the time of the kernel
+that serves that granularity on that very mask.
+
+    python benchmarks/equal_error_bench.py [--target 0.01] [--out ...]      # CUDA (an H100)
+    python benchmarks/equal_error_bench.py --grid 4 8 16 --heads 2 --no-time  # the search alone, any device
+
+Masks: the profile rule of ``fgcompile.predictors`` (keep a tile iff the largest softmax probability
+of any of its query/key pairs exceeds alpha / S_kv), alpha bisected on a log scale (``--steps``) to
+the largest alpha whose relative error ``||O_sparse - O_dense||_F / ||O_dense||_F`` (float32
+reference, ``sparse_attention_reference``) is at most ``--target``. Granularities (query rows x keys):
+
+- 128 x 1, 64 x 1, 32 x 1: fgcompile's sparse kernel on the slice mask: the Gluon sm_90 kernel at
+  128 rows on Hopper (what compiled models launch there) and the Triton kernel (autotuned) at each M;
+- 128 x 128 and 64 x 64: FlexAttention on the BlockMask of the kept tiles (full blocks: a kept tile
+  is computed whole), the block-sparse baseline at its own equal-error density;
+- dense: SDPA with the cuDNN backend and with the flash backend.
+
+Times are ``triton.testing.do_bench`` medians (ms), warm. Each timed kernel's own output is checked
+against the float32 dense reference too (``kernel_rel_err``: the mask's error plus bf16 rounding).
+Writes ``benchmarks/results/equal_error_<device>.json`` (device, torch/triton versions, shape,
+per granularity alpha, density, error, times; ratios to cuDNN and to FlexAttention 128 x 128 at
+equal error) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+os.environ.setdefault("FGCOMPILE_AUTOTUNE", "1")  # the Triton launches autotune (each M its best config)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from fgcompile.kernels.reference import dense_attention_reference, sparse_attention_reference  # noqa: E402
+from fgcompile.predictors import keep_from_block_max, profile_scores  # noqa: E402
+from fgcompile.testing.synthetic import make_attention_inputs  # noqa: E402
+from quality import density_of, rel_err  # noqa: E402
+from results_io import write_result  # noqa: E402
+
+#: name -> (query rows, keys per tile, what serves it)
+GRANULARITIES = {
+    "128x1": (128, 1, "fgcompile"),
+    "64x1": (64, 1, "fgcompile"),
+    "32x1": (32, 1, "fgcompile"),
+    "128x128": (128, 128, "flex"),
+    "64x64": (64, 64, "flex"),
+}
+
+
+def search_alpha(err_of, target: float, steps: int, lo: float = 1e-3, hi: float = 1e4):
+    """The largest alpha in [lo, hi] (bisection on log alpha, ``steps`` evaluations) with
+    ``err_of(alpha) <= target``, assuming the error grows with alpha. Returns (alpha, evaluations);
+    alpha is None when even ``lo`` misses the target. ``err_of(lo)`` is evaluated first."""
+    seen = {lo: err_of(lo)}
+    if seen[lo] > target:
+        return None, seen
+    seen[hi] = err_of(hi)
+    if seen[hi] <= target:
+        return hi, seen
+    a, b = math.log(lo), math.log(hi)
+    for _ in range(steps):
+        mid = math.exp((a + b) / 2)
+        seen[mid] = err_of(mid)
+        if seen[mid] <= target:
+            a = math.log(mid)
+        else:
+            b = math.log(mid)
+    return math.exp(a), seen
+
+
+def flex_tile_mask(keep: torch.Tensor, bm: int, S: int):
+    """The FlexAttention BlockMask (BLOCK_SIZE bm) whose full blocks are the kept bm x bm tiles."""
+    from fgcompile.kernels import packing
+    from torch.nn.attention.flex_attention import BlockMask
+
+    cnt, idx = packing._compact(keep)
+    return BlockMask.from_kv_blocks(torch.zeros_like(cnt), torch.zeros_like(idx), cnt, idx, BLOCK_SIZE=bm,
+                                    seq_lengths=(S, S))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--grid", type=int, nargs=3, default=(21, 30, 52), metavar=("F", "H", "W"))
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--pattern", default="mixed")
+    ap.add_argument("--target", type=float, default=0.01)
+    ap.add_argument("--steps", type=int, default=12, help="bisection steps per granularity")
+    ap.add_argument("--granularities", default=",".join(GRANULARITIES))
+    ap.add_argument("--no-time", action="store_true", help="the density search only (any device)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    grans = args.granularities.split(",")
+    for g in grans:
+        if g not in GRANULARITIES:
+            ap.error(f"--granularities: expected names from {list(GRANULARITIES)}, got {g!r}")
+    timing = not args.no_time
+    if timing and not torch.cuda.is_available():
+        ap.error("timing needs CUDA (or pass --no-time)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = make_attention_inputs(*args.grid, heads=args.heads, head_dim=args.head_dim, pattern=args.pattern,
+                                    dtype=dtype, device=device)
+    B, H, S, D = q.shape
+    scale = D ** -0.5
+    dense = dense_attention_reference(q, k, v, scale)
+
+    rows = {}
+    for name in grans:
+        bm, bn, _ = GRANULARITIES[name]
+        scores = profile_scores(q, k, block_m=bm, scale=scale)
+
+        def err_of(alpha):
+            keep = keep_from_block_max(scores, alpha=alpha, block_n=bn)
+            return rel_err(sparse_attention_reference(q, k, v, keep, bm, bn, scale), dense)
+
+        alpha, seen = search_alpha(err_of, args.target, args.steps)
+        row = {"block_m": bm, "block_n": bn, "alpha": alpha,
+               "sweep": sorted([a, e] for a, e in seen.items())}
+        if alpha is not None:
+            keep = keep_from_block_max(scores, alpha=alpha, block_n=bn)
+            row["density"] = density_of(keep, bm, bn, S, S)
+            row["rel_err"] = seen[alpha] if alpha in seen else err_of(alpha)
+            if timing:
+                row.update(time_granularity(name, q, k, v, keep, scale, dense))
+            del keep
+        rows[name] = row
+        print(f"{name:8s} alpha {alpha}  density {row.get('density')}  rel_err {row.get('rel_err')}", flush=True)
+        del scores
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "shape": {"grid": list(args.grid), "B": B, "H": H, "S": S, "D": D, "dtype": str(dtype).replace("torch.", ""),
+                  "pattern": args.pattern},
+        "target_rel_err": args.target,
+        "timing": "triton.testing.do_bench median, warm" if timing else None,
+        "rows": rows,
+    }
+    if timing:
+        from variant_probe import dense_baselines
+
+        cudnn, flash = dense_baselines(q, k, v)
+        result["cudnn_ms"], result["flash_ms"] = cudnn, flash
+        flex128 = rows.get("128x128", {}).get("ms")
+        for r in rows.values():
+            if r.get("ms"):
+                r["ratio_to_cudnn"] = r["ms"] / cudnn
+                if flex128:
+                    r["speedup_vs_flex_128x128_equal_error"] = flex128 / r["ms"]
+    if rows.get("128x1", {}).get("density") and rows.get("128x128", {}).get("density"):
+        result["mx1_density_saving_vs_128x128"] = {
+            n: 1 - r["density"] / rows["128x128"]["density"] for n, r in rows.items() if r.get("density")}
+    write_result(result, "equal_error", args.out)
+    print(f"\n{'granularity':12s} {'alpha':>8s} {'density':>8s} {'rel_err':>8s} {'kernel':>10s} {'ms':>8s} {'k_err':>8s} {'vs cuDNN':>8s}")
+    for n, r in rows.items():
+        print(f"{n:12s} {_fmt(r.get('alpha'))} {_fmt(r.get('density'))} {_fmt(r.get('rel_err'))} "
+              f"{str(r.get('kernel', '-')):>10s} {_fmt(r.get('ms'))} {_fmt(r.get('kernel_rel_err'))} {_fmt(r.get('ratio_to_cudnn'))}")
+    if timing:
+        print(f"cuDNN dense {result['cudnn_ms']:.3f} ms, flash {result['flash_ms']:.3f} ms")
+    return result
+
+
+def _fmt(x) -> str:
+    return f"{x:8.4g}" if isinstance(x, (int, float)) else f"{'-':>8s}"
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def time_granularity(name, q, k, v, keep, scale, dense) -> dict:
+    """Time the kernel that serves ``name`` on ``keep`` (do_bench median, ms) and check its output."""
+    from triton.testing import do_bench
+
+    bm, bn, what = GRANULARITIES[name]
+    B, H, S, D = q.shape
+    out = torch.full_like(q, float("nan"))
+
+    def bench(fn):
+        """fn() launches and returns its output; (median ms, its output's error on poisoned memory)."""
+        fn()  # compile / autotune outside the timing
+        out.fill_(float("nan"))
+        err = rel_err(fn(), dense)
+        return float(do_bench(fn, warmup=25, rep=200, return_mode="median")), err
+
+    res = {}
+    try:
+        if what == "fgcompile":
+            from fgcompile.attention import pack_slices
+            from fgcompile.kernels.gluon_sparse_sm90 import launch_sparse_kernel_sm90, sm90_supported
+            from fgcompile.kernels.triton_sparse import sparse_attention_triton
+
+            packed = pack_slices(keep, block_m=bm, block_n=bn, seq_len_kv=S)
+            res["triton_ms"], res["triton_rel_err"] = bench(lambda: sparse_attention_triton(q, k, v, packed, scale, out=out))
+            res["kernel"], res["ms"], res["kernel_rel_err"] = "triton", res["triton_ms"], res["triton_rel_err"]
+            if sm90_supported(q, k, v, out, bm, bn, 0):
+                p0 = pack_slices(keep, block_m=bm, block_n=bn, seq_len_kv=S, full_tile=0)
+                res["gluon_ms"], res["gluon_rel_err"] = bench(
+                    lambda: (launch_sparse_kernel_sm90(q, k, v, out, p0.counts, p0.indices, scale), out)[1])
+                res["kernel"], res["ms"], res["kernel_rel_err"] = "gluon_sm90", res["gluon_ms"], res["gluon_rel_err"]
+        else:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            flex = torch.compile(flex_attention, dynamic=False)
+            mask = flex_tile_mask(keep, bm, S)
+            opts = {"BLOCK_M": bm, "BLOCK_N": bm} if bm < 128 else None
+            res["ms"], res["kernel_rel_err"] = bench(
+                lambda: flex(q, k, v, block_mask=mask, scale=scale, kernel_options=opts))
+            res["kernel"] = f"flex_{bm}"
+    except Exception as e:  # a kernel that cannot take this launch is recorded, not fatal
+        res["error"] = f"{type(e).__name__}: {e}"[:500]
+        print(f"  {name}: {res['error']}", flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    main()
