@@ -5,7 +5,7 @@
 
 For the profile predictor (keep a tile iff the largest softmax probability of any of its query/key
 pairs exceeds alpha / S_kv; ``fgcompile.predictors.profile_slices``) at M x 1, M x 16, 64 x 64 and
-128 x 128 granularity (M = 128), sweeping alpha, and for the pooled top-CDF predictor
+128 x 128 granularity (M = 128, the default query block), and at 64 x 1 and 32 x 1, sweeping alpha, and for the pooled top-CDF predictor
 (``pooled_slices``, M x 1, gamma = 0.5) sweeping tau, it computes:
 
 - density: the fraction of (query, key) pairs the sparse attention computes;
@@ -37,7 +37,11 @@ from fgcompile.kernels.reference import dense_attention_reference, sparse_attent
 from fgcompile.predictors import keep_from_block_max, pooled_slices, profile_scores  # noqa: E402
 from fgcompile.testing.synthetic import make_attention_inputs  # noqa: E402
 
-GRANULARITIES = [("128x1", 128, 1), ("128x16", 128, 16), ("64x64", 64, 64), ("128x128", 128, 128)]
+GRANULARITIES = [("128x1", 128, 1), ("128x16", 128, 16), ("64x64", 64, 64), ("128x128", 128, 128),
+                 ("64x1", 64, 1), ("32x1", 32, 1)]
+#: the slice granularities with fewer query rows than the default M = 128 (the kernels serve them;
+#: equal_error_bench.py times them): the claim is judged at M = 128, these show what M buys
+SMALLER_M = ("64x1", "32x1")
 ALPHAS = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0]
 TAUS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999, 1.0]
 TARGET = 0.01
@@ -182,6 +186,9 @@ def main(argv=None) -> dict:
             "128x128_density": coarse,
             "reduction": 1 - fine / coarse,
             "mx1_needs_25pct_less": bool(fine <= 0.75 * coarse),
+            "smaller_m_reduction": {
+                g: (None if summary[f"profile {g}"]["density_at_1pct"] is None
+                    else 1 - summary[f"profile {g}"]["density_at_1pct"] / coarse) for g in SMALLER_M},
         }
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -232,7 +239,8 @@ def main(argv=None) -> dict:
           + ", ".join(f"{m:.3f}" for m in tm) + f" (STA, HunyuanVideo: {STA_WINDOW_MASS:.0%} in a window that size)")
     if claim:
         verdict = "yes" if claim["mx1_needs_25pct_less"] else "NO"
-        print(f"M x 1 needs {claim['reduction']:.0%} less density than 128 x 128 (>= 25%: {verdict})")
+        print(f"M x 1 needs {claim['reduction']:.0%} less density than 128 x 128 (>= 25%: {verdict}); "
+              + ", ".join(f"{g}: {r:.0%}" for g, r in claim["smaller_m_reduction"].items() if r is not None))
     print(f"pooled predictor: {pooled_ms:.2f} ms per call on {result['device']}")
     print(f"wrote {path} and {png}")
     return result
@@ -252,6 +260,8 @@ def plot(result: dict, path: str) -> None:
         ("profile", "64x64"): ("C2", "^", "profile, 64 x 64"),
         ("profile", "128x128"): ("C3", "v", "profile, 128 x 128"),
         ("pooled", "128x1"): ("C4", "D", "pooled top-CDF, M x 1 (sweep tau)"),
+        ("profile", "64x1"): ("C5", "<", "profile, 64 x 1"),
+        ("profile", "32x1"): ("C6", ">", "profile, 32 x 1"),
     }
     floor = 1e-5
     for key in series:
