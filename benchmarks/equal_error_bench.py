@@ -76,13 +76,19 @@ def search_alpha(err_of, target: float, steps: int, lo: float = 1e-3, hi: float 
 
 
 def flex_tile_mask(keep: torch.Tensor, bm: int, S: int):
-    """The FlexAttention BlockMask (BLOCK_SIZE bm) whose full blocks are the kept bm x bm tiles."""
+    """The FlexAttention BlockMask (BLOCK_SIZE bm) whose full blocks are the kept bm x bm tiles. Its
+    mask_mod reads the tile mask too, so that paths which apply the mask_mod densely (eager, CPU)
+    give the same result; the compiled kernel skips the mask_mod on full blocks."""
     from fgcompile.kernels import packing
     from torch.nn.attention.flex_attention import BlockMask
 
     cnt, idx = packing._compact(keep)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return keep[b, h, q_idx // bm, kv_idx // bm]
+
     return BlockMask.from_kv_blocks(torch.zeros_like(cnt), torch.zeros_like(idx), cnt, idx, BLOCK_SIZE=bm,
-                                    seq_lengths=(S, S))
+                                    mask_mod=mask_mod, seq_lengths=(S, S))
 
 
 def main(argv=None) -> dict:
