@@ -54,6 +54,10 @@ GRANULARITIES = {
 }
 
 
+#: the alpha of FG-Attn's published runs (0.6 also used); every granularity's sweep includes it
+PAPER_ALPHA = 0.5
+
+
 def search_alpha(err_of, target: float, steps: int, lo: float = 1e-3, hi: float = 1e4):
     """The largest alpha in [lo, hi] (bisection on log alpha, ``steps`` evaluations) with
     ``err_of(alpha) <= target``, assuming the error grows with alpha. Returns (alpha, evaluations);
@@ -64,15 +68,15 @@ def search_alpha(err_of, target: float, steps: int, lo: float = 1e-3, hi: float 
     seen[hi] = err_of(hi)
     if seen[hi] <= target:
         return hi, seen
-    a, b = math.log(lo), math.log(hi)
+    best, a, b = lo, math.log(lo), math.log(hi)
     for _ in range(steps):
         mid = math.exp((a + b) / 2)
         seen[mid] = err_of(mid)
         if seen[mid] <= target:
-            a = math.log(mid)
+            best, a = mid, math.log(mid)
         else:
             b = math.log(mid)
-    return math.exp(a), seen
+    return best, seen
 
 
 def flex_tile_mask(keep: torch.Tensor, bm: int, S: int):
@@ -123,17 +127,22 @@ def main(argv=None) -> dict:
         bm, bn, _ = GRANULARITIES[name]
         scores = profile_scores(q, k, block_m=bm, scale=scale)
 
+        densities = {}
+
         def err_of(alpha):
             keep = keep_from_block_max(scores, alpha=alpha, block_n=bn)
+            densities[alpha] = density_of(keep, bm, bn, S, S)
             return rel_err(sparse_attention_reference(q, k, v, keep, bm, bn, scale), dense)
 
         alpha, seen = search_alpha(err_of, args.target, args.steps)
+        if PAPER_ALPHA not in seen:  # FG-Attn's own setting, for the record
+            seen[PAPER_ALPHA] = err_of(PAPER_ALPHA)
         row = {"block_m": bm, "block_n": bn, "alpha": alpha,
-               "sweep": sorted([a, e] for a, e in seen.items())}
+               "sweep": [{"alpha": a, "density": densities[a], "rel_err": e} for a, e in sorted(seen.items())]}
         if alpha is not None:
             keep = keep_from_block_max(scores, alpha=alpha, block_n=bn)
             row["density"] = density_of(keep, bm, bn, S, S)
-            row["rel_err"] = seen[alpha] if alpha in seen else err_of(alpha)
+            row["rel_err"] = seen[alpha]
             if timing:
                 row.update(time_granularity(name, q, k, v, keep, scale, dense))
             del keep
