@@ -95,12 +95,60 @@ def flex_tile_mask(keep: torch.Tensor, bm: int, S: int):
                                     mask_mod=mask_mod, seq_lengths=(S, S))
 
 
+def search_rows(q, k, v, grans, target: float, steps: int, timing: bool, dense=None) -> dict:
+    """Per granularity name: the bisected alpha, its density and error, the sweep, and (``timing``)
+    the kernel's time on that mask. q/k/v (B, H, S, D) self-attention; ``dense``: the dense output."""
+    B, H, S, D = q.shape
+    scale = D ** -0.5
+    if dense is None:
+        dense = dense_attention_reference(q, k, v, scale)
+    rows = {}
+    for name in grans:
+        bm, bn, _ = GRANULARITIES[name]
+        scores = profile_scores(q, k, block_m=bm, scale=scale)
+        densities = {}
+
+        def err_of(alpha):
+            keep = keep_from_block_max(scores, alpha=alpha, block_n=bn)
+            densities[alpha] = density_of(keep, bm, bn, S, S)
+            return rel_err(sparse_attention_reference(q, k, v, keep, bm, bn, scale), dense)
+
+        alpha, seen = search_alpha(err_of, target, steps)
+        if PAPER_ALPHA not in seen:  # FG-Attn's own setting, for the record
+            seen[PAPER_ALPHA] = err_of(PAPER_ALPHA)
+        row = {"block_m": bm, "block_n": bn, "alpha": alpha,
+               "sweep": [{"alpha": a, "density": densities[a], "rel_err": e} for a, e in sorted(seen.items())]}
+        if alpha is not None:
+            row["density"], row["rel_err"] = densities[alpha], seen[alpha]
+            if timing:
+                keep = keep_from_block_max(scores, alpha=alpha, block_n=bn)
+                row.update(time_granularity(name, q, k, v, keep, scale, dense))
+                del keep
+        rows[name] = row
+        print(f"{name:8s} alpha {alpha}  density {row.get('density')}  rel_err {row.get('rel_err')}", flush=True)
+        del scores
+        if q.is_cuda:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def savings(rows: dict) -> dict:
+    """1 - density / (128 x 128 tiles' density), per granularity that reached the target."""
+    coarse = rows.get("128x128", {}).get("density")
+    return {n: 1 - r["density"] / coarse for n, r in rows.items() if coarse and r.get("density")}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--source", choices=("synthetic", "toy"), default="synthetic",
+                    help="synthetic: the suite at --grid; toy: the calls of the shipped trained toy DiT "
+                         "(4,096 tokens, 6 heads, D 64) at --toy-steps x --toy-layers of one sampling trajectory")
     ap.add_argument("--grid", type=int, nargs=3, default=(21, 30, 52), metavar=("F", "H", "W"))
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--pattern", default="mixed")
+    ap.add_argument("--toy-steps", type=int, nargs="+", default=[0, 12])
+    ap.add_argument("--toy-layers", type=int, nargs="+", default=[1, 3, 5])
     ap.add_argument("--target", type=float, default=0.01)
     ap.add_argument("--steps", type=int, default=12, help="bisection steps per granularity")
     ap.add_argument("--granularities", default=",".join(GRANULARITIES))
@@ -111,57 +159,50 @@ def main(argv=None) -> dict:
     for g in grans:
         if g not in GRANULARITIES:
             ap.error(f"--granularities: expected names from {list(GRANULARITIES)}, got {g!r}")
-    timing = not args.no_time
+    timing = not args.no_time and args.source == "synthetic"
     if timing and not torch.cuda.is_available():
         ap.error("timing needs CUDA (or pass --no-time)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    q, k, v = make_attention_inputs(*args.grid, heads=args.heads, head_dim=args.head_dim, pattern=args.pattern,
-                                    dtype=dtype, device=device)
-    B, H, S, D = q.shape
-    scale = D ** -0.5
-    dense = dense_attention_reference(q, k, v, scale)
-
-    rows = {}
-    for name in grans:
-        bm, bn, _ = GRANULARITIES[name]
-        scores = profile_scores(q, k, block_m=bm, scale=scale)
-
-        densities = {}
-
-        def err_of(alpha):
-            keep = keep_from_block_max(scores, alpha=alpha, block_n=bn)
-            densities[alpha] = density_of(keep, bm, bn, S, S)
-            return rel_err(sparse_attention_reference(q, k, v, keep, bm, bn, scale), dense)
-
-        alpha, seen = search_alpha(err_of, args.target, args.steps)
-        if PAPER_ALPHA not in seen:  # FG-Attn's own setting, for the record
-            seen[PAPER_ALPHA] = err_of(PAPER_ALPHA)
-        row = {"block_m": bm, "block_n": bn, "alpha": alpha,
-               "sweep": [{"alpha": a, "density": densities[a], "rel_err": e} for a, e in sorted(seen.items())]}
-        if alpha is not None:
-            keep = keep_from_block_max(scores, alpha=alpha, block_n=bn)
-            row["density"] = density_of(keep, bm, bn, S, S)
-            row["rel_err"] = seen[alpha]
-            if timing:
-                row.update(time_granularity(name, q, k, v, keep, scale, dense))
-            del keep
-        rows[name] = row
-        print(f"{name:8s} alpha {alpha}  density {row.get('density')}  rel_err {row.get('rel_err')}", flush=True)
-        del scores
-        if device == "cuda":
-            torch.cuda.empty_cache()
-
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "triton": _triton_version(),
-        "shape": {"grid": list(args.grid), "B": B, "H": H, "S": S, "D": D, "dtype": str(dtype).replace("torch.", ""),
-                  "pattern": args.pattern},
+        "source": args.source,
         "target_rel_err": args.target,
         "timing": "triton.testing.do_bench median, warm" if timing else None,
-        "rows": rows,
     }
+
+    if args.source == "toy":
+        from predictor_trajectory import trajectory_attention
+
+        calls = []
+
+        def on_call(step, layer, q, k, v, out):
+            print(f"step {step} layer {layer}", flush=True)
+            rows = search_rows(q, k, v, grans, args.target, args.steps, False, out)
+            calls.append({"step": step, "layer": layer, "rows": rows, "saving_vs_128x128": savings(rows)})
+
+        trajectory_attention(on_call, at_steps=args.toy_steps, layers=args.toy_layers, device=device)
+        result["shape"] = {"model": "shipped toy video DiT (examples/weights)", "B": 2, "S": 4096, "D": 64,
+                           "batch": "CFG: [conditional, unconditional]", "dtype": "float32"}
+        result["calls"] = calls
+        result["mean_density"] = {n: sum(c["rows"][n]["density"] for c in calls) / len(calls) for n in grans
+                                  if all(c["rows"][n].get("density") for c in calls)}
+        result["saving_of_mean_density_vs_128x128"] = savings({n: {"density": d} for n, d in result["mean_density"].items()})
+        write_result(result, "equal_error_toy", args.out)
+        print(f"\n{'granularity':12s} {'mean density':>12s} {'saving vs 128x128':>18s}")
+        for n, d in result["mean_density"].items():
+            print(f"{n:12s} {d:12.4f} {result['saving_of_mean_density_vs_128x128'].get(n, float('nan')):18.3f}")
+        return result
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = make_attention_inputs(*args.grid, heads=args.heads, head_dim=args.head_dim, pattern=args.pattern,
+                                    dtype=dtype, device=device)
+    B, H, S, D = q.shape
+    rows = search_rows(q, k, v, grans, args.target, args.steps, timing)
+    result["shape"] = {"grid": list(args.grid), "B": B, "H": H, "S": S, "D": D,
+                       "dtype": str(dtype).replace("torch.", ""), "pattern": args.pattern}
+    result["rows"] = rows
     if timing:
         from variant_probe import dense_baselines
 
@@ -173,9 +214,7 @@ def main(argv=None) -> dict:
                 r["ratio_to_cudnn"] = r["ms"] / cudnn
                 if flex128:
                     r["speedup_vs_flex_128x128_equal_error"] = flex128 / r["ms"]
-    if rows.get("128x1", {}).get("density") and rows.get("128x128", {}).get("density"):
-        result["mx1_density_saving_vs_128x128"] = {
-            n: 1 - r["density"] / rows["128x128"]["density"] for n, r in rows.items() if r.get("density")}
+    result["density_saving_vs_128x128"] = savings(rows)
     write_result(result, "equal_error", args.out)
     print(f"\n{'granularity':12s} {'alpha':>8s} {'density':>8s} {'rel_err':>8s} {'kernel':>10s} {'ms':>8s} {'k_err':>8s} {'vs cuDNN':>8s}")
     for n, r in rows.items():

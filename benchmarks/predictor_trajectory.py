@@ -32,6 +32,46 @@ from fgcompile.testing.sampler import euler_sample, null_labels, seeded_noise  #
 from fgcompile.testing.shapes_data import NUM_LABELS, label_name  # noqa: E402
 
 
+def trajectory_attention(on_call, *, seed: int = 1, label: int = 5, sample_steps: int = 25, at_steps=(0, 6, 12),
+                         layers=(0, 1, 3, 5), device="cpu", dtype=torch.float32) -> None:
+    """Sample one video (classifier-free guidance: batch [conditional, unconditional]) from the
+    shipped toy DiT with dense attention, eager, and call ``on_call(step, layer, q, k, v, out)`` for
+    each self-attention call at ``at_steps`` x ``layers``: q, k, v (2, heads, 4096, 64) and the dense
+    output of that call. Sampling stops after the last measured step."""
+    model = load_toy_video_dit(device=device, dtype=dtype)
+    shape = tuple(model.meta.get("sample_shape", (3, 16, 64, 64)))
+    orig = F.scaled_dot_product_attention
+    state = {"step": 0, "layer": 0}
+
+    def hook(q, k, v, *a, **kw):
+        ref = orig(q, k, v, *a, **kw)
+        layer = state["layer"]
+        state["layer"] += 1
+        if state["step"] in at_steps and layer in layers and not a and not kw:
+            on_call(state["step"], layer, q, k, v, ref)
+        return ref
+
+    class Done(Exception):
+        pass
+
+    def callback(i, x):
+        if i + 1 > max(at_steps):
+            raise Done  # the rest of the trajectory is not measured
+        state["step"], state["layer"] = i + 1, 0
+
+    noise = seeded_noise(shape, [seed], device=device)
+    labels = torch.tensor([label], device=device)
+    F.scaled_dot_product_attention = hook
+    try:
+        with torch.no_grad():
+            euler_sample(model, noise, labels, null_labels(labels, NUM_LABELS), sample_steps,
+                         model.meta.get("sampler", {}).get("guidance", 4.0), cond_key="labels", callback=callback)
+    except Done:
+        pass
+    finally:
+        F.scaled_dot_product_attention = orig
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -46,10 +86,6 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = torch.device(args.device)
-    model = load_toy_video_dit(device=dev, dtype=torch.float32)
-    shape = tuple(model.meta.get("sample_shape", (3, 16, 64, 64)))
-    orig = F.scaled_dot_product_attention
-    state = {"step": 0, "layer": 0}
     rows = []
 
     def err(q, k, v, ref, keep):
@@ -59,40 +95,18 @@ def main(argv=None) -> dict:
     def density(keep):
         return [keep[b].float().mean().item() for b in range(keep.shape[0])]
 
-    def hook(q, k, v, *a, **kw):
-        ref = orig(q, k, v, *a, **kw)
-        layer = state["layer"]
-        state["layer"] += 1
-        if state["step"] in args.at_steps and layer in args.layers and not a and not kw:
-            for alpha in args.alphas:
-                keep = P.profile_slices(q, k, alpha=alpha, block_m=args.block_m)
-                rows.append(dict(step=state["step"], layer=layer, predictor="profile", alpha=alpha,
-                                 density=density(keep), rel_err=err(q, k, v, ref, keep)))
-            for tau in args.taus:
-                keep = P.pooled_slices(q, k, tau=tau, block_m=args.block_m)
-                rows.append(dict(step=state["step"], layer=layer, predictor="pooled", tau=tau,
-                                 density=density(keep), rel_err=err(q, k, v, ref, keep)))
-        return ref
+    def on_call(step, layer, q, k, v, ref):
+        for alpha in args.alphas:
+            keep = P.profile_slices(q, k, alpha=alpha, block_m=args.block_m)
+            rows.append(dict(step=step, layer=layer, predictor="profile", alpha=alpha,
+                             density=density(keep), rel_err=err(q, k, v, ref, keep)))
+        for tau in args.taus:
+            keep = P.pooled_slices(q, k, tau=tau, block_m=args.block_m)
+            rows.append(dict(step=step, layer=layer, predictor="pooled", tau=tau,
+                             density=density(keep), rel_err=err(q, k, v, ref, keep)))
 
-    class Done(Exception):
-        pass
-
-    def callback(i, x):
-        if i + 1 > max(args.at_steps):
-            raise Done  # the rest of the trajectory is not measured
-        state["step"], state["layer"] = i + 1, 0
-
-    noise = seeded_noise(shape, [args.seed], device=dev)
-    labels = torch.tensor([args.label], device=dev)
-    F.scaled_dot_product_attention = hook
-    try:
-        with torch.no_grad():
-            euler_sample(model, noise, labels, null_labels(labels, NUM_LABELS), args.sample_steps, 4.0,
-                         cond_key="labels", callback=callback)
-    except Done:
-        pass
-    finally:
-        F.scaled_dot_product_attention = orig
+    trajectory_attention(on_call, seed=args.seed, label=args.label, sample_steps=args.sample_steps,
+                         at_steps=args.at_steps, layers=args.layers, device=dev)
     res = {"device": args.device, "torch": torch.__version__, "seed": args.seed, "label": label_name(args.label),
            "sample_steps": args.sample_steps, "block_m": args.block_m, "batch": "CFG: [conditional, unconditional]",
            "rows": rows}
