@@ -1,0 +1,98 @@
+"""Is FlexAttention's output right on the tile BlockMasks the benchmarks build? (GPU or CPU)
+
+The benchmarks time FlexAttention on BlockMasks given by their kept 128 x 128 tiles
+(``BlockMask.from_kv_blocks``, the tiles as full blocks). This checks each construction's output
+against the tile-sparse float32 reference (``sparse_attention_reference`` with block_m = block_n =
+128) on fresh random inputs, at a length that is a multiple of 128 and at one that is not (Wan
+480p: 32,760), and times it:
+
+- full: the kept tiles as full blocks, no mask_mod (kernel_bench / sm90_probe);
+- full+mod: the same with a mask_mod reading the tile mask (equal_error_bench);
+- partial: the kept tiles as partial blocks, with that mask_mod;
+- created: ``create_block_mask`` of that mask_mod (FlexAttention's own construction).
+
+    python benchmarks/flex_check.py [--seqs 32768,32760] [--heads 12] [--density 0.75]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from fgcompile.kernels import packing  # noqa: E402
+from fgcompile.kernels.reference import sparse_attention_reference  # noqa: E402
+from results_io import write_result  # noqa: E402
+
+BM = 128
+
+
+def masks(keep: torch.Tensor, S: int):
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+    cnt, idx = packing._compact(keep)
+    z, zi = torch.zeros_like(cnt), torch.zeros_like(idx)
+
+    def mod(b, h, q_idx, kv_idx):
+        return keep[b, h, q_idx // BM, kv_idx // BM]
+
+    B, H = keep.shape[:2]
+    return {
+        "full": BlockMask.from_kv_blocks(z, zi, cnt, idx, BLOCK_SIZE=BM, seq_lengths=(S, S)),
+        "full+mod": BlockMask.from_kv_blocks(z, zi, cnt, idx, BLOCK_SIZE=BM, mask_mod=mod, seq_lengths=(S, S)),
+        "partial": BlockMask.from_kv_blocks(cnt, idx, BLOCK_SIZE=BM, mask_mod=mod, seq_lengths=(S, S)),
+        "created": create_block_mask(mod, B, H, S, S, device=keep.device, BLOCK_SIZE=BM),
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seqs", default="32768,32760")
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--density", type=float, default=0.75)
+    ap.add_argument("--check-heads", type=int, default=2, help="heads compared with the reference")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    cuda = torch.cuda.is_available()
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    flex = torch.compile(flex_attention, dynamic=False)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rows = []
+    for S in [int(s) for s in args.seqs.split(",")]:
+        H, D = args.heads, args.head_dim
+        q, k, v = (torch.randn(1, H, S, D, device=dev, dtype=dtype, generator=gen) for _ in range(3))
+        n = -(-S // BM)
+        keep = torch.rand(1, H, n, n, device=dev, generator=gen) < args.density
+        keep |= torch.eye(n, device=dev, dtype=torch.bool)
+        hs = slice(0, args.check_heads)
+        ref = sparse_attention_reference(q[:, hs], k[:, hs], v[:, hs], keep[:, hs], BM, BM, D ** -0.5)
+        for name, bm in masks(keep, S).items():
+            row = {"S": S, "mask": name, "tile_density": float(keep.float().mean())}
+            try:
+                out = flex(q, k, v, block_mask=bm, scale=D ** -0.5)
+                row["rel_err"] = float((out[:, hs].float() - ref.float()).norm() / ref.float().norm())
+                if cuda:
+                    from triton.testing import do_bench
+
+                    row["ms"] = float(do_bench(lambda: flex(q, k, v, block_mask=bm, scale=D ** -0.5),
+                                               warmup=25, rep=100, return_mode="median"))
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:400]
+            rows.append(row)
+            print(row, flush=True)
+    res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+           "shape": {"B": 1, "H": args.heads, "D": args.head_dim, "dtype": str(dtype)}, "rows": rows}
+    write_result(res, "flex_check", args.out)
+    return res
+
+
+if __name__ == "__main__":
+    main()
