@@ -57,6 +57,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--density", type=float, default=0.75)
     ap.add_argument("--check-heads", type=int, default=2, help="heads compared with the reference")
+    ap.add_argument("--suite", action="store_true",
+                    help="also the synthetic video suite's q/k/v (21 x 30 x 52 tokens; on CPU: 4 x 8 x 16)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from torch.nn.attention.flex_attention import flex_attention
@@ -66,16 +68,25 @@ def main(argv=None) -> dict:
     flex = torch.compile(flex_attention, dynamic=False)
     gen = torch.Generator(device=dev).manual_seed(0)
     rows = []
-    for S in [int(s) for s in args.seqs.split(",")]:
+    inputs = [("randn", int(s)) for s in args.seqs.split(",")]
+    if args.suite:
+        inputs.append(("suite", 21 * 30 * 52 if cuda else 4 * 8 * 16))
+    for source, S in inputs:
         H, D = args.heads, args.head_dim
-        q, k, v = (torch.randn(1, H, S, D, device=dev, dtype=dtype, generator=gen) for _ in range(3))
+        if source == "suite":
+            from fgcompile.testing.synthetic import make_attention_inputs
+
+            q, k, v = make_attention_inputs(*((21, 30, 52) if cuda else (4, 8, 16)), heads=H, head_dim=D,
+                                            dtype=dtype, device=dev)
+        else:
+            q, k, v = (torch.randn(1, H, S, D, device=dev, dtype=dtype, generator=gen) for _ in range(3))
         n = -(-S // BM)
         keep = torch.rand(1, H, n, n, device=dev, generator=gen) < args.density
         keep |= torch.eye(n, device=dev, dtype=torch.bool)
         hs = slice(0, args.check_heads)
         ref = sparse_attention_reference(q[:, hs], k[:, hs], v[:, hs], keep[:, hs], BM, BM, D ** -0.5)
         for name, bm in masks(keep, S).items():
-            row = {"S": S, "mask": name, "tile_density": float(keep.float().mean())}
+            row = {"inputs": source, "S": S, "mask": name, "tile_density": float(keep.float().mean())}
             try:
                 out = flex(q, k, v, block_mask=bm, scale=D ** -0.5)
                 row["rel_err"] = float((out[:, hs].float() - ref.float()).norm() / ref.float().norm())
