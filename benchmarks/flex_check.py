@@ -59,6 +59,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--check-heads", type=int, default=2, help="heads compared with the reference")
     ap.add_argument("--suite", action="store_true",
                     help="also the synthetic video suite's q/k/v (21 x 30 x 52 tokens; on CPU: 4 x 8 x 16)")
+    ap.add_argument("--masks", default="full,full+mod,partial,created", help="which constructions to run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from torch.nn.attention.flex_attention import flex_attention
@@ -86,6 +87,8 @@ def main(argv=None) -> dict:
         hs = slice(0, args.check_heads)
         ref = sparse_attention_reference(q[:, hs], k[:, hs], v[:, hs], keep[:, hs], BM, BM, D ** -0.5)
         for name, bm in masks(keep, S).items():
+            if name not in args.masks.split(","):
+                continue
             row = {"inputs": source, "S": S, "mask": name, "tile_density": float(keep.float().mean())}
             try:
                 out = flex(q, k, v, block_mask=bm, scale=D ** -0.5)
