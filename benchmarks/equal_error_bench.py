@@ -5,6 +5,8 @@ that serves that granularity on that very mask.
 
     python benchmarks/equal_error_bench.py [--target 0.01] [--out ...]      # CUDA (an H100)
     python benchmarks/equal_error_bench.py --grid 4 8 16 --heads 2 --no-time  # the search alone, any device
+    python benchmarks/equal_error_bench.py --source toy      # the trained toy DiT's own calls (CPU: 26 min),
+                                                             # equal_error_toy_<device>.json, no timing
 
 Masks: the profile rule of ``fgcompile.predictors`` (keep a tile iff the largest softmax probability
 of any of its query/key pairs exceeds alpha / S_kv), alpha bisected on a log scale (``--steps``) to
