@@ -34,7 +34,6 @@ import math
 import os
 import sys
 
-os.environ.setdefault("FGCOMPILE_AUTOTUNE", "1")  # the Triton launches autotune (each M its best config)
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -160,6 +159,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-time", action="store_true", help="the density search only (any device)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    os.environ.setdefault("FGCOMPILE_AUTOTUNE", "1")  # the Triton launches autotune (each M its best config)
     grans = args.granularities.split(",")
     for g in grans:
         if g not in GRANULARITIES:

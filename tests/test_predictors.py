@@ -588,3 +588,25 @@ def test_quality_bench_top_key_mass_and_density_at():
     assert exact and 0.3 < d < 0.5
     assert quality.density_at([(0.2, 0.001)]) == (0.2, False)
     assert quality.density_at([(0.2, 0.5)]) == (None, False)
+
+
+def test_equal_error_bench_search_alpha():
+    """benchmarks/equal_error_bench.py's bisection: the largest alpha whose error is within the
+    target, for an error that grows with alpha; None when even the smallest alpha misses it."""
+    import math
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import equal_error_bench as eeb
+    finally:
+        sys.path.pop(0)
+    err = lambda a: 0.001 * a  # noqa: E731  (error 1% at alpha 10)
+    alpha, seen = eeb.search_alpha(err, 0.01, steps=20)
+    assert err(alpha) <= 0.01 and alpha == pytest.approx(10.0, rel=1e-3) and alpha in seen
+    assert len(seen) == 22 and all(math.isfinite(e) for e in seen.values())
+    assert eeb.search_alpha(lambda a: 1.0, 0.01, steps=5)[0] is None
+    assert eeb.search_alpha(lambda a: 0.0, 0.01, steps=5)[0] == 1e4
+    assert eeb.savings({"128x1": {"density": 0.6}, "128x128": {"density": 0.8}, "32x1": {}}) == \
+        pytest.approx({"128x1": 0.25, "128x128": 0.0})
