@@ -86,11 +86,14 @@ def search_alpha(err_of, target: float, steps: int, lo: float = 1e-3, hi: float 
 def flex_tile_mask(keep: torch.Tensor, bm: int, S: int):
     """The FlexAttention BlockMask (BLOCK_SIZE bm) whose full blocks are the kept bm x bm tiles. Its
     mask_mod reads the tile mask too, so that paths which apply the mask_mod densely (eager, CPU)
-    give the same result; the compiled kernel skips the mask_mod on full blocks."""
+    give the same result; the compiled kernel skips the mask_mod on full blocks. The index tensor is
+    made contiguous: ``packing._compact`` returns a strided view, which FlexAttention's kernel may
+    read as contiguous (its template says "KV_IDX and KV_NUM_BLKS are always contiguous")."""
     from fgcompile.kernels import packing
     from torch.nn.attention.flex_attention import BlockMask
 
     cnt, idx = packing._compact(keep)
+    idx = idx.contiguous()
 
     def mask_mod(b, h, q_idx, kv_idx):
         return keep[b, h, q_idx // bm, kv_idx // bm]

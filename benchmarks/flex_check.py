@@ -6,8 +6,11 @@ against the tile-sparse float32 reference (``sparse_attention_reference`` with b
 128) on fresh random inputs, at a length that is a multiple of 128 and at one that is not (Wan
 480p: 32,760), and times it:
 
-- full: the kept tiles as full blocks, no mask_mod (kernel_bench / sm90_probe);
-- full+mod: the same with a mask_mod reading the tile mask (equal_error_bench);
+- full: the kept tiles as full blocks, no mask_mod (kernel_bench), indices as ``packing._compact``
+  gives them (a strided view: rows n + 1 apart);
+- full_contig: the same with contiguous indices (sm90_probe's argsort gives contiguous ones);
+- full+mod: full blocks with contiguous indices and a mask_mod reading the tile mask
+  (equal_error_bench);
 - partial: the kept tiles as partial blocks, with that mask_mod;
 - created: ``create_block_mask`` of that mask_mod (FlexAttention's own construction).
 
@@ -47,6 +50,8 @@ def masks(keep: torch.Tensor, S: int, names) -> dict:
     B, H = keep.shape[:2]
     build = {
         "full": lambda: BlockMask.from_kv_blocks(z, zi, cnt, idx, BLOCK_SIZE=BM, seq_lengths=(S, S)),
+        "full_contig": lambda: BlockMask.from_kv_blocks(z, zi, cnt, idx.contiguous(), BLOCK_SIZE=BM,
+                                                        seq_lengths=(S, S)),
         "full+mod": lambda: flex_tile_mask(keep, BM, S),  # what equal_error_bench times
         "partial": lambda: BlockMask.from_kv_blocks(cnt, idx, BLOCK_SIZE=BM, mask_mod=mod, seq_lengths=(S, S)),
         "created": lambda: create_block_mask(mod, B, H, S, S, device=keep.device, BLOCK_SIZE=BM),
@@ -63,7 +68,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--check-heads", type=int, default=2, help="heads compared with the reference")
     ap.add_argument("--suite", action="store_true",
                     help="also the synthetic video suite's q/k/v (21 x 30 x 52 tokens; on CPU: 4 x 8 x 16)")
-    ap.add_argument("--masks", default="full,full+mod,partial,created", help="which constructions to run")
+    ap.add_argument("--masks", default="full,full_contig,full+mod,partial,created", help="which constructions to run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from torch.nn.attention.flex_attention import flex_attention

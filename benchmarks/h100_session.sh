@@ -50,7 +50,9 @@
 #                                       # CASES (default wan,wan_model; REPEATS, default 2), and e2e_wan.py 480p b1
 #                                       # (SKIP_E2E=1: none)
 #   bash benchmarks/h100_session.sh EQ  # equal_error_bench.py (each granularity's time at equal output error on the
-#                                       # synthetic suite, Wan 480p; EQ_ARGS), then the GPU tests (TESTS, default all)
+#                                       # synthetic suite, Wan 480p; EQ_ARGS), then the GPU tests (TESTS, default all);
+#                                       # FLEX_CHECK=1 first runs flex_check.py (FlexAttention's output per BlockMask
+#                                       # construction, random and suite inputs; FC_ARGS)
 #   bash benchmarks/h100_session.sh O   # the predictor GPU tests, pooled_select_probe.py (the selection kernel's variants),
 #                                       # variant_probe.py --parts kernel (the sparse kernel's tile configs)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -312,6 +314,10 @@ J)
   echo "e2e rc=$?"; grep -E "^480p|memory_ratio_480p|speedup_480p_d0" "$OUT/e2e.txt"
   ;;
 EQ)
+  if [ -n "$FLEX_CHECK" ]; then
+    timeout ${FC_LIMIT:-200} python3 benchmarks/flex_check.py --suite ${FC_ARGS} --out "$OUT/flex_check_${TAG}.json" > "$OUT/flex_check.txt" 2>&1
+    echo "flex_check rc=$?"; grep -E "^\{" "$OUT/flex_check.txt" | sed -E "s/'tile_density': [0-9.]+, //" | cut -c1-160
+  fi
   timeout ${LIMIT:-280} python3 benchmarks/equal_error_bench.py ${EQ_ARGS} --out "$OUT/equal_error_${TAG}.json" > "$OUT/equal_error.txt" 2>&1
   echo "equal_error rc=$?"; grep -vE "Warning|warn|^ *$" "$OUT/equal_error.txt" | tail -${TAIL:-12}
   [ -n "$SKIP_TESTS" ] && exit 0
