@@ -83,25 +83,6 @@ def search_alpha(err_of, target: float, steps: int, lo: float = 1e-3, hi: float 
     return best, seen
 
 
-def flex_tile_mask(keep: torch.Tensor, bm: int, S: int):
-    """The FlexAttention BlockMask (BLOCK_SIZE bm) whose full blocks are the kept bm x bm tiles. Its
-    mask_mod reads the tile mask too, so that paths which apply the mask_mod densely (eager, CPU)
-    give the same result; the compiled kernel skips the mask_mod on full blocks. The index tensor is
-    made contiguous: ``packing._compact`` returns a strided view, which FlexAttention's kernel may
-    read as contiguous (its template says "KV_IDX and KV_NUM_BLKS are always contiguous")."""
-    from fgcompile.kernels import packing
-    from torch.nn.attention.flex_attention import BlockMask
-
-    cnt, idx = packing._compact(keep)
-    idx = idx.contiguous()
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return keep[b, h, q_idx // bm, kv_idx // bm]
-
-    return BlockMask.from_kv_blocks(torch.zeros_like(cnt), torch.zeros_like(idx), cnt, idx, BLOCK_SIZE=bm,
-                                    mask_mod=mask_mod, seq_lengths=(S, S))
-
-
 def search_rows(q, k, v, grans, target: float, steps: int, timing: bool, dense=None) -> dict:
     """Per granularity name: the bisected alpha, its density and error, the sweep, and (``timing``)
     the kernel's time on that mask. q/k/v (B, H, S, D) self-attention; ``dense``: the dense output."""
@@ -281,10 +262,11 @@ def time_granularity(name, q, k, v, keep, scale, dense) -> dict:
                     lambda: (launch_sparse_kernel_sm90(q, k, v, out, p0.counts, p0.indices, scale), out)[1])
                 res["kernel"], res["ms"], res["kernel_rel_err"] = "gluon_sm90", res["gluon_ms"], res["gluon_rel_err"]
         else:
+            from flex_masks import tile_block_mask
             from torch.nn.attention.flex_attention import flex_attention
 
             flex = torch.compile(flex_attention, dynamic=False)
-            mask = flex_tile_mask(keep, bm, S)
+            mask = tile_block_mask(keep, bm, S)
             opts = {"BLOCK_M": bm, "BLOCK_N": bm} if bm < 128 else None
             res["ms"], res["kernel_rel_err"] = bench(
                 lambda: flex(q, k, v, block_mask=mask, scale=scale, kernel_options=opts))

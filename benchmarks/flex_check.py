@@ -6,12 +6,13 @@ against the tile-sparse float32 reference (``sparse_attention_reference`` with b
 128) on fresh random inputs, at a length that is a multiple of 128 and at one that is not (Wan
 480p: 32,760), and times it:
 
-- full: the kept tiles as full blocks, no mask_mod (kernel_bench), indices as ``packing._compact``
-  gives them (a strided view: rows n + 1 apart);
-- full_contig: the same with contiguous indices (sm90_probe's argsort gives contiguous ones);
-- full+mod: full blocks with contiguous indices and a mask_mod reading the tile mask
-  (equal_error_bench);
-- partial: the kept tiles as partial blocks, with that mask_mod;
+- full: the kept tiles as full blocks, no mask_mod, indices as ``packing._compact`` gives them (a
+  strided view: rows n + 1 apart; kernel_bench's construction up to session 18);
+- full_contig: the same with contiguous indices (``flex_masks.tile_block_mask`` without mask_mod:
+  kernel_bench and sm90_probe now);
+- full+mod: ``flex_masks.tile_block_mask``, full blocks with contiguous indices and a mask_mod
+  reading the tile mask (equal_error_bench);
+- partial: the kept tiles as partial blocks, with that mask_mod (strided indices);
 - created: ``create_block_mask`` of that mask_mod (FlexAttention's own construction).
 
     python benchmarks/flex_check.py [--seqs 32768,32760] [--heads 12] [--density 0.75]
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fgcompile.kernels import packing  # noqa: E402
 from fgcompile.kernels.reference import sparse_attention_reference  # noqa: E402
-from equal_error_bench import flex_tile_mask  # noqa: E402
+from flex_masks import tile_block_mask  # noqa: E402
 from results_io import write_result  # noqa: E402
 
 BM = 128
@@ -50,9 +51,8 @@ def masks(keep: torch.Tensor, S: int, names) -> dict:
     B, H = keep.shape[:2]
     build = {
         "full": lambda: BlockMask.from_kv_blocks(z, zi, cnt, idx, BLOCK_SIZE=BM, seq_lengths=(S, S)),
-        "full_contig": lambda: BlockMask.from_kv_blocks(z, zi, cnt, idx.contiguous(), BLOCK_SIZE=BM,
-                                                        seq_lengths=(S, S)),
-        "full+mod": lambda: flex_tile_mask(keep, BM, S),  # what equal_error_bench times
+        "full_contig": lambda: tile_block_mask(keep, BM, S, mask_mod=False),  # kernel_bench, sm90_probe
+        "full+mod": lambda: tile_block_mask(keep, BM, S),  # what equal_error_bench times
         "partial": lambda: BlockMask.from_kv_blocks(cnt, idx, BLOCK_SIZE=BM, mask_mod=mod, seq_lengths=(S, S)),
         "created": lambda: create_block_mask(mod, B, H, S, S, device=keep.device, BLOCK_SIZE=BM),
     }

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
@@ -39,6 +40,7 @@ from triton.testing import do_bench  # noqa: E402
 from fgcompile.attention import pack_slices  # noqa: E402
 from fgcompile.kernels import packing, reference  # noqa: E402
 from fgcompile.kernels.triton_sparse import best_config, sparse_attention_triton  # noqa: E402
+from flex_masks import slice_covering_block_mask, tile_block_mask  # noqa: E402
 
 GRIDS = {32760: (21, 30, 52), 75600: (21, 45, 80)}
 B, H, D, BM = 1, 12, 128, 128
@@ -86,37 +88,12 @@ def structured_mask(S, kind, wt, wh, device):
     return keep[None, None]
 
 
-def flex_block_mask_covering(keep, S):
-    """The 128 x 128 BlockMask covering a (B, H, nQB, S) slice mask, exact via mask_mod."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    Bq, Hq, nqb, _ = keep.shape
-    nkt = -(-S // 128)
-    padded = torch.zeros(Bq, Hq, nqb, nkt * 128, dtype=torch.bool, device=keep.device)
-    padded[..., :S] = keep
-    tiles = padded.reshape(Bq, Hq, nqb, nkt, 128)
-    anyk = tiles.any(-1)
-    full = tiles.all(-1)
-    full[..., -1] &= S % 128 == 0  # the last, incomplete tile is never "full"
-    partial = anyk & ~full
-    pc, pi = packing._compact(partial)
-    fc, fi = packing._compact(full)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return padded[b, h, q_idx // 128, kv_idx]
-
-    bm = BlockMask.from_kv_blocks(pc, pi, fc, fi, BLOCK_SIZE=128, mask_mod=mask_mod, seq_lengths=(S, S))
-    return bm, anyk.float().mean().item()
-
-
 def flex_block_mask_random(density, S, device, gen):
-    from torch.nn.attention.flex_attention import BlockMask
-
-    nqb = nkt = -(-S // 128)
-    tk = torch.rand(B, H, nqb, nkt, device=device, generator=gen) < density
-    fc, fi = packing._compact(tk)
-    zc = torch.zeros_like(fc)
-    return BlockMask.from_kv_blocks(zc, torch.zeros_like(fi), fc, fi, BLOCK_SIZE=128, seq_lengths=(S, S)), tk
+    """A BlockMask of random 128 x 128 tiles kept with probability ``density``, all full blocks, and
+    its (B, H, nQB, nKB) tile mask."""
+    n = -(-S // 128)
+    tk = torch.rand(B, H, n, n, device=device, generator=gen) < density
+    return tile_block_mask(tk, 128, S, mask_mod=False), tk
 
 
 def main():
@@ -213,7 +190,7 @@ def main():
                     if dens == 1.0:
                         t_flex_dense = row["flex_equal_ms"]
                     del bm_eq
-                bm_cov, d_cov = flex_block_mask_covering(keep, S)
+                bm_cov, d_cov = slice_covering_block_mask(keep, S)
                 row["flex_covering_ms"] = round(bench_ms(lambda: flex(q, k, v, block_mask=bm_cov, scale=scale)), 4)
                 row["flex_covering_tile_density"] = round(d_cov, 4)
                 row["speedup_vs_flex_covering"] = round(row["flex_covering_ms"] / t_ours, 3)

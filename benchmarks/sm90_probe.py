@@ -31,6 +31,7 @@ from fgcompile.attention import pack_slices  # noqa: E402
 from fgcompile.kernels import reference  # noqa: E402
 from fgcompile.kernels.gluon_sparse_sm90 import launch_sparse_kernel_sm90, sm90_supported  # noqa: E402
 from fgcompile.kernels.triton_sparse import HEURISTIC_CONFIGS, sparse_attention_triton  # noqa: E402
+from flex_masks import tile_block_mask  # noqa: E402
 from results_io import write_result  # noqa: E402
 import variant_probe as wan  # noqa: E402  (the Wan 480p shape, its budget masks, dense baselines)
 
@@ -105,7 +106,7 @@ def speed(res, flex=True):
     res["speed"] = {"shape": [B, H, S, D], "dtype": "bf16", "cudnn_ms": cudnn, "flash_ms": flash, "rows": []}
     print(f"cudnn {cudnn:.3f} ms  flash {flash:.3f} ms", flush=True)
     try:
-        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+        from torch.nn.attention.flex_attention import flex_attention
         flex = torch.compile(flex_attention) if flex else None
     except Exception:
         flex = None
@@ -144,9 +145,7 @@ def speed(res, flex=True):
                 nb = -(-S // 128)
                 blk = torch.rand(B, H, nb, nb, device="cuda", generator=gen) < dens
                 blk |= torch.eye(nb, device="cuda", dtype=torch.bool)
-                num = blk.sum(-1).to(torch.int32)
-                idx = torch.argsort(blk.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-                bm = BlockMask.from_kv_blocks(torch.zeros_like(num), idx, num, idx, BLOCK_SIZE=128, seq_lengths=(S, S))
+                bm = tile_block_mask(blk, 128, S, mask_mod=False)
                 fo = flex(q, k, v, block_mask=bm, scale=scale)
                 row["block_density"] = float(blk.float().mean())
                 # its output against the tile-sparse reference (session 18 saw FlexAttention off by 56%
