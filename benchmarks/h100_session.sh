@@ -53,6 +53,8 @@
 #                                       # synthetic suite, Wan 480p; EQ_ARGS), then the GPU tests (TESTS, default all);
 #                                       # FLEX_CHECK=1 first runs flex_check.py (FlexAttention's output per BlockMask
 #                                       # construction, random and suite inputs; FC_ARGS)
+#   bash benchmarks/h100_session.sh FC  # flex_check.py (FlexAttention's output per BlockMask construction; FC_ARGS),
+#                                       # then the GPU tests (TESTS, default all; PYK: a -k filter)
 #   bash benchmarks/h100_session.sh O   # the predictor GPU tests, pooled_select_probe.py (the selection kernel's variants),
 #                                       # variant_probe.py --parts kernel (the sparse kernel's tile configs)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -324,5 +326,11 @@ EQ)
   timeout ${TEST_LIMIT:-270} python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS:-tests} -n 4 --durations=6 > "$OUT/gpu_tests.txt" 2>&1
   echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.txt" | head -12
   ;;
-*) echo "usage: $0 A|B|C|D|E|EQ|F|G|H|I|J|K|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z"; exit 2 ;;
+FC)
+  timeout ${FC_LIMIT:-200} python3 benchmarks/flex_check.py --suite ${FC_ARGS} --out "$OUT/flex_check_${TAG}.json" > "$OUT/flex_check.txt" 2>&1
+  echo "flex_check rc=$?"; grep -E "^\{" "$OUT/flex_check.txt" | sed -E "s/'tile_density': [0-9.]+, //" | cut -c1-200
+  timeout ${TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS:-tests} ${PYK:+-k "$PYK"} -n 4 --durations=6 > "$OUT/gpu_tests.txt" 2>&1
+  echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.txt" | head -12
+  ;;
+*) echo "usage: $0 A|B|C|D|E|EQ|FC|F|G|H|I|J|K|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z"; exit 2 ;;
 esac

@@ -372,3 +372,43 @@ def test_compile_starts_inductors_compile_pool(monkeypatch):
     with torch.no_grad():
         c(*_inputs())
     assert calls, "the backend did not start Inductor's compile pool"
+
+
+_WARM_CACHE_SCRIPT = """
+import torch, fgcompile
+from torch._dynamo.utils import counters
+from fgcompile import FGAttnConfig
+from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
+torch.manual_seed(0)
+m = ToyVideoDiT(ToyDiTConfig(depth=2, width=256, heads=2)).eval().cuda().to(torch.bfloat16)
+g = torch.Generator(device="cuda").manual_seed(0)
+x = torch.randn(1, 4, 4, 32, 32, device="cuda", generator=g).to(torch.bfloat16)
+t = torch.rand(1, device="cuda", generator=g).to(torch.bfloat16)
+text = torch.randn(1, 16, 64, device="cuda", generator=g).to(torch.bfloat16)
+cfg = FGAttnConfig(predictor="profile", alpha=0.3, profile_calls=(0,), min_seq_len=256, max_density=1.0)
+c = torch.compile(m, backend=fgcompile.backend(cfg), fullgraph=True)
+with torch.no_grad():
+    ref = m(x, t, text)
+    c(x, t, text)  # profiled
+    s = c(x, t, text)  # sparse
+err = ((s.float() - ref.float()).norm() / ref.float().norm()).item()
+print("HITS", counters["inductor"]["fxgraph_cache_hit"], "ERR", err)
+"""
+
+
+def test_warm_inductor_cache_in_a_new_process(tmp_path):
+    """A second process compiling the same model loads Inductor's cached code (an FX-graph-cache
+    hit: the sparse op is not traced again) and runs it: every custom op that code calls (the Gluon
+    sm_90 one on Hopper) is registered by the lowering pass itself."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+               TRITON_CACHE_DIR=str(tmp_path / "triton"), TORCHINDUCTOR_FX_GRAPH_CACHE="1")
+    runs = [subprocess.run([sys.executable, "-c", _WARM_CACHE_SCRIPT], env=env, capture_output=True, text=True,
+                           timeout=600) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    hits, err = (float(w) for w in runs[1].stdout.split("HITS")[-1].split("ERR"))
+    assert hits >= 1, runs[1].stdout  # the second process did load the cached graph
+    assert err < 0.05, err
