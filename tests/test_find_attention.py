@@ -889,6 +889,21 @@ def test_cross_attention_reason_is_not_called_self_attention():
     assert not r.sites[0].reason.startswith("self-attention")
 
 
+def test_in_place_scaling_of_the_scores_is_named_as_such():
+    """An in-place step inside the attention (``s.mul_(c)``) is reported as an in-place op, not as a
+    use outside the attention."""
+
+    def inplace(q, k, v):
+        s = q @ k.transpose(-2, -1)
+        s.mul_(0.125)
+        return s.softmax(-1) @ v
+
+    rep = fgcompile.explain(inplace, *qkv(), config=CFG)
+    assert not rep.sites
+    assert any("in-place op mul_" in why for _, _, why in rep.rejected), rep.rejected
+    torch.testing.assert_close(torch.compile(inplace, backend=fgattn_backend(CFG))(*qkv()), inplace(*qkv()))
+
+
 def test_explain_lists_what_is_not_a_site():
     """A softmax the pass does not follow (here logit soft-capping, tanh between the scores and the
     softmax) is listed with its reason, so a user sees why a site was missed."""
@@ -901,6 +916,7 @@ def test_explain_lists_what_is_not_a_site():
     assert not rep.sites
     assert len(rep.rejected) == 1 and rep.rejected[0][1] == "softmax"
     assert "between the scores and the softmax" in rep.rejected[0][2]
+    assert "(torch.tanh)" in rep.rejected[0][2] and " at 0x" not in rep.rejected[0][2]  # no object repr
     assert "not attention sites (left as written):" in str(rep)
     torch.testing.assert_close(torch.compile(softcapped, backend=fgattn_backend(CFG))(*qkv()), softcapped(*qkv()))
 

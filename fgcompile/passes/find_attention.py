@@ -807,11 +807,13 @@ class _Finder:
         for n in region:
             if n is output:
                 continue
+            if _mutates(n):  # its operand may be read elsewhere, through another name or a view
+                raise _Reject(f"{n.name} ({_target_str(n.target)}) is an in-place op")
             for u in n.users:
+                if u not in rset and _mutates(u) and u.args and u.args[0] is n:
+                    raise _Reject(f"{n.name} is modified by the in-place op {u.name} ({_target_str(u.target)})")
                 if u not in rset:
                     raise _Reject(f"{n.name} is also used by {u.name} outside the attention")
-            if _mutates(n):  # its operand may be read elsewhere, through another name or a view
-                raise _Reject(f"{n.name} is an in-place op")
         anc_out = nx.ancestors(g, output) | {output}
         anc_in: set = set()
         desc_in: set = set()
@@ -1007,7 +1009,7 @@ class _Finder:
             if src is not None:
                 cur, nd_s = src, _ndim(src)
                 continue
-            raise _Reject(f"{cur.name} ({cur.target}) between the scores and the softmax")
+            raise _Reject(f"{cur.name} ({_target_str(cur.target)}) between the scores and the softmax")
         if mask_kind == "bool" and mask_rank != nd:  # its dims are not those of q's batch dims
             mask_kind = "other"
             dense.append("a boolean mask applied to a reshaped view of the scores")
@@ -1455,6 +1457,17 @@ class _Finder:
                 m.info.decision = "dense"
                 m.info.reason = f"site {m.info.name} matches config.dense_sites {list(cfg.dense_sites)}"
         return matches
+
+
+def _target_str(t: Any) -> str:
+    """A node target for a message: ``"torch.tanh"``, ``"aten.tanh.default"``, ``"mul_"``."""
+    if isinstance(t, str):
+        return t
+    name = getattr(t, "__name__", None)
+    if name is None or isinstance(t, torch._ops.OpOverload):
+        return str(t)
+    mod = getattr(t, "__module__", None) or ("torch" if getattr(t, "__self__", None) is torch else None)
+    return f"{mod.lstrip('_')}.{name}" if mod else name
 
 
 def _dedup(xs: list) -> list:
