@@ -38,7 +38,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from fgcompile.attention import pack_slices  # noqa: E402
-from fgcompile.kernels import packing, reference  # noqa: E402
+from fgcompile.kernels import reference  # noqa: E402
 from fgcompile.kernels.triton_sparse import best_config, sparse_attention_triton  # noqa: E402
 from flex_masks import slice_covering_block_mask, tile_block_mask  # noqa: E402
 
