@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Callable, Iterator
 
 import torch
 
@@ -31,13 +32,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fgcompile.kernels import packing  # noqa: E402
 from fgcompile.kernels.reference import sparse_attention_reference  # noqa: E402
-from flex_masks import tile_block_mask  # noqa: E402
+from flex_masks import tile_block_mask, tile_mask_mod  # noqa: E402
 from results_io import write_result  # noqa: E402
 
 BM = 128
 
 
-def masks(keep: torch.Tensor, S: int, names) -> dict:
+def masks(keep: torch.Tensor, S: int, names) -> Iterator[tuple[str, Callable]]:
     """(name, builder of its BlockMask) of the (B, H, nQB, nKB) tile mask ``keep``, for the
     constructions in ``names`` only (``create_block_mask`` evaluates the mask_mod at every
     query/key pair)."""
@@ -45,10 +46,7 @@ def masks(keep: torch.Tensor, S: int, names) -> dict:
 
     cnt, idx = packing._compact(keep)
     z, zi = torch.zeros_like(cnt), torch.zeros_like(idx)
-
-    def mod(b, h, q_idx, kv_idx):
-        return keep[b, h, q_idx // BM, kv_idx // BM]
-
+    mod = tile_mask_mod(keep, BM)
     B, H = keep.shape[:2]
     build = {
         "full": lambda: BlockMask.from_kv_blocks(z, zi, cnt, idx, BLOCK_SIZE=BM, seq_lengths=(S, S)),
@@ -56,7 +54,7 @@ def masks(keep: torch.Tensor, S: int, names) -> dict:
         "full+mod": lambda: tile_block_mask(keep, BM, S),  # what equal_error_bench times
         "partial": lambda: BlockMask.from_kv_blocks(cnt, idx, BLOCK_SIZE=BM, mask_mod=mod, seq_lengths=(S, S)),
         # compiled: eager evaluation materialises every query/key pair (96 GiB at S = 32,768)
-        "created": lambda: create_block_mask(mod, B, H, S, S, device=keep.device, BLOCK_SIZE=BM, _compile=True),
+        "created": lambda: torch.compile(create_block_mask)(mod, B, H, S, S, device=keep.device, BLOCK_SIZE=BM),
     }
     for n in build:  # one at a time, as they are used: a construction may fail (out of memory)
         if n in names:

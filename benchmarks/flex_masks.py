@@ -28,6 +28,15 @@ def kv_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts, idx.contiguous()
 
 
+def tile_mask_mod(keep: torch.Tensor, block: int):
+    """The mask_mod of the (B, H, nQB, nKB) tile mask ``keep`` with ``block`` x ``block`` tiles."""
+
+    def tile_mod(b, h, q_idx, kv_idx):
+        return keep[b, h, q_idx // block, kv_idx // block]
+
+    return tile_mod
+
+
 def tile_block_mask(keep: torch.Tensor, block: int, S: int, *, mask_mod: bool = True):
     """The BlockMask (BLOCK_SIZE ``block``, seq_lengths (S, S)) whose full blocks are the kept tiles
     of ``keep``: (B, H, ceil(S / block), ceil(S / block)) bool. The last, incomplete tile counts as
@@ -35,12 +44,8 @@ def tile_block_mask(keep: torch.Tensor, block: int, S: int, *, mask_mod: bool = 
     from torch.nn.attention.flex_attention import BlockMask
 
     cnt, idx = kv_blocks(keep)
-
-    def tile_mod(b, h, q_idx, kv_idx):
-        return keep[b, h, q_idx // block, kv_idx // block]
-
     return BlockMask.from_kv_blocks(torch.zeros_like(cnt), torch.zeros_like(idx), cnt, idx, BLOCK_SIZE=block,
-                                    mask_mod=tile_mod if mask_mod else None, seq_lengths=(S, S))
+                                    mask_mod=tile_mask_mod(keep, block) if mask_mod else None, seq_lengths=(S, S))
 
 
 def slice_covering_block_mask(keep: torch.Tensor, S: int):

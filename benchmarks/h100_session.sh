@@ -68,6 +68,10 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 # results are named after the GPU model: "h100" on an H100, "h200" on an H200
 TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')
+flex_check() {  # FlexAttention's output per BlockMask construction (FC_ARGS, FC_LIMIT)
+  timeout ${FC_LIMIT:-200} python3 benchmarks/flex_check.py --suite ${FC_ARGS} --out "$OUT/flex_check_${TAG}.json" > "$OUT/flex_check.txt" 2>&1
+  echo "flex_check rc=$?"; grep -E "^\{" "$OUT/flex_check.txt" | sed -E "s/'tile_density': [0-9.]+, //" | cut -c1-200
+}
 case "$1" in
 A)
   timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests -n 4 --durations=8 > "$OUT/gpu_tests.txt" 2>&1
@@ -316,10 +320,7 @@ J)
   echo "e2e rc=$?"; grep -E "^480p|memory_ratio_480p|speedup_480p_d0" "$OUT/e2e.txt"
   ;;
 EQ)
-  if [ -n "$FLEX_CHECK" ]; then
-    timeout ${FC_LIMIT:-200} python3 benchmarks/flex_check.py --suite ${FC_ARGS} --out "$OUT/flex_check_${TAG}.json" > "$OUT/flex_check.txt" 2>&1
-    echo "flex_check rc=$?"; grep -E "^\{" "$OUT/flex_check.txt" | sed -E "s/'tile_density': [0-9.]+, //" | cut -c1-160
-  fi
+  [ -n "$FLEX_CHECK" ] && flex_check
   timeout ${LIMIT:-280} python3 benchmarks/equal_error_bench.py ${EQ_ARGS} --out "$OUT/equal_error_${TAG}.json" > "$OUT/equal_error.txt" 2>&1
   echo "equal_error rc=$?"; grep -vE "Warning|warn|^ *$" "$OUT/equal_error.txt" | tail -${TAIL:-12}
   [ -n "$SKIP_TESTS" ] && exit 0
@@ -327,8 +328,7 @@ EQ)
   echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.txt" | head -12
   ;;
 FC)
-  timeout ${FC_LIMIT:-200} python3 benchmarks/flex_check.py --suite ${FC_ARGS} --out "$OUT/flex_check_${TAG}.json" > "$OUT/flex_check.txt" 2>&1
-  echo "flex_check rc=$?"; grep -E "^\{" "$OUT/flex_check.txt" | sed -E "s/'tile_density': [0-9.]+, //" | cut -c1-200
+  flex_check
   timeout ${TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS:-tests} ${PYK:+-k "$PYK"} -n 4 --durations=6 > "$OUT/gpu_tests.txt" 2>&1
   echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.txt" | head -12
   ;;

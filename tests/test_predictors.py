@@ -567,17 +567,23 @@ def test_config_takes_numpy_scalars():
         FGAttnConfig(block_m=np.int64(48))
 
 
-def test_quality_bench_top_key_mass_and_density_at():
-    """benchmarks/quality.py's calibration statistic (mean softmax mass of each query's top
-    fraction of keys, per head) against a brute-force sort, and its 1%-error interpolation."""
+def _benchmark_module(name: str):
+    """Import ``benchmarks/<name>.py`` (a script directory, not a package)."""
+    import importlib
     import pathlib
     import sys
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     try:
-        import quality
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def test_quality_bench_top_key_mass_and_density_at():
+    """benchmarks/quality.py's calibration statistic (mean softmax mass of each query's top
+    fraction of keys, per head) against a brute-force sort, and its 1%-error interpolation."""
+    quality = _benchmark_module("quality")
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 3, 50, 8, generator=g), torch.randn(2, 3, 40, 8, generator=g)
     got = quality.top_key_mass(q, k, 0.7, fraction=0.25, chunk=7)
@@ -594,14 +600,8 @@ def test_equal_error_bench_search_alpha():
     """benchmarks/equal_error_bench.py's bisection: the largest alpha whose error is within the
     target, for an error that grows with alpha; None when even the smallest alpha misses it."""
     import math
-    import pathlib
-    import sys
 
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import equal_error_bench as eeb
-    finally:
-        sys.path.pop(0)
+    eeb = _benchmark_module("equal_error_bench")
     err = lambda a: 0.001 * a  # noqa: E731  (error 1% at alpha 10)
     alpha, seen = eeb.search_alpha(err, 0.01, steps=20)
     assert err(alpha) <= 0.01 and alpha == pytest.approx(10.0, rel=1e-3) and alpha in seen

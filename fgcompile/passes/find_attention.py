@@ -810,10 +810,11 @@ class _Finder:
             if _mutates(n):  # its operand may be read elsewhere, through another name or a view
                 raise _Reject(f"{n.name} ({_target_str(n.target)}) is an in-place op")
             for u in n.users:
-                if u not in rset and _mutates(u) and u.args and u.args[0] is n:
+                if u in rset:
+                    continue
+                if _mutates(u) and u.args and u.args[0] is n:
                     raise _Reject(f"{n.name} is modified by the in-place op {u.name} ({_target_str(u.target)})")
-                if u not in rset:
-                    raise _Reject(f"{n.name} is also used by {u.name} outside the attention")
+                raise _Reject(f"{n.name} is also used by {u.name} outside the attention")
         anc_out = nx.ancestors(g, output) | {output}
         anc_in: set = set()
         desc_in: set = set()
