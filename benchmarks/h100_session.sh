@@ -55,6 +55,9 @@
 #                                       # construction, random and suite inputs; FC_ARGS)
 #   bash benchmarks/h100_session.sh FC  # flex_check.py (FlexAttention's output per BlockMask construction; FC_ARGS),
 #                                       # then the GPU tests (TESTS, default all; PYK: a -k filter)
+#   bash benchmarks/h100_session.sh KB  # FLEX_CHECK=1: flex_check.py first (FC_ARGS); the GPU tests (TESTS, PYK, TEST_LIMIT),
+#                                       # then kernel_bench.py --check (KB_ARGS, KB_LIMIT: the Triton and Gluon kernels
+#                                       # against cuDNN, flash and FlexAttention with each BlockMask's error recorded)
 #   bash benchmarks/h100_session.sh O   # the predictor GPU tests, pooled_select_probe.py (the selection kernel's variants),
 #                                       # variant_probe.py --parts kernel (the sparse kernel's tile configs)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
@@ -332,5 +335,12 @@ FC)
   timeout ${TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS:-tests} ${PYK:+-k "$PYK"} -n 4 --durations=6 > "$OUT/gpu_tests.txt" 2>&1
   echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.txt" | head -12
   ;;
-*) echo "usage: $0 A|B|C|D|E|EQ|FC|F|G|H|I|J|K|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z"; exit 2 ;;
+KB)
+  [ "${FLEX_CHECK:-0}" = 1 ] && flex_check
+  timeout ${TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS:-tests} ${PYK:+-k "$PYK"} -n 4 --durations=6 > "$OUT/gpu_tests.txt" 2>&1
+  echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.txt" | head -12
+  timeout ${KB_LIMIT:-300} python3 benchmarks/kernel_bench.py --check ${KB_ARGS} --out "$OUT/kernel_${TAG}.json" > "$OUT/kernel_bench.txt" 2>&1
+  echo "kernel_bench rc=$?"; grep -vE "^  \{|Warning|warn" "$OUT/kernel_bench.txt" | tail -24
+  ;;
+*) echo "usage: $0 A|B|C|D|E|EQ|FC|F|G|H|I|J|K|KB|M|N|O|P|Q|R|S|T|U|V|W|X|Y|Z"; exit 2 ;;
 esac

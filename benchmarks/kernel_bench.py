@@ -39,6 +39,7 @@ from triton.testing import do_bench  # noqa: E402
 
 from fgcompile.attention import pack_slices  # noqa: E402
 from fgcompile.kernels import reference  # noqa: E402
+from fgcompile.kernels.gluon_sparse_sm90 import launch_sparse_kernel_sm90, sm90_supported  # noqa: E402
 from fgcompile.kernels.triton_sparse import best_config, sparse_attention_triton  # noqa: E402
 from flex_masks import slice_covering_block_mask, tile_block_mask  # noqa: E402
 
@@ -161,10 +162,19 @@ def main():
                 "speedup_vs_cudnn": round(t_cudnn / t_ours, 3),
                 "kept_tflops": round(4 * B * H * S * S * D * density / (t_ours * 1e-3) / 1e12, 1),
             }
+            p0 = pack_slices(keep, block_m=BM, seq_len_kv=S, full_tile=0)
             if kind == "random" and dens == 1.0:
-                p0 = pack_slices(keep, block_m=BM, seq_len_kv=S, full_tile=0)
                 row["ours_nofull_ms"] = round(bench_ms(lambda: sparse_attention_triton(q, k, v, p0, scale, out=out)), 4)
-                del p0
+            if sm90_supported(q, k, v, out, BM, 1, 0):
+                # the Gluon sm_90 kernel: what the product launches on Hopper (no full tiles); its
+                # output against the Triton kernel's on the same mask (both bf16)
+                o90 = torch.full_like(q, float("nan"))
+                t90 = bench_ms(lambda: launch_sparse_kernel_sm90(q, k, v, o90, p0.counts, p0.indices, scale))
+                row["ours_sm90_ms"] = round(t90, 4)
+                row["sm90_vs_triton_rel_diff"] = round(float((o90.float() - out.float()).norm() / out.float().norm()), 6)
+                row["speedup_vs_cudnn_sm90"] = round(t_cudnn / t90, 3)
+                del o90
+            del p0
             if kind == "random" and dens == 0.3 and args.check and S == 32760:
                 hs = slice(0, 2)
                 torch.backends.cuda.matmul.allow_tf32 = True
@@ -187,6 +197,8 @@ def main():
                     row["flex_equal_rel_err"] = round(float((fo - fr).norm() / fr.norm()), 5)
                     del fo, fr
                     row["speedup_vs_flex_equal"] = round(row["flex_equal_ms"] / t_ours, 3)
+                    if "ours_sm90_ms" in row:
+                        row["speedup_sm90_vs_flex_equal"] = round(row["flex_equal_ms"] / row["ours_sm90_ms"], 3)
                     if dens == 1.0:
                         t_flex_dense = row["flex_equal_ms"]
                     del bm_eq
@@ -194,6 +206,13 @@ def main():
                 row["flex_covering_ms"] = round(bench_ms(lambda: flex(q, k, v, block_mask=bm_cov, scale=scale)), 4)
                 row["flex_covering_tile_density"] = round(d_cov, 4)
                 row["speedup_vs_flex_covering"] = round(row["flex_covering_ms"] / t_ours, 3)
+                if "ours_sm90_ms" in row:
+                    row["speedup_sm90_vs_flex_covering"] = round(row["flex_covering_ms"] / row["ours_sm90_ms"], 3)
+                # the covering BlockMask computes the same function as the slice mask: its output
+                # against the sparse kernel's (heads 0-1)
+                fo = flex(q, k, v, block_mask=bm_cov, scale=scale)[:, :2].float()
+                row["flex_covering_vs_ours_rel_diff"] = round(float((fo - out[:, :2].float()).norm() / out[:, :2].float().norm()), 5)
+                del fo
                 del bm_cov
             row["config"] = cfg
             rows.append(row)
@@ -210,6 +229,9 @@ def main():
         r03, r10 = pick(32760, "random_d0.3"), pick(32760, "random_d1.0")
         summary["speedup_vs_cudnn_d03"] = round(r03["cudnn_ms"] / r03["ours_ms"], 3)
         summary["ratio_to_cudnn_d10"] = round(r10["ours_ms"] / r10["cudnn_ms"], 3)
+        if "ours_sm90_ms" in r03:
+            summary["speedup_vs_cudnn_d03_sm90"] = r03["speedup_vs_cudnn_sm90"]
+            summary["speedup_sm90_vs_flex_equal_d03"] = r03.get("speedup_sm90_vs_flex_equal")
         if flex is not None:
             summary["speedup_vs_flex_equal_d03"] = r03["speedup_vs_flex_equal"]
             st = [r for r in rows if r["S"] == 32760 and r["kind"] == "structured"]
@@ -230,12 +252,16 @@ def main():
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {out_path}")
-    hdr = f"{'S':>6} {'mask':<18} {'dens':>6} {'ours':>8} {'limit':>8} {'gap':>5} {'cudnn':>7} {'flexEq':>7} {'flexCov':>7} {'TF/s':>5}"
+    hdr = (f"{'S':>6} {'mask':<18} {'dens':>6} {'ours':>8} {'sm90':>8} {'limit':>8} {'gap':>5} {'cudnn':>7} {'flexEq':>7} "
+           f"{'eqErr':>6} {'flexCov':>7} {'covDiff':>7} {'TF/s':>5}")
     print(hdr)
+    nan = float("nan")
     for r in rows:
         print(
-            f"{r['S']:>6} {r['mask']:<18} {r['density']:>6.3f} {r['ours_ms']:>8.3f} {r['limit_ms']:>8.3f} {r['gap_to_limit']:>5.2f} "
-            f"{r['cudnn_ms']:>7.2f} {r.get('flex_equal_ms', float('nan')):>7.2f} {r.get('flex_covering_ms', float('nan')):>7.2f} {r['kept_tflops']:>5.0f}"
+            f"{r['S']:>6} {r['mask']:<18} {r['density']:>6.3f} {r['ours_ms']:>8.3f} {r.get('ours_sm90_ms', nan):>8.3f} "
+            f"{r['limit_ms']:>8.3f} {r['gap_to_limit']:>5.2f} {r['cudnn_ms']:>7.2f} {r.get('flex_equal_ms', nan):>7.2f} "
+            f"{r.get('flex_equal_rel_err', nan):>6.3f} {r.get('flex_covering_ms', nan):>7.2f} "
+            f"{r.get('flex_covering_vs_ours_rel_diff', nan):>7.4f} {r['kept_tflops']:>5.0f}"
         )
     print("summary:", json.dumps(summary))
 
