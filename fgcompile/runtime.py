@@ -625,6 +625,8 @@ class ModelState:
     def __init__(self) -> None:
         self.sites: dict[str, SiteState] = {}
         self.owner_name: Optional[str] = None  # see SiteTemplate.owner_name
+        self._claims: dict[str, str] = {}  # site name -> the call site (SiteInfo.call_site) that runs it
+        self._names: dict[tuple, str] = {}  # (template name, call site) -> site name (see site_name)
 
     def single_config(self, compiled: bool = False) -> Optional[FGAttnConfig]:
         """The one config all sites run with (``compiled``: the one they were compiled with,
@@ -632,17 +634,47 @@ class ModelState:
         configs = {(s._template_config or s.config) if compiled else s.config for s in self.sites.values()}
         return next(iter(configs)) if len(configs) == 1 else None
 
+    def site_name(self, template: SiteTemplate) -> str:
+        """The name ``template``'s calls run under in this model: ``template.name``, unless another
+        call site (``SiteInfo.call_site``) of the same model already runs under it. Then the next
+        free ``"<name>#<n>"``, kept for that call site. One module called from two places in two
+        graphs (a weight-tied block used twice with a graph break between the uses) names its
+        site the same in both graphs; sharing one state, the second use would run on the first
+        use's mask. Names are given in first-run order, so a model run the same way names its
+        sites the same (``save_state`` / ``load_state``). Recompiles of the same code (new shapes,
+        another torch.compile of the module) have the same call site and share the state. One
+        graph that runs twice per forward with the same weights (a weight-tied block called in a
+        loop with a graph break inside) cannot be told apart this way: its calls share a state."""
+        key = getattr(template.info, "call_site", None)
+        if key is None:
+            return template.name
+        got = self._names.get((template.name, key))
+        if got is not None:
+            return got
+        with _LOCK:
+            name = template.name
+            if self._claims.setdefault(name, key) != key:
+                base, n = name.split("#")[0], 1
+                while f"{base}#{n}" in self._claims:
+                    n += 1
+                name = f"{base}#{n}"
+                self._claims[name] = key
+                log.info("fgcompile: site %s called from another place than its first use runs as %s", template.name, name)
+            self._names[(template.name, key)] = name
+        return name
+
     def site(self, template: SiteTemplate) -> SiteState:
-        """The state of ``template``'s site, created on first use. A site compiled again with
-        another config (a new torch.compile of the same model) takes the new config and starts its
-        schedule over (``SiteState.reset``)."""
+        """The state of ``template``'s site (named by :meth:`site_name`), created on first use. A
+        site compiled again with another config (a new torch.compile of the same model) takes the
+        new config and starts its schedule over (``SiteState.reset``)."""
         if template.owner_name is not None:
             self.owner_name = template.owner_name
-        site = self.sites.get(template.name)
+        name = self.site_name(template)
+        site = self.sites.get(name)
         if site is None:
-            site = SiteState(name=template.name, config=template.config, info=template.info)
+            site = SiteState(name=name, config=template.config, info=template.info)
             site._template_config = template.config
-            self.sites[template.name] = site
+            self.sites[name] = site
         elif site._template_config != template.config:  # compiled again with another config
             site.config = site._template_config = template.config
             site.reset()  # its schedule (warm-up, profiled calls) starts over, as for a new model

@@ -533,6 +533,65 @@ def test_parameter_free_graphs_never_share_a_cached_mask():
     assert [s.decision for s in rep.sites] == ["dense"] and "no parameter input owns this graph" in rep.sites[0].reason
 
 
+class _TiedAttn(nn.Module):
+    """Self-attention over (B, S, 128) tokens, 2 heads of 64, scaled up so that its maps are peaked."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(128, 384)
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, 2, 64).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q * 4, k, v).transpose(1, 2).reshape(B, S, 128)
+
+
+def test_weight_tied_module_called_from_two_graphs_gets_a_state_per_call_site():
+    """One module called from two places with a graph break between them: both graphs name the
+    site ``attn`` and have the same owner parameter. Each call site keeps its own state (the second
+    runs as ``attn#1``), so the second use never runs on the first use's profiled mask: the
+    outputs equal those of the same model with the block's weights copied into two modules."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = _TiedAttn()
+
+        def forward(self, x):
+            x = x + self.attn(x)
+            torch._dynamo.graph_break()
+            return x + self.attn(x.flip(1))  # another token order: another attention map
+
+    class Untied(nn.Module):
+        def __init__(self, tied):
+            super().__init__()
+            self.attn, self.attn2 = _TiedAttn(), _TiedAttn()
+            self.attn.load_state_dict(tied.attn.state_dict())
+            self.attn2.load_state_dict(tied.attn.state_dict())
+
+        def forward(self, x):
+            x = x + self.attn(x)
+            torch._dynamo.graph_break()
+            return x + self.attn2(x.flip(1))
+
+    torch.manual_seed(0)
+    tied = Tied().eval()
+    untied = Untied(tied).eval()
+    cfg = FGAttnConfig(min_seq_len=64, block_m=64, alpha=30.0, dense_calls=0)
+    ct = torch.compile(tied, backend=fgcompile.backend(cfg))
+    cu = torch.compile(untied, backend=fgcompile.backend(cfg))
+    x = torch.randn(1, 256, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        outs = [(ct(x), cu(x)) for _ in range(3)]  # call 0 profiles, 1 and 2 reuse
+    st, su = fgcompile.stats(ct), fgcompile.stats(cu)
+    assert sorted(st) == ["attn", "attn#1"], sorted(st)
+    assert all(0 < s.mean_density < 0.9 for s in st.values()), {n: s.mean_density for n, s in st.items()}
+    for n_t, n_u in (("attn", "attn"), ("attn#1", "attn2")):
+        assert st[n_t].density_last == su[n_u].density_last and st[n_t].calls == su[n_u].calls == 3
+    for o_t, o_u in outs:
+        torch.testing.assert_close(o_t, o_u, atol=1e-5, rtol=1e-5)
+
+
 class _PaddedAttn(torch.nn.Module):
     """SDPA with a boolean key-padding mask ``keep`` (B, S_kv), behind one parameter (an owner)."""
 

@@ -101,6 +101,11 @@ class SiteInfo:
     # the site is in the compiled module's own forward, not in a submodule's: named "attention"
     # here, it takes the compiled module's path in the model (fgcompile.runtime.state_of)
     in_root: bool = False
+    # where the user's code calls the site: the frames ("File ..., line N, in fn") of its output
+    # node's stack trace, or None. Two graphs that call one module from different places (a
+    # weight-tied block used twice with a graph break between the uses) give the same name with
+    # different call sites; the run-time state tells them apart by it (ModelState.site).
+    call_site: Optional[str] = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -513,6 +518,18 @@ def site_name(path: str) -> str:
     s = re.sub(r"\[(\d+)\]", r".\1", s)
     s = re.sub(r"\.+", ".", s).strip(".")
     return s
+
+
+def _call_site(node: fx.Node) -> Optional[str]:
+    """The frames of ``node``'s stack trace (``File "model.py", line 40, in forward`` lines, the
+    source text left out), or None where Dynamo recorded none. Stable across recompiles of the same
+    code (new shapes, a second torch.compile of the module); a graph-break's resumed code names its
+    frame ``torch_dynamo_resume_in_<fn>_at_<line>``."""
+    trace = node.meta.get("stack_trace")
+    if not isinstance(trace, str):
+        return None
+    frames = [ln.strip() for ln in trace.splitlines() if ln.strip().startswith("File ")]
+    return "\n".join(frames) or None
 
 
 def _module_path(node: fx.Node) -> Optional[str]:
@@ -1452,6 +1469,7 @@ class _Finder:
             n = used.get(base, 0)
             used[base] = n + 1
             m.info.name = base if n == 0 else f"{base}#{n}"
+            m.info.call_site = _call_site(m.output)
         cfg = self.config
         for m in matches:
             if m.info.decision == "sparse" and cfg.is_dense_site(m.info.name):
