@@ -42,6 +42,7 @@ import time
 import torch
 
 import fgcompile
+from fgcompile.testing.metrics import rel_err
 
 WAN_13B = dict(
     patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -323,9 +324,9 @@ def main(argv=None):
                 fgcompile.configure(fg_model, **settings[name])
                 fgcompile.reset(fg_model)
                 first = run_fg()  # the profiled call: exact
-                err_first = ((first.float() - ref.float()).norm() / ref.float().norm()).item()
+                err_first = rel_err(first, ref)
                 out = run_fg()  # sparse
-                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                err = rel_err(out, ref)
                 st = fgcompile.stats(fg_model)
                 masks = sum(x.mask_bytes for x in st.values())  # cached bitmaps on the GPU
                 if device.type == "cuda":

@@ -39,10 +39,11 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from fgcompile.testing.metrics import rel_err  # noqa: E402
 from fgcompile.kernels.reference import dense_attention_reference, sparse_attention_reference  # noqa: E402
 from fgcompile.predictors import keep_from_block_max, profile_scores  # noqa: E402
 from fgcompile.testing.synthetic import make_attention_inputs  # noqa: E402
-from quality import density_of, rel_err  # noqa: E402
+from quality import density_of  # noqa: E402
 from results_io import write_result  # noqa: E402
 
 #: name -> (query rows, keys per tile, what serves it)

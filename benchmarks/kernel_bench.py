@@ -38,6 +38,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from fgcompile.attention import pack_slices  # noqa: E402
+from fgcompile.testing.metrics import rel_err  # noqa: E402
 from fgcompile.kernels import reference  # noqa: E402
 from fgcompile.kernels.gluon_sparse_sm90 import launch_sparse_kernel_sm90, sm90_supported  # noqa: E402
 from fgcompile.kernels.triton_sparse import best_config, sparse_attention_triton  # noqa: E402
@@ -171,7 +172,7 @@ def main():
                 o90 = torch.full_like(q, float("nan"))
                 t90 = bench_ms(lambda: launch_sparse_kernel_sm90(q, k, v, o90, p0.counts, p0.indices, scale))
                 row["ours_sm90_ms"] = round(t90, 4)
-                row["sm90_vs_triton_rel_diff"] = round(float((o90.float() - out.float()).norm() / out.float().norm()), 6)
+                row["sm90_vs_triton_rel_diff"] = round(rel_err(o90, out), 6)
                 row["speedup_vs_cudnn_sm90"] = round(t_cudnn / t90, 3)
                 del o90
             del p0
@@ -180,7 +181,7 @@ def main():
                 torch.backends.cuda.matmul.allow_tf32 = True
                 ref = reference.sparse_attention_reference(q[:, hs], k[:, hs], v[:, hs], keep[:, hs], BM, 1, scale)
                 torch.backends.cuda.matmul.allow_tf32 = False
-                err = ((out[:, hs].float() - ref.float()).norm() / ref.float().norm()).item()
+                err = rel_err(out[:, hs], ref)
                 misc["check_rel_err_S32760_d03_heads01"] = err
                 print(f"  check vs reference (heads 0-1): rel err {err:.2e}", flush=True)
                 assert err < 1e-2, err
@@ -194,7 +195,7 @@ def main():
                     fo = flex(q, k, v, block_mask=bm_eq, scale=scale)[:, :2].float()
                     fr = reference.sparse_attention_reference(q[:, :2].float(), k[:, :2].float(), v[:, :2].float(),
                                                               tiles[:, :2], 128, 128, scale)
-                    row["flex_equal_rel_err"] = round(float((fo - fr).norm() / fr.norm()), 5)
+                    row["flex_equal_rel_err"] = round(rel_err(fo, fr), 5)
                     del fo, fr
                     row["speedup_vs_flex_equal"] = round(row["flex_equal_ms"] / t_ours, 3)
                     if "ours_sm90_ms" in row:
@@ -211,7 +212,7 @@ def main():
                 # the covering BlockMask computes the same function as the slice mask: its output
                 # against the sparse kernel's (heads 0-1)
                 fo = flex(q, k, v, block_mask=bm_cov, scale=scale)[:, :2].float()
-                row["flex_covering_vs_ours_rel_diff"] = round(float((fo - out[:, :2].float()).norm() / out[:, :2].float().norm()), 5)
+                row["flex_covering_vs_ours_rel_diff"] = round(rel_err(fo, out[:, :2]), 5)
                 del fo
                 del bm_cov
             row["config"] = cfg

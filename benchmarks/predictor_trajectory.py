@@ -26,6 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fgcompile import predictors as P  # noqa: E402
+from fgcompile.testing.metrics import rel_err  # noqa: E402
 from fgcompile.kernels.reference import sparse_attention_reference  # noqa: E402
 from fgcompile.testing.pretrained import load_toy_video_dit  # noqa: E402
 from fgcompile.testing.sampler import euler_sample, null_labels, seeded_noise  # noqa: E402
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
 
     def err(q, k, v, ref, keep):
         o = sparse_attention_reference(q, k, v, keep, args.block_m, 1, q.shape[-1] ** -0.5)
-        return [((o[b] - ref[b]).norm() / ref[b].norm()).item() for b in range(q.shape[0])]
+        return [rel_err(o[b], ref[b]) for b in range(q.shape[0])]
 
     def density(keep):
         return [keep[b].float().mean().item() for b in range(keep.shape[0])]

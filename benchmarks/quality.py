@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fgcompile.kernels.reference import dense_attention_reference, sparse_attention_reference  # noqa: E402
+from fgcompile.testing.metrics import rel_err  # noqa: E402
 from fgcompile.predictors import keep_from_block_max, pooled_slices, profile_scores  # noqa: E402
 from fgcompile.testing.synthetic import make_attention_inputs  # noqa: E402
 
@@ -58,8 +59,6 @@ def density_of(keep: torch.Tensor, block_m: int, block_n: int, s_q: int, s_kv: i
     return float(kept / (keep.shape[0] * keep.shape[1] * s_q * s_kv))
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
 # STA (Sliding Tile Attention) on HunyuanVideo: "a small local window (just 15.52% of the total

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import triton  # noqa: E402
 
 from fgcompile.attention import pack_slices  # noqa: E402
+from fgcompile.testing.metrics import rel_err  # noqa: E402
 from fgcompile.kernels import reference  # noqa: E402
 from fgcompile.kernels.gluon_sparse_sm90 import launch_sparse_kernel_sm90, sm90_supported  # noqa: E402
 from fgcompile.kernels.triton_sparse import HEURISTIC_CONFIGS, sparse_attention_triton  # noqa: E402
@@ -84,8 +85,8 @@ def correctness(res):
             ref = reference.sparse_attention_reference(q.double(), k.double(), v.double(), keep, BM, 1, scale)
             tri = sparse_attention_triton(q, k, v, packed, scale, config=SHIPPED)
             row["nan"] = bool(out.isnan().any())
-            row["rel_err_vs_fp64"] = float((out.double() - ref).norm() / ref.norm())
-            row["triton_rel_err_vs_fp64"] = float((tri.double() - ref).norm() / ref.norm())
+            row["rel_err_vs_fp64"] = rel_err(out, ref)
+            row["triton_rel_err_vs_fp64"] = rel_err(tri, ref)
             row["max_abs_vs_fp64"] = float((out.double() - ref).abs().max())
             empty_rows = (packed.counts == 0)
             row["empty_blocks"] = int(empty_rows.sum())
@@ -128,7 +129,7 @@ def speed(res, flex=True):
             try:
                 fn(out)
                 torch.cuda.synchronize()
-                row["rel_err_vs_fp64"] = float((out[:, hs].double() - ref).norm() / ref.norm())
+                row["rel_err_vs_fp64"] = rel_err(out[:, hs], ref)
                 row["nan"] = bool(out.isnan().any())
                 t = wan.ms(lambda: fn(out))
                 row.update(ms=t, speedup_vs_cudnn=cudnn / t, ratio_to_limit=t / (dens * cudnn),
@@ -152,7 +153,7 @@ def speed(res, flex=True):
                 # on a tile BlockMask on the GPU: a baseline is only timed for what it computes right)
                 fref = reference.sparse_attention_reference(q[:, hs].float(), k[:, hs].float(), v[:, hs].float(),
                                                             blk[:, hs], 128, 128, scale)
-                row["rel_err_vs_reference"] = float((fo[:, hs].float() - fref).norm() / fref.norm())
+                row["rel_err_vs_reference"] = rel_err(fo[:, hs], fref)
                 del fo, fref
                 t = wan.ms(lambda: flex(q, k, v, block_mask=bm, scale=scale))
                 row.update(ms=t, speedup_vs_cudnn=cudnn / t)
@@ -179,7 +180,7 @@ def main():
         out = torch.full_like(q, float("nan"))
         launch_sparse_kernel_sm90(q, q, q, out, packed.counts, packed.indices, 128 ** -0.5)
         torch.cuda.synchronize()
-        print("smoke", float((out.double() - ref).norm() / ref.norm()), flush=True)
+        print("smoke", rel_err(out, ref), flush=True)
         return
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     correctness(res)

@@ -21,6 +21,7 @@ import time
 import torch
 
 import fgcompile
+from fgcompile.testing.metrics import rel_err
 from fgcompile.testing.sampler import euler_sample, null_labels, video_strip, write_png
 from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
 
@@ -123,7 +124,7 @@ def main(argv=None) -> None:
                   f"sparse={s.sparse_calls:<3} density={s.mean_density if s.mean_density is not None else float('nan'):.3f}  per head: {heads}"
                   + (f"  (fell back to dense: {s.fallback})" if s.fallback else ""))
 
-        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        err = rel_err(out, ref)
         print("\n== result ==")
         print(f"relative error of the sampled latents vs dense attention: {err:.4f}")
         print(f"wall time, {args.steps} steps: dense (inductor) {t_dense:.2f} s, fgattn {t_fg:.2f} s")

@@ -39,6 +39,7 @@ import argparse
 import torch
 
 import fgcompile
+from fgcompile.testing.metrics import rel_err
 
 
 def main(argv=None) -> None:
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
             before = counts() if i else (0, 0, 0)
             out = compiled(latents, timestep, text, return_dict=False)[0]
             ref = transformer(latents, timestep, text, return_dict=False)[0]
-            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            err = rel_err(out, ref)
             profiled, sparse, dense = (a - b for a, b in zip(counts(), before))
             kind = ", ".join(f"{n} {what}" for n, what in ((profiled, "profiled"), (sparse, "sparse"), (dense, "dense")) if n)
             print(f"call {i}: sites {kind:<24} relative error vs dense attention {err:.4f}")

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import fgcompile
+from fgcompile.testing.metrics import rel_err
 from fgcompile import FGAttnConfig
 from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
 
@@ -24,8 +25,6 @@ def _toy_inputs(batch, frames=2, hw=16, seed=0):
     return x, t, text
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -184,7 +183,7 @@ def test_toy_profile_predictor_close_to_eager(toy, batch):
     for s in st.values():
         assert (s.calls, s.profiled_calls, s.sparse_calls) == (2, 1, 1)
         assert len(s.density_last) == 2 and all(0 < d <= 1 for d in s.density_last)
-    assert _rel(second, ref) < 0.05
+    assert rel_err(second, ref) < 0.05
 
 
 def test_grad_mode_keeps_attention_dense(toy):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fgcompile.attention import pack_slices, profile_attention, sparse_attention
+from fgcompile.testing.metrics import rel_err
 from fgcompile.kernels import packing, reference
 from fgcompile.kernels.packing import SliceBitmap, bitmap_memory_bytes, pack_bits, unpack_bits, unpack_slices
 
@@ -64,9 +65,6 @@ def _mask(B, H, S_q, S_kv, block_m, block_n, kind, seed=0):
     return torch.rand(B, H, nqb, nkb, generator=g) < 0.4
 
 
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 # ----------------------------------------------------------------------------- references
@@ -81,7 +79,7 @@ def test_sparse_reference_matches_float64(block_n):
     out = reference.sparse_attention_reference(q, k, v, keep, bm, block_n, 0.3)
     ref = _f64_sparse(q, k, v, keep, bm, block_n, 0.3)
     assert out.dtype == q.dtype and out.shape == q.shape
-    assert _rel(out, ref) < 1e-5
+    assert rel_err(out, ref) < 1e-5
     assert torch.all(out[0, 0, 16:32] == 0)
 
 
@@ -152,7 +150,7 @@ def test_triton_matches_reference(case, pad_tail, monkeypatch):
     assert out.dtype == dtype and out.shape == q.shape
     assert torch.isfinite(out).all()
     tol = 2e-3 if dtype == torch.float16 else 1e-5
-    assert _rel(out, ref) < tol
+    assert rel_err(out, ref) < tol
     empty = ~keep.any(-1)  # (B, H, nQB)
     for b, h, i in empty.nonzero().tolist():
         assert torch.all(out[b, h, i * bm : (i + 1) * bm] == 0)
@@ -185,7 +183,7 @@ def test_triton_rescale_with_growing_scores(pad_tail, kind, monkeypatch):
     out = sparse_attention(q.to(DEV), k.to(DEV), v.to(DEV), keep.to(DEV), block_m=bm, scale=scale, impl="triton")
     ref = _f64_sparse(q, k, v, keep, bm, 1, scale)
     assert torch.isfinite(out).all()
-    assert _rel(out.cpu(), ref) < 1e-5
+    assert rel_err(out.cpu(), ref) < 1e-5
 
 
 @needs_interp
@@ -205,15 +203,15 @@ def test_triton_strided_inputs_and_packed_input():
     out_packed = sparse_attention(q, k, v, packed, scale=0.1, impl="triton")
     out_nofull = sparse_attention(q, k, v, pack_slices(keep, block_m=bm, seq_len_kv=S, full_tile=0), scale=0.1, impl="triton")
     for o in (out_bool, out_packed, out_nofull):
-        assert _rel(o, ref) < 1e-5
+        assert rel_err(o, ref) < 1e-5
     # the reference path accepts a PackedSlices too
-    assert _rel(sparse_attention(q, k, v, packed, scale=0.1, impl="reference"), ref) < 1e-6
+    assert rel_err(sparse_attention(q, k, v, packed, scale=0.1, impl="reference"), ref) < 1e-6
     # 64-bit and 32-bit key offsets (the launcher picks 32 bits here) give the same output
     from fgcompile.kernels.triton_sparse import INTERPRET_CONFIG, needs_64bit_offsets, sparse_attention_triton
 
     assert not needs_64bit_offsets(k, v)
     outs = [sparse_attention_triton(q, k, v, packed, 0.1, config={**INTERPRET_CONFIG, "OFFS_64": o}) for o in (True, False)]
-    assert torch.equal(outs[0], outs[1]) and _rel(outs[0], ref) < 1e-5
+    assert torch.equal(outs[0], outs[1]) and rel_err(outs[0], ref) < 1e-5
 
 
 @needs_interp
@@ -240,7 +238,7 @@ def test_tail_split_gives_the_unsplit_output(slots, block_n):
     ref = reference.sparse_attention_reference(q, k, v, keep, bm, block_n, 0.2)
     whole = sparse_attention_triton(q, k, v, packed, 0.2, config=INTERPRET_CONFIG)
     split = sparse_attention_triton(q, k, v, packed, 0.2, config={**INTERPRET_CONFIG, "SLOTS": slots})
-    assert _rel(split, ref) < 1e-5 and _rel(whole, ref) < 1e-5
+    assert rel_err(split, ref) < 1e-5 and rel_err(whole, ref) < 1e-5
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
     assert torch.all(split[0, 3, (nqb - 1) * bm:] == 0)
 
@@ -289,7 +287,7 @@ def test_triton_bf16_upcast_under_interpreter():
     keep = _mask(1, 2, 64, 64, 32, 1, "random", seed=3).to(DEV)
     out = sparse_attention(q, k, v, keep, block_m=32, impl="triton")
     ref = _f64_sparse(q, k, v, keep, 32, 1, 64 ** -0.5)
-    assert out.dtype == torch.bfloat16 and _rel(out, ref) < 1e-2
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 1e-2
 
 
 @needs_interp
@@ -342,7 +340,7 @@ def test_profile_kernel_matches_definition(B, H, H_kv, S_q, S_kv, D, bm, padded,
     out_r, probs_r = profile_attention(q, k, v, block_m=bm, key_padding=kp, impl="reference")
     assert probs.dtype == torch.float32 and probs.shape == (B, H, -(-S_q // bm), S_kv)
     tol = 2e-3 if dtype == torch.float16 else 1e-5
-    assert _rel(out, out_r) < tol
+    assert rel_err(out, out_r) < tol
     assert (probs - probs_r).abs().max().item() < (1e-3 if dtype == torch.float16 else 1e-6)
     assert torch.isfinite(out).all()
     if padded:
@@ -597,7 +595,7 @@ def test_validation_of_pack_and_profile_and_triton_on_cpu(monkeypatch):
     # "auto" on the CPU is the reference, and scale defaults to D ** -0.5
     out = sparse_attention(q, k, v, keep, block_m=64)
     ref = _f64_sparse(q, k, v, keep, 64, 1, 64 ** -0.5)
-    assert _rel(out, ref) < 1e-5
+    assert rel_err(out, ref) < 1e-5
 
 
 # ----------------------------------------------------------------------------- sm_90 compile

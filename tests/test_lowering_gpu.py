@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import fgcompile
+from fgcompile.testing.metrics import rel_err
 from fgcompile import FGAttnConfig, runtime
 from fgcompile.lowering.inductor import run_and_get_code
 from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
@@ -43,8 +44,6 @@ def _inputs(frames=4, hw=32, seed=0, batch=1):
     return x, t, text
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 CFG = FGAttnConfig(predictor="profile", alpha=0.3, profile_calls=(0, 4), block_m=128, block_n=1, min_seq_len=256,
@@ -138,7 +137,7 @@ def _gluon_against_triton(monkeypatch, cfg=CFG):
         st = fgcompile.stats(c)
         assert all(v.sparse_calls >= 3 and v.fallback is None for v in st.values()), st
     for i, (a, b) in enumerate(zip(*outs)):
-        assert _rel(a, b) < 1e-2, (i, _rel(a, b))
+        assert rel_err(a, b) < 1e-2, (i, rel_err(a, b))
 
 
 @pytest.mark.parametrize("density", [None, 0.3])
@@ -186,7 +185,7 @@ def test_lowered_matches_opaque_through_the_schedule(monkeypatch, density):
             if density is not None and i == 2:
                 fgcompile.configure(c2, density=0.6)
             o2 = c2(*_inputs(seed=i))
-            assert _rel(outs1[i], o2) < 2e-2, (i, _rel(outs1[i], o2))
+            assert rel_err(outs1[i], o2) < 2e-2, (i, rel_err(outs1[i], o2))
     s1, s2 = fgcompile.stats(c1), fgcompile.stats(c2)
     profiled = 2 if density is None else 3  # configure() drops the mask: call 2 re-profiles
     for name in s1:
@@ -225,7 +224,7 @@ def test_reduce_overhead_matches_default():
             x = _inputs(seed=i)
             a = c_default(*x).clone()
             b = c_ro(*x).clone()
-            assert _rel(a, b) < 1e-2, (i, _rel(a, b))
+            assert rel_err(a, b) < 1e-2, (i, rel_err(a, b))
     skips = dict(counters["inductor"])
     assert not any("cudagraph_skips" in k and v for k, v in skips.items()), skips
     s = fgcompile.stats(c_ro)
@@ -250,7 +249,7 @@ def test_shape_change_recompiles_and_never_reuses_a_stale_mask():
     for t in (o, o2, o3):
         assert torch.isfinite(t.float()).all()
     ref = m(*_inputs(frames=8, seed=6))
-    assert _rel(o2, ref) < 0.15
+    assert rel_err(o2, ref) < 0.15
 
 
 def test_toy_dit_compiled_vs_eager():
@@ -260,15 +259,15 @@ def test_toy_dit_compiled_vs_eager():
     with torch.no_grad():
         ref = m(*x)
         out = _compile(m, dense)(*x)
-    assert _rel(out, ref) < 1e-2
+    assert rel_err(out, ref) < 1e-2
     torch._dynamo.reset()
     m2 = copy.deepcopy(m)
     c = _compile(m2, FGAttnConfig(predictor="profile", alpha=0.05, profile_calls=(0,), min_seq_len=256, max_density=1.0))
     with torch.no_grad():
         p = c(*x)  # profiled: exact
         s = c(*x)  # sparse
-    assert _rel(p, ref) < 1e-2
-    assert _rel(s, ref) < 0.05, _rel(s, ref)
+    assert rel_err(p, ref) < 1e-2
+    assert rel_err(s, ref) < 0.05, rel_err(s, ref)
     assert all(v.sparse_calls == 1 for v in fgcompile.stats(c).values())
 
 
@@ -295,8 +294,8 @@ def test_multihead_attention_expanded_and_lowered(padded):
         c = _compile(M(), cfg)
         p = c(x, kp)
         s = c(x, kp)
-    assert _rel(p, ref) < 1e-2
-    assert _rel(s, ref) < 0.05, _rel(s, ref)
+    assert rel_err(p, ref) < 1e-2
+    assert rel_err(s, ref) < 0.05, rel_err(s, ref)
     st = fgcompile.stats(c)
     assert len(st) == 1 and all(v.sparse_calls == 1 for v in st.values()), st
 
@@ -378,6 +377,7 @@ _WARM_CACHE_SCRIPT = """
 import torch, fgcompile
 from torch._dynamo.utils import counters
 from fgcompile import FGAttnConfig
+from fgcompile.testing.metrics import rel_err
 from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
 torch.manual_seed(0)
 m = ToyVideoDiT(ToyDiTConfig(depth=2, width=256, heads=2)).eval().cuda().to(torch.bfloat16)
@@ -391,7 +391,7 @@ with torch.no_grad():
     ref = m(x, t, text)
     c(x, t, text)  # profiled
     s = c(x, t, text)  # sparse
-err = ((s.float() - ref.float()).norm() / ref.float().norm()).item()
+err = rel_err(s, ref)
 print("HITS", counters["inductor"]["fxgraph_cache_hit"], "ERR", err)
 """
 

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fgcompile
+from fgcompile.testing.metrics import rel_err
 from fgcompile import FGAttnConfig
 from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT, toy_inputs
 
@@ -28,8 +29,6 @@ def _cfg(**kw):
     return FGAttnConfig(**base)
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def _counts(c):
@@ -115,7 +114,7 @@ def test_error_shrinks_with_alpha():
             c = torch.compile(model, backend=fgcompile.backend(_cfg(alpha=alpha)))
             c(*x)  # profiled
             out = c(*x)  # sparse with that mask
-            errs.append(_rel(out, ref))
+            errs.append(rel_err(out, ref))
             dens.append(sum(s.mean_density for s in fgcompile.stats(c).values()))
     assert errs[0] > errs[1] > errs[2], errs
     assert dens[0] < dens[1] < dens[2], dens
@@ -130,7 +129,7 @@ def test_pooled_predictor_runs_every_call():
         out = c(*x)
         c(*x)
     assert _counts(c) == {n: (2, 0, 0, 2) for n in SITES}
-    assert _rel(out, ref) < 0.2
+    assert rel_err(out, ref) < 0.2
 
 
 @pytest.mark.parametrize("density", [None, 0.3])
