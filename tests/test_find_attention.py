@@ -386,6 +386,16 @@ class MMDropout(nn.Module):
         return F.dropout(s.softmax(-1), p=0.1, training=self.training) @ v + self.drop(v) * 0
 
 
+def mm_tensor_sqrt_div(q, k, v):  # a scale the graph builds from a literal: folded
+    s = torch.matmul(q, k.transpose(-2, -1)) / torch.sqrt(torch.tensor(q.shape[-1], dtype=torch.float32))
+    return torch.softmax(s, -1) @ v
+
+
+def mm_tensor_rsqrt_mul(q, k, v):
+    s = (q @ k.transpose(-2, -1)) * torch.tensor(q.shape[-1]).rsqrt()
+    return s.float().softmax(-1).to(q.dtype) @ v
+
+
 def mm_tensor_scale_dense(q, k, v, t):  # a non-constant (tensor) scale: not served
     s = (q @ k.transpose(-2, -1)) * t
     return s.softmax(-1) @ v
@@ -410,9 +420,12 @@ def mm_tensor_scale_dense(q, k, v, t):  # a non-constant (tensor) scale: not ser
         (mm_gqa_broadcast, (rand(B, H, S, D), rand(B, 1, S, D), rand(B, 1, S, D)),
          [("matmul_softmax", "sparse", "none", "GQA 2/1")]),
         (mm_basic, qkv((S, D)), [("matmul_softmax",) + SPARSE]),  # 2-D
+        (mm_tensor_sqrt_div, qkv(), [("matmul_softmax",) + SPARSE]),
+        (mm_tensor_rsqrt_mul, qkv(dtype=torch.bfloat16), [("matmul_softmax",) + SPARSE]),
     ],
     ids=["matmul_op", "torch_matmul_mT_div", "method_permute_dim3", "bmm", "baddbmm", "einsum", "einsum_bshd",
-         "einsum_ellipsis", "scale_q_k", "scale_kT", "float_type_as", "softmax_dtype", "to_float32", "gqa", "2d"],
+         "einsum_ellipsis", "scale_q_k", "scale_kT", "float_type_as", "softmax_dtype", "to_float32", "gqa", "2d",
+         "tensor_sqrt_div", "tensor_rsqrt_mul_bf16"],
 )
 def test_matmul_softmax_sparse(fn, args, expect):
     bf16 = args[0].dtype == torch.bfloat16
@@ -848,6 +861,17 @@ def test_dynamic_separate_k_v_inputs_stay_sites():
     r = capture(joint, *a, dynamic=None, run_twice=a2)
     assert [(s.pattern, s.decision, s.mask) for s in r.sites] == [("sdpa", "sparse", "key_padding")] * 2
     torch.testing.assert_close(r.out2, joint(*a2), atol=1e-5, rtol=1e-4)
+
+
+def test_graph_built_scale_that_is_not_a_0d_constant_is_not_folded():
+    """Only a 0-d tensor made from literals is a constant scale: a 1-element tensor of another
+    shape (it changes the scores' dtype by type promotion) and a random one leave the site as
+    written, with the reason."""
+    one_elem = lambda q, k, v: (q @ k.transpose(-2, -1) / torch.tensor([8.0])).softmax(-1) @ v  # noqa: E731
+    rnd = lambda q, k, v: (q @ k.transpose(-2, -1) * torch.rand(())).softmax(-1) @ v  # noqa: E731
+    for f in (one_elem, rnd):
+        rep = fgcompile.explain(f, *qkv(), config=FGAttnConfig(min_seq_len=64))
+        assert rep.sites == [] and any("multiplied or divided by a tensor" in r[2] for r in rep.rejected), rep.rejected
 
 
 def test_negative_scale_stays_dense():

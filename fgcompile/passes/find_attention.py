@@ -494,6 +494,59 @@ def _const_number(x: Any) -> Optional[float]:
     return None
 
 
+# a constant factor the graph computes itself (``s / torch.sqrt(torch.tensor(d))``): graph-built
+# scalar tensors, and the pure ops such a factor is made with
+_FOLD_LEAVES = (torch.tensor, torch.as_tensor, torch.scalar_tensor)
+_FOLD_OPS = frozenset({
+    "sqrt", "rsqrt", "reciprocal", "pow", "__pow__", "__rpow__", "mul", "__mul__", "__rmul__", "truediv",
+    "__truediv__", "__rtruediv__", "div", "true_divide", "add", "__add__", "__radd__", "sub", "__sub__",
+    "__rsub__", "neg", "exp", "log", "float", "double", "half", "bfloat16", "to",
+})
+
+
+class _NotConstant(Exception):
+    pass
+
+
+def _folded_number(x: Any, depth: int = 6) -> Optional[float]:
+    """``x`` as a number: a Python number, or a node computing a 0-d tensor from literals only
+    (``torch.tensor(64)``, then ``sqrt`` / ``rsqrt`` / arithmetic / casts, at most ``depth`` deep),
+    evaluated here on the CPU. None for anything else: a graph input, a random op, a 1-element
+    tensor that is not 0-d (it would change the scores' dtype by type promotion)."""
+    c = _const_number(x)
+    if c is not None or not isinstance(x, fx.Node):
+        return c
+
+    def ev(a: Any, d: int) -> Any:
+        if isinstance(a, fx.Node):
+            if d <= 0 or a.op not in ("call_function", "call_method"):
+                raise _NotConstant
+            leaf = a.op == "call_function" and a.target in _FOLD_LEAVES
+            name = a.target if a.op == "call_method" else getattr(a.target, "__name__", "")
+            if not leaf and name not in _FOLD_OPS:
+                raise _NotConstant
+            args = [ev(b, d - 1) for b in a.args]
+            kwargs = {k: ev(v, d - 1) for k, v in a.kwargs.items() if k not in ("device", "pin_memory")}
+            return getattr(args[0], a.target)(*args[1:], **kwargs) if a.op == "call_method" else a.target(*args, **kwargs)
+        if isinstance(a, (list, tuple)):
+            return type(a)(ev(b, d) for b in a)
+        if a is None or isinstance(a, (bool, int, float, str, torch.dtype)):
+            return a
+        raise _NotConstant
+
+    try:
+        with torch.no_grad():
+            v = ev(x, depth)
+    except Exception:
+        return None
+    if isinstance(v, torch.Tensor):
+        if v.dim() != 0 or v.dtype == torch.bool or v.is_complex():
+            return None
+        v = v.item()
+    c = _const_number(v)
+    return c if c is not None and math.isfinite(c) else None
+
+
 def _norm_dim(d: Any, n: int) -> Optional[int]:
     if not isinstance(d, int) or isinstance(d, bool) or n <= 0:
         return None
@@ -547,7 +600,7 @@ def _module_path(node: fx.Node) -> Optional[str]:
 # ----------------------------------------------------------------------------- matching helpers
 def _scalar_factor(node: fx.Node, through: fx.Node) -> Optional[tuple]:
     """If ``node`` is ``through * c``, ``c * through`` or ``through / c`` with a constant number
-    ``c``: ("ok", factor). If it multiplies/divides ``through`` by something else: ("bad", None).
+    ``c`` (a literal, or a 0-d tensor the graph builds from literals: ``_folded_number``): ("ok", factor). If it multiplies/divides ``through`` by something else: ("bad", None).
     Otherwise None."""
     if _is_fn(node, _MUL_FNS, ("mul", "__mul__", "__rmul__", "mul_")):
         a = node.args
@@ -556,13 +609,13 @@ def _scalar_factor(node: fx.Node, through: fx.Node) -> Optional[tuple]:
         other = a[1] if a[0] is through else a[0] if a[1] is through else None
         if other is None:
             return None
-        c = _const_number(other)
+        c = _folded_number(other)
         return ("ok", c) if c is not None else ("bad", None)
     if _is_fn(node, _DIV_FNS, ("div", "__truediv__", "true_divide")):
         a = node.args
         if len(a) != 2 or a[0] is not through or node.kwargs.get("rounding_mode") is not None:
             return ("bad", None) if through in a else None
-        c = _const_number(a[1])
+        c = _folded_number(a[1])
         if c is None or c == 0:
             return ("bad", None)
         return ("ok", 1.0 / c)
