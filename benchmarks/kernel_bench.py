@@ -118,6 +118,24 @@ def main():
         flex = torch.compile(flex_attention, dynamic=False)
     gen = torch.Generator(device=dev).manual_seed(0)
     rows, misc = [], {}
+
+    def write(summary, complete):
+        """The JSON so far (after every row: a run cut short by its time limit keeps its rows)."""
+        result = {
+            "device": name,
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "shape": {"B": B, "H": H, "D": D, "dtype": "bfloat16", "block_m": BM, "block_n": 1},
+            "timing": "triton.testing.do_bench median, warmup 25 ms, rep 200 ms",
+            "complete": complete,
+            "rows": rows,
+            "summary": summary,
+            "misc": misc,
+            "autotune": best_config(),
+        }
+        os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=1)
     for S in [int(x) for x in args.seqs.split(",")]:
         q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(3))
         scale = D ** -0.5
@@ -218,6 +236,7 @@ def main():
             row["config"] = cfg
             rows.append(row)
             print("  " + json.dumps({x: row[x] for x in row if x != "config"}), flush=True)
+            write({}, complete=False)
             del keep, packed
             torch.cuda.empty_cache()
         misc[f"flex_dense_ms_S{S}"] = t_flex_dense
@@ -238,20 +257,7 @@ def main():
             st = [r for r in rows if r["S"] == 32760 and r["kind"] == "structured"]
             summary["speedup_vs_flex_covering_temporal"] = min(r["speedup_vs_flex_covering"] for r in st if r["mask"].startswith("temporal"))
             summary["min_speedup_vs_flex_covering_structured"] = min(r["speedup_vs_flex_covering"] for r in st)
-    result = {
-        "device": name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "shape": {"B": B, "H": H, "D": D, "dtype": "bfloat16", "block_m": BM, "block_n": 1},
-        "timing": "triton.testing.do_bench median, warmup 25 ms, rep 200 ms",
-        "rows": rows,
-        "summary": summary,
-        "misc": misc,
-        "autotune": best_config(),
-    }
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=1)
+    write(summary, complete=True)
     print(f"\nwrote {out_path}")
     hdr = (f"{'S':>6} {'mask':<18} {'dens':>6} {'ours':>8} {'sm90':>8} {'limit':>8} {'gap':>5} {'cudnn':>7} {'flexEq':>7} "
            f"{'eqErr':>6} {'flexCov':>7} {'covDiff':>7} {'TF/s':>5}")
