@@ -205,6 +205,43 @@ def test_sdpa_key_padding_3d_per_sequence():
     assert (r.sites[0].batch, r.sites[0].num_heads) == (B * H, 1)
 
 
+def _pad_and_pad_hunyuan15(q, k, v, pad):  # transformer_hunyuan_video15.py: m1 & m1.transpose(2, 3)
+    b, s = pad.shape
+    m1 = pad.view(b, 1, 1, s).repeat(1, 1, s, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(m1 & m1.transpose(2, 3)).bool())
+
+
+def _pad_and_pad_broadcast(q, k, v, pad):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=pad[:, None, :, None] & pad[:, None, None, :])
+
+
+def _key_pad_repeated(q, k, v, pad):  # a key-padding mask materialised over the queries
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=pad[:, None, None, :].expand(-1, 1, pad.shape[1], -1))
+
+
+@pytest.mark.parametrize("fn", [_pad_and_pad_hunyuan15, _pad_and_pad_broadcast, _key_pad_repeated],
+                         ids=["hunyuan15", "broadcast", "key_pad_repeated"])
+def test_sdpa_padding_of_keys_and_queries_is_key_padding(fn):
+    """A mask that pads the same tokens as keys and as queries (HunyuanVideo-1.5's joint
+    attention) is a key-padding mask whose padded query rows are 0, as eager SDPA gives for a row
+    that keeps no key: ``check`` compares the rewritten graph with eager, padded rows included."""
+    q, k, v = qkv()
+    pad = key_keep()
+    r = check(fn, (q, k, v, pad), [("sdpa", "sparse", "key_padding", "key-padding mask folded")])
+    if fn is not _key_pad_repeated:
+        assert torch.all(r.out[~pad[:, None, :, None].expand_as(r.out)] == 0)
+
+
+def test_sdpa_padding_and_another_mask_stays_dense():
+    """Key padding ANDed with a mask that varies over both queries and keys (causal) is not
+    padding: dense, with the reason."""
+    q, k, v = qkv()
+    pad = key_keep()
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    f = lambda q, k, v, pad, c: F.scaled_dot_product_attention(q, k, v, attn_mask=pad[:, None, None, :] & c)  # noqa: E731
+    check(f, (q, k, v, pad, causal), [("sdpa", "dense", "other", "is not a key-padding mask")])
+
+
 def test_sdpa_key_padding_broadcast_batch():
     q, k, v = qkv()
     keep = key_keep(1)

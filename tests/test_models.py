@@ -269,3 +269,45 @@ def test_sparse_path_on_real_models(name):
     st = fgcompile.stats(c)
     assert st and all(s.fallback is None and (s.profiled_calls, s.sparse_calls) == (2, 1) for s in st.values())
     assert all(s.mean_density < 0.95 for s in st.values()), {k: s.mean_density for k, s in st.items()}
+
+
+def build_hunyuan15():
+    torch.manual_seed(0)
+    m = diffusers.HunyuanVideo15Transformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=64, num_layers=2,
+        num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=32,
+        image_embed_dim=32, rope_axes_dim=(16, 24, 24),
+    ).eval()
+    g = _gen()
+    m1 = torch.ones(1, 8, dtype=torch.long)
+    m1[:, 6:] = 0
+    m2 = torch.ones(1, 4, dtype=torch.long)
+    m2[:, 3:] = 0
+    kw = dict(
+        hidden_states=torch.randn(1, 4, 2, 8, 8, generator=g), timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn(1, 8, 32, generator=g), encoder_attention_mask=m1,
+        encoder_hidden_states_2=torch.randn(1, 4, 32, generator=g), encoder_attention_mask_2=m2,
+        image_embeds=torch.randn(1, 4, 32, generator=g), return_dict=False,
+    )
+    return m, kw
+
+
+def test_hunyuan15_joint_attention_with_padded_text_is_sparse():
+    """HunyuanVideo-1.5 masks its joint attention with ``pad & pad.transpose`` (padded text and
+    image tokens, as keys and as queries): its blocks are key-padding sites, sparse, and the
+    compiled model equals eager with every slice kept and is close to it with slices skipped."""
+    torch._dynamo.reset()
+    m, kw = build_hunyuan15()
+    rep = fgcompile.explain(m, config=FGAttnConfig(min_seq_len=64, block_m=64), **kw)
+    main = [s for s in rep.sites if s.seq_len_q == 144]  # video 128 + text 8 + text_2 4 + image 4 tokens
+    assert main and all((s.mask, s.decision) == ("key_padding", "sparse") for s in main), rep.table()
+    with torch.no_grad():
+        ref = _first(m(**kw)).float()
+        for alpha, bound in ((1e-9, 1e-5), (3.0, 0.15)):
+            torch._dynamo.reset()
+            cfg = FGAttnConfig(min_seq_len=64, block_m=64, alpha=alpha, max_density=1.0, profile_every=100)
+            c = torch.compile(m, backend=fgattn_backend(cfg))
+            errs = [rel_err(_first(c(**kw)), ref) for _ in range(2)]  # profiled (exact), then sparse
+            assert errs[0] < 1e-5 and errs[1] < bound, (alpha, errs)
+            st = fgcompile.stats(c)
+            assert st and all(s.sparse_calls == 1 and s.fallback is None for s in st.values()), st

@@ -120,7 +120,8 @@ class SiteMatch:
     (B, H, S, D): ``"bh"`` (nb == 2), ``"1n"`` ((N, S, D) -> (1, N, S, D)), ``"n1"`` ((N, S, D) ->
     (N, 1, S, D), used when a key-padding mask varies over N), ``"11"`` (2-D). ``out_perm`` (or
     None) permutes the standard-form output ``(*batch, S_q, D_v)`` to the site output's layout.
-    ``mask`` is a bool node broadcastable to the scores ``(*batch, S_q, S_kv)``; ``mask_invert``
+    ``mask`` is a bool node broadcastable to the scores ``(*batch, S_q, S_kv)`` (``q_mask``: a
+    query-padding mask it was ANDed with, or None); ``mask_invert``
     says that True means "masked out" (masked_fill). ``region`` holds the nodes replaced by the op
     (erased after rewriting), ``output`` the node whose uses the op's result takes over."""
 
@@ -140,6 +141,10 @@ class SiteMatch:
     layout: str = "bh"
     mask: Optional[fx.Node] = None
     mask_invert: bool = False
+    # a query-padding mask the site's mask was ANDed with (``pad_k & pad_q``, as HunyuanVideo-1.5
+    # builds it): bool, broadcastable to the scores and constant over the keys; the rewrite zeroes
+    # the output rows of padded queries (eager SDPA gives 0 for a row that masks every key)
+    q_mask: Optional[fx.Node] = None
 
 
 # ----------------------------------------------------------------------------- node helpers
@@ -326,6 +331,50 @@ def _same_over_heads(mask: fx.Node, heads: Any) -> bool:
                 and isinstance(reps, (int, torch.SymInt)) and not isinstance(reps, bool)
                 and _equal(out.shape[1], reps) and _equal(out.shape[0], base.shape[0]) and _equal(heads, out.shape[1]))
     return False
+
+
+_AND_FNS = {torch.logical_and, torch.bitwise_and, operator.and_, torch.mul, operator.mul}
+
+
+def _strip_bool_cast(node: Any) -> Any:
+    """``node`` without ``.bool()`` / ``.to(torch.bool)`` steps on a tensor that is already bool."""
+    while isinstance(node, fx.Node) and node.args and isinstance(node.args[0], fx.Node):
+        src = node.args[0]
+        t = _tensor(src)
+        if t is None or t.dtype != torch.bool:
+            break
+        if _is_fn(node, set(), ("bool",)) and len(node.args) == 1 and not node.kwargs:
+            node = src
+        elif _is_fn(node, set(), ("to",)) and list(node.args[1:]) + list(node.kwargs.values()) == [torch.bool]:
+            node = src
+        else:
+            break
+    return node
+
+
+def _and_operands(node: Any) -> Optional[tuple]:
+    """(a, b) if ``node`` is a bool ``a & b`` (``&``, ``logical_and``, ``bitwise_and``, or ``*`` of
+    two bool tensors), else None."""
+    if not _is_fn(node, _AND_FNS, ("__and__", "logical_and", "bitwise_and", "mul", "__mul__")):
+        return None
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    ta, tb = _tensor(a), _tensor(b)
+    if ta is None or tb is None or ta.dtype != torch.bool or tb.dtype != torch.bool:
+        return None
+    return a, b
+
+
+def _repeated_over(node: Any, dim: int) -> bool:
+    """Whether ``node`` (a 4-D tensor) only repeats its source along ``dim``: ``x.repeat(...)`` or
+    ``x.expand(...)`` / ``broadcast_to`` of a 4-D ``x`` whose ``dim`` has size 1."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    t, out = _tensor(node.args[0]), _tensor(node)
+    if t is None or out is None or t.dim() != 4 or out.dim() != 4 or not _is_one(t.shape[dim]):
+        return False
+    return _is_fn(node, {torch.broadcast_to}, ("expand", "expand_as", "repeat"))
 
 
 def _is_fn(node: Any, fns: set, methods: Sequence[str] = ()) -> bool:
@@ -1445,7 +1494,43 @@ class _Finder:
 
     def mask_kind(self, m: SiteMatch, tq, tk) -> tuple:
         """(kind, dense reason or "", layout or None) for a mask against the scores
-        (*batch, S_q, S_kv)."""
+        (*batch, S_q, S_kv). A 4-D mask ``pad_k & pad_q`` of a key-padding mask and a query-padding
+        one (constant over the keys, e.g. the key mask transposed: HunyuanVideo-1.5's
+        ``m & m.transpose(2, 3)``) is a key-padding mask whose padded query rows give 0: ``m.mask``
+        becomes ``pad_k`` and ``m.q_mask`` ``pad_q``."""
+        kind = self._mask_kind(m, tq, tk)
+        if kind[0] == "key_padding" or m.nb != 2 or m.mask_invert:
+            return kind
+        ops = _and_operands(_strip_bool_cast(m.mask))
+        if ops is None or _tensor(m.mask).dim() != 4:
+            return kind
+        whole = m.mask
+        for key_side, q_side in (ops, ops[::-1]):
+            m.mask = _strip_bool_cast(key_side)
+            if self._mask_kind(m, tq, tk)[0] == "key_padding" and self._query_padding(q_side, tq):
+                m.q_mask = _strip_bool_cast(q_side)
+                return "key_padding", "", None
+        m.mask = whole
+        return kind
+
+    def _query_padding(self, node: Any, tq) -> bool:
+        """Whether ``node`` (bool, 4-D) is constant over the keys, one row per batch over the
+        heads: size 1 in its last dim or the last two dims of a key-padding-like mask swapped."""
+        node = _strip_bool_cast(node)
+        t = _tensor(node)
+        if t is None or t.dtype != torch.bool or t.dim() != 4:
+            return False
+        if not (_is_one(t.shape[0]) or _equal(t.shape[0], tq[0])) or not _equal(t.shape[2], tq[-2]) and not _is_one(t.shape[2]):
+            return False
+        if _is_one(t.shape[3]):
+            return _is_one(t.shape[1]) or _same_over_heads(node, tq[1])
+        src = _is_swap_last2(node)
+        ts = _tensor(src) if isinstance(src, fx.Node) else None
+        if ts is None or ts.dim() != 4:
+            return False
+        return (_is_one(ts.shape[2]) or _repeated_over(src, 2)) and (_is_one(ts.shape[1]) or _same_over_heads(src, tq[1]))
+
+    def _mask_kind(self, m: SiteMatch, tq, tk) -> tuple:
         t = _tensor(m.mask)
         nb = m.nb
         shape = list(t.shape)
@@ -1456,8 +1541,8 @@ class _Finder:
             return "other", f"attn_mask of shape {_fmt(shape)} is not a key-padding mask", None
         shape = [1] * (full - len(shape)) + shape
         bad = f"attn_mask of shape {_fmt(t.shape)} is not a key-padding mask"
-        if not _is_one(shape[nb]):  # varies over the queries
-            return "other", bad, None
+        if not (_is_one(shape[nb]) or (nb == 2 and t.dim() == 4 and _repeated_over(m.mask, 2))):
+            return "other", bad, None  # varies over the queries
         if not (_is_one(shape[nb + 1]) or _equal(shape[nb + 1], tk[-2])):
             return "other", bad, None
         if nb == 2:

@@ -157,6 +157,17 @@ def _key_padding(b: _Builder, m: SiteMatch, q4: fx.Node, k4: fx.Node) -> Optiona
     return b.method("contiguous", mk)
 
 
+def _zero_padded_queries(b: _Builder, m: SiteMatch, o4: fx.Node, q4: fx.Node) -> fx.Node:
+    """``o4`` (B, H, S_q, D) with the rows of the queries ``m.q_mask`` pads out set to 0, as eager
+    SDPA gives for a row whose mask keeps no key. ``m.q_mask``: bool (B or 1, H or 1, S_q or 1,
+    S_kv or 1), constant over the keys and the heads (the finder checked): its key 0 and head 0."""
+    qm = b.method("select", m.q_mask, 3, 0)  # (B, H, S_q)
+    qm = b.method("select", qm, 1, 0)  # (B, S_q)
+    qm = b.method("expand", qm, b.size(q4, 0), b.size(q4, 2))
+    qm = b.method("unsqueeze", b.method("unsqueeze", qm, 1), 3)  # (B, 1, S_q, 1)
+    return b.method("masked_fill", o4, b.fn(torch.logical_not, qm), 0.0)
+
+
 def _like_layout(b: _Builder, o: fx.Node, old: torch.Tensor) -> fx.Node:
     """``o`` (the site's new output, same shape as ``old``) in ``old``'s memory layout where that
     layout is a permutation of a contiguous one and differs from ``o``'s: eager SDPA returns q's
@@ -234,6 +245,8 @@ def rewrite_site(gm: fx.GraphModule, m: SiteMatch, handle: int) -> fx.Node:
         if not scale > 0 and not scale < 0:
             raise RuntimeError(f"site {m.info.name}: scale {m.scale!r} is not a number")
         o4 = b.fn(torch.ops.fgcompile.site_attention.default, q4, k4, v4, kp, scale, int(handle))
+        if m.q_mask is not None:
+            o4 = _zero_padded_queries(b, m, o4, q4)
         o = _from4d(b, o4, m.layout)
         full = expand_perm(m.out_perm, o.meta["example_value"].dim())
         if full is not None:
