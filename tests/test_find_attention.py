@@ -232,6 +232,19 @@ def test_sdpa_padding_of_keys_and_queries_is_key_padding(fn):
         assert torch.all(r.out[~pad[:, None, :, None].expand_as(r.out)] == 0)
 
 
+def test_hand_written_padding_of_keys_and_queries_stays_dense():
+    """Hand-written attention gives NaN (or the mean of v) for a query row whose mask keeps no
+    key, not SDPA's 0: a mask padding queries too stays dense there."""
+    q, k, v = qkv()
+    pad = key_keep()
+
+    def f(q, k, v, pad):
+        s = (q @ k.transpose(-2, -1) * 0.125).masked_fill(~(pad[:, None, :, None] & pad[:, None, None, :]), -1e4)
+        return s.softmax(-1) @ v
+
+    check(f, (q, k, v, pad), [("matmul_softmax", "dense", "other", "is not a key-padding mask")])
+
+
 def test_sdpa_padding_and_another_mask_stays_dense():
     """Key padding ANDed with a mask that varies over both queries and keys (causal) is not
     padding: dense, with the reason."""

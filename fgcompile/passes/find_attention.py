@@ -649,7 +649,8 @@ def _module_path(node: fx.Node) -> Optional[str]:
 # ----------------------------------------------------------------------------- matching helpers
 def _scalar_factor(node: fx.Node, through: fx.Node) -> Optional[tuple]:
     """If ``node`` is ``through * c``, ``c * through`` or ``through / c`` with a constant number
-    ``c`` (a literal, or a 0-d tensor the graph builds from literals: ``_folded_number``): ("ok", factor). If it multiplies/divides ``through`` by something else: ("bad", None).
+    ``c`` (a literal, or a 0-d tensor the graph builds from literals: ``_folded_number``):
+    ("ok", factor). If it multiplies/divides ``through`` by something else: ("bad", None).
     Otherwise None."""
     if _is_fn(node, _MUL_FNS, ("mul", "__mul__", "__rmul__", "mul_")):
         a = node.args
@@ -1496,11 +1497,11 @@ class _Finder:
         """(kind, dense reason or "", layout or None) for a mask against the scores
         (*batch, S_q, S_kv). A 4-D mask ``pad_k & pad_q`` of a key-padding mask and a query-padding
         one (constant over the keys, e.g. the key mask transposed: HunyuanVideo-1.5's
-        ``m & m.transpose(2, 3)``) is a key-padding mask whose padded query rows give 0: ``m.mask``
-        becomes ``pad_k`` and ``m.q_mask`` ``pad_q``."""
+        ``m & m.transpose(2, 3)``) at an SDPA site is a key-padding mask whose padded query rows
+        give 0 (as eager SDPA gives them): ``m.mask`` becomes ``pad_k`` and ``m.q_mask`` ``pad_q``."""
         kind = self._mask_kind(m, tq, tk)
-        if kind[0] == "key_padding" or m.nb != 2 or m.mask_invert:
-            return kind
+        if kind[0] == "key_padding" or m.nb != 2 or m.mask_invert or m.info.pattern != "sdpa":
+            return kind  # (hand-written attention gives NaN or the mean of v, not 0, for a row with no key)
         ops = _and_operands(_strip_bool_cast(m.mask))
         if ops is None or _tensor(m.mask).dim() != 4:
             return kind
@@ -1520,8 +1521,10 @@ class _Finder:
         t = _tensor(node)
         if t is None or t.dtype != torch.bool or t.dim() != 4:
             return False
-        if not (_is_one(t.shape[0]) or _equal(t.shape[0], tq[0])) or not _equal(t.shape[2], tq[-2]) and not _is_one(t.shape[2]):
-            return False
+        if not (_is_one(t.shape[0]) or _equal(t.shape[0], tq[0])):
+            return False  # another batch size
+        if not (_is_one(t.shape[2]) or _equal(t.shape[2], tq[-2])):
+            return False  # another query length
         if _is_one(t.shape[3]):
             return _is_one(t.shape[1]) or _same_over_heads(node, tq[1])
         src = _is_swap_last2(node)
