@@ -62,9 +62,9 @@ class FGAttnConfig:
         (the rewritten graph still runs fgcompile's op, on the dense path).
     alpha:
         Threshold of the profile predictor, > 0. FG-Attn uses 0.5 (and 0.6). Smaller keeps more.
-        At most 1, every query block keeps at least its strongest key (a query's largest
-        probability is at least 1 / S_kv); above 1, a block whose attention is flatter than
-        alpha / S_kv keeps no key and its output rows are 0.
+        Below 1, every query block keeps at least its strongest key (a query's largest
+        probability is at least 1 / S_kv); from 1 on, a block none of whose probabilities
+        exceeds alpha / S_kv (nearly uniform attention) keeps no key and its output rows are 0.
     profile_every:
         The profile predictor profiles the first sparse call of a site and then every
         ``profile_every``-th call after it (default 10: a 50-step sampler profiles 5 times).
