@@ -442,7 +442,7 @@ def mm_tensor_sqrt_div(q, k, v):  # a scale the graph builds from a literal: fol
 
 
 def mm_tensor_rsqrt_mul(q, k, v):
-    s = (q @ k.transpose(-2, -1)) * torch.tensor(q.shape[-1]).rsqrt()
+    s = (q @ k.transpose(-2, -1)) * torch.tensor(q.shape[-1]).to(q.device).rsqrt()
     return s.float().softmax(-1).to(q.dtype) @ v
 
 

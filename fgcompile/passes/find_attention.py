@@ -581,6 +581,8 @@ def _folded_number(x: Any, depth: int = 6) -> Optional[float]:
             return type(a)(ev(b, d) for b in a)
         if a is None or isinstance(a, (bool, int, float, str, torch.dtype)):
             return a
+        if isinstance(a, torch.device):  # .to(q.device): the value is the same on the CPU
+            return torch.device("cpu")
         raise _NotConstant
 
     try:
