@@ -446,6 +446,16 @@ def mm_tensor_rsqrt_mul(q, k, v):
     return s.float().softmax(-1).to(q.dtype) @ v
 
 
+def mm_einsum_mqa_headless_kv(q, k, v):  # MQA: k and v without a head dim, broadcast over q's heads
+    s = torch.einsum("bhid,bjd->bhij", q, k) * 0.125
+    return torch.einsum("bhij,bjd->bhid", s.softmax(-1), v)
+
+
+def mm_einsum_mqa_k_first_bihd(q, k, v):  # k written first, the output in (b, i, h, d)
+    s = torch.einsum("bjd,bhid->bhij", k, q) / 8
+    return torch.einsum("bhij,bjd->bihd", s.softmax(-1), v)
+
+
 def mm_tensor_scale_dense(q, k, v, t):  # a non-constant (tensor) scale: not served
     s = (q @ k.transpose(-2, -1)) * t
     return s.softmax(-1) @ v
@@ -472,10 +482,14 @@ def mm_tensor_scale_dense(q, k, v, t):  # a non-constant (tensor) scale: not ser
         (mm_basic, qkv((S, D)), [("matmul_softmax",) + SPARSE]),  # 2-D
         (mm_tensor_sqrt_div, qkv(), [("matmul_softmax",) + SPARSE]),
         (mm_tensor_rsqrt_mul, qkv(dtype=torch.bfloat16), [("matmul_softmax",) + SPARSE]),
+        (mm_einsum_mqa_headless_kv, (rand(B, H, S, D), rand(B, S, D, seed=5), rand(B, S, D, seed=6)),
+         [("matmul_softmax", "sparse", "none", "GQA 2/1")]),
+        (mm_einsum_mqa_k_first_bihd, (rand(B, H, S, D), rand(B, S, D, seed=5), rand(B, S, D, seed=6)),
+         [("matmul_softmax", "sparse", "none", "GQA 2/1")]),
     ],
     ids=["matmul_op", "torch_matmul_mT_div", "method_permute_dim3", "bmm", "baddbmm", "einsum", "einsum_bshd",
          "einsum_ellipsis", "scale_q_k", "scale_kT", "float_type_as", "softmax_dtype", "to_float32", "gqa", "2d",
-         "tensor_sqrt_div", "tensor_rsqrt_mul_bf16"],
+         "tensor_sqrt_div", "tensor_rsqrt_mul_bf16", "einsum_mqa_headless_kv", "einsum_mqa_k_first_bihd"],
 )
 def test_matmul_softmax_sparse(fn, args, expect):
     bf16 = args[0].dtype == torch.bfloat16

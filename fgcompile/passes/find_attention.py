@@ -136,6 +136,10 @@ class SiteMatch:
     q_perm: Optional[tuple] = None
     k_perm: Optional[tuple] = None
     v_perm: Optional[tuple] = None
+    # size-1 dims inserted into k / v after their permutation: batch dims they broadcast over
+    # (an MQA einsum "bhid,bjd->bhij" with a head-less k), positions in the standard form
+    k_unsqueeze: tuple = ()
+    v_unsqueeze: tuple = ()
     k_transpose: bool = False
     out_perm: Optional[tuple] = None
     layout: str = "bh"
@@ -1138,6 +1142,7 @@ class _Finder:
             dense.append("a boolean mask applied to a reshaped view of the scores")
         # ---- the scores matmul: q and k in standard form
         q_perm = k_perm = None
+        k_unsqueeze = v_unsqueeze = ()  # size-1 dims inserted after the permutation (broadcast batch dims)
         k_transpose = False
         einsum_batch = None
         if _is_fn(qk, _EINSUM_FNS):
@@ -1148,16 +1153,23 @@ class _Finder:
             contracted = [c for c in ta if c in tb and c not in to and c != "."]
             qi = [c for c in ta if c in to and c not in tb]
             ki = [c for c in tb if c in to and c not in ta]
-            if len(qi) == len(ki) == 1 and to[-2:] == ki[0] + qi[0]:  # written k first: einsum("..kd,..qd->..qk", k, q)
+            if len(to) >= 2 and to[-1] in qi and to[-2] in ki:  # written k first: einsum("..kd,..qd->..qk", k, q)
                 ta, tb, qa, kb, qi, ki = tb, ta, kb, qa, ki, qi
+            # batch dims of q that k lacks and broadcasts over (MQA: einsum("bhid,bjd->bhij", q, k))
+            k_missing = [c for c in qi if c in to[:-2]]
+            qi = [c for c in qi if c not in k_missing]
             batch = [c for c in to if c in ta and c in tb]
-            if len(contracted) != 1 or len(qi) != 1 or len(ki) != 1 or len(to) != len(batch) + 2:
+            if len(contracted) != 1 or len(qi) != 1 or len(ki) != 1 or len(to) != len(batch) + len(k_missing) + 2:
                 raise _Reject(f"scores einsum {qk.args[0]!r} is not q.k^T")
-            if to[-2:] != qi[0] + ki[0] or set(ta) != set(batch) | {qi[0], contracted[0]} or set(tb) != set(batch) | {ki[0], contracted[0]}:
+            if (to[-2:] != qi[0] + ki[0] or set(ta) != set(batch) | set(k_missing) | {qi[0], contracted[0]}
+                    or set(tb) != set(batch) | {ki[0], contracted[0]}):
                 raise _Reject(f"scores einsum {qk.args[0]!r} is not q.k^T")
-            bstr = "".join(batch)
+            bstr = to[:-2]
             q_perm = _perm_to(ta, bstr + qi[0] + contracted[0])
-            k_perm = _perm_to(tb, bstr + ki[0] + contracted[0])
+            k_perm = _perm_to(tb, "".join(batch) + ki[0] + contracted[0])
+            k_unsqueeze = tuple(i for i, c in enumerate(bstr) if c in k_missing)
+            if k_unsqueeze and "." in bstr:
+                raise _Reject("einsum broadcast with an ellipsis")
             if q_perm is None or k_perm is None:
                 raise _Reject("einsum layout")
             einsum_batch = (bstr, qi[0], ki[0])
@@ -1260,16 +1272,20 @@ class _Finder:
             tv_r = "".join(ren.get(c, c) for c in tv)
             to_r = "".join(ren.get(c, c) for c in to)
             e = [c for c in tv_r if c not in bstr + qc + kc]
+            v_batch = "".join(c for c in bstr if c in tv_r)  # v may lack batch dims it broadcasts over
             if (
                 len(e) != 1
                 or kc not in tv_r
                 or qc in tv_r
                 or kc in to_r
-                or set(tv_r) != set(bstr) | {kc, e[0]}
+                or set(tv_r) != set(v_batch) | {kc, e[0]}
                 or set(to_r) != set(bstr) | {qc, e[0]}
             ):
                 raise _Reject(f"output einsum {pv.args[0]!r} does not contract the key dim with v")
-            v_perm = _perm_to(tv_r, bstr + kc + e[0])
+            v_perm = _perm_to(tv_r, v_batch + kc + e[0])
+            v_unsqueeze = tuple(i for i, c in enumerate(bstr) if c not in tv_r)
+            if v_unsqueeze and "." in bstr:
+                raise _Reject("output einsum broadcast with an ellipsis")
             std_out = bstr + qc + e[0]
             out_perm = _perm_to(std_out, to_r)
             if v_perm is None or out_perm is None:
@@ -1283,10 +1299,10 @@ class _Finder:
         region.append(pv)
         # ---- shapes: q (*b, S_q, D), k (*b, S_kv, D), v (*b, S_kv, D_v)
         tq = _permuted_shape(_tensor(qa_node), q_perm)
-        tk = _permuted_shape(_tensor(kb_node), k_perm)
+        tk = _unsqueezed(_permuted_shape(_tensor(kb_node), k_perm), k_unsqueeze)
         if k_transpose and tk is not None:
             tk = tk[:-2] + [tk[-1], tk[-2]]
-        tv = _permuted_shape(_tensor(v_node), v_perm)
+        tv = _unsqueezed(_permuted_shape(_tensor(v_node), v_perm), v_unsqueeze)
         if tq is None or tk is None or tv is None:
             raise _Reject("unknown operand shapes")
         if not (len(tq) == len(tk) == len(tv)) or len(tq) < 2:  # more than 4-D: a dense site (describe)
@@ -1308,6 +1324,8 @@ class _Finder:
             q_perm=q_perm,
             k_perm=k_perm,
             v_perm=v_perm,
+            k_unsqueeze=k_unsqueeze,
+            v_unsqueeze=v_unsqueeze,
             k_transpose=k_transpose,
             out_perm=out_perm,
         )
@@ -1661,6 +1679,16 @@ def expand_perm(p: Any, ndim: int) -> Optional[tuple]:
     else:
         full = tuple(p)
     return None if full == tuple(range(len(full))) else full
+
+
+def _unsqueezed(shape: Optional[list], dims: Sequence[int]) -> Optional[list]:
+    """``shape`` with size-1 dims inserted at ``dims`` (increasing positions of the result)."""
+    if shape is None:
+        return None
+    shape = list(shape)
+    for d in dims:
+        shape.insert(d, 1)
+    return shape
 
 
 def _permuted_shape(t: Optional[torch.Tensor], perm: Any) -> Optional[list]:

@@ -105,11 +105,13 @@ class _Builder:
         self.nodes = []
 
 
-def _std(b: _Builder, node: fx.Node, perm: Any, transpose: bool = False) -> fx.Node:
+def _std(b: _Builder, node: fx.Node, perm: Any, transpose: bool = False, unsqueeze: Sequence[int] = ()) -> fx.Node:
     t = node.meta["example_value"]
     full = expand_perm(perm, t.dim())
     if full is not None:
         node = b.method("permute", node, *full)
+    for d in unsqueeze:  # batch dims the operand broadcasts over (SiteMatch.k_unsqueeze)
+        node = b.method("unsqueeze", node, d)
     if transpose:
         node = b.method("transpose", node, -2, -1)
     return node
@@ -237,8 +239,8 @@ def rewrite_site(gm: fx.GraphModule, m: SiteMatch, handle: int) -> fx.Node:
     b = _Builder(gm, out, out)
     try:
         q = _std(b, m.q, m.q_perm)
-        k = _std(b, m.k, m.k_perm, m.k_transpose)
-        v = _std(b, m.v, m.v_perm)
+        k = _std(b, m.k, m.k_perm, m.k_transpose, m.k_unsqueeze)
+        v = _std(b, m.v, m.v_perm, unsqueeze=m.v_unsqueeze)
         q4, k4, v4 = (_to4d(b, x, m.layout) for x in (q, k, v))
         kp = _key_padding(b, m, q4, k4)
         scale = float(m.scale)
