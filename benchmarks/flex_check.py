@@ -2,7 +2,7 @@
 
 The benchmarks time FlexAttention on BlockMasks given by their kept 128 x 128 tiles
 (``BlockMask.from_kv_blocks``, the tiles as full blocks). This checks each construction's output
-against the tile-sparse float32 reference (``sparse_attention_reference`` with block_m = block_n =
+against the tile-sparse float32 reference (``flex_masks.tile_reference``: block_m = block_n =
 128) on fresh random inputs, at a length that is a multiple of 128 and at one that is not (Wan
 480p: 32,760), and times it:
 
@@ -32,8 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fgcompile.kernels import packing  # noqa: E402
 from fgcompile.testing.metrics import rel_err  # noqa: E402
-from fgcompile.kernels.reference import sparse_attention_reference  # noqa: E402
-from flex_masks import tile_block_mask, tile_mask_mod  # noqa: E402
+from flex_masks import tile_block_mask, tile_mask_mod, tile_reference  # noqa: E402
 from results_io import write_result  # noqa: E402
 
 BM = 128
@@ -99,7 +98,7 @@ def main(argv=None) -> dict:
         keep = torch.rand(1, H, n, n, device=dev, generator=gen) < args.density
         keep |= torch.eye(n, device=dev, dtype=torch.bool)
         hs = slice(0, args.check_heads)
-        ref = sparse_attention_reference(q[:, hs], k[:, hs], v[:, hs], keep[:, hs], BM, BM, D ** -0.5)
+        ref = tile_reference(q, k, v, keep, BM, D ** -0.5, heads=args.check_heads)
         for name, build in masks(keep, S, args.masks.split(",")):
             row = {"inputs": source, "S": S, "mask": name, "tile_density": float(keep.float().mean())}
             try:

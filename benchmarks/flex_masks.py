@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fgcompile.kernels import packing
+from fgcompile.kernels import packing, reference
 
 
 def kv_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +46,16 @@ def tile_block_mask(keep: torch.Tensor, block: int, S: int, *, mask_mod: bool = 
     cnt, idx = kv_blocks(keep)
     return BlockMask.from_kv_blocks(torch.zeros_like(cnt), torch.zeros_like(idx), cnt, idx, BLOCK_SIZE=block,
                                     mask_mod=tile_mask_mod(keep, block) if mask_mod else None, seq_lengths=(S, S))
+
+
+def tile_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, block: int, scale: float,
+                   heads: int = 2) -> torch.Tensor:
+    """What a BlockMask of the (B, H, nQB, nKB) tile mask ``keep`` (``block`` x ``block`` tiles) must
+    give on heads [0, ``heads``): the tile-sparse reference (B, heads, S, D), float32, for
+    ``rel_err(flex_out[:, :heads], ...)``."""
+    hs = slice(0, heads)
+    return reference.sparse_attention_reference(q[:, hs].float(), k[:, hs].float(), v[:, hs].float(), keep[:, hs],
+                                                block, block, scale)
 
 
 def slice_covering_block_mask(keep: torch.Tensor, S: int):
