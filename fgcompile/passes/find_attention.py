@@ -1526,18 +1526,19 @@ class _Finder:
         if ops is None or _tensor(m.mask).dim() != 4:
             return kind
         whole = m.mask
+        ops = tuple(_strip_bool_cast(x) for x in ops)
         for key_side, q_side in (ops, ops[::-1]):
-            m.mask = _strip_bool_cast(key_side)
+            m.mask = key_side
             if self._mask_kind(m, tq, tk)[0] == "key_padding" and self._query_padding(q_side, tq):
-                m.q_mask = _strip_bool_cast(q_side)
+                m.q_mask = q_side
                 return "key_padding", "", None
         m.mask = whole
         return kind
 
     def _query_padding(self, node: Any, tq) -> bool:
-        """Whether ``node`` (bool, 4-D) is constant over the keys, one row per batch over the
-        heads: size 1 in its last dim or the last two dims of a key-padding-like mask swapped."""
-        node = _strip_bool_cast(node)
+        """Whether ``node`` (bool, 4-D, bool casts stripped) is constant over the keys, one row per
+        batch over the heads: size 1 in its last dim or the last two dims of a key-padding-like
+        mask swapped."""
         t = _tensor(node)
         if t is None or t.dtype != torch.bool or t.dim() != 4:
             return False
