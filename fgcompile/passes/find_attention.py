@@ -301,11 +301,29 @@ def _opaque_attention(node: fx.Node) -> Optional[str]:
     return None
 
 
+_NOT_FNS = {operator.invert, torch.logical_not, torch.bitwise_not}
+
+
+def _through_not(node: Any) -> Any:
+    """``node`` without elementwise negations and bool casts of a bool tensor (``~x``,
+    ``logical_not``, ``.bool()``): they keep what a mask repeats over."""
+    while True:
+        node = _strip_bool_cast(node)
+        t = _tensor(node)
+        if (t is not None and t.dtype == torch.bool and _is_fn(node, _NOT_FNS, ("__invert__", "logical_not", "bitwise_not"))
+                and len(node.args) == 1 and isinstance(node.args[0], fx.Node) and _tensor(node.args[0]) is not None
+                and _tensor(node.args[0]).dtype == torch.bool):
+            node = node.args[0]
+            continue
+        return node
+
+
 def _same_over_heads(mask: fx.Node, heads: Any) -> bool:
     """Whether a 4-D mask (B, H, *, S) holds one row per batch repeated over its H heads, as
     built from a per-batch mask: ``x.expand(B, H, ...)`` / ``x.broadcast_to`` / ``x.expand_as`` of a
     tensor with one head, ``x.repeat(1, H, 1, 1)``, or diffusers' ``prepare_attention_mask``:
-    ``x.repeat_interleave(H, dim=0).view(B, H, -1, S)``. The rewrite then reads head 0."""
+    ``x.repeat_interleave(H, dim=0).view(B, H, -1, S)``, negated or not. The rewrite then reads head 0."""
+    mask = _through_not(mask)
     if not isinstance(mask, fx.Node) or mask.op not in ("call_method", "call_function") or not mask.args:
         return False
     src = mask.args[0]
@@ -372,7 +390,8 @@ def _and_operands(node: Any) -> Optional[tuple]:
 
 def _repeated_over(node: Any, dim: int) -> bool:
     """Whether ``node`` (a 4-D tensor) only repeats its source along ``dim``: ``x.repeat(...)`` or
-    ``x.expand(...)`` / ``broadcast_to`` of a 4-D ``x`` whose ``dim`` has size 1."""
+    ``x.expand(...)`` / ``broadcast_to`` of a 4-D ``x`` whose ``dim`` has size 1, negated or not."""
+    node = _through_not(node)
     if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     t, out = _tensor(node.args[0]), _tensor(node)
@@ -497,6 +516,15 @@ def _fill_number(fill: Any) -> Optional[float]:
     if fill.target is torch.full and len(fill.args) >= 2 and tuple(fill.args[0]) == ():
         return _const_number(fill.args[1])
     return None
+
+
+def _full_like_value(node: Any, like: Any) -> Optional[float]:
+    """``c`` when ``node`` is ``torch.full_like(like, c)`` of a constant number, read once; else None."""
+    if not (_is_fn(node, {torch.full_like}) and node.args and node.args[0] is like and len(node.users) == 1):
+        return None
+    if set(node.kwargs) - {"dtype", "device", "layout", "memory_format"} or len(node.args) != 2:
+        return None
+    return _const_number(node.args[1])
 
 
 def _fill_mask(words, cond, fill, invert, mask_kind, mask_node, mask_invert, dense, after=1.0):
@@ -658,16 +686,16 @@ def _scalar_factor(node: fx.Node, through: fx.Node) -> Optional[tuple]:
     ``c`` (a literal, or a 0-d tensor the graph builds from literals: ``_folded_number``):
     ("ok", factor). If it multiplies/divides ``through`` by something else: ("bad", None).
     Otherwise None."""
-    if _is_fn(node, _MUL_FNS, ("mul", "__mul__", "__rmul__", "mul_")):
-        a = node.args
-        if len(a) != 2 or node.kwargs:
+    if _is_fn(node, _MUL_FNS, ("mul", "__mul__", "__rmul__", "mul_", "__imul__")):
+        a = tuple(node.args) + tuple(node.kwargs[k] for k in ("other",) if k in node.kwargs and len(node.args) == 1)
+        if len(a) != 2 or set(node.kwargs) - {"other"}:
             return ("bad", None)
         other = a[1] if a[0] is through else a[0] if a[1] is through else None
         if other is None:
             return None
         c = _folded_number(other)
         return ("ok", c) if c is not None else ("bad", None)
-    if _is_fn(node, _DIV_FNS, ("div", "__truediv__", "true_divide")):
+    if _is_fn(node, _DIV_FNS, ("div", "__truediv__", "true_divide", "div_", "__itruediv__")):
         a = node.args
         if len(a) != 2 or a[0] is not through or node.kwargs.get("rounding_mode") is not None:
             return ("bad", None) if through in a else None
@@ -732,6 +760,26 @@ def _cast_src(node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
+def _drop_upcasts(q: fx.Node, k: fx.Node, v: fx.Node) -> tuple:
+    """(q, k) read before an upcast of both to a wider float (diffusers' ``upcast_attention``:
+    ``q.float()``, ``k.float()``, v left in bfloat16) when that gives all three v's dtype; else
+    (q, k) as they are. The kernels multiply q and k with float32 accumulation, which is what the
+    upcast buys; the cast nodes are left to dead-code elimination."""
+    tq, tk, tv = _tensor(q), _tensor(k), _tensor(v)
+    if tq is None or tk is None or tv is None or tq.dtype == tk.dtype == tv.dtype:
+        return q, k
+    srcs = []
+    for n, t in ((q, tq), (k, tk)):
+        src = _cast_src(n) if t.dtype != tv.dtype else n
+        ts = _tensor(src) if isinstance(src, fx.Node) else None
+        if ts is None or ts.dtype != tv.dtype or ts.device != t.device or t.dtype.itemsize < ts.dtype.itemsize:
+            return q, k
+        if not (t.dtype.is_floating_point and ts.dtype.is_floating_point) or list(ts.shape) != list(t.shape):
+            return q, k
+        srcs.append(src)
+    return tuple(srcs)
+
+
 _VIEW_METHODS = {"view", "reshape"}
 
 
@@ -781,25 +829,104 @@ def _exp_of_log_softmax(node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def _is_softmax(node: fx.Node) -> Optional[tuple]:
-    """(input node, dim, dtype) for a softmax node, or for the exp of ``exp(log_softmax(x))``."""
+_SUM_FNS = {torch.sum, torch.Tensor.sum}
+
+
+def _reduced_last(node: fx.Node, x: Any, fns: set, method: str) -> bool:
+    """Whether ``node`` is ``fns(x, dim, keepdim=True)`` / ``x.<method>(dim, keepdim=True)`` over the
+    last dim only (``dim`` -1, the last index, or a one-element list of it), keeping it as size 1."""
+    if not _is_fn(node, fns, (method,)) or _get(node, 0, "input") is not x:
+        return False
+    n = _ndim(x)
+    dim = _get(node, 1, "dim")
+    if isinstance(dim, (list, tuple)):
+        dim = dim[0] if len(dim) == 1 else None
+    keepdim = _get(node, 2, "keepdim", False)
+    extra = set(node.kwargs) - {"dim", "keepdim", "input"}
+    return n is not None and _norm_dim(dim, n) == n - 1 and keepdim is True and not extra and len(node.args) <= 3
+
+
+def _manual_softmax(node: fx.Node) -> Optional[tuple]:
+    """(x, [the sum, the exp]) when ``node`` is a softmax written out: ``e / e.sum(-1, keepdim=True)``
+    with ``e = exp(x)`` (x often already shifted by its row max) and the exp and the sum used only
+    there; else None."""
+    if not _is_fn(node, _DIV_FNS, ("div", "__truediv__")) or len(node.args) != 2 or node.kwargs:
+        return None
+    e, ssum = node.args
+    if not (isinstance(e, fx.Node) and isinstance(ssum, fx.Node)):
+        return None
+    if not _is_fn(e, _EXP_FNS, ("exp",)) or len(e.args) != 1 or e.kwargs or not isinstance(e.args[0], fx.Node):
+        return None
+    if not _reduced_last(ssum, e, _SUM_FNS, "sum") or set(e.users) != {node, ssum} or list(ssum.users) != [node]:
+        return None
+    return e.args[0], [ssum, e]
+
+
+def _softmax_parts(node: fx.Node) -> Optional[tuple]:
+    """(input node, dim, dtype, inner nodes) for a softmax node, the exp of ``exp(log_softmax(x))``
+    or the division of a softmax written out (``_manual_softmax``); the inner nodes are the ones
+    between the input and ``node`` (the log_softmax; the sum and the exp)."""
     inner = _exp_of_log_softmax(node)
     if inner is not None:
-        node = inner
-    elif not _is_fn(node, _SOFTMAX_FNS, ("softmax",)):
-        return None
-    x = _get(node, 0, "input")
-    if "self" in node.kwargs:
-        x = node.kwargs["self"]
-    dim = _get(node, 1, "dim")
-    dtype = node.kwargs.get("dtype")
-    if node.target in (F.softmax, F.log_softmax) and len(node.args) > 3:
-        dtype = node.args[3]
-    elif node.target not in (F.softmax, F.log_softmax) and len(node.args) > 2:
-        dtype = node.args[2]
+        sm, extra = inner, [inner]
+    elif _is_fn(node, _SOFTMAX_FNS, ("softmax",)):
+        sm, extra = node, []
+    else:
+        manual = _manual_softmax(node)
+        if manual is None:
+            return None
+        return manual[0], -1, None, manual[1]
+    x = _get(sm, 0, "input")
+    if "self" in sm.kwargs:
+        x = sm.kwargs["self"]
+    dim = _get(sm, 1, "dim")
+    dtype = sm.kwargs.get("dtype")
+    if sm.target in (F.softmax, F.log_softmax) and len(sm.args) > 3:
+        dtype = sm.args[3]
+    elif sm.target not in (F.softmax, F.log_softmax) and len(sm.args) > 2:
+        dtype = sm.args[2]
     if not isinstance(x, fx.Node):
         return None
-    return x, dim, dtype
+    return x, dim, dtype, extra
+
+
+def _is_softmax(node: fx.Node) -> Optional[tuple]:
+    """(input node, dim, dtype) for a softmax node (see ``_softmax_parts``), else None."""
+    parts = _softmax_parts(node)
+    return None if parts is None else parts[:3]
+
+
+_AMAX_FNS = {torch.amax, torch.Tensor.amax}
+_MAX_FNS = {torch.max, torch.Tensor.max}
+_DETACH_FNS = {torch.detach, torch.Tensor.detach}
+_SUB_FNS = {operator.sub, operator.isub, torch.sub, torch.Tensor.sub}
+
+
+def _row_max_nodes(node: Any, x: fx.Node) -> Optional[list]:
+    """The nodes computing ``node`` when it is the largest entry of each row of ``x`` (last dim,
+    kept as size 1): ``x.amax(-1, keepdim=True)`` or ``x.max(-1, keepdim=True)[0]`` / ``.values``,
+    possibly ``.detach()``-ed; else None. Softmax is invariant to subtracting it."""
+    chain = []
+    cur = node
+    while isinstance(cur, fx.Node) and _is_fn(cur, _DETACH_FNS, ("detach",)) and len(cur.args) == 1:
+        chain.append(cur)
+        cur = cur.args[0]
+    if not isinstance(cur, fx.Node):
+        return None
+    if cur.op == "call_function" and ((cur.target is operator.getitem and cur.args[1:] == (0,))
+                                      or (cur.target is getattr and cur.args[1:] == ("values",))):
+        chain.append(cur)
+        red = cur.args[0]
+        if not isinstance(red, fx.Node) or not _reduced_last(red, x, _MAX_FNS, "max"):
+            return None
+    elif _reduced_last(cur, x, _AMAX_FNS, "amax"):
+        red = cur
+    else:
+        return None
+    chain.append(red)
+    if any(len(n.users) != 1 for n in chain):  # (the max's indices unused too)
+        return None
+    return chain
 
 
 def _only_user(node: fx.Node) -> Optional[fx.Node]:
@@ -880,6 +1007,8 @@ class _Finder:
         self._nx = None
         self._postdom = None
         self.rejected: list[tuple[str, str, str]] = []  # (node, "softmax" | "sdpa", why): not sites
+        # in-place statements the walks took as steps (_statement_write): write -> the node reading it
+        self.statement_writes: dict = {}
 
     # -------------------------------------------------------------- structural checks (networkx)
     def nx_graph(self):
@@ -891,6 +1020,8 @@ class _Finder:
                 g.add_node(n)
                 for u in n.users:
                     g.add_edge(n, u)
+            for w, reader in self.statement_writes.items():  # the reader sees what w wrote
+                g.add_edge(w, reader)
             self._nx = g
         return self._nx
 
@@ -904,7 +1035,7 @@ class _Finder:
             sink = "__fgcompile_sink__"
             g.add_node(sink)
             for n in self.graph.nodes:
-                if not n.users:
+                if not n.users and n not in self.statement_writes:
                     g.add_edge(sink, n)
             self._postdom = nx.immediate_dominators(g, sink)
         return self._postdom
@@ -933,7 +1064,8 @@ class _Finder:
         for n in region:
             if n is output:
                 continue
-            if _mutates(n):  # its operand may be read elsewhere, through another name or a view
+            if _mutates(n) and not self._private_write(n, rset):
+                # its operand may be read elsewhere, through another name or a view
                 raise _Reject(f"{n.name} ({_target_str(n.target)}) is an in-place op")
             for u in n.users:
                 if u in rset:
@@ -978,6 +1110,57 @@ class _Finder:
                 if at < self.order[u] and (stores is None or own is None or own & stores):
                     raise _Reject(f"{u.name} writes into {i.name} (or memory it shares) between the attention's "
                                   "scores and its output")
+
+    def _private_write(self, n: fx.Node, rset: set) -> bool:
+        """Whether the in-place op ``n`` of the region (``s += bias``, ``s *= c``, ``s.mul_(c)``)
+        writes into a tensor only the region sees, after its every other read (``s -= s.amax(...)``):
+        then it is its out-of-place form. The region's nodes feed only the region (checked), so
+        views of the target are region nodes too."""
+        t = n.args[0] if n.args else None
+        if not isinstance(t, fx.Node) or t not in rset or t.op == "placeholder":
+            return False
+        if n in self.statement_writes:
+            return True
+        return all(u is n or (u in rset and self.order[u] < self.order[n]) for u in t.users)
+
+    def _statement_write(self, t: fx.Node, reader: fx.Node) -> Optional[fx.Node]:
+        """The in-place op written as a statement on the scores (``s.masked_fill_(m, -inf)``,
+        ``s.mul_(c)``, ``s += b`` when Dynamo keeps reading ``s``) between ``t``'s creation and its
+        one reader ``reader``: the only other user of ``t``, writing into it, its result unused.
+        The walk takes it as the step from ``t`` to ``reader``."""
+        users = set(t.users)
+        if len(users) != 2 or reader not in users:
+            return None
+        (w,) = users - {reader}
+        if not (_mutates(w) and w.args and w.args[0] is t and not w.users and self.order[w] < self.order[reader]):
+            return None
+        if w not in self.statement_writes:
+            self.statement_writes[w] = reader
+            self._nx = self._postdom = None  # the graphs gain the edge w -> reader
+        return w
+
+    def _zero_bias(self, node: fx.Node, reader: fx.Node) -> Optional[tuple]:
+        """``("zero", None)`` when ``node`` is a tensor of zeros the graph makes (``torch.zeros``,
+        ``zeros_like``, ``new_zeros``, ``full(size, 0)``) read only by ``reader``; ``("fill", w)``
+        when, besides, one ``w = node.masked_fill_(mask, value)`` writes into it before ``reader``
+        (torch's documented SDPA reference and HunyuanVideo's "vanilla" attention build their mask
+        so); else None."""
+        t = _tensor(node)
+        if t is None or not t.dtype.is_floating_point:
+            return None
+        if _is_fn(node, {torch.zeros, torch.zeros_like}, ("new_zeros",)):
+            pass
+        elif not (_is_fn(node, {torch.full}) and len(node.args) >= 2 and _const_number(node.args[1]) == 0.0):
+            return None
+        others = set(node.users) - {reader}
+        if not others:
+            return ("zero", None)
+        if len(others) == 1:
+            (w,) = others
+            if (_is_fn(w, set(), ("masked_fill_",)) and w.args and w.args[0] is node and not w.users
+                    and self.order[w] < self.order[reader]):
+                return ("fill", w)
+        return None
 
     # -------------------------------------------------------------- sdpa
     def match_sdpa(self, node: fx.Node) -> SiteMatch:
@@ -1032,14 +1215,13 @@ class _Finder:
 
     # -------------------------------------------------------------- matmul-softmax
     def match_softmax(self, sm: fx.Node) -> SiteMatch:
-        x, dim, sm_dtype = _is_softmax(sm)
+        x, dim, sm_dtype, _ = _softmax_parts(sm)
         nd = _ndim(x)
         if nd is None or nd < 2:
             raise _Reject("softmax input of unknown rank")
         if _norm_dim(dim, nd) != nd - 1:
             raise _Reject(f"softmax over dim {dim}, not the last")
-        inner = _exp_of_log_softmax(sm)
-        region = [sm] if inner is None else [sm, inner]
+        region = [sm] + _softmax_parts(sm)[3]
         dense: list[str] = []
         scale = 1.0
         scale_const = True
@@ -1051,14 +1233,20 @@ class _Finder:
         qk = None
         nd_s = nd  # the rank of the scores where the walk is (leading-dim views change it)
         mask_rank = nd
+        reader = region[-1]  # the region node that reads cur (the walk goes against the data flow)
         while True:
             if not isinstance(cur, fx.Node):
                 raise _Reject("softmax input is not a graph node")
-            if _is_fn(cur, _MATMUL_FNS, _MATMUL_METHODS) or _is_fn(cur, _BADDBMM_FNS, ("baddbmm",)) or _is_fn(cur, _EINSUM_FNS):
+            w = self._statement_write(cur, reader) if cur not in region else None
+            if w is not None:  # s.masked_fill_(m, -inf) as a statement: the reader sees the write
+                region.append(cur)
+                cur = w
+            elif _is_fn(cur, _MATMUL_FNS, _MATMUL_METHODS) or _is_fn(cur, _BADDBMM_FNS, ("baddbmm",)) or _is_fn(cur, _EINSUM_FNS):
                 qk = cur
                 region.append(cur)
                 break
             region.append(cur)
+            reader = cur
             src = _cast_src(cur)
             if src is not None:
                 cur = src
@@ -1084,13 +1272,24 @@ class _Finder:
                 dense.append(SCALE_NOT_CONSTANT)
                 cur = src
                 continue
-            if _is_fn(cur, _ADD_FNS, ("add", "__add__", "__radd__")):
+            if _is_fn(cur, _ADD_FNS, ("add", "__add__", "__radd__", "add_", "__iadd__")):
                 a0, a1 = cur.args[0], cur.args[1] if len(cur.args) > 1 else cur.kwargs.get("other")
                 if cur.kwargs.get("alpha", 1) != 1:
                     raise _Reject("add with alpha")
                 s_in, other = (a0, a1) if self._on_path(a0, nd_s) else (a1, a0)
                 if not isinstance(s_in, fx.Node):
                     raise _Reject("add of constants")
+                bias = self._zero_bias(other, cur) if isinstance(other, fx.Node) else None
+                if bias is not None:  # torch's documented SDPA reference: s += zeros (masked_fill_-ed)
+                    if bias[0] == "fill":
+                        w = bias[1]
+                        mask_kind, mask_node, mask_invert = _fill_mask(
+                            ("masked_fill_ of a zero bias", "mask", "value"), _get(w, 1, "mask"), _get(w, 2, "value"),
+                            True, mask_kind, mask_node, mask_invert, dense, scale,
+                        )
+                        mask_rank = nd_s
+                    cur = s_in
+                    continue
                 if mask_node is not None or mask_kind != "none":
                     dense.append("more than one mask")
                 mask_kind = "other"
@@ -1108,7 +1307,7 @@ class _Finder:
                     dense.append("a constant is added to the scores")
                 cur = s_in
                 continue
-            if _is_fn(cur, _MASKED_FILL_FNS, ("masked_fill",)):
+            if _is_fn(cur, _MASKED_FILL_FNS, ("masked_fill", "masked_fill_")):
                 s_in = cur.args[0]
                 mk = _get(cur, 1, "mask")
                 val = _get(cur, 2, "value")
@@ -1120,6 +1319,12 @@ class _Finder:
                 continue
             if _is_fn(cur, _WHERE_FNS, ("where",)) and len(cur.args) == 3:
                 cond, a_, b_ = cur.args
+                for i_, (t_, o_) in enumerate(((a_, b_), (b_, a_))):
+                    c_ = _full_like_value(o_, t_)
+                    if c_ is not None:  # where(c, s, full_like(s, -inf)): a constant fill
+                        region.append(o_)
+                        a_, b_ = (t_, c_) if i_ == 0 else (c_, t_)
+                        break
                 if self._on_path(a_, nd_s) and not self._on_path(b_, nd_s):
                     s_in, fill, inv = a_, b_, False
                 elif self._on_path(b_, nd_s) and not self._on_path(a_, nd_s):
@@ -1132,6 +1337,12 @@ class _Finder:
                 mask_rank = nd_s
                 cur = s_in
                 continue
+            if _is_fn(cur, _SUB_FNS, ("sub", "__sub__", "sub_", "__isub__")) and len(cur.args) == 2 and not cur.kwargs:
+                chain = _row_max_nodes(cur.args[1], cur.args[0]) if isinstance(cur.args[0], fx.Node) else None
+                if chain is not None:  # x - x.amax(-1, keepdim=True): softmax is shift invariant
+                    region.extend(chain)
+                    cur = cur.args[0]
+                    continue
             src = _leading_view_src(cur)
             if src is not None:
                 cur, nd_s = src, _ndim(src)
@@ -1297,6 +1508,7 @@ class _Finder:
         if not isinstance(v_node, fx.Node) or _tensor(v_node) is None:
             raise _Reject("v is not a graph tensor")
         region.append(pv)
+        qa_node, kb_node = _drop_upcasts(qa_node, kb_node, v_node)
         # ---- shapes: q (*b, S_q, D), k (*b, S_kv, D), v (*b, S_kv, D_v)
         tq = _permuted_shape(_tensor(qa_node), q_perm)
         tk = _unsqueezed(_permuted_shape(_tensor(kb_node), k_perm), k_unsqueeze)
