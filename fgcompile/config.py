@@ -40,7 +40,12 @@ def _is_int(x: Any) -> bool:
 
 
 def _is_real(x: Any) -> bool:
-    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond any float (10 ** 400)
+        return False
 
 
 #: the block_m values the Triton kernels take (the plain-torch reference takes any of [16, 256])

@@ -49,6 +49,7 @@ class TransformResult:
     # (node, "softmax" | "sdpa" | "mha" | "opaque", why) of the softmax / SDPA / nn.MultiheadAttention
     # nodes and the opaque attention kernels that are not attention sites
     rejected: list = field(default_factory=list)
+    owner: Optional[torch.Tensor] = None  # the parameter that owns the sites' run-time state (see fgcompile.runtime)
 
 
 def _grad_needed(example_inputs: Sequence[Any]) -> bool:
@@ -134,6 +135,8 @@ def transform(
                              "mask could be another layer's; use predictor='pooled' (no cached mask) or compile the "
                              "module whose weights feed the attention")
     owner_name = torch_private.placeholder_param_path(owner) if owner is not None else None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    owner_value = dict(zip(placeholders, example_inputs)).get(owner) if owner is not None else None
     chosen = [
         (m, runtime.register_site(m.info.name, config, m.info, owner_name=owner_name))
         for m in matches
@@ -159,7 +162,7 @@ def transform(
             i.name, i.pattern, i.batch, i.num_heads, i.num_kv_heads, i.seq_len_q, i.seq_len_kv,
             i.head_dim, i.dtype, i.mask, i.decision, i.reason,
         )
-    return TransformResult(gm, [m.info for m in matches], lowered, rejected)
+    return TransformResult(gm, [m.info for m in matches], lowered, rejected, owner_value)
 
 
 class FGAttnBackend:
@@ -202,7 +205,8 @@ class FGAttnBackend:
 
             autotune = autotune_wanted(bool(patches.get("max_autotune")) or max_autotune_enabled())
             with torch_private.timed("fgcompile.transform"):
-                transform(gm, example_inputs, config, autotune, {**patches, **kernel_config_patches()})
+                result = transform(gm, example_inputs, config, autotune, {**patches, **kernel_config_patches()})
+            runtime.record_compile(result.owner, config, result.sites)  # for stats' error and explain
         except Exception as e:  # never crash a user's compile: sites not yet rewritten stay dense
             log.warning(
                 "fgcompile: the attention passes failed (%s: %s); the sites not rewritten yet stay dense",

@@ -63,6 +63,9 @@ class Report:
     graphs: list = field(default_factory=list)
     graph_breaks: int = 0
     config: Optional[FGAttnConfig] = None
+    #: {site name: (decision, reason)} the real compiles of the model decided, where that differs
+    #: from this capture (e.g. dense under autograd: explain captures under torch.no_grad())
+    compiled_otherwise: dict = field(default_factory=dict)
 
     @property
     def graph(self) -> Optional[fx.GraphModule]:
@@ -102,8 +105,16 @@ class Report:
             f"{self.graph_breaks} graph break(s)"
         )
         parts = [head, ""]
+        if not self.graphs:
+            parts += ["Dynamo captured no graph: the call ran eagerly, so no attention can be rewritten (Dynamo skips "
+                      "a frame it cannot trace, e.g. one that breaks the graph inside a loop); "
+                      "TORCH_LOGS=graph_breaks,recompiles says why", ""]
         if self.sites:
             parts += [self.table(), ""]
+        if self.compiled_otherwise:
+            parts.append("when the compiled model ran, fgcompile decided otherwise:")
+            parts += [f"  {name}: {d} ({r})" for name, (d, r) in self.compiled_otherwise.items()]
+            parts.append("")
         if self.rejected:
             parts.append("not attention sites (left as written):")
             parts += [f"  {node} ({kind}): {why}" for node, kind, why in self.rejected]
@@ -136,8 +147,9 @@ def _compiled_config(model: Any) -> Optional[FGAttnConfig]:
 
     try:
         return runtime.state_of(model).single_config(compiled=True)
-    except ValueError:
-        return None
+    except ValueError:  # no site runs sparse: the config its compiles recorded
+        configs = {c for c, _, _ in runtime.compiled_decisions(model).values()}
+        return next(iter(configs)) if len(configs) == 1 else None
 
 
 def explain(
@@ -181,4 +193,10 @@ def explain(
     with torch.no_grad(), torch_private.raised_recompile_limits():
         compiled(*args, **kwargs)
     report.graph_breaks = max(torch_private.graph_break_count() - breaks_before, max(len(report.graphs) - 1, 0))
+    here = {s.name: s.decision for s in report.sites}
+    from . import runtime
+
+    for name, (_, decision, reason) in runtime.compiled_decisions(model).items():
+        if name in here and here[name] != decision:
+            report.compiled_otherwise[name] = (decision, reason)
     return report

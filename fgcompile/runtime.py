@@ -49,7 +49,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,36 @@ _LOCK = threading.Lock()
 _NEXT_HANDLE = itertools.count(1)
 
 
+def record_compile(owner: Optional[torch.Tensor], config: FGAttnConfig, infos: Sequence[Any]) -> None:
+    """Keep what one compile decided for its sites (``SiteInfo``: name, decision, reason), under
+    the graph's owner parameter (``None``: a graph without one; not kept)."""
+    if owner is None or not infos:
+        return
+    with _LOCK:
+        got = _COMPILED.get(owner)
+        if got is None:
+            got = _COMPILED[owner] = {}
+        for i in infos:
+            got[i.name] = (config, i.decision, i.reason)
+
+
+def compiled_decisions(model: Any) -> dict[str, tuple]:
+    """{site name: (config, decision, reason)} the compiles of ``model``'s graphs recorded (the
+    last compile of each name wins); empty when it never compiled under fgattn."""
+    owner = getattr(model, "_orig_mod", model)
+    owner = torch_private.compiled_method_module(owner) or owner
+    if not isinstance(owner, torch.nn.Module):
+        return {}
+    out: dict[str, tuple] = {}
+    seen: set = set()
+    for p in owner.parameters():
+        got = _COMPILED.get(p)
+        if got is not None and id(got) not in seen:
+            seen.add(id(got))
+            out.update(got)
+    return out
+
+
 @dataclass(frozen=True)
 class SiteTemplate:
     """What a compiled graph knows of a site: its name, config, and the detection pass's SiteInfo."""
@@ -98,6 +128,10 @@ _TEMPLATES: dict[int, SiteTemplate] = {}
 # owner parameter -> ModelState (weak: the state dies with the model's parameters)
 # (by identity: a WeakKeyDictionary would compare tensors with ==, which is elementwise)
 _OWNED: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
+# owner parameter -> {site name: (config, decision, reason)} of every site its graphs' compiles
+# found, dense ones included: a model whose sites all run dense has no ModelState, and this is
+# what stats' error and explain(compiled_model) tell about it
+_COMPILED: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
 _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # CUDA device index -> the stream mask copies run on
 _ORDER = threading.local()  # .last: weakref to the site this thread called last (see SiteState.successor)
 
@@ -728,6 +762,14 @@ def state_of(model: Any) -> ModelState:
     sites: they all share one state (their sites are told apart by name only)."""
     found = _states_of(model)
     if not found:
+        decided = compiled_decisions(model)
+        if decided:
+            listed = "; ".join(f"{n}: {d} ({r})" for n, (_, d, r) in list(decided.items())[:8])
+            more = f" (and {len(decided) - 8} more)" if len(decided) > 8 else ""
+            raise ValueError(
+                "model: no attention site of this model has run sparse under fgattn, so it has no fgcompile "
+                f"state; its compiles decided: {listed}{more}"
+            )
         raise ValueError(
             "model: expected a model compiled with backend='fgattn' (or fgcompile.backend(...)) "
             "that has run at least once; no fgcompile state is attached to it (a model whose "

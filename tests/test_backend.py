@@ -86,6 +86,8 @@ def test_string_backend_rejects_bad_options():
         ("min_seq_len", 0),
         ("impl", "cuda"),
         ("alpha", True),
+        ("alpha", 10**400),  # an int no float holds
+        ("tau", 10**400),
     ],
 )
 def test_config_rejects_bad_values(field, value):
@@ -196,6 +198,16 @@ def test_grad_mode_keeps_attention_dense(toy):
     out = c(x, t, text)  # grad enabled, parameters require grad: no sparse site
     out.sum().backward()
     torch.testing.assert_close(out, toy(x, t, text), rtol=1e-4, atol=1e-4)
+    # the model has no sparse site, hence no state: stats says what its compile decided, and explain
+    # (which captures under torch.no_grad()) says that the compiled model ran otherwise
+    with pytest.raises(ValueError, match="no attention site of this model has run sparse.*autograd is recording"):
+        fgcompile.stats(c)
+    rep = fgcompile.explain(c, x, t, text)
+    assert rep.config == cfg
+    assert {n for n, (d, r) in rep.compiled_otherwise.items() if d == "dense" and "autograd" in r} == {
+        s.name for s in rep.sites if s.decision == "sparse"
+    } != set()
+    assert "when the compiled model ran, fgcompile decided otherwise:" in str(rep)
 
 
 def test_failing_pass_falls_back_to_dense(monkeypatch, toy):

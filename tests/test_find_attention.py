@@ -691,6 +691,29 @@ def test_matmul_softmax_in_place_and_stabilised_spellings(fn):
     assert r.sites[0].scale == pytest.approx(0.125)
 
 
+def mm_upcast_qk(q, k, v):  # diffusers' Attention with upcast_attention=True (q, k: (B*H, S, D))
+    q, k = q.float(), k.float()
+    a = torch.baddbmm(torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype), q, k.transpose(-1, -2),
+                      beta=0, alpha=0.125)
+    return torch.bmm(a.softmax(dim=-1).to(v.dtype), v)
+
+
+def test_matmul_softmax_upcast_q_and_k():
+    """q and k upcast to float32 from v's bfloat16 are read before the cast: the kernels multiply
+    bf16 q and k with float32 accumulation. q in float32 for real (no cast) stays dense."""
+    q, k, v = (t.reshape(B * H, S, D) for t in qkv(dtype=torch.bfloat16))
+    r = check(mm_upcast_qk, (q, k, v), [("matmul_softmax",) + SPARSE], dtype_tol={"atol": 2e-2, "rtol": 2e-2})
+    assert r.sites[0].dtype == "bfloat16" and r.sites[0].scale == pytest.approx(0.125)
+
+    def real_float32_q(q32, k, v):
+        a = torch.baddbmm(torch.empty(q32.shape[0], q32.shape[1], k.shape[1]), q32, k.float().transpose(-1, -2),
+                          beta=0, alpha=0.125)
+        return torch.bmm(a.softmax(dim=-1).to(v.dtype), v)
+
+    check(real_float32_q, (q.float() + 0, k, v), [("matmul_softmax", "dense", "none", "q/k/v dtypes differ")],
+          dtype_tol={"atol": 2e-2, "rtol": 2e-2})
+
+
 def neg_mask_statement_read_before(q, k, v, keep):
     # the scores are read (returned) before the in-place mask: not a private step of the attention
     s = q @ k.transpose(-2, -1) * 0.125
@@ -955,6 +978,24 @@ def test_explain_graph_breaks():
     assert "rewritten graph 1" in str(rep)
 
 
+def test_explain_says_when_nothing_was_captured():
+    """A call Dynamo runs eagerly (Mochi's attention: a frame with a graph break inside a loop) has
+    no graph: the report says so instead of an empty table."""
+    def per_item(q, k, v, keep):  # Mochi's processor: the valid keys of each item by nonzero, in a loop
+        out = []
+        for i in range(q.shape[0]):
+            idx = torch.nonzero(keep[i]).flatten()
+            out.append(F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, idx], v[i:i + 1, :, idx]))
+        return torch.cat(out)
+
+    torch._dynamo.reset()
+    rep = fgcompile.explain(per_item, *qkv(), key_keep(), config=CFG)
+    if rep.graphs:
+        pytest.skip("this torch captures the loop")
+    assert rep.sites == []
+    assert "Dynamo captured no graph" in str(rep)
+
+
 def test_explain_toy_dit_table():
     from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
 
@@ -1056,6 +1097,8 @@ def test_negative_scale_stays_dense():
     check(f, qkv(), [("matmul_softmax", "dense", "none", "scale -0.125 is not a finite number > 0")])
     g = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=-0.5)  # noqa: E731
     check(g, qkv(), [("sdpa", "dense", "none", "scale -0.5 is not a finite number > 0")])
+    z = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=0.0)  # noqa: E731
+    check(z, qkv(), [("sdpa", "dense", "none", "scale 0 is not a finite number > 0")])
 
 
 def test_scale_after_the_fill_scales_the_fill():

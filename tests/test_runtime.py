@@ -487,7 +487,7 @@ def test_stats_of_parameter_free_models_and_functions():
     dense_only = torch.compile(ToyVideoDiT(SMALL).eval(), backend=fgcompile.backend(_cfg(min_seq_len=10 ** 6)))
     with torch.no_grad():
         dense_only(*_inputs())
-    with pytest.raises(ValueError, match="all run dense"):
+    with pytest.raises(ValueError, match="no attention site of this model has run sparse.*< min_seq_len 1000000"):
         fgcompile.stats(dense_only)
 
 
@@ -662,6 +662,24 @@ def test_explain_of_a_compiled_model_uses_its_config():
     rep = fgcompile.explain(c, *x)
     self_attn = [s for s in rep.sites if s.seq_len_kv == s.seq_len_q]  # the toy's cross-attention stays dense
     assert rep.config == _cfg() and self_attn and all(s.decision == "sparse" for s in self_attn)
+
+
+def test_explain_of_a_compiled_model_whose_sites_all_run_dense_uses_its_config():
+    """A model whose sites all run dense has no run-time state; explain still decides with the
+    config it was compiled with (min_seq_len 64, not the default 4096), and stats' error lists the
+    reasons its compile recorded."""
+    model = ToyVideoDiT(SMALL).eval()
+    cfg = _cfg(dense_sites=("*",))
+    c = torch.compile(model, backend=fgcompile.backend(cfg))
+    x = _inputs()
+    with torch.no_grad():
+        c(*x)
+    rep = fgcompile.explain(c, *x)
+    assert rep.config == cfg and rep.sites and all(s.decision == "dense" for s in rep.sites)
+    assert not any("min_seq_len 4096" in s.reason for s in rep.sites), rep.table()
+    assert any("matches config.dense_sites" in s.reason for s in rep.sites), rep.table()
+    with pytest.raises(ValueError, match="its compiles decided: .*matches config.dense_sites"):
+        fgcompile.stats(c)
 
 
 def test_block_m_the_triton_kernels_do_not_take_is_dense_at_compile_time():

@@ -1697,7 +1697,7 @@ class _Finder:
             reasons.append(f"q/k/v dtypes differ ({', '.join(sorted(dts))})")
         elif info.dtype not in SERVED_DTYPES:
             reasons.append(f"dtype {info.dtype} not in {SERVED_DTYPES}")
-        if (m.scale == 0.0 or info.scale is None) and not any("scale" in r or "symbolic head dim" in r for r in reasons):
+        if info.scale is None and not any("scale" in r or "symbolic head dim" in r for r in reasons):
             reasons.append(SCALE_NOT_CONSTANT)
         elif info.scale is not None and not (math.isfinite(info.scale) and info.scale > 0):
             reasons.append(f"scale {info.scale:g} is not a finite number > 0 (the sparse kernels need one)")
