@@ -736,6 +736,29 @@ def neg_causal_bias(q, k, v, keep):
     return a.softmax(-1) @ v
 
 
+def neg_zero_bias_mask_written_after_the_fill(q, k, v, keep):
+    drop = ~keep  # a fresh tensor, written below
+    bias = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2])
+    bias.masked_fill_(drop[:, None, None, :], float("-inf"))
+    drop.zero_()  # eager's bias already holds the -inf
+    a = q @ k.transpose(-2, -1) * 0.125
+    a += bias
+    return a.softmax(-1) @ v
+
+
+def neg_upcast_copy_rotated_in_place(q, k, v, keep):
+    qf, kf = q.bfloat16().float(), k.bfloat16().float()
+    kf[..., :32] = -kf[..., :32]  # a rotary-like step on the float copy
+    return ((qf @ kf.transpose(-2, -1)) * 0.125).softmax(-1).to(torch.bfloat16) @ v.bfloat16()
+
+
+def neg_upcast_source_written_after_the_cast(q, k, v, keep):
+    q = q.bfloat16()
+    qf, kf = q.float(), k.bfloat16().float()
+    q.mul_(0.0)  # eager's qf is a copy
+    return ((qf @ kf.transpose(-2, -1)) * 0.125).softmax(-1).to(torch.bfloat16) @ v.bfloat16()
+
+
 def neg_manual_softmax_other_dim(q, k, v, keep):
     e = (q @ k.transpose(-2, -1) * 0.125).exp()
     return (e / e.sum(dim=-2, keepdim=True)) @ v
@@ -746,7 +769,11 @@ def neg_manual_softmax_other_dim(q, k, v, keep):
     (neg_row_max_used_elsewhere, []),
     (neg_causal_bias, [("matmul_softmax", "dense", "other", "not a key-padding mask")]),
     (neg_manual_softmax_other_dim, []),
-], ids=["read_before_the_write", "row_max_returned", "causal_bias", "sum_over_queries"])
+    (neg_zero_bias_mask_written_after_the_fill, []),
+    (neg_upcast_copy_rotated_in_place, [("matmul_softmax", "dense", "none", "q/k/v dtypes differ")]),
+    (neg_upcast_source_written_after_the_cast, []),
+], ids=["read_before_the_write", "row_max_returned", "causal_bias", "sum_over_queries", "bias_mask_written",
+        "upcast_copy_written", "upcast_source_written"])
 def test_in_place_and_written_out_negatives(fn, expect):
     """Spellings near the ones above that are not plain attention, or not only: no site (or a dense
     one), and the output as eager's."""

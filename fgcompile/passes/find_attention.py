@@ -760,23 +760,33 @@ def _cast_src(node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def _drop_upcasts(q: fx.Node, k: fx.Node, v: fx.Node) -> tuple:
+def _drop_upcasts(q: fx.Node, k: fx.Node, v: fx.Node, region: list) -> tuple:
     """(q, k) read before an upcast of both to a wider float (diffusers' ``upcast_attention``:
     ``q.float()``, ``k.float()``, v left in bfloat16) when that gives all three v's dtype; else
     (q, k) as they are. The kernels multiply q and k with float32 accumulation, which is what the
-    upcast buys; the cast nodes are left to dead-code elimination."""
+    upcast buys. A cast taken off joins ``region``: only the attention may read the upcast copy
+    (an in-place rotary step on it would be lost otherwise), and a write into its source after the
+    cast is then one into an input the region has read (``check_region`` rejects it)."""
     tq, tk, tv = _tensor(q), _tensor(k), _tensor(v)
     if tq is None or tk is None or tv is None or tq.dtype == tk.dtype == tv.dtype:
         return q, k
-    srcs = []
+    rset = set(region)
+    srcs, casts = [], []
     for n, t in ((q, tq), (k, tk)):
-        src = _cast_src(n) if t.dtype != tv.dtype else n
+        if t.dtype == tv.dtype:
+            srcs.append(n)
+            continue
+        src = _cast_src(n)
         ts = _tensor(src) if isinstance(src, fx.Node) else None
         if ts is None or ts.dtype != tv.dtype or ts.device != t.device or t.dtype.itemsize < ts.dtype.itemsize:
             return q, k
         if not (t.dtype.is_floating_point and ts.dtype.is_floating_point) or list(ts.shape) != list(t.shape):
             return q, k
+        if not n.users or any(u not in rset for u in n.users):
+            return q, k
         srcs.append(src)
+        casts.append(n)
+    region.extend(casts)
     return tuple(srcs)
 
 
@@ -1281,8 +1291,15 @@ class _Finder:
                     raise _Reject("add of constants")
                 bias = self._zero_bias(other, cur) if isinstance(other, fx.Node) else None
                 if bias is not None:  # torch's documented SDPA reference: s += zeros (masked_fill_-ed)
+                    region.append(other)
                     if bias[0] == "fill":
                         w = bias[1]
+                        # the fill joins the region, read by the add: a later write into its mask
+                        # is then one into an input the region has read
+                        region.append(w)
+                        if w not in self.statement_writes:
+                            self.statement_writes[w] = cur
+                            self._nx = self._postdom = None
                         mask_kind, mask_node, mask_invert = _fill_mask(
                             ("masked_fill_ of a zero bias", "mask", "value"), _get(w, 1, "mask"), _get(w, 2, "value"),
                             True, mask_kind, mask_node, mask_invert, dense, scale,
@@ -1508,7 +1525,7 @@ class _Finder:
         if not isinstance(v_node, fx.Node) or _tensor(v_node) is None:
             raise _Reject("v is not a graph tensor")
         region.append(pv)
-        qa_node, kb_node = _drop_upcasts(qa_node, kb_node, v_node)
+        qa_node, kb_node = _drop_upcasts(qa_node, kb_node, v_node, region)
         # ---- shapes: q (*b, S_q, D), k (*b, S_kv, D), v (*b, S_kv, D_v)
         tq = _permuted_shape(_tensor(qa_node), q_perm)
         tk = _unsqueezed(_permuted_shape(_tensor(kb_node), k_perm), k_unsqueeze)
