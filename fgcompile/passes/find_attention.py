@@ -1275,7 +1275,7 @@ class _Finder:
                     continue
                 # a multiply by a tensor (a tensor scale, or some other op): not attention as served;
                 # by a symbolic number (a SymFloat of a dynamic head dim): a non-constant scale
-                other = [o for o in cur.args[:2] if o is not src]
+                other = [o for o in (*cur.args[:2], *cur.kwargs.values()) if o is not src][:1]
                 if not other or (isinstance(other[0], fx.Node) and _tensor(other[0]) is not None) or not isinstance(other[0], fx.Node):
                     raise _Reject("the scores are multiplied or divided by a tensor")
                 scale_const = False
