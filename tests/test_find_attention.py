@@ -262,6 +262,60 @@ def test_sdpa_key_padding_broadcast_batch():
           [("sdpa", "sparse", "key_padding", "key-padding")])  # (1, S): broadcast over batch and heads
 
 
+# a key mask written as a bias the graph builds from a boolean mask: values provably 0 or very negative
+def sdpa_bias_filled_zeros(q, k, v, keep):
+    bias = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :])
+
+
+def sdpa_bias_where(q, k, v, keep):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(keep, 0.0, float("-inf"))[:, None, None, :])
+
+
+def sdpa_bias_one_minus(q, k, v, keep):  # Hugging Face / diffusers: (1 - mask) * -10000
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=((1 - keep.to(q.dtype)) * -10000.0)[:, None, None, :])
+
+
+def mm_bias_added(q, k, v, keep):
+    bias = ((1.0 - keep.float()) * -1e9)[:, None, None, :]
+    return ((q @ k.transpose(-2, -1)) * 0.125 + bias).softmax(-1) @ v
+
+
+def mm_bias_baddbmm(q, k, v, keep):  # diffusers' AttnProcessor: prepare_attention_mask, then baddbmm
+    b, h, s, d = q.shape
+    bias = ((1 - keep.to(q.dtype)) * -10000.0)[:, None, :].repeat_interleave(h, dim=0)  # (B * H, 1, S)
+    q3, k3, v3 = (t.reshape(b * h, s, d) for t in (q, k, v))
+    p = torch.baddbmm(bias, q3, k3.transpose(-1, -2), beta=1, alpha=0.125).softmax(-1)
+    return torch.bmm(p, v3).view(b, h, s, d)
+
+
+@pytest.mark.parametrize("fn,pattern", [
+    (sdpa_bias_filled_zeros, "sdpa"), (sdpa_bias_where, "sdpa"), (sdpa_bias_one_minus, "sdpa"),
+    (mm_bias_added, "matmul_softmax"), (mm_bias_baddbmm, "matmul_softmax"),
+], ids=["zeros_masked_fill", "where", "one_minus_times", "hand_written_add", "baddbmm_input"])
+def test_key_mask_written_as_a_bias_is_key_padding(fn, pattern):
+    """A float mask the graph builds from a boolean one, provably 0 or very negative, is the key
+    mask (read as bias > c / 2), not a "float additive mask"."""
+    q, k, v = qkv()
+    keep = key_keep()
+    r = check(fn, (q, k, v, keep), [(pattern, "sparse", "key_padding", "key-padding mask folded")])
+    assert not torch.allclose(r.out, sdpa_pos(q, k, v), atol=1e-3)  # the mask is applied
+
+
+def test_bias_of_unknown_or_moderate_values_stays_dense():
+    q, k, v = qkv()
+    keep = key_keep()
+    moderate = lambda q, k, v, keep: F.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, attn_mask=((1 - keep.to(q.dtype)) * -100.0)[:, None, None, :])
+    check(moderate, (q, k, v, keep), [("sdpa", "dense", "other", "float additive mask of 0 / -100")])
+    three = lambda q, k, v, keep: F.scaled_dot_product_attention(  # noqa: E731  (values 0, -1e4, +1e4)
+        q, k, v, attn_mask=((1 - 2 * keep.to(q.dtype)) * 10000.0 + keep.to(q.dtype) * 0)[:, None, None, :])
+    check(three, (q, k, v, keep), [("sdpa", "dense", "other", "float additive mask")])
+    given = lambda q, k, v, bias: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # noqa: E731
+    bias = ((1 - keep.float()) * -10000.0)[:, None, None, :]  # built outside the graph: values unknown
+    check(given, (q, k, v, bias), [("sdpa", "dense", "other", "float additive mask")])
+
+
 @pytest.mark.parametrize(
     "make_mask,mask_kind,reason",
     [
@@ -409,8 +463,9 @@ def mm_mask_where(q, k, v, keep):
     return s.softmax(-1) @ v
 
 
-def mm_mask_additive(q, k, v, keep):
-    bias = (~keep[:, None, None, :]).float() * -1e9
+def mm_mask_additive(q, k, v, keep):  # an ALiBi-like bias: many values (a bool-derived 0 / -1e9 is a key mask)
+    pos = torch.arange(q.shape[-2])
+    bias = -(pos[None, :] - pos[:, None]).abs().float() * 0.1
     s = q @ k.transpose(-2, -1) * 0.125 + bias
     return s.softmax(-1) @ v
 

@@ -149,6 +149,9 @@ class SiteMatch:
     # builds it): bool, broadcastable to the scores and constant over the keys; the rewrite zeroes
     # the output rows of padded queries (eager SDPA gives 0 for a row that masks every key)
     q_mask: Optional[fx.Node] = None
+    # a float additive mask whose values are provably 0 (keep) or very negative (mask out): the
+    # rewrite reads the key mask as ``mask > mask_threshold`` (see _additive_mask_value)
+    mask_threshold: Optional[float] = None
 
 
 # ----------------------------------------------------------------------------- node helpers
@@ -186,6 +189,98 @@ _TRANSPOSE_FNS = {torch.transpose, torch.swapaxes, torch.swapdims, torch.Tensor.
 _PERMUTE_FNS = {torch.permute, torch.Tensor.permute}
 _CAST_METHODS = {"float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous"}
 _LOWEST = -1e4  # a fill value at or below this masks a key out
+
+# ops that move or repeat a tensor's elements without changing their values
+_SHAPE_METHODS = frozenset({
+    "view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "broadcast_to", "repeat",
+    "repeat_interleave", "permute", "transpose", "contiguous", "clone", "flatten", "unflatten", "detach",
+})
+_SHAPE_FNS = {torch.reshape, torch.unsqueeze, torch.squeeze, torch.broadcast_to, torch.repeat_interleave,
+              torch.permute, torch.transpose, torch.flatten, torch.clone, torch.detach, operator.getitem}
+_FLOAT_CASTS = frozenset({"float", "half", "bfloat16", "double", "to", "type_as"})
+
+
+def _value_set(node: Any, depth: int = 16) -> Optional[frozenset]:
+    """The values a tensor of the graph can hold, when the graph proves them a small finite set
+    (numbers; None when unknown): a bool tensor holds {0, 1}; a graph-made ``zeros`` / ``ones`` /
+    ``full`` their fill; shape ops and casts keep their input's; arithmetic with a constant,
+    ``where``, ``masked_fill`` and constant-padding ``F.pad`` combine sets. Rounding to the tensor's
+    dtype is ignored (callers compare against thresholds far from the values). Graph inputs other
+    than bool tensors are unknown."""
+    c = _const_number(node)
+    if c is not None:
+        return frozenset({c})
+    t = _tensor(node)
+    if t is None or depth <= 0 or not isinstance(node, fx.Node):
+        return None
+    if t.dtype == torch.bool:
+        return frozenset({0.0, 1.0})
+    if node.op not in ("call_function", "call_method"):
+        return None
+    args = node.args
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op == "call_method" and name in _SHAPE_METHODS or node.op == "call_function" and node.target in _SHAPE_FNS:
+        return _value_set(args[0], depth - 1) if args else None
+    if node.op == "call_method" and name in _FLOAT_CASTS and t.dtype.is_floating_point:
+        return _value_set(args[0], depth - 1) if args else None
+    if _is_fn(node, {torch.zeros, torch.zeros_like}, ("new_zeros",)):
+        return frozenset({0.0})
+    if _is_fn(node, {torch.ones, torch.ones_like}, ("new_ones",)):
+        return frozenset({1.0})
+    if _is_fn(node, {torch.full, torch.full_like}, ("new_full",)) and len(args) >= 2:
+        c = _const_number(args[1])
+        return frozenset({c}) if c is not None else None
+    if _is_fn(node, {torch.where}, ("where",)) and len(args) == 3 and not node.kwargs:
+        a, b = _value_set(args[1], depth - 1), _value_set(args[2], depth - 1)
+        return a | b if a is not None and b is not None else None
+    if _is_fn(node, _MASKED_FILL_FNS, ("masked_fill",)) and len(args) == 3:
+        a, fill = _value_set(args[0], depth - 1), _const_number(args[2])
+        return a | {fill} if a is not None and fill is not None else None
+    if node.op == "call_function" and node.target is F.pad:
+        mode = _get(node, 2, "mode", "constant")
+        fill = _get(node, 3, "value", None)
+        fill = 0.0 if fill is None else _const_number(fill)
+        a = _value_set(args[0], depth - 1)
+        return a | {fill} if a is not None and fill is not None and mode == "constant" else None
+    ops = {
+        "add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y,
+        "truediv": lambda x, y: x / y if y else None, "div": lambda x, y: x / y if y else None,
+        "rsub": lambda x, y: y - x,
+    }
+    key = name.strip("_")
+    if key.startswith("r") and key[1:] in ("add", "mul", "sub", "truediv") and node.op == "call_method":
+        key = {"radd": "add", "rmul": "mul", "rsub": "rsub", "rtruediv": None}.get(key)
+    if key == "neg" and len(args) == 1:
+        a = _value_set(args[0], depth - 1)
+        return frozenset(-x for x in a) if a is not None else None
+    if key not in ops or len(args) != 2 or set(node.kwargs) - {"alpha"} or node.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = _value_set(args[0], depth - 1), _value_set(args[1], depth - 1)
+    if a is None or b is None or len(a) * len(b) > 16:
+        return None
+    out = set()  # every pair: a superset of the values where two varying tensors meet
+    for x in a:
+        for y in b:
+            r = ops[key](x, y)
+            if r is None or r != r:  # division by zero, nan (0 * inf)
+                return None
+            out.add(r)
+    return frozenset(out)
+
+
+def _additive_mask_value(node: Any) -> Optional[float]:
+    """``c`` when ``node`` (a float tensor added to the scores) provably holds only 0 and one
+    negative number ``c`` (-inf included): a boolean key mask written as a bias, e.g.
+    ``torch.zeros(..).masked_fill(~keep, -inf)``, ``torch.where(keep, 0.0, -inf)`` or
+    ``(1 - keep.float()) * -10000.0``; else None. (A bias that is a graph input has unknown values.)"""
+    t = _tensor(node)
+    if t is None or not t.dtype.is_floating_point:
+        return None
+    vs = _value_set(node)
+    if vs is None or len(vs) != 2 or 0.0 not in vs:
+        return None
+    (c,) = vs - {0.0}
+    return c if c < 0 else None
 
 
 def _mutates(node: fx.Node) -> bool:
@@ -1238,6 +1333,7 @@ class _Finder:
         mask_node = None
         mask_invert = False
         mask_kind = "none"
+        mask_threshold = None  # a key mask written as a 0 / very negative bias (see _additive_mask_value)
         # ---- backwards from the softmax to the scores matmul
         cur = x
         qk = None
@@ -1305,6 +1401,13 @@ class _Finder:
                             True, mask_kind, mask_node, mask_invert, dense, scale,
                         )
                         mask_rank = nd_s
+                    cur = s_in
+                    continue
+                c = _additive_mask_value(other) if isinstance(other, fx.Node) else None
+                if c is not None and c * scale <= _LOWEST and mask_kind == "none":
+                    # a key mask written as a bias (0 / -inf): the scores' key mask, read as bias > c / 2
+                    mask_kind, mask_node, mask_invert, mask_threshold = "bool", other, False, c / 2
+                    mask_rank = nd_s
                     cur = s_in
                     continue
                 if mask_node is not None or mask_kind != "none":
@@ -1408,12 +1511,18 @@ class _Finder:
             qa_node, kb_node = _get(qk, 1, "batch1"), _get(qk, 2, "batch2")
             beta = qk.kwargs.get("beta", 1)
             alpha = qk.kwargs.get("alpha", 1)
+            after_input = scale  # the factor the input (a bias) is scaled by on its way to the softmax
             if _const_number(alpha) is None:
                 dense.append("baddbmm alpha is not a constant")
                 scale_const = False
             else:
                 scale *= float(alpha)
-            if _const_number(beta) is None or float(beta) != 0.0:
+            c = _additive_mask_value(inp) if isinstance(inp, fx.Node) else None
+            if (_const_number(beta) == 1.0 and c is not None and c * after_input <= _LOWEST and mask_kind == "none"
+                    and nd_s == nd):
+                # diffusers' AttnProcessor: baddbmm(bias, q, k^T, beta=1, alpha=scale), a key mask as a bias
+                mask_kind, mask_node, mask_invert, mask_threshold = "bool", inp, False, c / 2
+            elif _const_number(beta) is None or float(beta) != 0.0:
                 if mask_kind != "none":
                     dense.append("more than one mask")
                 mask_kind = "other"
@@ -1560,7 +1669,7 @@ class _Finder:
         )
         m.info.scale = scale if scale_const else None
         if mask_kind == "bool":
-            m.mask, m.mask_invert = mask_node, mask_invert
+            m.mask, m.mask_invert, m.mask_threshold = mask_node, mask_invert, mask_threshold
         elif mask_kind == "other":
             m.info.mask = "other"
         if drop is not None:
@@ -1789,7 +1898,13 @@ class _Finder:
         shape = list(t.shape)
         full = nb + 2
         if t.dtype != torch.bool:
-            return "other", "float additive mask", None
+            if m.mask_threshold is None:
+                c = _additive_mask_value(m.mask)
+                if c is None:
+                    return "other", "float additive mask", None
+                if not c <= _LOWEST:
+                    return "other", f"float additive mask of 0 / {c:g} (not a -inf / very negative bias)", None
+                m.mask_threshold = c / 2
         if len(shape) > full:
             return "other", f"attn_mask of shape {_fmt(shape)} is not a key-padding mask", None
         shape = [1] * (full - len(shape)) + shape

@@ -141,6 +141,8 @@ def _key_padding(b: _Builder, m: SiteMatch, q4: fx.Node, k4: fx.Node) -> Optiona
     if m.mask is None:
         return None
     mk = m.mask
+    if m.mask_threshold is not None:  # a key mask written as a 0 / very negative bias
+        mk = b.fn(torch.gt, mk, m.mask_threshold)
     if m.mask_invert:
         mk = b.fn(torch.logical_not, mk)
     full = m.nb + 2
