@@ -311,6 +311,12 @@ def test_bias_of_unknown_or_moderate_values_stays_dense():
     three = lambda q, k, v, keep: F.scaled_dot_product_attention(  # noqa: E731  (values 0, -1e4, +1e4)
         q, k, v, attn_mask=((1 - 2 * keep.to(q.dtype)) * 10000.0 + keep.to(q.dtype) * 0)[:, None, None, :])
     check(three, (q, k, v, keep), [("sdpa", "dense", "other", "float additive mask")])
+    def written(q, k, v, keep):  # built from a bool mask, then written into: its values are not the proof's
+        bias = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, float("-inf"))
+        bias[:, :3] = 2.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :])
+
+    check(written, (q, k, v, keep), [("sdpa", "dense", "other", "float additive mask")])
     given = lambda q, k, v, bias: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # noqa: E731
     bias = ((1 - keep.float()) * -10000.0)[:, None, None, :]  # built outside the graph: values unknown
     check(given, (q, k, v, bias), [("sdpa", "dense", "other", "float additive mask")])

@@ -200,19 +200,22 @@ _SHAPE_FNS = {torch.reshape, torch.unsqueeze, torch.squeeze, torch.broadcast_to,
 _FLOAT_CASTS = frozenset({"float", "half", "bfloat16", "double", "to", "type_as"})
 
 
-def _value_set(node: Any, depth: int = 16) -> Optional[frozenset]:
+def _value_set(node: Any, depth: int = 16, seen: Optional[list] = None) -> Optional[frozenset]:
     """The values a tensor of the graph can hold, when the graph proves them a small finite set
     (numbers; None when unknown): a bool tensor holds {0, 1}; a graph-made ``zeros`` / ``ones`` /
     ``full`` their fill; shape ops and casts keep their input's; arithmetic with a constant,
     ``where``, ``masked_fill`` and constant-padding ``F.pad`` combine sets. Rounding to the tensor's
     dtype is ignored (callers compare against thresholds far from the values). Graph inputs other
-    than bool tensors are unknown."""
+    than bool tensors are unknown. ``seen`` collects the tensor nodes the proof reads (a write into
+    one of them elsewhere in the graph voids it: ``_Finder.bias_value`` checks)."""
     c = _const_number(node)
     if c is not None:
         return frozenset({c})
     t = _tensor(node)
     if t is None or depth <= 0 or not isinstance(node, fx.Node):
         return None
+    if seen is not None:
+        seen.append(node)
     if t.dtype == torch.bool:
         return frozenset({0.0, 1.0})
     if node.op not in ("call_function", "call_method"):
@@ -220,9 +223,9 @@ def _value_set(node: Any, depth: int = 16) -> Optional[frozenset]:
     args = node.args
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if node.op == "call_method" and name in _SHAPE_METHODS or node.op == "call_function" and node.target in _SHAPE_FNS:
-        return _value_set(args[0], depth - 1) if args else None
+        return _value_set(args[0], depth - 1, seen) if args else None
     if node.op == "call_method" and name in _FLOAT_CASTS and t.dtype.is_floating_point:
-        return _value_set(args[0], depth - 1) if args else None
+        return _value_set(args[0], depth - 1, seen) if args else None
     if _is_fn(node, {torch.zeros, torch.zeros_like}, ("new_zeros",)):
         return frozenset({0.0})
     if _is_fn(node, {torch.ones, torch.ones_like}, ("new_ones",)):
@@ -231,16 +234,16 @@ def _value_set(node: Any, depth: int = 16) -> Optional[frozenset]:
         c = _const_number(args[1])
         return frozenset({c}) if c is not None else None
     if _is_fn(node, {torch.where}, ("where",)) and len(args) == 3 and not node.kwargs:
-        a, b = _value_set(args[1], depth - 1), _value_set(args[2], depth - 1)
+        a, b = _value_set(args[1], depth - 1, seen), _value_set(args[2], depth - 1, seen)
         return a | b if a is not None and b is not None else None
     if _is_fn(node, _MASKED_FILL_FNS, ("masked_fill",)) and len(args) == 3:
-        a, fill = _value_set(args[0], depth - 1), _const_number(args[2])
+        a, fill = _value_set(args[0], depth - 1, seen), _const_number(args[2])
         return a | {fill} if a is not None and fill is not None else None
     if node.op == "call_function" and node.target is F.pad:
         mode = _get(node, 2, "mode", "constant")
         fill = _get(node, 3, "value", None)
         fill = 0.0 if fill is None else _const_number(fill)
-        a = _value_set(args[0], depth - 1)
+        a = _value_set(args[0], depth - 1, seen)
         return a | {fill} if a is not None and fill is not None and mode == "constant" else None
     ops = {
         "add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y,
@@ -251,11 +254,11 @@ def _value_set(node: Any, depth: int = 16) -> Optional[frozenset]:
     if key.startswith("r") and key[1:] in ("add", "mul", "sub", "truediv") and node.op == "call_method":
         key = {"radd": "add", "rmul": "mul", "rsub": "rsub", "rtruediv": None}.get(key)
     if key == "neg" and len(args) == 1:
-        a = _value_set(args[0], depth - 1)
+        a = _value_set(args[0], depth - 1, seen)
         return frozenset(-x for x in a) if a is not None else None
     if key not in ops or len(args) != 2 or set(node.kwargs) - {"alpha"} or node.kwargs.get("alpha", 1) != 1:
         return None
-    a, b = _value_set(args[0], depth - 1), _value_set(args[1], depth - 1)
+    a, b = _value_set(args[0], depth - 1, seen), _value_set(args[1], depth - 1, seen)
     if a is None or b is None or len(a) * len(b) > 16:
         return None
     out = set()  # every pair: a superset of the values where two varying tensors meet
@@ -268,15 +271,17 @@ def _value_set(node: Any, depth: int = 16) -> Optional[frozenset]:
     return frozenset(out)
 
 
-def _additive_mask_value(node: Any) -> Optional[float]:
+def _additive_mask_value(node: Any, seen: Optional[list] = None) -> Optional[float]:
     """``c`` when ``node`` (a float tensor added to the scores) provably holds only 0 and one
     negative number ``c`` (-inf included): a boolean key mask written as a bias, e.g.
     ``torch.zeros(..).masked_fill(~keep, -inf)``, ``torch.where(keep, 0.0, -inf)`` or
-    ``(1 - keep.float()) * -10000.0``; else None. (A bias that is a graph input has unknown values.)"""
+    ``(1 - keep.float()) * -10000.0``; else None. (A bias that is a graph input has unknown values.)
+    In-place writes are not followed: ``_Finder.bias_value`` rejects a proof whose tensors the graph
+    writes into."""
     t = _tensor(node)
     if t is None or not t.dtype.is_floating_point:
         return None
-    vs = _value_set(node)
+    vs = _value_set(node, seen=seen)
     if vs is None or len(vs) != 2 or 0.0 not in vs:
         return None
     (c,) = vs - {0.0}
@@ -1114,6 +1119,7 @@ class _Finder:
         self.rejected: list[tuple[str, str, str]] = []  # (node, "softmax" | "sdpa", why): not sites
         # in-place statements the walks took as steps (_statement_write): write -> the node reading it
         self.statement_writes: dict = {}
+        self._written_storages: Any = None  # storages the graph writes into (False: unknown), for bias_value
 
     # -------------------------------------------------------------- structural checks (networkx)
     def nx_graph(self):
@@ -1215,6 +1221,30 @@ class _Finder:
                 if at < self.order[u] and (stores is None or own is None or own & stores):
                     raise _Reject(f"{u.name} writes into {i.name} (or memory it shares) between the attention's "
                                   "scores and its output")
+
+    def bias_value(self, node: Any) -> Optional[float]:
+        """``_additive_mask_value(node)``, provided nothing in the graph writes into a tensor the
+        proof reads (nor into memory it shares), nor writes somewhere unknown."""
+        seen: list = []
+        c = _additive_mask_value(node, seen)
+        if c is None:
+            return None
+        if self._written_storages is None:
+            written: Optional[set] = set()
+            for u in self.nodes:
+                targets = _written(u)
+                if targets is None:
+                    continue
+                st = _storages(targets)
+                if st is None:
+                    written = None
+                    break
+                written |= st
+            self._written_storages = written if written is not None else False
+        if self._written_storages is False:
+            return None
+        st = _storages(seen)
+        return c if st is not None and not (st & self._written_storages) else None
 
     def _private_write(self, n: fx.Node, rset: set) -> bool:
         """Whether the in-place op ``n`` of the region (``s += bias``, ``s *= c``, ``s.mul_(c)``)
@@ -1403,7 +1433,7 @@ class _Finder:
                         mask_rank = nd_s
                     cur = s_in
                     continue
-                c = _additive_mask_value(other) if isinstance(other, fx.Node) else None
+                c = self.bias_value(other) if isinstance(other, fx.Node) else None
                 if c is not None and c * scale <= _LOWEST and mask_kind == "none":
                     # a key mask written as a bias (0 / -inf): the scores' key mask, read as bias > c / 2
                     mask_kind, mask_node, mask_invert, mask_threshold = "bool", other, False, c / 2
@@ -1517,7 +1547,7 @@ class _Finder:
                 scale_const = False
             else:
                 scale *= float(alpha)
-            c = _additive_mask_value(inp) if isinstance(inp, fx.Node) else None
+            c = self.bias_value(inp) if isinstance(inp, fx.Node) else None
             if (_const_number(beta) == 1.0 and c is not None and c * after_input <= _LOWEST and mask_kind == "none"
                     and nd_s == nd):
                 # diffusers' AttnProcessor: baddbmm(bias, q, k^T, beta=1, alpha=scale), a key mask as a bias
@@ -1899,7 +1929,7 @@ class _Finder:
         full = nb + 2
         if t.dtype != torch.bool:
             if m.mask_threshold is None:
-                c = _additive_mask_value(m.mask)
+                c = self.bias_value(m.mask)
                 if c is None:
                     return "other", "float additive mask", None
                 if not c <= _LOWEST:
