@@ -18,6 +18,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fgcompile
 from fgcompile.testing.metrics import rel_err
@@ -294,6 +295,45 @@ def test_multihead_attention_expanded_and_lowered(padded):
         c = _compile(M(), cfg)
         p = c(x, kp)
         s = c(x, kp)
+    assert rel_err(p, ref) < 1e-2
+    assert rel_err(s, ref) < 0.05, rel_err(s, ref)
+    st = fgcompile.stats(c)
+    assert len(st) == 1 and all(v.sparse_calls == 1 for v in st.values()), st
+
+
+@pytest.mark.parametrize("spelling", ["sdpa_one_minus", "hand_written_where"])
+def test_key_mask_written_as_a_bias_lowered(spelling):
+    """A float bias built in the graph from a boolean key mask (0 / very negative) is served as a
+    key-padding site on CUDA: lowered, profiled call exact, sparse call close, padded keys unused."""
+    torch.manual_seed(0)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(256, 768)
+
+        def forward(self, x, keep):
+            b, s_, _ = x.shape
+            q, k, v = self.qkv(x).view(b, s_, 3, 2, 128).permute(2, 0, 3, 1, 4).unbind(0)
+            if spelling == "sdpa_one_minus":
+                bias = ((1 - keep.to(x.dtype)) * -10000.0)[:, None, None, :]
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            else:
+                bias = torch.where(keep, 0.0, float("-inf"))[:, None, None, :]
+                o = ((q @ k.transpose(-2, -1)) * 128 ** -0.5 + bias).softmax(-1).to(v.dtype) @ v
+            return o.transpose(1, 2).reshape(b, s_, 256)
+
+    m = M().cuda().to(DT).eval()
+    x = torch.randn(2, 2048, 256, device="cuda", dtype=DT)
+    keep = torch.arange(2048, device="cuda")[None, :] < torch.tensor([[2048], [1900]], device="cuda")
+    cfg = FGAttnConfig(predictor="profile", alpha=0.05, profile_calls=(0,), min_seq_len=256, max_density=1.0)
+    rep = fgcompile.explain(m, x, keep, config=cfg)
+    assert [(s_.decision, s_.mask) for s_ in rep.sites] == [("sparse", "key_padding")], rep.table()
+    with torch.no_grad():
+        ref = m(x, keep)
+        c = _compile(m, cfg)
+        p = c(x, keep)
+        s = c(x, keep)
     assert rel_err(p, ref) < 1e-2
     assert rel_err(s, ref) < 0.05, rel_err(s, ref)
     st = fgcompile.stats(c)
