@@ -302,6 +302,25 @@ def test_key_mask_written_as_a_bias_is_key_padding(fn, pattern):
     assert not torch.allclose(r.out, sdpa_pos(q, k, v), atol=1e-3)  # the mask is applied
 
 
+def mm_bias_added_1e4(q, k, v, keep):
+    bias = ((1.0 - keep.float()) * -1e4)[:, None, None, :]
+    return ((q @ k.transpose(-2, -1)) * 0.125 + bias).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn", [sdpa_bias_one_minus, mm_bias_added_1e4, mm_bias_baddbmm],
+                         ids=["sdpa_bias", "hand_written_bias", "baddbmm_bias"])
+def test_every_key_masked_by_a_finite_bias_is_softmax_over_all_keys(fn):
+    """A batch item whose every key gets the same finite bias (-1e4): softmax over all keys (one
+    shift for all; eager to float32 rounding of s - 1e4); the site keeps every key of that item
+    instead of giving 0."""
+    q, k, v = qkv()
+    keep = key_keep()
+    keep[1] = False
+    r = check(fn, (q, k, v, keep), [(("sdpa" if fn is sdpa_bias_one_minus else "matmul_softmax"), "sparse",
+                                     "key_padding", "key-padding mask folded")], atol=1e-3)
+    torch.testing.assert_close(r.out[1], sdpa_pos(q, k, v)[1], atol=1e-3, rtol=1e-3)
+
+
 def test_bias_of_unknown_or_moderate_values_stays_dense():
     q, k, v = qkv()
     keep = key_keep()
@@ -317,6 +336,15 @@ def test_bias_of_unknown_or_moderate_values_stays_dense():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :])
 
     check(written, (q, k, v, keep), [("sdpa", "dense", "other", "float additive mask")])
+    overflow = lambda q, k, v, keep: F.scaled_dot_product_attention(  # noqa: E731  (-1e9 is -inf in fp16)
+        q, k, v, attn_mask=((1 - keep.half()) * -1e9)[:, None, None, :].float())
+    check(overflow, (q, k, v, keep), [("sdpa", "dense", "other", "float additive mask")])
+    wrap = lambda q, k, v, keep: F.scaled_dot_product_attention(  # noqa: E731  (int64 wraps around)
+        q, k, v, attn_mask=(keep.long() * (2**62 - 5) * 4).float()[:, None, None, :] * -1e4)
+    check(wrap, (q, k, v, keep), [("sdpa", "dense", "other", "float additive mask")])
+    reinterpreted = lambda q, k, v, keep: F.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, attn_mask=((1 - keep.float()) * -1e4).view(torch.int32).view(torch.float32)[:, None, None, :])
+    check(reinterpreted, (q, k, v, keep), [("sdpa", "dense", "other", "float additive mask")])
     given = lambda q, k, v, bias: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # noqa: E731
     bias = ((1 - keep.float()) * -10000.0)[:, None, None, :]  # built outside the graph: values unknown
     check(given, (q, k, v, bias), [("sdpa", "dense", "other", "float additive mask")])

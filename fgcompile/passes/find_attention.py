@@ -152,6 +152,10 @@ class SiteMatch:
     # a float additive mask whose values are provably 0 (keep) or very negative (mask out): the
     # rewrite reads the key mask as ``mask > mask_threshold`` (see _additive_mask_value)
     mask_threshold: Optional[float] = None
+    # a bias shifts the masked keys' scores by a finite number (-1e4, not -inf): a row whose every key
+    # is masked is then softmax over all keys (one shift for all), which the rewrite keeps. (A finite
+    # fill replaces the scores: eager's row is then uniform; the site gives 0 there, as before.)
+    mask_finite: bool = False
 
 
 # ----------------------------------------------------------------------------- node helpers
@@ -202,6 +206,19 @@ _FLOAT_CASTS = frozenset({"float", "half", "bfloat16", "double", "to", "type_as"
 
 def _value_set(node: Any, depth: int = 16, seen: Optional[list] = None) -> Optional[frozenset]:
     """The values a tensor of the graph can hold, when the graph proves them a small finite set
+    (see ``_value_set_of``); None where a finite value would not fit the tensor's dtype (an fp16
+    -1e9 is -inf at run time: the arithmetic on it would differ)."""
+    r = _value_set_of(node, depth, seen)
+    t = _tensor(node)
+    if r is not None and t is not None and t.dtype.is_floating_point:
+        big = torch.finfo(t.dtype).max
+        if any(math.isfinite(x) and abs(x) > big for x in r):
+            return None
+    return r
+
+
+def _value_set_of(node: Any, depth: int, seen: Optional[list]) -> Optional[frozenset]:
+    """The values a tensor of the graph can hold, when the graph proves them a small finite set
     (numbers; None when unknown): a bool tensor holds {0, 1}; a graph-made ``zeros`` / ``ones`` /
     ``full`` their fill; shape ops and casts keep their input's; arithmetic with a constant,
     ``where``, ``masked_fill`` and constant-padding ``F.pad`` combine sets. Rounding to the tensor's
@@ -218,12 +235,17 @@ def _value_set(node: Any, depth: int = 16, seen: Optional[list] = None) -> Optio
         seen.append(node)
     if t.dtype == torch.bool:
         return frozenset({0.0, 1.0})
+    if not t.dtype.is_floating_point:  # integers wrap around: not followed
+        return None
     if node.op not in ("call_function", "call_method"):
         return None
     args = node.args
+    src = _tensor(args[0]) if args and isinstance(args[0], fx.Node) else None
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if node.op == "call_method" and name in _SHAPE_METHODS or node.op == "call_function" and node.target in _SHAPE_FNS:
-        return _value_set(args[0], depth - 1, seen) if args else None
+        if src is None or src.dtype != t.dtype:  # x.view(dtype) reinterprets the bits
+            return None
+        return _value_set(args[0], depth - 1, seen)
     if node.op == "call_method" and name in _FLOAT_CASTS and t.dtype.is_floating_point:
         return _value_set(args[0], depth - 1, seen) if args else None
     if _is_fn(node, {torch.zeros, torch.zeros_like}, ("new_zeros",)):
@@ -269,6 +291,15 @@ def _value_set(node: Any, depth: int = 16, seen: Optional[list] = None) -> Optio
                 return None
             out.add(r)
     return frozenset(out)
+
+
+def _bias_threshold(c: float, bias: Any) -> float:
+    """The cut ``bias > threshold`` that tells the 0 entries of a {0, c} bias from the c ones:
+    c / 2, at least minus half the largest finite number of the bias's dtype (Inductor may compare
+    an fp16 bias in float32 against the threshold cast to fp16, where -5e8 is -inf)."""
+    t = _tensor(bias)
+    lo = -torch.finfo(t.dtype).max / 2 if t is not None and t.dtype.is_floating_point else -float("inf")
+    return max(c / 2, lo)
 
 
 def _additive_mask_value(node: Any, seen: Optional[list] = None) -> Optional[float]:
@@ -1364,6 +1395,7 @@ class _Finder:
         mask_invert = False
         mask_kind = "none"
         mask_threshold = None  # a key mask written as a 0 / very negative bias (see _additive_mask_value)
+        mask_finite = False  # a bias shifts the masked keys by a finite number (see SiteMatch.mask_finite)
         # ---- backwards from the softmax to the scores matmul
         cur = x
         qk = None
@@ -1436,7 +1468,8 @@ class _Finder:
                 c = self.bias_value(other) if isinstance(other, fx.Node) else None
                 if c is not None and c * scale <= _LOWEST and mask_kind == "none":
                     # a key mask written as a bias (0 / -inf): the scores' key mask, read as bias > c / 2
-                    mask_kind, mask_node, mask_invert, mask_threshold = "bool", other, False, c / 2
+                    mask_kind, mask_node, mask_invert, mask_threshold = "bool", other, False, _bias_threshold(c, other)
+                    mask_finite = math.isfinite(c)
                     mask_rank = nd_s
                     cur = s_in
                     continue
@@ -1551,7 +1584,8 @@ class _Finder:
             if (_const_number(beta) == 1.0 and c is not None and c * after_input <= _LOWEST and mask_kind == "none"
                     and nd_s == nd):
                 # diffusers' AttnProcessor: baddbmm(bias, q, k^T, beta=1, alpha=scale), a key mask as a bias
-                mask_kind, mask_node, mask_invert, mask_threshold = "bool", inp, False, c / 2
+                mask_kind, mask_node, mask_invert, mask_threshold = "bool", inp, False, _bias_threshold(c, inp)
+                mask_finite = math.isfinite(c)
             elif _const_number(beta) is None or float(beta) != 0.0:
                 if mask_kind != "none":
                     dense.append("more than one mask")
@@ -1699,7 +1733,7 @@ class _Finder:
         )
         m.info.scale = scale if scale_const else None
         if mask_kind == "bool":
-            m.mask, m.mask_invert, m.mask_threshold = mask_node, mask_invert, mask_threshold
+            m.mask, m.mask_invert, m.mask_threshold, m.mask_finite = mask_node, mask_invert, mask_threshold, mask_finite
         elif mask_kind == "other":
             m.info.mask = "other"
         if drop is not None:
@@ -1934,7 +1968,8 @@ class _Finder:
                     return "other", "float additive mask", None
                 if not c <= _LOWEST:
                     return "other", f"float additive mask of 0 / {c:g} (not a -inf / very negative bias)", None
-                m.mask_threshold = c / 2
+                m.mask_threshold = _bias_threshold(c, m.mask)
+                m.mask_finite = math.isfinite(c)
         if len(shape) > full:
             return "other", f"attn_mask of shape {_fmt(shape)} is not a key-padding mask", None
         shape = [1] * (full - len(shape)) + shape

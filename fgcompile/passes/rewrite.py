@@ -158,6 +158,8 @@ def _key_padding(b: _Builder, m: SiteMatch, q4: fx.Node, k4: fx.Node) -> Optiona
     batch = b.size(q4, 0)
     s_kv = b.size(k4, 2)
     mk = b.method("expand", mk, batch, s_kv)
+    if m.mask_finite:  # every key masked by the same finite value: eager's softmax over all of them
+        mk = b.fn(torch.logical_or, mk, b.fn(torch.logical_not, b.method("any", mk, -1, True)))
     return b.method("contiguous", mk)
 
 
