@@ -272,6 +272,20 @@ def test_toy_dit_compiled_vs_eager():
     assert all(v.sparse_calls == 1 for v in fgcompile.stats(c).values())
 
 
+def _check_profiled_then_sparse(m, cfg, *inputs):
+    """Compile ``m`` (one site, profiled at call 0): the profiled call is exact, the sparse call
+    close, and the site ran sparse once."""
+    with torch.no_grad():
+        ref = m(*inputs)
+        c = _compile(m, cfg)
+        p = c(*inputs)
+        s = c(*inputs)
+    assert rel_err(p, ref) < 1e-2
+    assert rel_err(s, ref) < 0.05, rel_err(s, ref)
+    st = fgcompile.stats(c)
+    assert len(st) == 1 and all(v.sparse_calls == 1 for v in st.values()), st
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_multihead_attention_expanded_and_lowered(padded):
     """nn.MultiheadAttention (its fused call expanded to SDPA, ``passes.expand_mha``), with and
@@ -290,15 +304,7 @@ def test_multihead_attention_expanded_and_lowered(padded):
     x = torch.randn(2, 2048, 256, device="cuda", dtype=DT)
     kp = torch.arange(2048, device="cuda")[None, :] >= torch.tensor([[2048], [1900]], device="cuda") if padded else None
     cfg = FGAttnConfig(predictor="profile", alpha=0.05, profile_calls=(0,), min_seq_len=256, max_density=1.0)
-    with torch.no_grad():
-        ref = M()(x, kp)
-        c = _compile(M(), cfg)
-        p = c(x, kp)
-        s = c(x, kp)
-    assert rel_err(p, ref) < 1e-2
-    assert rel_err(s, ref) < 0.05, rel_err(s, ref)
-    st = fgcompile.stats(c)
-    assert len(st) == 1 and all(v.sparse_calls == 1 for v in st.values()), st
+    _check_profiled_then_sparse(M(), cfg, x, kp)
 
 
 @pytest.mark.parametrize("spelling", ["sdpa_one_minus", "hand_written_where"])
@@ -329,15 +335,7 @@ def test_key_mask_written_as_a_bias_lowered(spelling):
     cfg = FGAttnConfig(predictor="profile", alpha=0.05, profile_calls=(0,), min_seq_len=256, max_density=1.0)
     rep = fgcompile.explain(m, x, keep, config=cfg)
     assert [(s_.decision, s_.mask) for s_ in rep.sites] == [("sparse", "key_padding")], rep.table()
-    with torch.no_grad():
-        ref = m(x, keep)
-        c = _compile(m, cfg)
-        p = c(x, keep)
-        s = c(x, keep)
-    assert rel_err(p, ref) < 1e-2
-    assert rel_err(s, ref) < 0.05, rel_err(s, ref)
-    st = fgcompile.stats(c)
-    assert len(st) == 1 and all(v.sparse_calls == 1 for v in st.values()), st
+    _check_profiled_then_sparse(m, cfg, x, keep)
 
 
 @pytest.mark.parametrize("lowered", [True, False])
