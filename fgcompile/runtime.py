@@ -84,6 +84,13 @@ _LOCK = threading.Lock()
 _NEXT_HANDLE = itertools.count(1)
 
 
+def _owner_module(model: Any) -> Any:
+    """What a compiled model wraps: the module of ``torch.compile(module)`` or of
+    ``torch.compile(module.forward)``, else ``model`` itself."""
+    owner = getattr(model, "_orig_mod", model)
+    return torch_private.compiled_method_module(owner) or owner
+
+
 def record_compile(owner: Optional[torch.Tensor], config: FGAttnConfig, infos: Sequence[Any]) -> None:
     """Keep what one compile decided for its sites (``SiteInfo``: name, decision, reason), under
     the graph's owner parameter (``None``: a graph without one; not kept)."""
@@ -100,8 +107,7 @@ def record_compile(owner: Optional[torch.Tensor], config: FGAttnConfig, infos: S
 def compiled_decisions(model: Any) -> dict[str, tuple]:
     """{site name: (config, decision, reason)} the compiles of ``model``'s graphs recorded (the
     last compile of each name wins); empty when it never compiled under fgattn."""
-    owner = getattr(model, "_orig_mod", model)
-    owner = torch_private.compiled_method_module(owner) or owner
+    owner = _owner_module(model)
     if not isinstance(owner, torch.nn.Module):
         return {}
     out: dict[str, tuple] = {}
@@ -736,8 +742,7 @@ def _states_of(model: Any) -> list[tuple[str, ModelState]]:
     """(prefix, state) for every state owned by a parameter of ``model``; prefix is the path, in
     ``model``, of the module that was compiled (empty when the whole model was): with regional
     compilation (each block compiled) every block has its own state."""
-    owner = getattr(model, "_orig_mod", model)
-    owner = torch_private.compiled_method_module(owner) or owner  # torch.compile(module.forward)
+    owner = _owner_module(model)
     found: list[tuple[str, ModelState]] = []
     if not (isinstance(owner, torch.nn.Module) and any(True for _ in owner.parameters())):
         # a compiled function or a module without parameters: its graphs have no parameter to

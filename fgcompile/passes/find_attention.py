@@ -149,13 +149,12 @@ class SiteMatch:
     # builds it): bool, broadcastable to the scores and constant over the keys; the rewrite zeroes
     # the output rows of padded queries (eager SDPA gives 0 for a row that masks every key)
     q_mask: Optional[fx.Node] = None
-    # a float additive mask whose values are provably 0 (keep) or very negative (mask out): the
-    # rewrite reads the key mask as ``mask > mask_threshold`` (see _additive_mask_value)
-    mask_threshold: Optional[float] = None
-    # a bias shifts the masked keys' scores by a finite number (-1e4, not -inf): a row whose every key
-    # is masked is then softmax over all keys (one shift for all), which the rewrite keeps. (A finite
-    # fill replaces the scores: eager's row is then uniform; the site gives 0 there, as before.)
-    mask_finite: bool = False
+    # ``c`` of a float additive mask whose values are provably 0 (keep) or ``c`` (very negative:
+    # mask out; see _additive_mask_value): the rewrite reads the key mask as ``mask >
+    # _bias_threshold(c, mask)``, and where c is finite, a row whose every key is masked is softmax
+    # over all keys (one shift for all), as eager. (A finite fill replaces the scores instead:
+    # eager's row is then uniform; the site gives 0 there.)
+    mask_bias: Optional[float] = None
 
 
 # ----------------------------------------------------------------------------- node helpers
@@ -246,7 +245,7 @@ def _value_set_of(node: Any, depth: int, seen: Optional[list]) -> Optional[froze
         if src is None or src.dtype != t.dtype:  # x.view(dtype) reinterprets the bits
             return None
         return _value_set(args[0], depth - 1, seen)
-    if node.op == "call_method" and name in _FLOAT_CASTS and t.dtype.is_floating_point:
+    if node.op == "call_method" and name in _FLOAT_CASTS:
         return _value_set(args[0], depth - 1, seen) if args else None
     if _is_fn(node, {torch.zeros, torch.zeros_like}, ("new_zeros",)):
         return frozenset({0.0})
@@ -1300,10 +1299,15 @@ class _Finder:
         (w,) = users - {reader}
         if not (_mutates(w) and w.args and w.args[0] is t and not w.users and self.order[w] < self.order[reader]):
             return None
+        self._note_statement_write(w, reader)
+        return w
+
+    def _note_statement_write(self, w: fx.Node, reader: fx.Node) -> None:
+        """Record that ``reader`` sees what the in-place statement ``w`` wrote (an edge of the
+        networkx graphs: post-dominance then holds through ``w``)."""
         if w not in self.statement_writes:
             self.statement_writes[w] = reader
             self._nx = self._postdom = None  # the graphs gain the edge w -> reader
-        return w
 
     def _zero_bias(self, node: fx.Node, reader: fx.Node) -> Optional[tuple]:
         """``("zero", None)`` when ``node`` is a tensor of zeros the graph makes (``torch.zeros``,
@@ -1381,21 +1385,20 @@ class _Finder:
 
     # -------------------------------------------------------------- matmul-softmax
     def match_softmax(self, sm: fx.Node) -> SiteMatch:
-        x, dim, sm_dtype, _ = _softmax_parts(sm)
+        x, dim, sm_dtype, inner = _softmax_parts(sm)
         nd = _ndim(x)
         if nd is None or nd < 2:
             raise _Reject("softmax input of unknown rank")
         if _norm_dim(dim, nd) != nd - 1:
             raise _Reject(f"softmax over dim {dim}, not the last")
-        region = [sm] + _softmax_parts(sm)[3]
+        region = [sm] + inner
         dense: list[str] = []
         scale = 1.0
         scale_const = True
         mask_node = None
         mask_invert = False
         mask_kind = "none"
-        mask_threshold = None  # a key mask written as a 0 / very negative bias (see _additive_mask_value)
-        mask_finite = False  # a bias shifts the masked keys by a finite number (see SiteMatch.mask_finite)
+        mask_bias = None  # c of a key mask written as a 0 / c bias (see SiteMatch.mask_bias)
         # ---- backwards from the softmax to the scores matmul
         cur = x
         qk = None
@@ -1455,9 +1458,7 @@ class _Finder:
                         # the fill joins the region, read by the add: a later write into its mask
                         # is then one into an input the region has read
                         region.append(w)
-                        if w not in self.statement_writes:
-                            self.statement_writes[w] = cur
-                            self._nx = self._postdom = None
+                        self._note_statement_write(w, cur)
                         mask_kind, mask_node, mask_invert = _fill_mask(
                             ("masked_fill_ of a zero bias", "mask", "value"), _get(w, 1, "mask"), _get(w, 2, "value"),
                             True, mask_kind, mask_node, mask_invert, dense, scale,
@@ -1467,9 +1468,8 @@ class _Finder:
                     continue
                 c = self.bias_value(other) if isinstance(other, fx.Node) else None
                 if c is not None and c * scale <= _LOWEST and mask_kind == "none":
-                    # a key mask written as a bias (0 / -inf): the scores' key mask, read as bias > c / 2
-                    mask_kind, mask_node, mask_invert, mask_threshold = "bool", other, False, _bias_threshold(c, other)
-                    mask_finite = math.isfinite(c)
+                    # a key mask written as a bias (0 / -inf): the scores' key mask (SiteMatch.mask_bias)
+                    mask_kind, mask_node, mask_invert, mask_bias = "bool", other, False, c
                     mask_rank = nd_s
                     cur = s_in
                     continue
@@ -1584,8 +1584,7 @@ class _Finder:
             if (_const_number(beta) == 1.0 and c is not None and c * after_input <= _LOWEST and mask_kind == "none"
                     and nd_s == nd):
                 # diffusers' AttnProcessor: baddbmm(bias, q, k^T, beta=1, alpha=scale), a key mask as a bias
-                mask_kind, mask_node, mask_invert, mask_threshold = "bool", inp, False, _bias_threshold(c, inp)
-                mask_finite = math.isfinite(c)
+                mask_kind, mask_node, mask_invert, mask_bias = "bool", inp, False, c
             elif _const_number(beta) is None or float(beta) != 0.0:
                 if mask_kind != "none":
                     dense.append("more than one mask")
@@ -1733,7 +1732,7 @@ class _Finder:
         )
         m.info.scale = scale if scale_const else None
         if mask_kind == "bool":
-            m.mask, m.mask_invert, m.mask_threshold, m.mask_finite = mask_node, mask_invert, mask_threshold, mask_finite
+            m.mask, m.mask_invert, m.mask_bias = mask_node, mask_invert, mask_bias
         elif mask_kind == "other":
             m.info.mask = "other"
         if drop is not None:
@@ -1962,14 +1961,13 @@ class _Finder:
         shape = list(t.shape)
         full = nb + 2
         if t.dtype != torch.bool:
-            if m.mask_threshold is None:
+            if m.mask_bias is None:
                 c = self.bias_value(m.mask)
                 if c is None:
                     return "other", "float additive mask", None
                 if not c <= _LOWEST:
                     return "other", f"float additive mask of 0 / {c:g} (not a -inf / very negative bias)", None
-                m.mask_threshold = _bias_threshold(c, m.mask)
-                m.mask_finite = math.isfinite(c)
+                m.mask_bias = c
         if len(shape) > full:
             return "other", f"attn_mask of shape {_fmt(shape)} is not a key-padding mask", None
         shape = [1] * (full - len(shape)) + shape

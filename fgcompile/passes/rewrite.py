@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -29,7 +30,7 @@ import torch.fx as fx
 
 from ..config import strict_mode
 from ..lowering import ops as _ops  # noqa: F401  (registers torch.ops.fgcompile.site_attention)
-from .find_attention import SiteMatch, _hint, expand_perm, size_of
+from .find_attention import SiteMatch, _bias_threshold, _hint, expand_perm, size_of
 
 __all__ = ["rewrite_sites", "rewrite_site"]
 
@@ -141,8 +142,8 @@ def _key_padding(b: _Builder, m: SiteMatch, q4: fx.Node, k4: fx.Node) -> Optiona
     if m.mask is None:
         return None
     mk = m.mask
-    if m.mask_threshold is not None:  # a key mask written as a 0 / very negative bias
-        mk = b.fn(torch.gt, mk, m.mask_threshold)
+    if m.mask_bias is not None:  # a key mask written as a 0 / very negative bias
+        mk = b.fn(torch.gt, mk, _bias_threshold(m.mask_bias, m.mask))
     if m.mask_invert:
         mk = b.fn(torch.logical_not, mk)
     full = m.nb + 2
@@ -158,7 +159,7 @@ def _key_padding(b: _Builder, m: SiteMatch, q4: fx.Node, k4: fx.Node) -> Optiona
     batch = b.size(q4, 0)
     s_kv = b.size(k4, 2)
     mk = b.method("expand", mk, batch, s_kv)
-    if m.mask_finite:  # every key masked by the same finite value: eager's softmax over all of them
+    if m.mask_bias is not None and math.isfinite(m.mask_bias):  # every key masked by one finite shift: softmax over all
         mk = b.fn(torch.logical_or, mk, b.fn(torch.logical_not, b.method("any", mk, -1, True)))
     return b.method("contiguous", mk)
 
