@@ -321,6 +321,49 @@ def test_every_key_masked_by_a_finite_bias_is_softmax_over_all_keys(fn):
     torch.testing.assert_close(r.out[1], sdpa_pos(q, k, v)[1], atol=1e-3, rtol=1e-3)
 
 
+def mm_fill_finite(q, k, v, keep):
+    return (q @ k.transpose(-2, -1) * 0.125).masked_fill(~keep[:, None, None, :], -1e4).softmax(-1) @ v
+
+
+def mm_where_finite(q, k, v, keep):
+    return torch.where(keep[:, None, None, :], q @ k.transpose(-2, -1) * 0.125, -30000.0).softmax(-1) @ v
+
+
+def mm_fill_finite_mqa(q, k, v, keep):  # one key/value head for every query head
+    s = torch.einsum("bhid,bjd->bhij", q, k[:, 0]) * 0.125
+    s = s.masked_fill(~keep[:, None, None, :], -1e4)
+    return torch.einsum("bhij,bjd->bhid", s.softmax(-1), v[:, 0])
+
+
+def mm_vanilla_bias_finite(q, k, v, keep):  # torch's SDPA reference with a finite (fp16-safe) fill
+    bias = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2], dtype=q.dtype)
+    bias.masked_fill_(keep[:, None, None, :].logical_not(), -1e4)
+    a = (q @ k.transpose(-2, -1)) * 0.125
+    a += bias
+    return a.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn,empty", [
+    (mm_fill_finite, "uniform"), (mm_where_finite, "uniform"), (mm_fill_finite_mqa, "uniform"),
+    (mm_vanilla_bias_finite, "all"),
+], ids=["masked_fill", "where", "masked_fill_mqa", "zero_bias_masked_fill_"])
+def test_every_key_masked_by_a_finite_fill(fn, empty):
+    """A batch item whose mask drops every key: a finite fill replaces every score by one number,
+    so eager's weights are uniform (the mean of v); a finite number written into a zero bias
+    shifts every score alike (softmax over all keys). The site gives what eager gives, not 0."""
+    q, k, v = qkv()
+    keep = key_keep()
+    keep[1] = False
+    r = check(fn, (q, k, v, keep), [("matmul_softmax", "sparse", "key_padding", "key-padding mask folded")],
+              atol=1e-3)
+    if empty == "uniform":
+        vv = v[:, :1] if fn is mm_fill_finite_mqa else v
+        torch.testing.assert_close(r.out[1], vv[1].mean(-2, keepdim=True).expand_as(r.out[1]))
+    else:
+        torch.testing.assert_close(r.out[1], sdpa_pos(q, k, v)[1], atol=1e-3, rtol=1e-3)
+    assert r.out[0].abs().sum() > 0
+
+
 def test_bias_of_unknown_or_moderate_values_stays_dense():
     q, k, v = qkv()
     keep = key_keep()

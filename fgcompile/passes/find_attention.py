@@ -151,10 +151,14 @@ class SiteMatch:
     q_mask: Optional[fx.Node] = None
     # ``c`` of a float additive mask whose values are provably 0 (keep) or ``c`` (very negative:
     # mask out; see _additive_mask_value): the rewrite reads the key mask as ``mask >
-    # _bias_threshold(c, mask)``, and where c is finite, a row whose every key is masked is softmax
-    # over all keys (one shift for all), as eager. (A finite fill replaces the scores instead:
-    # eager's row is then uniform; the site gives 0 there.)
+    # _bias_threshold(c, mask)``
     mask_bias: Optional[float] = None
+    # what eager gives for a batch item whose mask drops every key, where that is not the op's 0
+    # (the op gives 0 for a row with no kept key; so does eager SDPA with a boolean mask): "all"
+    # where a finite very negative number is added to the scores (a bias, or a masked_fill_-ed
+    # zero bias): every score shifts alike, softmax over all keys; "uniform" where a finite number
+    # replaces the scores (masked_fill, where): equal weights, the mean of v
+    empty_rows: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------- node helpers
@@ -657,15 +661,19 @@ def _full_like_value(node: Any, like: Any) -> Optional[float]:
     return _const_number(node.args[1])
 
 
-def _fill_mask(words, cond, fill, invert, mask_kind, mask_node, mask_invert, dense, after=1.0):
+def _fill_mask(words, cond, fill, invert, mask_kind, mask_node, mask_invert, dense, after=1.0, finite_rows="uniform"):
     """A boolean fill of the scores (``masked_fill(mask, value)`` or ``where(cond, s, fill)``;
     ``words``: the op, its condition and its fill, for the reasons; ``after``: the constant factor
     the scores are multiplied by between the fill and the softmax): returns the new
-    ``(mask_kind, mask_node, mask_invert)``. A single boolean condition whose fill, times
-    ``after``, is -inf or very negative is a key mask ("bool", inverted when True marks the masked
-    keys); anything else makes the site dense, with its reason appended to ``dense``."""
+    ``(mask_kind, mask_node, mask_invert, empty_rows)``. A single boolean condition whose fill,
+    times ``after``, is -inf or very negative is a key mask ("bool", inverted when True marks the
+    masked keys); anything else makes the site dense, with its reason appended to ``dense``.
+    ``empty_rows`` (see ``SiteMatch.empty_rows``) is ``finite_rows`` for a finite fill value
+    ("uniform" where the fill replaces the scores, "all" where it is written into a zero bias that
+    is added to them), else None."""
     op, cond_word, fill_word = words
     value = _fill_number(fill)
+    empty_rows = None
     if mask_kind != "none":
         dense.append("more than one mask")
         mask_kind = "other"
@@ -682,9 +690,10 @@ def _fill_mask(words, cond, fill, invert, mask_kind, mask_node, mask_invert, den
     else:
         mask_kind = "bool"
         mask_node, mask_invert = cond, invert
+        empty_rows = finite_rows if math.isfinite(value * after) else None
     if isinstance(cond, fx.Node) and mask_node is None:
         mask_node = cond
-    return mask_kind, mask_node, mask_invert
+    return mask_kind, mask_node, mask_invert, empty_rows
 
 
 #: The reason of a site whose softmax scale is not a number known at compile time. Under
@@ -1399,6 +1408,7 @@ class _Finder:
         mask_invert = False
         mask_kind = "none"
         mask_bias = None  # c of a key mask written as a 0 / c bias (see SiteMatch.mask_bias)
+        empty_rows = None  # see SiteMatch.empty_rows
         # ---- backwards from the softmax to the scores matmul
         cur = x
         qk = None
@@ -1459,9 +1469,9 @@ class _Finder:
                         # is then one into an input the region has read
                         region.append(w)
                         self._note_statement_write(w, cur)
-                        mask_kind, mask_node, mask_invert = _fill_mask(
+                        mask_kind, mask_node, mask_invert, empty_rows = _fill_mask(
                             ("masked_fill_ of a zero bias", "mask", "value"), _get(w, 1, "mask"), _get(w, 2, "value"),
-                            True, mask_kind, mask_node, mask_invert, dense, scale,
+                            True, mask_kind, mask_node, mask_invert, dense, scale, finite_rows="all",
                         )
                         mask_rank = nd_s
                     cur = s_in
@@ -1470,6 +1480,7 @@ class _Finder:
                 if c is not None and c * scale <= _LOWEST and mask_kind == "none":
                     # a key mask written as a bias (0 / -inf): the scores' key mask (SiteMatch.mask_bias)
                     mask_kind, mask_node, mask_invert, mask_bias = "bool", other, False, c
+                    empty_rows = "all" if math.isfinite(c) else None
                     mask_rank = nd_s
                     cur = s_in
                     continue
@@ -1494,7 +1505,7 @@ class _Finder:
                 s_in = cur.args[0]
                 mk = _get(cur, 1, "mask")
                 val = _get(cur, 2, "value")
-                mask_kind, mask_node, mask_invert = _fill_mask(
+                mask_kind, mask_node, mask_invert, empty_rows = _fill_mask(
                     ("masked_fill", "mask", "value"), mk, val, True, mask_kind, mask_node, mask_invert, dense, scale
                 )
                 mask_rank = nd_s
@@ -1514,7 +1525,7 @@ class _Finder:
                     s_in, fill, inv = b_, a_, True
                 else:
                     raise _Reject("where over two tensors")
-                mask_kind, mask_node, mask_invert = _fill_mask(
+                mask_kind, mask_node, mask_invert, empty_rows = _fill_mask(
                     ("where", "condition", "fill"), cond, fill, inv, mask_kind, mask_node, mask_invert, dense, scale
                 )
                 mask_rank = nd_s
@@ -1585,6 +1596,7 @@ class _Finder:
                     and nd_s == nd):
                 # diffusers' AttnProcessor: baddbmm(bias, q, k^T, beta=1, alpha=scale), a key mask as a bias
                 mask_kind, mask_node, mask_invert, mask_bias = "bool", inp, False, c
+                empty_rows = "all" if math.isfinite(c) else None
             elif _const_number(beta) is None or float(beta) != 0.0:
                 if mask_kind != "none":
                     dense.append("more than one mask")
@@ -1732,7 +1744,7 @@ class _Finder:
         )
         m.info.scale = scale if scale_const else None
         if mask_kind == "bool":
-            m.mask, m.mask_invert, m.mask_bias = mask_node, mask_invert, mask_bias
+            m.mask, m.mask_invert, m.mask_bias, m.empty_rows = mask_node, mask_invert, mask_bias, empty_rows
         elif mask_kind == "other":
             m.info.mask = "other"
         if drop is not None:
@@ -1968,6 +1980,7 @@ class _Finder:
                 if not c <= _LOWEST:
                     return "other", f"float additive mask of 0 / {c:g} (not a -inf / very negative bias)", None
                 m.mask_bias = c
+                m.empty_rows = "all" if math.isfinite(c) else None
         if len(shape) > full:
             return "other", f"attn_mask of shape {_fmt(shape)} is not a key-padding mask", None
         shape = [1] * (full - len(shape)) + shape

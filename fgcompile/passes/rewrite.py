@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -159,9 +158,27 @@ def _key_padding(b: _Builder, m: SiteMatch, q4: fx.Node, k4: fx.Node) -> Optiona
     batch = b.size(q4, 0)
     s_kv = b.size(k4, 2)
     mk = b.method("expand", mk, batch, s_kv)
-    if m.mask_bias is not None and math.isfinite(m.mask_bias):  # every key masked by one finite shift: softmax over all
+    if m.empty_rows == "all":  # every key masked by one finite shift: softmax over all
         mk = b.fn(torch.logical_or, mk, b.fn(torch.logical_not, b.method("any", mk, -1, True)))
     return b.method("contiguous", mk)
+
+
+def _uniform_empty_rows(b: _Builder, kp: fx.Node, o4: fx.Node, q4: fx.Node, v4: fx.Node) -> fx.Node:
+    """``o4`` (B, H, S_q, D_v) with the rows of every batch item whose key mask ``kp`` (bool
+    (B, S_kv), True = kept) keeps no key set to the mean of v over the keys, as eager gives where
+    a finite fill replaces every score of such a row (``SiteMatch.empty_rows == "uniform"``).
+    ``v4``: (B or 1, H_kv, S_kv, D_v), H_kv dividing H (GQA: query head h reads key head
+    h // (H / H_kv))."""
+    mean = b.method("mean", v4, -2, True)  # (B or 1, H_kv, 1, D_v)
+    h, h_kv = _hint(q4.meta["example_value"].shape[1]), _hint(v4.meta["example_value"].shape[1])
+    if h_kv not in (1, h):
+        if h is None or h_kv is None or h % h_kv:
+            raise RuntimeError(f"key/value heads {h_kv} do not divide query heads {h}")
+        mean = b.method("repeat_interleave", mean, h // h_kv, 1)
+    mean = b.method("to", mean, o4.meta["example_value"].dtype)
+    empty = b.fn(torch.logical_not, b.method("any", kp, -1))  # (B,)
+    empty = b.method("view", empty, -1, 1, 1, 1)
+    return b.fn(torch.where, empty, mean, o4)
 
 
 def _zero_padded_queries(b: _Builder, m: SiteMatch, o4: fx.Node, q4: fx.Node) -> fx.Node:
@@ -254,6 +271,8 @@ def rewrite_site(gm: fx.GraphModule, m: SiteMatch, handle: int) -> fx.Node:
         o4 = b.fn(torch.ops.fgcompile.site_attention.default, q4, k4, v4, kp, scale, int(handle))
         if m.q_mask is not None:
             o4 = _zero_padded_queries(b, m, o4, q4)
+        if m.empty_rows == "uniform" and kp is not None:
+            o4 = _uniform_empty_rows(b, kp, o4, q4, v4)
         o = _from4d(b, o4, m.layout)
         full = expand_perm(m.out_perm, o.meta["example_value"].dim())
         if full is not None:
