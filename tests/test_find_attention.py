@@ -364,6 +364,43 @@ def test_every_key_masked_by_a_finite_fill(fn, empty):
     assert r.out[0].abs().sum() > 0
 
 
+FMIN = torch.finfo(torch.float32).min
+
+
+def mm_bias_finfo_min(q, k, v, keep):  # Hugging Face's extended attention mask
+    return ((q @ k.transpose(-2, -1)) * 0.125 + (1.0 - keep.float())[:, None, None, :] * FMIN).softmax(-1) @ v
+
+
+def mm_bias_1e9(q, k, v, keep):
+    return ((q @ k.transpose(-2, -1)) * 0.125 + ((1.0 - keep.float()) * -1e9)[:, None, None, :]).softmax(-1) @ v
+
+
+def sdpa_bias_finfo_min(q, k, v, keep):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(keep, 0.0, FMIN)[:, None, None, :])
+
+
+def mm_vanilla_bias_finfo_min(q, k, v, keep):
+    bias = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2], dtype=q.dtype)
+    bias.masked_fill_(keep[:, None, None, :].logical_not(), FMIN)
+    a = (q @ k.transpose(-2, -1)) * 0.125
+    a += bias
+    return a.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn", [mm_bias_finfo_min, mm_bias_1e9, sdpa_bias_finfo_min, mm_vanilla_bias_finfo_min],
+                         ids=["finfo_min", "minus_1e9", "sdpa_finfo_min", "zero_bias_finfo_min"])
+def test_every_key_masked_by_a_bias_the_scores_round_onto_is_uniform(fn):
+    """A bias so large that ``scores + c`` rounds every score onto ``c`` (float32 numbers near
+    finfo.min or -1e9 are at least 64 apart) ties the scores of a batch item whose every key it
+    masks: eager's weights are uniform (the mean of v), and so are the site's."""
+    q, k, v = qkv()
+    keep = key_keep()
+    keep[1] = False
+    pattern = "sdpa" if fn is sdpa_bias_finfo_min else "matmul_softmax"
+    r = check(fn, (q, k, v, keep), [(pattern, "sparse", "key_padding", "key-padding mask folded")], atol=1e-4)
+    torch.testing.assert_close(r.out[1], v[1].mean(-2, keepdim=True).expand_as(r.out[1]))
+
+
 def test_bias_of_unknown_or_moderate_values_stays_dense():
     q, k, v = qkv()
     keep = key_keep()

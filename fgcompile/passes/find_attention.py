@@ -157,7 +157,8 @@ class SiteMatch:
     # (the op gives 0 for a row with no kept key; so does eager SDPA with a boolean mask): "all"
     # where a finite very negative number is added to the scores (a bias, or a masked_fill_-ed
     # zero bias): every score shifts alike, softmax over all keys; "uniform" where a finite number
-    # replaces the scores (masked_fill, where): equal weights, the mean of v
+    # replaces the scores (masked_fill, where), or a bias so large that the scores round onto it
+    # (_bias_empty_rows): equal weights, the mean of v
     empty_rows: Optional[str] = None
 
 
@@ -303,6 +304,23 @@ def _bias_threshold(c: float, bias: Any) -> float:
     t = _tensor(bias)
     lo = -torch.finfo(t.dtype).max / 2 if t is not None and t.dtype.is_floating_point else -float("inf")
     return max(c / 2, lo)
+
+
+#: the step between a bias's neighbouring numbers at or above which eager's ``scores + c`` rounds
+#: every score of magnitude below half of it onto ``c``
+_ABSORBING_STEP = 64.0
+
+
+def _bias_empty_rows(c: float, dtype: torch.dtype) -> Optional[str]:
+    """``SiteMatch.empty_rows`` for a key mask written as a finite very negative bias ``c`` that
+    eager adds to scores of ``dtype``: "all" (every score shifts alike: softmax over all keys), or
+    "uniform" where ``dtype``'s numbers near ``c`` are at least 64 apart, so that scores below 32
+    in magnitude round onto ``c`` and tie (eager's weights are then equal: Hugging Face's
+    ``finfo.min`` masks, -1e9 in float32, -1e4 in bfloat16); None for -inf."""
+    if not math.isfinite(c):
+        return None
+    step = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(abs(c)))
+    return "uniform" if step >= _ABSORBING_STEP else "all"
 
 
 def _additive_mask_value(node: Any, seen: Optional[list] = None) -> Optional[float]:
@@ -661,16 +679,16 @@ def _full_like_value(node: Any, like: Any) -> Optional[float]:
     return _const_number(node.args[1])
 
 
-def _fill_mask(words, cond, fill, invert, mask_kind, mask_node, mask_invert, dense, after=1.0, finite_rows="uniform"):
+def _fill_mask(words, cond, fill, invert, mask_kind, mask_node, mask_invert, dense, after=1.0, shift_dtype=None):
     """A boolean fill of the scores (``masked_fill(mask, value)`` or ``where(cond, s, fill)``;
     ``words``: the op, its condition and its fill, for the reasons; ``after``: the constant factor
     the scores are multiplied by between the fill and the softmax): returns the new
     ``(mask_kind, mask_node, mask_invert, empty_rows)``. A single boolean condition whose fill,
     times ``after``, is -inf or very negative is a key mask ("bool", inverted when True marks the
     masked keys); anything else makes the site dense, with its reason appended to ``dense``.
-    ``empty_rows`` (see ``SiteMatch.empty_rows``) is ``finite_rows`` for a finite fill value
-    ("uniform" where the fill replaces the scores, "all" where it is written into a zero bias that
-    is added to them), else None."""
+    ``empty_rows`` (see ``SiteMatch.empty_rows``), for a finite fill value: "uniform" where the
+    fill replaces the scores; where it is written into a zero bias added to scores of
+    ``shift_dtype``, what ``_bias_empty_rows`` says."""
     op, cond_word, fill_word = words
     value = _fill_number(fill)
     empty_rows = None
@@ -690,7 +708,10 @@ def _fill_mask(words, cond, fill, invert, mask_kind, mask_node, mask_invert, den
     else:
         mask_kind = "bool"
         mask_node, mask_invert = cond, invert
-        empty_rows = finite_rows if math.isfinite(value * after) else None
+        if shift_dtype is not None:
+            empty_rows = _bias_empty_rows(value, shift_dtype)
+        elif math.isfinite(value * after):
+            empty_rows = "uniform"
     if isinstance(cond, fx.Node) and mask_node is None:
         mask_node = cond
     return mask_kind, mask_node, mask_invert, empty_rows
@@ -1471,7 +1492,7 @@ class _Finder:
                         self._note_statement_write(w, cur)
                         mask_kind, mask_node, mask_invert, empty_rows = _fill_mask(
                             ("masked_fill_ of a zero bias", "mask", "value"), _get(w, 1, "mask"), _get(w, 2, "value"),
-                            True, mask_kind, mask_node, mask_invert, dense, scale, finite_rows="all",
+                            True, mask_kind, mask_node, mask_invert, dense, scale, shift_dtype=_tensor(cur).dtype,
                         )
                         mask_rank = nd_s
                     cur = s_in
@@ -1480,7 +1501,7 @@ class _Finder:
                 if c is not None and c * scale <= _LOWEST and mask_kind == "none":
                     # a key mask written as a bias (0 / -inf): the scores' key mask (SiteMatch.mask_bias)
                     mask_kind, mask_node, mask_invert, mask_bias = "bool", other, False, c
-                    empty_rows = "all" if math.isfinite(c) else None
+                    empty_rows = _bias_empty_rows(c, _tensor(cur).dtype)
                     mask_rank = nd_s
                     cur = s_in
                     continue
@@ -1596,7 +1617,7 @@ class _Finder:
                     and nd_s == nd):
                 # diffusers' AttnProcessor: baddbmm(bias, q, k^T, beta=1, alpha=scale), a key mask as a bias
                 mask_kind, mask_node, mask_invert, mask_bias = "bool", inp, False, c
-                empty_rows = "all" if math.isfinite(c) else None
+                empty_rows = _bias_empty_rows(c, _tensor(qk).dtype)
             elif _const_number(beta) is None or float(beta) != 0.0:
                 if mask_kind != "none":
                     dense.append("more than one mask")
@@ -1980,7 +2001,8 @@ class _Finder:
                 if not c <= _LOWEST:
                     return "other", f"float additive mask of 0 / {c:g} (not a -inf / very negative bias)", None
                 m.mask_bias = c
-                m.empty_rows = "all" if math.isfinite(c) else None
+                # SDPA's kernels add the mask in float32 (at least)
+                m.empty_rows = _bias_empty_rows(c, torch.promote_types(_tensor(m.q).dtype, torch.float32))
         if len(shape) > full:
             return "other", f"attn_mask of shape {_fmt(shape)} is not a key-padding mask", None
         shape = [1] * (full - len(shape)) + shape
