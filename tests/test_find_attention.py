@@ -387,8 +387,67 @@ def mm_vanilla_bias_finfo_min(q, k, v, keep):
     return a.softmax(-1) @ v
 
 
-@pytest.mark.parametrize("fn", [mm_bias_finfo_min, mm_bias_1e9, sdpa_bias_finfo_min, mm_vanilla_bias_finfo_min],
-                         ids=["finfo_min", "minus_1e9", "sdpa_finfo_min", "zero_bias_finfo_min"])
+def mm_bias_full_square(q, k, v, keep):  # a (B, 1, S, S) zero bias filled out of place
+    bias = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2]).masked_fill(~keep[:, None, None, :], float("-inf"))
+    return ((q @ k.transpose(-2, -1)) * 0.125 + bias).softmax(-1) @ v
+
+
+def bmm_mask_expanded_3d(q, k, v, keep):  # heads folded into the batch, the mask expanded over the queries
+    b, h, s, d = q.shape
+    q3, k3, v3 = (t.reshape(b * h, s, d) for t in (q, k, v))
+    m = keep.repeat_interleave(h, 0)[:, None, :].expand(-1, s, -1)  # (B * H, S, S)
+    p = torch.bmm(q3, k3.transpose(1, 2)).mul(0.125).masked_fill(~m, float("-inf")).softmax(-1)
+    return torch.bmm(p, v3).view(b, h, s, d)
+
+
+def baddbmm_bias_square(q, k, v, keep):  # diffusers' baddbmm with the bias materialised (B * H, S, S)
+    b, h, s, d = q.shape
+    bias = ((1 - keep.to(q.dtype)) * -10000.0)[:, None, :].expand(-1, s, -1).repeat_interleave(h, dim=0)
+    q3, k3, v3 = (t.reshape(b * h, s, d) for t in (q, k, v))
+    p = torch.baddbmm(bias, q3, k3.transpose(-1, -2), beta=1, alpha=0.125).softmax(-1)
+    return torch.bmm(p, v3).view(b, h, s, d)
+
+
+def sdpa_hf_extended_mask(q, k, v, keep):  # transformers' _prepare_4d_attention_mask, from a bool mask
+    b, _, s, _ = q.shape
+    expanded = keep[:, None, None, :].expand(b, 1, s, keep.shape[-1]).to(q.dtype)
+    inverted = 1.0 - expanded
+    bias = inverted.masked_fill(inverted.to(torch.bool), torch.finfo(q.dtype).min)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+@pytest.mark.parametrize("fn,pattern", [
+    (mm_bias_full_square, "matmul_softmax"), (bmm_mask_expanded_3d, "matmul_softmax"),
+    (baddbmm_bias_square, "matmul_softmax"), (sdpa_hf_extended_mask, "sdpa"),
+], ids=["zero_bias_square", "bmm_mask_3d", "baddbmm_bias_square", "sdpa_hf_extended"])
+def test_key_mask_materialised_over_the_queries(fn, pattern):
+    """A key mask (or a bias built from one) expanded, repeated or filled into a full (S_q, S_kv)
+    tensor holds the same row for every query: a key-padding site, whatever elementwise steps
+    follow the expansion."""
+    q, k, v = qkv()
+    keep = key_keep()
+    r = check(fn, (q, k, v, keep), [(pattern, "sparse", "key_padding", "key-padding mask folded")], atol=1e-4)
+    assert not torch.allclose(r.out, sdpa_pos(q, k, v), atol=1e-3)  # the mask is applied
+
+
+def test_mask_that_varies_over_the_queries_stays_dense():
+    """An elementwise step between a key mask and one that varies over the queries (causal) keeps
+    the site dense."""
+    q, k, v = qkv()
+    keep = key_keep()
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+
+    def f(q, k, v, keep, causal):
+        bias = torch.zeros(q.shape[0], 1, S, S).masked_fill(~keep[:, None, None, :], float("-inf"))
+        bias = bias.masked_fill(~causal, float("-inf"))
+        return ((q @ k.transpose(-2, -1)) * 0.125 + bias).softmax(-1) @ v
+
+    check(f, (q, k, v, keep, causal), [("matmul_softmax", "dense", "other", "is not a key-padding mask")])
+
+
+@pytest.mark.parametrize("fn", [mm_bias_finfo_min, mm_bias_1e9, sdpa_bias_finfo_min, mm_vanilla_bias_finfo_min,
+                                sdpa_hf_extended_mask],
+                         ids=["finfo_min", "minus_1e9", "sdpa_finfo_min", "zero_bias_finfo_min", "sdpa_hf_extended"])
 def test_every_key_masked_by_a_bias_the_scores_round_onto_is_uniform(fn):
     """A bias so large that ``scores + c`` rounds every score onto ``c`` (float32 numbers near
     finfo.min or -1e9 are at least 64 apart) ties the scores of a batch item whose every key it
@@ -396,7 +455,7 @@ def test_every_key_masked_by_a_bias_the_scores_round_onto_is_uniform(fn):
     q, k, v = qkv()
     keep = key_keep()
     keep[1] = False
-    pattern = "sdpa" if fn is sdpa_bias_finfo_min else "matmul_softmax"
+    pattern = "sdpa" if fn in (sdpa_bias_finfo_min, sdpa_hf_extended_mask) else "matmul_softmax"
     r = check(fn, (q, k, v, keep), [(pattern, "sparse", "key_padding", "key-padding mask folded")], atol=1e-4)
     torch.testing.assert_close(r.out[1], v[1].mean(-2, keepdim=True).expand_as(r.out[1]))
 

@@ -208,6 +208,21 @@ _SHAPE_FNS = {torch.reshape, torch.unsqueeze, torch.squeeze, torch.broadcast_to,
 _FLOAT_CASTS = frozenset({"float", "half", "bfloat16", "double", "to", "type_as"})
 
 
+def _nonzero_of(mask: Any, x: Any) -> bool:
+    """Whether the bool ``mask`` is ``x != 0`` of the tensor ``x``: ``x.bool()``, ``x.to(torch.bool)``,
+    ``x != 0`` / ``x.ne(0)`` (Hugging Face's ``inverted.masked_fill(inverted.to(torch.bool), min)``)."""
+    if not isinstance(mask, fx.Node) or not mask.args or mask.args[0] is not x:
+        return False
+    rest = list(mask.args[1:]) + list(mask.kwargs.values())
+    if _is_fn(mask, set(), ("bool",)):
+        return not rest
+    if _is_fn(mask, set(), ("to",)):
+        return rest == [torch.bool]
+    if _is_fn(mask, {torch.ne, operator.ne}, ("ne", "__ne__")):
+        return len(rest) == 1 and _const_number(rest[0]) == 0.0
+    return False
+
+
 def _value_set(node: Any, depth: int = 16, seen: Optional[list] = None) -> Optional[frozenset]:
     """The values a tensor of the graph can hold, when the graph proves them a small finite set
     (see ``_value_set_of``); None where a finite value would not fit the tensor's dtype (an fp16
@@ -264,6 +279,8 @@ def _value_set_of(node: Any, depth: int, seen: Optional[list]) -> Optional[froze
         return a | b if a is not None and b is not None else None
     if _is_fn(node, _MASKED_FILL_FNS, ("masked_fill",)) and len(args) == 3:
         a, fill = _value_set(args[0], depth - 1, seen), _const_number(args[2])
+        if a is not None and _nonzero_of(args[1], args[0]):
+            a = a & {0.0}  # x.masked_fill(x.bool(), c): every nonzero value of x becomes c
         return a | {fill} if a is not None and fill is not None else None
     if node.op == "call_function" and node.target is F.pad:
         mode = _get(node, 2, "mode", "constant")
@@ -475,6 +492,8 @@ def _same_over_heads(mask: fx.Node, heads: Any) -> bool:
     built from a per-batch mask: ``x.expand(B, H, ...)`` / ``x.broadcast_to`` / ``x.expand_as`` of a
     tensor with one head, ``x.repeat(1, H, 1, 1)``, or diffusers' ``prepare_attention_mask``:
     ``x.repeat_interleave(H, dim=0).view(B, H, -1, S)``, negated or not. The rewrite then reads head 0."""
+    if _constant_over(mask, -3):
+        return True
     mask = _through_not(mask)
     if not isinstance(mask, fx.Node) or mask.op not in ("call_method", "call_function") or not mask.args:
         return False
@@ -540,16 +559,59 @@ def _and_operands(node: Any) -> Optional[tuple]:
     return a, b
 
 
-def _repeated_over(node: Any, dim: int) -> bool:
-    """Whether ``node`` (a 4-D tensor) only repeats its source along ``dim``: ``x.repeat(...)`` or
-    ``x.expand(...)`` / ``broadcast_to`` of a 4-D ``x`` whose ``dim`` has size 1, negated or not."""
-    node = _through_not(node)
-    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+# elementwise ops (their tensor operands broadcast, aligned from the last dim)
+_ELEMENTWISE_FNS = {
+    torch.where, torch.masked_fill, torch.Tensor.masked_fill, torch.logical_not, torch.logical_and, torch.logical_or,
+    torch.logical_xor, torch.bitwise_not, torch.bitwise_and, torch.bitwise_or, torch.add, torch.sub, torch.mul,
+    torch.div, torch.neg, torch.rsub, torch.eq, torch.ne, torch.gt, torch.ge, torch.lt, torch.le, operator.add,
+    operator.sub, operator.mul, operator.truediv, operator.neg, operator.invert, operator.and_, operator.or_,
+    operator.xor, operator.eq, operator.ne, operator.gt, operator.ge, operator.lt, operator.le,
+}
+_ELEMENTWISE_METHODS = frozenset({
+    "where", "masked_fill", "logical_not", "logical_and", "logical_or", "logical_xor", "bitwise_not", "add", "sub",
+    "mul", "div", "neg", "rsub", "eq", "ne", "gt", "ge", "lt", "le", "__invert__", "__and__", "__or__", "__xor__",
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__", "__neg__",
+    "__eq__", "__ne__", "__gt__", "__ge__", "__lt__", "__le__",
+})
+# one tensor in, the same values (or their cast) out, the shape kept
+_SAME_SHAPE_METHODS = frozenset({"float", "half", "bfloat16", "double", "bool", "to", "type", "type_as", "contiguous",
+                                 "clone", "detach"})
+_CONSTANT_MAKERS = {torch.zeros, torch.ones, torch.full, torch.zeros_like, torch.ones_like, torch.full_like}
+
+
+def _constant_over(node: Any, dim: int, depth: int = 16) -> bool:
+    """Whether the tensor ``node`` holds the same values all along ``dim`` (negative: counted from
+    the last dim, as broadcasting aligns): a number; size 1 there, or no such dim; a graph-made
+    ``zeros`` / ``ones`` / ``full``; ``expand`` / ``broadcast_to`` / ``repeat`` of such a tensor (or of
+    one with size 1 there); a cast of one; an elementwise op (arithmetic, comparisons, logic,
+    ``where``, ``masked_fill``) of such operands. A key mask built by expanding ``keep[:, None, None,
+    :]`` over the queries, then negated, cast or turned into a bias, is constant over the queries."""
+    if _const_number(node) is not None:
+        return True
+    t = _tensor(node)
+    if t is None:
         return False
-    t, out = _tensor(node.args[0]), _tensor(node)
-    if t is None or out is None or t.dim() != 4 or out.dim() != 4 or not _is_one(t.shape[dim]):
+    if t.dim() < -dim or _is_one(t.shape[dim]):
+        return True
+    if depth <= 0 or not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method") or not node.args:
         return False
-    return _is_fn(node, {torch.broadcast_to}, ("expand", "expand_as", "repeat"))
+    args = node.args
+    if _is_fn(node, _CONSTANT_MAKERS, ("new_zeros", "new_ones", "new_full")):
+        fill = _get(node, 1, "fill_value") if _is_fn(node, {torch.full, torch.full_like}, ("new_full",)) else 0
+        return _const_number(fill) is not None
+    if _is_fn(node, {torch.broadcast_to}, ("expand", "expand_as", "broadcast_to", "repeat")) or (
+            _is_fn(node, {torch.clone, torch.detach}, _SAME_SHAPE_METHODS)):
+        return isinstance(args[0], fx.Node) and _constant_over(args[0], dim, depth - 1)
+    if _is_fn(node, {torch.repeat_interleave}, ("repeat_interleave",)):
+        along = _const_number(_get(node, 2, "dim"))  # copies along another dim keep the rows alike
+        return (along is not None and int(along) % t.dim() != dim % t.dim() and isinstance(args[0], fx.Node)
+                and _constant_over(args[0], dim, depth - 1))
+    if _is_fn(node, _ELEMENTWISE_FNS, _ELEMENTWISE_METHODS):
+        for a in list(args) + list(node.kwargs.values()):
+            if not (_constant_over(a, dim, depth - 1) if isinstance(a, fx.Node) else _const_number(a) is not None):
+                return False
+        return True
+    return False
 
 
 def _is_fn(node: Any, fns: set, methods: Sequence[str] = ()) -> bool:
@@ -1986,7 +2048,7 @@ class _Finder:
         ts = _tensor(src) if isinstance(src, fx.Node) else None
         if ts is None or ts.dim() != 4:
             return False
-        return (_is_one(ts.shape[2]) or _repeated_over(src, 2)) and (_is_one(ts.shape[1]) or _same_over_heads(src, tq[1]))
+        return (_is_one(ts.shape[2]) or _constant_over(src, -2)) and (_is_one(ts.shape[1]) or _same_over_heads(src, tq[1]))
 
     def _mask_kind(self, m: SiteMatch, tq, tk) -> tuple:
         t = _tensor(m.mask)
@@ -2007,7 +2069,7 @@ class _Finder:
             return "other", f"attn_mask of shape {_fmt(shape)} is not a key-padding mask", None
         shape = [1] * (full - len(shape)) + shape
         bad = f"attn_mask of shape {_fmt(t.shape)} is not a key-padding mask"
-        if not (_is_one(shape[nb]) or (nb == 2 and t.dim() == 4 and _repeated_over(m.mask, 2))):
+        if not (_is_one(shape[nb]) or _constant_over(m.mask, -2)):
             return "other", bad, None  # varies over the queries
         if not (_is_one(shape[nb + 1]) or _equal(shape[nb + 1], tk[-2])):
             return "other", bad, None
