@@ -276,6 +276,12 @@ def sdpa_bias_one_minus(q, k, v, keep):  # Hugging Face / diffusers: (1 - mask) 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=((1 - keep.to(q.dtype)) * -10000.0)[:, None, None, :])
 
 
+def sdpa_bias_of_two_masks(q, k, v, keep):  # an & in the graph is no write into its operands
+    gate = (keep & keep.roll(1, -1)).any(-1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=((1.0 - keep.float()) * -1e9)[:, None, None, :])
+    return out * gate[:, None, None, None]
+
+
 def mm_bias_added(q, k, v, keep):
     bias = ((1.0 - keep.float()) * -1e9)[:, None, None, :]
     return ((q @ k.transpose(-2, -1)) * 0.125 + bias).softmax(-1) @ v
@@ -291,8 +297,8 @@ def mm_bias_baddbmm(q, k, v, keep):  # diffusers' AttnProcessor: prepare_attenti
 
 @pytest.mark.parametrize("fn,pattern", [
     (sdpa_bias_filled_zeros, "sdpa"), (sdpa_bias_where, "sdpa"), (sdpa_bias_one_minus, "sdpa"),
-    (mm_bias_added, "matmul_softmax"), (mm_bias_baddbmm, "matmul_softmax"),
-], ids=["zeros_masked_fill", "where", "one_minus_times", "hand_written_add", "baddbmm_input"])
+    (mm_bias_added, "matmul_softmax"), (mm_bias_baddbmm, "matmul_softmax"), (sdpa_bias_of_two_masks, "sdpa"),
+], ids=["zeros_masked_fill", "where", "one_minus_times", "hand_written_add", "baddbmm_input", "two_masks_and"])
 def test_key_mask_written_as_a_bias_is_key_padding(fn, pattern):
     """A float mask the graph builds from a boolean one, provably 0 or very negative, is the key
     mask (read as bias > c / 2), not a "float additive mask"."""
@@ -428,6 +434,28 @@ def test_key_mask_materialised_over_the_queries(fn, pattern):
     keep = key_keep()
     r = check(fn, (q, k, v, keep), [(pattern, "sparse", "key_padding", "key-padding mask folded")], atol=1e-4)
     assert not torch.allclose(r.out, sdpa_pos(q, k, v), atol=1e-3)  # the mask is applied
+
+
+def test_mask_written_after_its_repeat_is_not_trusted():
+    """A key mask repeated over the queries (or heads), then written into, no longer holds one
+    row for every query: the site is not key padding, and its output is eager's."""
+    q, k, v = qkv()
+    keep = key_keep()
+
+    def over_queries(q, k, v, keep):
+        m = keep[:, None, None, :].repeat(1, 1, S, 1)
+        m[:, :, :8, 3] = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    def over_heads(q, k, v, keep):
+        m = keep[:, None, None, :].repeat(1, H, 1, 1)
+        m[:, 1, :, 5] = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    for fn in (over_queries, over_heads):
+        r = capture(fn, q, k, v, keep, config=CFG)
+        assert [s.decision for s in r.sites] in ([], ["dense"]), [(s.decision, s.reason) for s in r.sites]
+        torch.testing.assert_close(r.out, fn(q, k, v, keep))
 
 
 def test_mask_that_varies_over_the_queries_stays_dense():

@@ -366,6 +366,8 @@ def _mutates(node: fx.Node) -> bool:
     if node.op == "call_function":
         if node.target in _INPLACE_FNS:
             return True
+        if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+            return False  # operator.and_ / or_ / not_ are pure (operator.iand & co. are listed above)
         name = getattr(node.target, "__name__", "")
         return name.endswith("_") and not name.endswith("__")  # torch.relu_, torch._foreach_mul_
     return False
@@ -492,8 +494,6 @@ def _same_over_heads(mask: fx.Node, heads: Any) -> bool:
     built from a per-batch mask: ``x.expand(B, H, ...)`` / ``x.broadcast_to`` / ``x.expand_as`` of a
     tensor with one head, ``x.repeat(1, H, 1, 1)``, or diffusers' ``prepare_attention_mask``:
     ``x.repeat_interleave(H, dim=0).view(B, H, -1, S)``, negated or not. The rewrite then reads head 0."""
-    if _constant_over(mask, -3):
-        return True
     mask = _through_not(mask)
     if not isinstance(mask, fx.Node) or mask.op not in ("call_method", "call_function") or not mask.args:
         return False
@@ -579,18 +579,22 @@ _SAME_SHAPE_METHODS = frozenset({"float", "half", "bfloat16", "double", "bool", 
 _CONSTANT_MAKERS = {torch.zeros, torch.ones, torch.full, torch.zeros_like, torch.ones_like, torch.full_like}
 
 
-def _constant_over(node: Any, dim: int, depth: int = 16) -> bool:
+def _constant_over(node: Any, dim: int, depth: int = 16, seen: Optional[list] = None) -> bool:
     """Whether the tensor ``node`` holds the same values all along ``dim`` (negative: counted from
     the last dim, as broadcasting aligns): a number; size 1 there, or no such dim; a graph-made
     ``zeros`` / ``ones`` / ``full``; ``expand`` / ``broadcast_to`` / ``repeat`` of such a tensor (or of
     one with size 1 there); a cast of one; an elementwise op (arithmetic, comparisons, logic,
     ``where``, ``masked_fill``) of such operands. A key mask built by expanding ``keep[:, None, None,
-    :]`` over the queries, then negated, cast or turned into a bias, is constant over the queries."""
+    :]`` over the queries, then negated, cast or turned into a bias, is constant over the queries.
+    In-place writes are not followed: ``seen`` collects the tensor nodes the proof reads
+    (``_Finder.constant_over`` checks that nothing writes into them)."""
     if _const_number(node) is not None:
         return True
     t = _tensor(node)
     if t is None:
         return False
+    if seen is not None:
+        seen.append(node)
     if t.dim() < -dim or _is_one(t.shape[dim]):
         return True
     if depth <= 0 or not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method") or not node.args:
@@ -601,14 +605,14 @@ def _constant_over(node: Any, dim: int, depth: int = 16) -> bool:
         return _const_number(fill) is not None
     if _is_fn(node, {torch.broadcast_to}, ("expand", "expand_as", "broadcast_to", "repeat")) or (
             _is_fn(node, {torch.clone, torch.detach}, _SAME_SHAPE_METHODS)):
-        return isinstance(args[0], fx.Node) and _constant_over(args[0], dim, depth - 1)
+        return isinstance(args[0], fx.Node) and _constant_over(args[0], dim, depth - 1, seen)
     if _is_fn(node, {torch.repeat_interleave}, ("repeat_interleave",)):
         along = _const_number(_get(node, 2, "dim"))  # copies along another dim keep the rows alike
         return (along is not None and int(along) % t.dim() != dim % t.dim() and isinstance(args[0], fx.Node)
-                and _constant_over(args[0], dim, depth - 1))
+                and _constant_over(args[0], dim, depth - 1, seen))
     if _is_fn(node, _ELEMENTWISE_FNS, _ELEMENTWISE_METHODS):
         for a in list(args) + list(node.kwargs.values()):
-            if not (_constant_over(a, dim, depth - 1) if isinstance(a, fx.Node) else _const_number(a) is not None):
+            if not (_constant_over(a, dim, depth - 1, seen) if isinstance(a, fx.Node) else _const_number(a) is not None):
                 return False
         return True
     return False
@@ -1349,8 +1353,27 @@ class _Finder:
         proof reads (nor into memory it shares), nor writes somewhere unknown."""
         seen: list = []
         c = _additive_mask_value(node, seen)
-        if c is None:
-            return None
+        return c if c is not None and self._unwritten(seen) else None
+
+    def constant_over(self, node: Any, dim: int) -> bool:
+        """``_constant_over(node, dim)``, provided nothing in the graph writes into a tensor the
+        proof reads (``mask[:, :, i, j] = False`` after a ``repeat``)."""
+        seen: list = []
+        return _constant_over(node, dim, seen=seen) and self._unwritten(seen)
+
+    def _over_heads(self, mask: Any, heads: Any) -> bool:
+        """Whether a 4-D mask (B, H, *, S) holds the same values for every head."""
+        if self.constant_over(mask, -3):
+            return True
+        chain, x = [], mask  # the nodes the structural proof reads: the mask and its first inputs
+        while isinstance(x, fx.Node) and len(chain) < 6:
+            chain.append(x)
+            x = x.args[0] if x.args else None
+        return _same_over_heads(mask, heads) and self._unwritten(chain)
+
+    def _unwritten(self, seen: list) -> bool:
+        """Whether nothing in the graph writes into the tensors ``seen`` (nor into memory they
+        share), nor somewhere unknown."""
         if self._written_storages is None:
             written: Optional[set] = set()
             for u in self.nodes:
@@ -1364,9 +1387,9 @@ class _Finder:
                 written |= st
             self._written_storages = written if written is not None else False
         if self._written_storages is False:
-            return None
+            return False
         st = _storages(seen)
-        return c if st is not None and not (st & self._written_storages) else None
+        return st is not None and not (st & self._written_storages)
 
     def _private_write(self, n: fx.Node, rset: set) -> bool:
         """Whether the in-place op ``n`` of the region (``s += bias``, ``s *= c``, ``s.mul_(c)``)
@@ -2043,12 +2066,12 @@ class _Finder:
         if not (_is_one(t.shape[2]) or _equal(t.shape[2], tq[-2])):
             return False  # another query length
         if _is_one(t.shape[3]):
-            return _is_one(t.shape[1]) or _same_over_heads(node, tq[1])
+            return _is_one(t.shape[1]) or self._over_heads(node, tq[1])
         src = _is_swap_last2(node)
         ts = _tensor(src) if isinstance(src, fx.Node) else None
         if ts is None or ts.dim() != 4:
             return False
-        return (_is_one(ts.shape[2]) or _constant_over(src, -2)) and (_is_one(ts.shape[1]) or _same_over_heads(src, tq[1]))
+        return (_is_one(ts.shape[2]) or self.constant_over(src, -2)) and (_is_one(ts.shape[1]) or self._over_heads(src, tq[1]))
 
     def _mask_kind(self, m: SiteMatch, tq, tk) -> tuple:
         t = _tensor(m.mask)
@@ -2069,12 +2092,12 @@ class _Finder:
             return "other", f"attn_mask of shape {_fmt(shape)} is not a key-padding mask", None
         shape = [1] * (full - len(shape)) + shape
         bad = f"attn_mask of shape {_fmt(t.shape)} is not a key-padding mask"
-        if not (_is_one(shape[nb]) or _constant_over(m.mask, -2)):
+        if not (_is_one(shape[nb]) or self.constant_over(m.mask, -2)):
             return "other", bad, None  # varies over the queries
         if not (_is_one(shape[nb + 1]) or _equal(shape[nb + 1], tk[-2])):
             return "other", bad, None
         if nb == 2:
-            if not (_is_one(shape[1]) or _same_over_heads(m.mask, tq[1])):
+            if not (_is_one(shape[1]) or self._over_heads(m.mask, tq[1])):
                 return "other", bad, None
             if not (_is_one(shape[0]) or _equal(shape[0], tq[0])):
                 return "other", bad, None
