@@ -458,6 +458,53 @@ def test_mask_written_after_its_repeat_is_not_trusted():
         torch.testing.assert_close(r.out, fn(q, k, v, keep))
 
 
+def _dunder_and_causal(q, k, v, keep):  # m &= causal, called as the method Dynamo records
+    m = keep[:, None, None, :].expand(q.shape[0], 1, S, S).clone()
+    m.__iand__(torch.ones(S, S, dtype=torch.bool).tril())
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+
+def _dunder_scaled_bias(q, k, v, keep):  # a {0, -1e4} bias scaled to {0, -10} in place
+    b = (1.0 - keep[:, None, None, :].float()) * -10000.0
+    b.__imul__(0.001)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=b)
+
+
+def _dunder_write_into_k(q, k, v, keep):  # k written between the scores and the output
+    k2 = k.clone()
+    s = (q @ k2.transpose(-1, -2)) * 0.125
+    k2.__imul__(3.0)
+    return torch.softmax(s.masked_fill(~keep[:, None, None, :], float("-inf")), -1) @ (v + k2)
+
+
+def _nonzero_mask_written(q, k, v, keep):  # x.masked_fill(x.bool(), c) with the mask written first
+    x = (~keep[:, None, None, :]).float() * 0.5
+    nz = x.bool()
+    nz[..., :8] = False  # some 0.5 entries survive the fill
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=x.masked_fill(nz, -1e9))
+
+
+def _rounded_to_minus_one(q, k, v, keep):  # (0.5 + 2**24) - 2**24 is 0 in float32: g is -1, not 0
+    g = ((torch.ones(q.shape[0], 1, 1, S) * 0.5 + 2.0 ** 24) - 2.0 ** 24) * 2.0 - 1.0
+    b = torch.where(keep[:, None, None, :], torch.where(keep.roll(7, 1)[:, None, None, :], g, 0.0), -1e9)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=b)
+
+
+@pytest.mark.parametrize("fn", [_dunder_and_causal, _dunder_scaled_bias, _dunder_write_into_k, _nonzero_mask_written,
+                                _rounded_to_minus_one],
+                         ids=["iand_method", "imul_method_bias", "imul_method_k", "nonzero_mask_written", "rounding"])
+def test_mask_proofs_see_writes_and_rounding(fn):
+    """In-place ops called as methods (``m.__iand__(x)``), a write into the mask that
+    ``x.masked_fill(x.bool(), c)`` reads, and float rounding of a bias's values all change what
+    the mask holds: no key-padding site is taken on the unwritten, unrounded values, and the
+    output is eager's."""
+    q, k, v = qkv()
+    keep = key_keep()
+    r = capture(fn, q, k, v, keep, config=CFG)
+    assert all(s.decision == "dense" for s in r.sites), [(s.decision, s.reason) for s in r.sites]
+    torch.testing.assert_close(r.out, fn(q, k, v, keep))
+
+
 def test_mask_that_varies_over_the_queries_stays_dense():
     """An elementwise step between a key mask and one that varies over the queries (causal) keeps
     the site dense."""

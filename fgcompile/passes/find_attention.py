@@ -190,6 +190,8 @@ _INPLACE_FNS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
     operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
 }
+# the same, called as methods (``m.__iand__(x)``: Dynamo records them as such)
+_INPLACE_DUNDERS = frozenset(f"__{f.__name__}__" for f in _INPLACE_FNS)
 _WHERE_FNS = {torch.where}
 _MASKED_FILL_FNS = {torch.masked_fill, torch.Tensor.masked_fill}
 _DROPOUT_FNS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
@@ -233,6 +235,8 @@ def _value_set(node: Any, depth: int = 16, seen: Optional[list] = None) -> Optio
         big = torch.finfo(t.dtype).max
         if any(math.isfinite(x) and abs(x) > big for x in r):
             return None
+        # each value as the tensor holds it: (0.5 + 2**24) - 2**24 is 0 in float32
+        r = frozenset(torch.tensor(sorted(r), dtype=torch.float64).to(t.dtype).double().tolist())
     return r
 
 
@@ -240,8 +244,8 @@ def _value_set_of(node: Any, depth: int, seen: Optional[list]) -> Optional[froze
     """The values a tensor of the graph can hold, when the graph proves them a small finite set
     (numbers; None when unknown): a bool tensor holds {0, 1}; a graph-made ``zeros`` / ``ones`` /
     ``full`` their fill; shape ops and casts keep their input's; arithmetic with a constant,
-    ``where``, ``masked_fill`` and constant-padding ``F.pad`` combine sets. Rounding to the tensor's
-    dtype is ignored (callers compare against thresholds far from the values). Graph inputs other
+    ``where``, ``masked_fill`` and constant-padding ``F.pad`` combine sets. ``_value_set`` rounds
+    each node's values to its dtype (arithmetic is done in float64, then rounded). Graph inputs other
     than bool tensors are unknown. ``seen`` collects the tensor nodes the proof reads (a write into
     one of them elsewhere in the graph voids it: ``_Finder.bias_value`` checks)."""
     c = _const_number(node)
@@ -281,6 +285,8 @@ def _value_set_of(node: Any, depth: int, seen: Optional[list]) -> Optional[froze
         a, fill = _value_set(args[0], depth - 1, seen), _const_number(args[2])
         if a is not None and _nonzero_of(args[1], args[0]):
             a = a & {0.0}  # x.masked_fill(x.bool(), c): every nonzero value of x becomes c
+            if seen is not None:
+                seen.append(args[1])  # a write into the mask would void that
         return a | {fill} if a is not None and fill is not None else None
     if node.op == "call_function" and node.target is F.pad:
         mode = _get(node, 2, "mode", "constant")
@@ -324,7 +330,7 @@ def _bias_threshold(c: float, bias: Any) -> float:
 
 
 #: the step between a bias's neighbouring numbers at or above which eager's ``scores + c`` rounds
-#: every score of magnitude below half of it onto ``c``
+#: every score of magnitude below half of it (32: nearly every attention score) onto ``c``
 _ABSORBING_STEP = 64.0
 
 
@@ -333,7 +339,9 @@ def _bias_empty_rows(c: float, dtype: torch.dtype) -> Optional[str]:
     eager adds to scores of ``dtype``: "all" (every score shifts alike: softmax over all keys), or
     "uniform" where ``dtype``'s numbers near ``c`` are at least 64 apart, so that scores below 32
     in magnitude round onto ``c`` and tie (eager's weights are then equal: Hugging Face's
-    ``finfo.min`` masks, -1e9 in float32, -1e4 in bfloat16); None for -inf."""
+    ``finfo.min`` masks, -1e9 in float32, -1e4 in bfloat16); None for -inf. Where the step is
+    near the scores' size (-1e4 in float16: 8) eager's row is a rounding artefact that neither
+    rule gives; "all" is the float64 result there."""
     if not math.isfinite(c):
         return None
     step = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(abs(c)))
@@ -362,7 +370,7 @@ def _mutates(node: fx.Node) -> bool:
     the name ends in "_", not a dunder) or an augmented assignment (``x *= c``, operator.imul)."""
     if node.op == "call_method":
         name = str(node.target)
-        return name.endswith("_") and not name.startswith("__")
+        return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
     if node.op == "call_function":
         if node.target in _INPLACE_FNS:
             return True
