@@ -414,6 +414,11 @@ def baddbmm_bias_square(q, k, v, keep):  # diffusers' baddbmm with the bias mate
     return torch.bmm(p, v3).view(b, h, s, d)
 
 
+def sdpa_full_true_and_keep(q, k, v, keep):  # a bool constant of the scores' shape, & the key mask
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.full((q.shape[0], 1, q.shape[2], k.shape[2]), True) & keep[:, None, None, :])
+
+
 def sdpa_hf_extended_mask(q, k, v, keep):  # transformers' _prepare_4d_attention_mask, from a bool mask
     b, _, s, _ = q.shape
     expanded = keep[:, None, None, :].expand(b, 1, s, keep.shape[-1]).to(q.dtype)
@@ -424,8 +429,8 @@ def sdpa_hf_extended_mask(q, k, v, keep):  # transformers' _prepare_4d_attention
 
 @pytest.mark.parametrize("fn,pattern", [
     (mm_bias_full_square, "matmul_softmax"), (bmm_mask_expanded_3d, "matmul_softmax"),
-    (baddbmm_bias_square, "matmul_softmax"), (sdpa_hf_extended_mask, "sdpa"),
-], ids=["zero_bias_square", "bmm_mask_3d", "baddbmm_bias_square", "sdpa_hf_extended"])
+    (baddbmm_bias_square, "matmul_softmax"), (sdpa_hf_extended_mask, "sdpa"), (sdpa_full_true_and_keep, "sdpa"),
+], ids=["zero_bias_square", "bmm_mask_3d", "baddbmm_bias_square", "sdpa_hf_extended", "full_true_and_keep"])
 def test_key_mask_materialised_over_the_queries(fn, pattern):
     """A key mask (or a bias built from one) expanded, repeated or filled into a full (S_q, S_kv)
     tensor holds the same row for every query: a key-padding site, whatever elementwise steps

@@ -610,7 +610,7 @@ def _constant_over(node: Any, dim: int, depth: int = 16, seen: Optional[list] = 
     args = node.args
     if _is_fn(node, _CONSTANT_MAKERS, ("new_zeros", "new_ones", "new_full")):
         fill = _get(node, 1, "fill_value") if _is_fn(node, {torch.full, torch.full_like}, ("new_full",)) else 0
-        return _const_number(fill) is not None
+        return isinstance(fill, bool) or _const_number(fill) is not None
     if _is_fn(node, {torch.broadcast_to}, ("expand", "expand_as", "broadcast_to", "repeat")) or (
             _is_fn(node, {torch.clone, torch.detach}, _SAME_SHAPE_METHODS)):
         return isinstance(args[0], fx.Node) and _constant_over(args[0], dim, depth - 1, seen)
