@@ -540,6 +540,14 @@ def test_every_key_masked_by_a_bias_the_scores_round_onto_is_uniform(fn):
     torch.testing.assert_close(r.out[1], v[1].mean(-2, keepdim=True).expand_as(r.out[1]))
 
 
+def test_minus_10000_bias_in_bfloat16_is_a_key_mask():
+    """diffusers' ``(1 - mask) * -10000.0`` holds -9984 in bfloat16: still a key mask."""
+    q, k, v = qkv(dtype=torch.bfloat16)
+    keep = key_keep()
+    check(sdpa_bias_one_minus, (q, k, v, keep), [("sdpa", "sparse", "key_padding", "key-padding mask folded")],
+          dtype_tol={"atol": 2e-2, "rtol": 2e-2})
+
+
 def test_bias_of_unknown_or_moderate_values_stays_dense():
     q, k, v = qkv()
     keep = key_keep()

@@ -200,6 +200,12 @@ _PERMUTE_FNS = {torch.permute, torch.Tensor.permute}
 _CAST_METHODS = {"float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous"}
 _LOWEST = -1e4  # a fill value at or below this masks a key out
 
+
+def _masks_out(x: float) -> bool:
+    """Whether a fill or bias value ``x`` (as the tensor holds it) masks a key out: at most -1e4,
+    give or take bfloat16's rounding (-10000 is -9984 in bfloat16)."""
+    return x <= _LOWEST * (1 - 2.0 ** -7)
+
 # ops that move or repeat a tensor's elements without changing their values
 _SHAPE_METHODS = frozenset({
     "view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "broadcast_to", "repeat",
@@ -775,7 +781,7 @@ def _fill_mask(words, cond, fill, invert, mask_kind, mask_node, mask_invert, den
     elif value is None:
         mask_kind = "other"
         dense.append(f"{op} with {fill_word} {fill}: not a constant number (a 0-d torch.tensor(c) of a number counts)")
-    elif not (value * after <= _LOWEST):
+    elif not _masks_out(value * after):
         mask_kind = "other"
         scaled = f" scaled by {after:g} afterwards" if after != 1.0 else ""
         dense.append(f"{op} with {fill_word} {value:g}{scaled} (not a -inf / very negative fill)")
@@ -1591,7 +1597,7 @@ class _Finder:
                     cur = s_in
                     continue
                 c = self.bias_value(other) if isinstance(other, fx.Node) else None
-                if c is not None and c * scale <= _LOWEST and mask_kind == "none":
+                if c is not None and _masks_out(c * scale) and mask_kind == "none":
                     # a key mask written as a bias (0 / -inf): the scores' key mask (SiteMatch.mask_bias)
                     mask_kind, mask_node, mask_invert, mask_bias = "bool", other, False, c
                     empty_rows = _bias_empty_rows(c, _tensor(cur).dtype)
@@ -1706,7 +1712,7 @@ class _Finder:
             else:
                 scale *= float(alpha)
             c = self.bias_value(inp) if isinstance(inp, fx.Node) else None
-            if (_const_number(beta) == 1.0 and c is not None and c * after_input <= _LOWEST and mask_kind == "none"
+            if (_const_number(beta) == 1.0 and c is not None and _masks_out(c * after_input) and mask_kind == "none"
                     and nd_s == nd):
                 # diffusers' AttnProcessor: baddbmm(bias, q, k^T, beta=1, alpha=scale), a key mask as a bias
                 mask_kind, mask_node, mask_invert, mask_bias = "bool", inp, False, c
@@ -2091,7 +2097,7 @@ class _Finder:
                 c = self.bias_value(m.mask)
                 if c is None:
                     return "other", "float additive mask", None
-                if not c <= _LOWEST:
+                if not _masks_out(c):
                     return "other", f"float additive mask of 0 / {c:g} (not a -inf / very negative bias)", None
                 m.mask_bias = c
                 # SDPA's kernels add the mask in float32 (at least)
