@@ -532,6 +532,33 @@ def test_parameter_free_graphs_never_share_a_cached_mask():
     assert [s.decision for s in rep.sites] == ["dense"] and "no parameter input owns this graph" in rep.sites[0].reason
 
 
+def test_stats_of_a_model_whose_attention_runs_in_a_segment_without_parameters():
+    """A graph break between the projections and the attention leaves the attention in a graph
+    with no parameter (the original Wan2.1 code does this): under the pooled predictor it runs
+    sparse in the shared state, and ``stats`` / ``reset`` of the model reach that state instead of
+    saying it has none."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(128, 384)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(1, 256, 3, 2, 64).permute(2, 0, 3, 1, 4)
+            torch._dynamo.graph_break()
+            return F.scaled_dot_product_attention(q, k, v)
+
+    torch._dynamo.reset()
+    m = M().eval()
+    c = torch.compile(m, backend=fgcompile.backend(min_seq_len=64, predictor="pooled", tau=1.0, max_density=1.0))
+    x = torch.randn(1, 256, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), m(x), atol=1e-5, rtol=1e-4)
+    st = fgcompile.stats(c)
+    assert "attention" in st and st["attention"].calls >= 1, st
+    fgcompile.reset(c)
+
+
 class _TiedAttn(nn.Module):
     """Self-attention over (B, S, 128) tokens, 2 heads of 64, scaled up so that its maps are peaked."""
 
