@@ -756,9 +756,10 @@ def _states_of(model: Any) -> list[tuple[str, ModelState]]:
         if st.owner_name and pname.endswith(st.owner_name):
             prefix = pname[: len(pname) - len(st.owner_name)].rstrip(".")
         found.append((prefix, st))
-    if not found and _UNOWNED.sites:
-        # its attention ran only in graph-break segments without a parameter (a graph break
-        # between the projections and the attention): those sites live in the shared state
+    if not found and _UNOWNED.sites and not compiled_decisions(owner):
+        # no graph with a parameter held a site: its attention ran only in graph-break segments
+        # without one (a graph break between the projections and the attention), whose sites
+        # live in the shared state
         found.append(("", _UNOWNED))
     return found
 
