@@ -769,7 +769,8 @@ def state_of(model: Any) -> ModelState:
     sites of every graph compiled from it (or from its submodules, with regional compilation),
     named by their path in the model. Raises ValueError if it never ran a sparse site under
     fgattn. Compiled functions and modules without parameters have no parameter to own their
-    sites: they all share one state (their sites are told apart by name only)."""
+    sites: they all share one state (their sites are told apart by name only), which also answers
+    for a model whose attention ran only in graph-break segments without a parameter."""
     found = _states_of(model)
     if not found:
         decided = compiled_decisions(model)
