@@ -93,8 +93,9 @@ def _owner_module(model: Any) -> Any:
 
 def record_compile(owner: Optional[torch.Tensor], config: FGAttnConfig, infos: Sequence[Any]) -> None:
     """Keep what one compile decided for its sites (``SiteInfo``: name, decision, reason), under
-    the graph's owner parameter (``None``: a graph without one; not kept)."""
-    if owner is None or not infos:
+    the graph's owner parameter (``None``: a graph without one; not kept). A graph without sites
+    leaves an empty record: the model was compiled under fgattn."""
+    if owner is None:
         return
     with _LOCK:
         got = _COMPILED.get(owner)
@@ -756,10 +757,10 @@ def _states_of(model: Any) -> list[tuple[str, ModelState]]:
         if st.owner_name and pname.endswith(st.owner_name):
             prefix = pname[: len(pname) - len(st.owner_name)].rstrip(".")
         found.append((prefix, st))
-    if not found and _UNOWNED.sites and not compiled_decisions(owner):
-        # no graph with a parameter held a site: its attention ran only in graph-break segments
-        # without one (a graph break between the projections and the attention), whose sites
-        # live in the shared state
+    if not found and _UNOWNED.sites and any(p in _COMPILED for p in owner.parameters()) and not compiled_decisions(owner):
+        # compiled under fgattn, but no graph with a parameter held a site: its attention ran
+        # only in graph-break segments without one (a graph break between the projections and
+        # the attention), whose sites live in the shared state
         found.append(("", _UNOWNED))
     return found
 
