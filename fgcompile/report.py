@@ -51,6 +51,8 @@ class Report:
     ``graphs``: the rewritten ``torch.fx.GraphModule`` of each graph Dynamo captured;
     ``graph``: the first of them (None when nothing was captured);
     ``graph_breaks``: how many graph breaks Dynamo reported while capturing;
+    ``graph_break_reasons``: Dynamo's reasons for them, and for frames it ran eagerly (an
+    unsupported context manager, a ``torch.compiler.disable``d call): attention there is no site;
     ``rejected``: ``(node name, "softmax", "sdpa", "mha" or "opaque", why)`` for every softmax,
     scaled_dot_product_attention or multi_head_attention_forward node of the graphs that the pass
     did not take as an attention site (a spelling it does not follow, a softmax that is no
@@ -62,6 +64,7 @@ class Report:
     rejected: list = field(default_factory=list)
     graphs: list = field(default_factory=list)
     graph_breaks: int = 0
+    graph_break_reasons: list = field(default_factory=list)
     config: Optional[FGAttnConfig] = None
     #: {site name: (decision, reason)} the real compiles of the model decided, where that differs
     #: from this capture (e.g. dense under autograd: explain captures under torch.no_grad())
@@ -109,6 +112,10 @@ class Report:
             parts += ["Dynamo captured no graph: the call ran eagerly, so no attention can be rewritten (Dynamo skips "
                       "a frame it cannot trace, e.g. one that breaks the graph inside a loop); "
                       "TORCH_LOGS=graph_breaks,recompiles says why", ""]
+        if self.graph_break_reasons:
+            parts.append("graph breaks and frames run eagerly (Dynamo's reasons; attention there is not compiled):")
+            parts += [f"  {r[:300]}" for r in self.graph_break_reasons]
+            parts.append("")
         if self.sites:
             parts += [self.table(), ""]
         if self.compiled_otherwise:
@@ -187,12 +194,16 @@ def explain(
 
     capture.__name__ = "fgcompile_explain"
     breaks_before = torch_private.graph_break_count()
+    reasons_before = torch_private.graph_break_reasons()
     # A fresh wrapper per call: Dynamo guards each cache entry on its backend, so this capture
     # neither reuses nor evicts what other torch.compile calls compiled.
     compiled = torch.compile(target, backend=capture, fullgraph=False, dynamic=dynamic)
     with torch.no_grad(), torch_private.raised_recompile_limits():
         compiled(*args, **kwargs)
     report.graph_breaks = max(torch_private.graph_break_count() - breaks_before, max(len(report.graphs) - 1, 0))
+    report.graph_break_reasons = [
+        r for r, n in torch_private.graph_break_reasons().items() if n > reasons_before.get(r, 0)
+    ]
     here = {s.name: s.decision for s in report.sites}
     from . import runtime
 

@@ -1339,6 +1339,31 @@ def test_explain_says_when_nothing_was_captured():
     assert "Dynamo captured no graph" in str(rep)
 
 
+@torch.compiler.disable
+def _run_attention_eagerly(q, k, v):  # Mochi's run_attention
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_explain_gives_dynamos_reasons_for_attention_it_runs_eagerly():
+    """Attention in a ``torch.compiler.disable``d function (Mochi) or behind an unsupported context
+    manager (Latte's ``torch.backends.cuda.sdp_kernel``) never reaches a graph: ``explain`` lists
+    Dynamo's reasons, so the user sees why there is no site."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(64, 192)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(1, S, 3, 1, 64).permute(2, 0, 3, 1, 4)
+            return _run_attention_eagerly(q, k, v)
+
+    torch._dynamo.reset()
+    rep = fgcompile.explain(M(), torch.randn(1, S, 64), config=CFG)
+    assert rep.sites == []
+    assert any("torch.compiler.disable" in r for r in rep.graph_break_reasons), rep.graph_break_reasons
+    assert "Dynamo's reasons" in str(rep)
+
+
 def test_explain_toy_dit_table():
     from fgcompile.testing.toy_dit import ToyDiTConfig, ToyVideoDiT
 

@@ -129,6 +129,26 @@ def graph_break_count() -> int:
     return int(sum(counters["graph_break"].values()))
 
 
+def graph_break_reasons() -> dict:
+    """{reason: count} of Dynamo's graph breaks and frames it could not trace (unsupported
+    context managers, ``torch.compiler.disable``d calls, data-dependent ops) in this process so
+    far (empty if unknown): the first line of each of Dynamo's messages and its explanation."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        return {}
+    out: dict = {}
+    for group in ("graph_break", "unimplemented"):
+        for key, n in counters[group].items():
+            lines = [ln.strip() for ln in str(key).splitlines() if ln.strip()]
+            if not lines:
+                continue
+            why = next((ln[len("Explanation:"):].strip() for ln in lines[1:] if ln.startswith("Explanation:")), "")
+            text = f"{lines[0]}: {why}" if why else lines[0]
+            out[text] = out.get(text, 0) + int(n)
+    return out
+
+
 class raised_recompile_limits:
     """Context manager: raise Dynamo's recompile limits (``fgcompile.explain`` captures with a new
     backend each call, i.e. a new cache entry of the model's code) and restore them on exit."""
