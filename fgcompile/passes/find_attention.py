@@ -588,8 +588,7 @@ _ELEMENTWISE_METHODS = frozenset({
     "__eq__", "__ne__", "__gt__", "__ge__", "__lt__", "__le__",
 })
 # one tensor in, the same values (or their cast) out, the shape kept
-_SAME_SHAPE_METHODS = frozenset({"float", "half", "bfloat16", "double", "bool", "to", "type", "type_as", "contiguous",
-                                 "clone", "detach"})
+_SAME_SHAPE_METHODS = frozenset(_CAST_METHODS | {"bool", "clone", "detach"})
 _CONSTANT_MAKERS = {torch.zeros, torch.ones, torch.full, torch.zeros_like, torch.ones_like, torch.full_like}
 
 
