@@ -504,24 +504,14 @@ def _through_not(node: Any) -> Any:
 
 
 def _same_over_heads(mask: fx.Node, heads: Any) -> bool:
-    """Whether a 4-D mask (B, H, *, S) holds one row per batch repeated over its H heads, as
-    built from a per-batch mask: ``x.expand(B, H, ...)`` / ``x.broadcast_to`` / ``x.expand_as`` of a
-    tensor with one head, ``x.repeat(1, H, 1, 1)``, or diffusers' ``prepare_attention_mask``:
-    ``x.repeat_interleave(H, dim=0).view(B, H, -1, S)``, negated or not. The rewrite then reads head 0."""
+    """Whether a 4-D mask (B, H, *, S) is diffusers' ``prepare_attention_mask`` of a per-batch
+    mask, negated or not: ``x.repeat_interleave(H, dim=0).view(B, H, -1, S)``, whose H heads of
+    batch b are copies of row b. (An expand or repeat over the heads is ``_constant_over``'s: see
+    ``_Finder._over_heads``.) The rewrite then reads head 0."""
     mask = _through_not(mask)
     if not isinstance(mask, fx.Node) or mask.op not in ("call_method", "call_function") or not mask.args:
         return False
     src = mask.args[0]
-    t = _tensor(src) if isinstance(src, fx.Node) else None
-    if t is None:
-        return False
-    if _is_fn(mask, {torch.broadcast_to}, ("expand", "expand_as")):
-        # sizes align from the right: the head axis is the source's dim 1 of 4, dim 0 of 3, or new
-        return (t.dim() == 4 and _is_one(t.shape[1])) or (t.dim() == 3 and _is_one(t.shape[0])) or t.dim() <= 2
-    if _is_fn(mask, set(), ("repeat",)):
-        reps = mask.args[1] if len(mask.args) == 2 and isinstance(mask.args[1], (tuple, list)) else mask.args[1:]
-        reps = [_const_number(r) for r in reps]
-        return t.dim() == 4 and _is_one(t.shape[1]) and len(reps) == 4 and reps[0] == reps[2] == reps[3] == 1
     if _is_fn(mask, {torch.reshape}, ("view", "reshape")) and isinstance(src, fx.Node):
         ri = src
         if not _is_fn(ri, {torch.repeat_interleave}, ("repeat_interleave",)) or not isinstance(ri.args[0], fx.Node):
