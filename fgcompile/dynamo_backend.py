@@ -50,6 +50,19 @@ class TransformResult:
     # nodes and the opaque attention kernels that are not attention sites
     rejected: list = field(default_factory=list)
     owner: Optional[torch.Tensor] = None  # the parameter that owns the sites' run-time state (see fgcompile.runtime)
+    owner_index: Optional[int] = None  # its place among the graph's inputs
+    owner_name: Optional[str] = None  # its path in the compiled module
+    # the graph's parameters' paths (what tells graphs apart as anchors, see runtime.anchoring)
+    parameter_paths: tuple = ()
+    # a graph without a parameter: the owner of the anchor graph that ran before it was compiled
+    anchor: Optional[torch.Tensor] = None
+
+    def anchored(self, compiled: Callable) -> Callable:
+        """``compiled`` (the graph's compiled callable), made to record the graph as its thread's
+        anchor at each call (``runtime.anchoring``) when it has an owner parameter."""
+        if self.owner_index is None:
+            return compiled
+        return runtime.anchoring(compiled, self.owner_index, self.parameter_paths, self.owner_name)
 
 
 def _grad_needed(example_inputs: Sequence[Any]) -> bool:
@@ -125,20 +138,24 @@ def transform(
         _make_dense(matches, "autograd is recording (inputs require grad): the sparse kernels have no backward; "
                              "run inference under torch.no_grad() or torch.inference_mode()")
     owner = _owner_placeholder(gm, example_inputs, [m for m in matches if m.info.decision == "sparse"] or matches)
-    if owner is None and config.predictor == "profile":
-        # No parameter says which model or layer a call is for: the same graph may run for
-        # several (a compiled function, a module without parameters, a graph-break segment that
-        # holds only the attention, reused by Dynamo for every layer), and a cached profile mask
-        # would then be applied to another layer's attention.
-        _make_dense(matches, "no parameter input owns this graph (a compiled function, a module without parameters, "
-                             "or a graph-break segment holding only the attention): the profile predictor's cached "
-                             "mask could be another layer's; use predictor='pooled' (no cached mask) or compile the "
-                             "module whose weights feed the attention")
+    # A graph without a parameter (a graph-break segment holding only the attention, which
+    # Dynamo reuses for every layer) takes its sites' state at each call from the graph with
+    # parameters that ran before it, its anchor (see fgcompile.runtime).
+    anchor = runtime.current_anchor() if owner is None else None
+    if owner is None and anchor is None and config.predictor == "profile":
+        # No parameter says which model or layer a call is for (a compiled function, a module
+        # without parameters, called from code that is not compiled): a cached profile mask
+        # could then be applied to another layer's attention.
+        _make_dense(matches, "no parameter input owns this graph and no graph with parameters of a running module "
+                             "ran before it (a compiled function or a module without parameters, called from code "
+                             "that is not compiled): the profile predictor's cached mask could be another layer's; "
+                             "use predictor='pooled' (no cached mask) or compile the module whose weights feed the "
+                             "attention")
     owner_name = torch_private.placeholder_param_path(owner) if owner is not None else None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     owner_value = dict(zip(placeholders, example_inputs)).get(owner) if owner is not None else None
     chosen = [
-        (m, runtime.register_site(m.info.name, config, m.info, owner_name=owner_name))
+        (m, runtime.register_site(m.info.name, config, m.info, owner_name=owner_name, anchored=owner is None))
         for m in matches
         if m.info.decision == "sparse"
     ]
@@ -162,7 +179,14 @@ def transform(
             i.name, i.pattern, i.batch, i.num_heads, i.num_kv_heads, i.seq_len_q, i.seq_len_kv,
             i.head_dim, i.dtype, i.mask, i.decision, i.reason,
         )
-    return TransformResult(gm, [m.info for m in matches], lowered, rejected, owner_value)
+    values = dict(zip(placeholders, example_inputs))
+    paths = tuple(torch_private.placeholder_param_path(n) or n.name for n in placeholders
+                  if isinstance(values.get(n), torch.nn.Parameter))
+    return TransformResult(
+        gm, [m.info for m in matches], lowered, rejected, owner_value,
+        placeholders.index(owner) if owner is not None else None, owner_name, paths,
+        anchor.owner() if anchor is not None else None,
+    )
 
 
 class FGAttnBackend:
@@ -199,6 +223,7 @@ class FGAttnBackend:
             with torch_private.timed("fgcompile.warm_compile_pool"):
                 torch_private.warm_compile_pool()
         patches = torch_private.inductor_mode_options(mode)
+        result = None
         try:
             from .kernels.triton_sparse import autotune_wanted
             from .lowering.inductor import kernel_config_patches, max_autotune_enabled
@@ -206,7 +231,8 @@ class FGAttnBackend:
             autotune = autotune_wanted(bool(patches.get("max_autotune")) or max_autotune_enabled())
             with torch_private.timed("fgcompile.transform"):
                 result = transform(gm, example_inputs, config, autotune, {**patches, **kernel_config_patches()})
-            runtime.record_compile(result.owner, config, result.sites)  # for stats' error and explain
+            # for stats' error and explain (a graph without parameters: under its anchor's owner)
+            runtime.record_compile(result.owner if result.owner is not None else result.anchor, config, result.sites)
         except Exception as e:  # never crash a user's compile: sites not yet rewritten stay dense
             log.warning(
                 "fgcompile: the attention passes failed (%s: %s); the sites not rewritten yet stay dense",
@@ -219,7 +245,8 @@ class FGAttnBackend:
 
             patches.update(kernel_config_patches())
             patches.update(partition_config_patches(bool(patches.get("triton.cudagraphs", False))))
-        return torch_private.compile_fx(gm, list(example_inputs), patches)
+        compiled = torch_private.compile_fx(gm, list(example_inputs), patches)
+        return result.anchored(compiled) if result is not None else compiled
 
 
 def backend(config: Optional[FGAttnConfig] = None, **fields: Any) -> FGAttnBackend:

@@ -190,7 +190,7 @@ def explain(
         report.sites.extend(result.sites)
         report.rejected.extend(result.rejected)
         report.graphs.append(result.graph)
-        return gm.forward  # the original graph: dense, uncompiled
+        return result.anchored(gm.forward)  # the original graph: dense, uncompiled (an anchor as compiled)
 
     capture.__name__ = "fgcompile_explain"
     breaks_before = torch_private.graph_break_count()

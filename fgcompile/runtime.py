@@ -46,6 +46,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field, fields, replace
@@ -129,6 +130,9 @@ class SiteTemplate:
     config: FGAttnConfig
     info: Any = field(default=None, compare=False)
     owner_name: Optional[str] = None  # path of the owner parameter inside the compiled module
+    # a site of a graph without a parameter input whose calls take their state from the graph
+    # that ran before them (see ``anchoring``)
+    anchored: bool = False
 
 
 _TEMPLATES: dict[int, SiteTemplate] = {}
@@ -143,14 +147,18 @@ _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # CUDA device index -> the s
 _ORDER = threading.local()  # .last: weakref to the site this thread called last (see SiteState.successor)
 
 
-def register_site(name: str, config: FGAttnConfig, info: Any = None, owner_name: Optional[str] = None) -> int:
+def register_site(
+    name: str, config: FGAttnConfig, info: Any = None, owner_name: Optional[str] = None, anchored: bool = False
+) -> int:
     """Register a site template; returns the handle the graph passes to the op. ``owner_name``:
     the path of the graph's owner parameter relative to the compiled module (e.g.
     ``"attn1.to_q.weight"`` when one block was compiled), which lets ``stats``/``save_state`` name
-    sites by their full path in the user's model (``"blocks.3.attn1"``)."""
+    sites by their full path in the user's model (``"blocks.3.attn1"``). ``anchored``: a site of
+    a graph without a parameter input, whose calls find their state through the graph that ran
+    before them (``anchoring``)."""
     with _LOCK:
         handle = next(_NEXT_HANDLE)
-        _TEMPLATES[handle] = SiteTemplate(name, config, info, owner_name)
+        _TEMPLATES[handle] = SiteTemplate(name, config, info, owner_name, anchored)
     return handle
 
 
@@ -299,7 +307,8 @@ class SiteState:
         """A call shorter than ``min_seq_len`` of a site whose sequence length is dynamic (symbolic
         in its graph: find_attention makes such a self-attention a site whatever its example size);
         static sites were decided on their exact sizes."""
-        dynamic = self.info is not None and not isinstance(getattr(self.info, "seq_len_q", 0), int)
+        dynamic = self.info is not None and not all(
+            isinstance(getattr(self.info, f, 0), int) for f in ("seq_len_q", "seq_len_kv"))
         return dynamic and min(q.shape[2], k.shape[2]) < self.config.min_seq_len
 
     def _dense_call(self, call: int) -> bool:
@@ -666,7 +675,7 @@ class ModelState:
     def __init__(self) -> None:
         self.sites: dict[str, SiteState] = {}
         self.owner_name: Optional[str] = None  # see SiteTemplate.owner_name
-        self._claims: dict[str, str] = {}  # site name -> the call site (SiteInfo.call_site) that runs it
+        self._claims: dict[str, Any] = {}  # site name -> the call site (SiteInfo.call_site) that runs it
         self._names: dict[tuple, str] = {}  # (template name, call site) -> site name (see site_name)
 
     def single_config(self, compiled: bool = False) -> Optional[FGAttnConfig]:
@@ -675,7 +684,7 @@ class ModelState:
         configs = {(s._template_config or s.config) if compiled else s.config for s in self.sites.values()}
         return next(iter(configs)) if len(configs) == 1 else None
 
-    def site_name(self, template: SiteTemplate) -> str:
+    def site_name(self, template: SiteTemplate, call_site: Optional[tuple] = None) -> str:
         """The name ``template``'s calls run under in this model: ``template.name``, unless another
         call site (``SiteInfo.call_site``) of the same model already runs under it. Then the next
         free ``"<name>#<n>"``, kept for that call site. One module called from two places in two
@@ -687,6 +696,8 @@ class ModelState:
         graph that runs twice per forward with the same weights (a weight-tied block called in a
         loop with a graph break inside) cannot be told apart this way: its calls share a state."""
         key = getattr(template.info, "call_site", None)
+        if call_site is not None:
+            key = (call_site, key)
         if key is None:
             return template.name
         got = self._names.get((template.name, key))
@@ -704,13 +715,15 @@ class ModelState:
             self._names[(template.name, key)] = name
         return name
 
-    def site(self, template: SiteTemplate) -> SiteState:
+    def site(self, template: SiteTemplate, call_site: Optional[tuple] = None) -> SiteState:
         """The state of ``template``'s site (named by :meth:`site_name`), created on first use. A
         site compiled again with another config (a new torch.compile of the same model) takes the
-        new config and starts its schedule over (``SiteState.reset``)."""
+        new config and starts its schedule over (``SiteState.reset``). ``call_site``: what tells
+        this call's site apart from others of the same name, in place of ``SiteInfo.call_site``
+        (an anchored call: the anchor graph and the call's place after it)."""
         if template.owner_name is not None:
             self.owner_name = template.owner_name
-        name = self.site_name(template)
+        name = self.site_name(template, call_site)
         site = self.sites.get(name)
         if site is None:
             site = SiteState(name=name, config=template.config, info=template.info)
@@ -737,6 +750,83 @@ def _state_of_owner(owner: Optional[torch.Tensor]) -> ModelState:
             if st is None:
                 st = _OWNED[owner] = ModelState()
     return st
+
+
+# ------------------------------------------------------------------ graphs without a parameter
+# A graph with no parameter input (a graph-break segment holding only the attention: the original
+# Wan2.1 code breaks the graph between its projections and its attention) has no owner to key its
+# sites' state: Dynamo runs the same graph for every layer. Its calls take their state from the
+# anchor: the last graph with a parameter that fgattn compiled and this thread ran (the layer's
+# projections), provided a module holding that graph's owner parameter is still running (on the
+# Python stack). The state is the anchor owner's ModelState; the site is told apart by the anchor
+# graph (its parameters' paths) and the call's place among the anchored calls since the anchor ran:
+#
+#     graph G (parameters of layer i) runs        -> anchor = (G, owner_i), calls = 0
+#     a site S of a parameter-free graph runs     -> state _OWNED[owner_i], site (S, G, calls); calls += 1
+#
+# A forward runs its graphs in the same order each time, so the n-th call after layer i's graph is
+# the same attention at every step. Without a valid anchor (a compiled function called from eager
+# code) the site's state is the shared _UNOWNED one, where the profile predictor runs dense.
+
+#: Anchored calls one anchor serves; later ones (an anchor that stays current while a compiled
+#: function runs over and over) take the shared state.
+MAX_ANCHORED_CALLS = 64
+
+
+@dataclass
+class _Anchor:
+    """The graph with a parameter this thread ran last (see above)."""
+
+    tag: tuple  # the graph's parameter paths: the same for recompiles of the same code
+    owner: "weakref.ref[torch.Tensor]"  # its owner parameter
+    owner_name: Optional[str]
+    calls: int = 0  # anchored calls since it ran
+
+
+_ANCHOR = threading.local()  # .value: the thread's _Anchor
+_MEMBERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def anchoring(compiled: Any, owner_index: int, tag: tuple, owner_name: Optional[str]) -> Any:
+    """``compiled`` (what the backend returns for a graph whose input ``owner_index`` is its owner
+    parameter), made to record itself as the thread's anchor at each call. ``tag``: the graph's
+    parameter paths; ``owner_name``: the owner's path in the compiled module."""
+
+    def anchored_graph(*args: Any) -> Any:
+        _ANCHOR.value = _Anchor(tag, weakref.ref(args[owner_index]), owner_name)
+        return compiled(*args)
+
+    anchored_graph.__name__ = getattr(compiled, "__name__", "anchored_graph")
+    return anchored_graph
+
+
+def _holds(module: torch.nn.Module, p: torch.Tensor) -> bool:
+    """Whether ``p`` is a parameter of ``module`` (its own or its submodules'; cached per module
+    by identity: a parameter replaced later is not found, which only leaves a site dense)."""
+    members = _MEMBERS.get(module)
+    if members is None:
+        members = {id(q): weakref.ref(q) for q in module.parameters()}
+        _MEMBERS[module] = members
+    ref = members.get(id(p))
+    return ref is not None and ref() is p
+
+
+def current_anchor() -> Optional[_Anchor]:
+    """The thread's anchor, if its owner parameter is alive and held by a module whose call is on
+    the Python stack (a forward of the model that ran the anchor graph is still running), else None."""
+    anchor = getattr(_ANCHOR, "value", None)
+    owner = anchor.owner() if anchor is not None else None
+    if owner is None:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if "self" in frame.f_code.co_varnames:
+            module = frame.f_locals.get("self")
+            if isinstance(module, torch.nn.Module) and not isinstance(module, torch.fx.GraphModule):
+                if _holds(module, owner):
+                    return anchor
+        frame = frame.f_back
+    return None
 
 
 def _states_of(model: Any) -> list[tuple[str, ModelState]]:
@@ -858,7 +948,24 @@ def _note_call(site: SiteState) -> None:
 
 
 def _site(handle: int, owner: Optional[torch.Tensor]) -> SiteState:
-    return _state_of_owner(owner).site(template_of(handle))
+    template = template_of(handle)
+    if owner is not None or not template.anchored:
+        return _state_of_owner(owner).site(template)
+    anchor = current_anchor()
+    if anchor is not None and anchor.calls < MAX_ANCHORED_CALLS:
+        owner = anchor.owner()
+        state = _state_of_owner(owner)
+        if state.owner_name is None:
+            state.owner_name = anchor.owner_name
+        place = (anchor.tag, anchor.calls)
+        anchor.calls += 1
+        return state.site(template, place)
+    site = _UNOWNED.site(template)
+    if site.config.predictor == "profile" and site.fallback is None:
+        why = ("no fgattn graph with parameters of a module that is running ran before it" if anchor is None
+               else f"more than {MAX_ANCHORED_CALLS} calls of sites without parameters followed one graph")
+        site.fallback = f"a graph without parameters whose calls cannot be told apart ({why}): dense"
+    return site
 
 
 def run_site(

@@ -46,9 +46,11 @@ the other predictors would run, so ``predictor="dense"`` is the way to test the 
 
 Sizes under dynamic shapes are SymInts: ``SiteInfo`` stores ints where static and the str of the
 sympy expression otherwise. A self-attention whose sequence length is symbolic is a site whatever
-its example size (the runtime runs its calls shorter than ``min_seq_len`` dense); other symbolic
-sequence lengths are compared against ``min_seq_len`` through their size hint (the example input's
-size), and the reason says so; no guard is added.
+its example size, and so is a symbolic length beside a length whose example size is at least
+``min_seq_len`` (one graph serving a self-attention and a cross-attention of the same code): the
+runtime runs their calls shorter than ``min_seq_len`` dense. Other symbolic sequence lengths are
+compared against ``min_seq_len`` through their size hint (the example input's size), and the
+reason says so; no guard is added.
 """
 
 from __future__ import annotations
@@ -1988,11 +1990,18 @@ class _Finder:
         dyn_self = not isinstance(size_of(s_q), int) and (
             _same(s_q, s_kv) or (not isinstance(size_of(s_kv), int) and _hint(s_q) is not None and _hint(s_q) == _hint(s_kv))
         )
-        for what, s in (("seq_len_q", s_q), ("seq_len_kv", s_kv)):
+        # likewise a symbolic length beside a long one (one graph serving a self-attention and a
+        # cross-attention of the same code, e.g. Wan2.1's attention(): Dynamo made the key length
+        # dynamic when the short cross-attention call came)
+        dyn_short = [
+            not isinstance(size_of(s), int) and (_hint(o) or 0) >= cfg.min_seq_len
+            for s, o in ((s_q, s_kv), (s_kv, s_q))
+        ]
+        for what, s, beside_long in (("seq_len_q", s_q, dyn_short[0]), ("seq_len_kv", s_kv, dyn_short[1])):
             h = _hint(s)
             if h is None:
                 reasons.append(f"{what} {size_of(s)} has no size hint")
-            elif h < cfg.min_seq_len and not dyn_self:
+            elif h < cfg.min_seq_len and not dyn_self and not beside_long:
                 reasons.append(f"{what} {size_of(s)}{'' if isinstance(size_of(s), int) else f' (={h})'} < min_seq_len {cfg.min_seq_len} (cross or short attention)")
         if not isinstance(info.head_dim, int):
             reasons.append(f"symbolic head dim {info.head_dim}")
@@ -2025,12 +2034,15 @@ class _Finder:
             if dyn_self:
                 extra.append(f"dynamic sequence length (example {_hint(s_q)}): calls shorter than min_seq_len "
                              f"{cfg.min_seq_len} run dense")
+            elif any(dyn_short) and min(_hint(s_q), _hint(s_kv)) < cfg.min_seq_len:
+                extra.append(f"dynamic sequence length (example {_hint(s_q)}x{_hint(s_kv)}): calls shorter than "
+                             f"min_seq_len {cfg.min_seq_len} run dense")
             elif any(not isinstance(getattr(info, f), int) for f in ("seq_len_q", "seq_len_kv")):
                 extra.append(f"dynamic sequence length, decided on its example size {_hint(s_q)}x{_hint(s_kv)}")
             if cfg.predictor == "dense":
                 extra.append('predictor="dense": the runtime runs it dense')
             kind = "self-attention" if _same(s_q, s_kv) else "attention"
-            size_ok = "" if dyn_self else f" >= min_seq_len {cfg.min_seq_len}"
+            size_ok = "" if dyn_self or min(_hint(s_q), _hint(s_kv)) < cfg.min_seq_len else f" >= min_seq_len {cfg.min_seq_len}"
             info.reason = kind + f" {info.seq_len_q}x{info.seq_len_kv}{size_ok}" + (
                 "; " + "; ".join(extra) if extra else ""
             )
