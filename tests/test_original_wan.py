@@ -175,3 +175,28 @@ def test_original_wan_code_runs_sparse_under_the_profile_predictor(cast, device)
     fgcompile.reset(c)
     with torch.no_grad():
         assert rel_err(c(*x), ref) < tol  # profiled again
+
+
+@pytest.mark.filterwarnings("ignore:Padding mask is disabled")
+def test_original_wan_code_state_saves_and_loads(tmp_path):
+    """The per-layer masks of the parameter-free attention segment save and load by the layers'
+    paths: a second copy of the model, loaded, runs sparse on the first copy's masks."""
+    torch._dynamo.reset()
+    backend = fgcompile.backend(min_seq_len=64, block_m=64, alpha=0.5, dense_calls=0, max_density=1.0,
+                                profile_every=100)
+    model, x = _model_and_inputs(False)
+    c = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        c(*x)
+        sparse_out = c(*x)
+    fgcompile.save_state(c, tmp_path / "wan.pt")
+    other, _ = _model_and_inputs(False)
+    c2 = torch.compile(other, backend=backend)
+    with torch.no_grad():
+        x2 = (x[0] + 0.5 * torch.randn_like(x[0]),) + x[1:]  # another input: its own profile would differ
+        c2(*x2)
+        fgcompile.load_state(c2, tmp_path / "wan.pt")
+        torch.testing.assert_close(c2(*x), sparse_out, atol=1e-6, rtol=1e-5)
+    counts = {n: (s.profiled_calls, s.sparse_calls) for n, s in fgcompile.stats(c2).items() if "self_attn" in n}
+    # (the schedule position is saved too: 1 profiled and 1 sparse call, then this sparse one)
+    assert counts == {f"blocks.{i}.self_attn": (1, 2) for i in range(3)}, counts
