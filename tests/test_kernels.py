@@ -905,6 +905,7 @@ def test_gluon_failure_falls_back_to_the_triton_kernel(monkeypatch, caplog):
         raise RuntimeError("PTX .version 9.9 does not support .target sm_90a")
 
     monkeypatch.setattr(ts, "launch_sparse_kernel_sm90", broken)
+    monkeypatch.setattr(ts, "sm90_supported", lambda *a, **k: True)  # (the launch fits: it is made to fail)
     monkeypatch.setattr(ts, "_SM90_FAILED", {})
     B, H, H_kv, S_q, S_kv, D = 1, 2, 1, 200, 300, 64
     q, k, v = _rand(B, H, H_kv, S_q, S_kv, D, device=DEV)
@@ -920,3 +921,50 @@ def test_gluon_failure_falls_back_to_the_triton_kernel(monkeypatch, caplog):
     warned = [r for r in caplog.records if "Gluon sm_90 kernel failed" in r.getMessage()]
     assert len(warned) == 1 and "PTX .version 9.9" in warned[0].getMessage()
     assert list(ts.sm90_failures().values()) == ["RuntimeError: PTX .version 9.9 does not support .target sm_90a"]
+
+
+@needs_interp
+def test_launch_the_gluon_kernel_cannot_take_runs_the_triton_kernel(monkeypatch, caplog):
+    """``launch_sm90`` on tensors ``sm90_supported`` rejects (a graph of symbolic sizes chose the
+    Gluon kernel at compile time; its real tensors do not fit, here CPU tensors): the Triton kernel
+    computes that launch, with no Gluon try, no warning and no failure recorded, so later launches
+    that fit still take the Gluon kernel."""
+    from fgcompile.kernels import triton_sparse as ts
+
+    tries = []
+    monkeypatch.setattr(ts, "launch_sparse_kernel_sm90", lambda *a, **k: tries.append(1))
+    monkeypatch.setattr(ts, "_SM90_FAILED", {})
+    B, H, H_kv, S_q, S_kv, D = 1, 2, 1, 200, 300, 64
+    q, k, v = _rand(B, H, H_kv, S_q, S_kv, D, device=DEV)
+    keep = torch.rand(B, H, 2, S_kv, generator=torch.Generator().manual_seed(3)) < 0.3
+    packed = pack_slices(keep.to(DEV), block_m=128, block_n=1, seq_len_kv=S_kv)
+    ref = _f64_sparse(q.cpu(), k.cpu(), v.cpu(), keep, 128, 1, D**-0.5)
+    out = torch.full_like(q, float("nan"))
+    with caplog.at_level("WARNING", logger="fgcompile"):
+        ts.launch_sm90(q, k, v, out, packed.counts, packed.indices, D**-0.5)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-5, rtol=2e-5)
+    assert tries == [] and ts.sm90_failures() == {} and "Gluon" not in caplog.text
+
+
+def test_sm90_supported_on_symbolic_sizes():
+    """At compile time (``symbolic=True``) sizes and strides that are SymInts pass the checks
+    they cannot decide; every other check still applies, and without ``symbolic`` they fail."""
+    import unittest.mock as mock
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fgcompile.kernels import gluon_sparse_sm90 as g
+
+    env = ShapeEnv()
+    s = env.create_unbacked_symint()
+    with FakeTensorMode(shape_env=env, allow_non_fake_inputs=True):
+        q = torch.empty(1, 2, 256, 128, dtype=torch.bfloat16, device="cuda")
+        k = torch.empty(1, 2, s, 128, dtype=torch.bfloat16, device="cuda")
+        q32 = torch.empty(1, 2, 256, 128, dtype=torch.float32, device="cuda")
+    with mock.patch.object(g, "sm90_device", lambda d: True), mock.patch.object(g, "HAVE_GLUON", True):
+        assert g.sm90_supported(q, q, q, q, 128, 1, 0)
+        assert g.sm90_supported(q, k, k, q, 128, 1, 0, symbolic=True)
+        assert not g.sm90_supported(q, k, k, q, 128, 1, 0)
+        assert not g.sm90_supported(q32, k, k, q32, 128, 1, 0, symbolic=True)  # dtype
+        assert not g.sm90_supported(q, k, k, q, 64, 1, 0, symbolic=True)  # block_m

@@ -113,7 +113,7 @@ def test_max_autotune_mode_autotunes_and_default_mode_does_not(monkeypatch):
     assert n_tuned >= 4
 
 
-def _gluon_against_triton(monkeypatch, cfg=CFG):
+def _gluon_against_triton(monkeypatch, cfg=CFG, dynamic=None):
     """Compile ``_model()`` with the Gluon sm_90 kernel allowed and a copy with it off
     (``FGCOMPILE_SM90_KERNEL`` 1 / 0): the first lowered graph calls
     ``fgcompile::sparse_attention_sm90`` (an opaque op inside the triton_op: no ``_fg_sparse_fwd``
@@ -128,7 +128,7 @@ def _gluon_against_triton(monkeypatch, cfg=CFG):
     for m, env in ((m1, "1"), (m2, "0")):
         torch._dynamo.reset()
         monkeypatch.setenv("FGCOMPILE_SM90_KERNEL", env)
-        c = _compile(m, cfg)
+        c = _compile(m, cfg, dynamic=dynamic)
         with torch.no_grad():
             _, codes = run_and_get_code(c, *_inputs(seed=0))
             code = "\n".join(codes)
@@ -141,11 +141,12 @@ def _gluon_against_triton(monkeypatch, cfg=CFG):
         assert rel_err(a, b) < 1e-2, (i, rel_err(a, b))
 
 
-@pytest.mark.parametrize("density", [None, 0.3])
-def test_gluon_sm90_kernel_in_the_lowered_graph(monkeypatch, density):
+@pytest.mark.parametrize("density,dynamic", [(None, None), (0.3, None), (None, True)])
+def test_gluon_sm90_kernel_in_the_lowered_graph(monkeypatch, density, dynamic):
     """On an sm_90 GPU the default mode's lowered graph calls the warp-specialised Gluon kernel and
-    gives what the Triton kernel's lowering gives (``_gluon_against_triton``)."""
-    _gluon_against_triton(monkeypatch, dataclasses.replace(CFG, density=density))
+    gives what the Triton kernel's lowering gives (``_gluon_against_triton``), also compiled with
+    symbolic sizes (``dynamic=True``: the launch checks the real tensors)."""
+    _gluon_against_triton(monkeypatch, dataclasses.replace(CFG, density=density), dynamic)
 
 
 def test_gluon_failure_in_the_lowered_graph_runs_the_triton_kernel(monkeypatch, caplog):

@@ -285,10 +285,13 @@ def sm90_device(device: torch.device) -> bool:
 
 
 def sm90_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   block_m: int, key_block: int, full_tile: int) -> bool:
+                   block_m: int, key_block: int, full_tile: int, *, symbolic: bool = False) -> bool:
     """Whether ``launch_sparse_kernel_sm90`` can take this launch: ``sm90_device``, fp16/bf16,
     head dim 64 or 128, static sizes, unit last strides and 16-byte aligned rows, key row offsets
-    within int32, 128-row query blocks, single-key slices (block_n 1) and no full tiles."""
+    within int32, 128-row query blocks, single-key slices (block_n 1) and no full tiles.
+    ``symbolic``: a compile-time question on tensors whose sizes or strides may be symbolic
+    (SymInts): those pass the checks they cannot decide, which the launch makes again on the real
+    tensors (``triton_sparse.launch_sm90`` sends a launch that fails them to the Triton kernel)."""
     if not HAVE_GLUON or q.device.type != "cuda" or block_m != BLOCK_M or key_block != 1 or full_tile != 0:
         return False  # (sm90_device last: the shape checks are cheaper than the capability query)
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype == out.dtype):
@@ -296,13 +299,21 @@ def sm90_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     D = q.shape[-1]
     if not isinstance(D, int) or D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D:
         return False
+
+    def holds(pred, *xs) -> bool:  # pred(*xs), or True for sizes only known at run time (symbolic)
+        if all(isinstance(x, int) for x in xs):
+            return pred(*xs)
+        return symbolic
+
     for t in (q, k, v, out):
         st = t.stride()
-        if not all(isinstance(x, int) for x in (*st, *t.shape, t.storage_offset())):
-            return False  # symbolic sizes: the Triton kernel serves them
-        if st[-1] != 1 or any(x % 8 for x in st[:-1]) or t.storage_offset() % 8:
+        if not holds(lambda *xs: True, *st, *t.shape, t.storage_offset()):
+            return False  # symbolic sizes, asked at run time: the Triton kernel serves them
+        if not holds(lambda x: x == 1, st[-1]) or not all(holds(lambda x: x % 8 == 0, x) for x in st[:-1]):
             return False  # 16-byte rows for cp.async
-    if any((t.shape[2] - 1) * t.stride(2) + D >= 2**31 for t in (k, v)):
+        if not holds(lambda x: x % 8 == 0, t.storage_offset()):
+            return False
+    if any(not holds(lambda n, s: (n - 1) * s + D < 2**31, t.shape[2], t.stride(2)) for t in (k, v)):
         return False  # key row offsets are 32-bit in the kernel
     return sm90_device(q.device)
 

@@ -560,8 +560,9 @@ def launch_sparse_kernel(
             wrap(kernel)[grid](*a, **kw)
     if sm90 is None:
         sm90 = sm90_serves(q, k, v, out, block_m, key_block, full_tile, config=config, autotune=autotune)
-    elif sm90:  # the caller's choice, still only where the kernel can take the launch
-        sm90 = sm90_supported(q, k, v, out, block_m, key_block, full_tile)
+    elif sm90:  # the caller's choice, still only where the kernel can take the launch (symbolic
+        # sizes while Inductor traces the op: launch_sm90 decides on the real tensors)
+        sm90 = sm90_supported(q, k, v, out, block_m, key_block, full_tile, symbolic=True)
     if sm90:
         (sm90_launch or launch_sm90)(q, k, v, out, c, ix, scale)
         if has_dense:
@@ -625,17 +626,19 @@ def _launch_copy_dense(go, use_dense: torch.Tensor, dense_out: torch.Tensor, out
 
 
 def sm90_serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, block_m: int, key_block: int,
-                full_tile: int, *, config: Optional[dict] = None, autotune: Optional[bool] = None) -> bool:
+                full_tile: int, *, config: Optional[dict] = None, autotune: Optional[bool] = None,
+                symbolic: bool = False) -> bool:
     """Whether :func:`launch_sparse_kernel` runs this launch on the Gluon sm_90 kernel
     (``gluon_sparse_sm90``, warp-specialised): no ``config`` given, no autotuning, not the
     interpreter, ``sm90_kernel_wanted()`` and ``sm90_supported`` (a Hopper GPU, fp16/bf16, head dim
-    64 or 128, static sizes, 128-row blocks, single keys, no full tiles)."""
+    64 or 128, static sizes, 128-row blocks, single keys, no full tiles). ``symbolic``: the
+    lowering's question on a graph's tensors, whose sizes may be symbolic (``sm90_supported``)."""
     return (
         config is None
         and not interpreting()
         and not (autotune_wanted() if autotune is None else autotune)
         and sm90_kernel_wanted()
-        and sm90_supported(q, k, v, out, block_m, key_block, full_tile)
+        and sm90_supported(q, k, v, out, block_m, key_block, full_tile, symbolic=symbolic)
     )
 
 
@@ -648,13 +651,16 @@ def launch_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
                 indices: torch.Tensor, scale: float) -> torch.Tensor:
     """The Gluon sm_90 kernel (``launch_sparse_kernel_sm90``: q (B, H, S_q, D), k/v (B, H_kv, S_kv, D),
     out like q, counts (B, H, nQB) and indices (B, H, nQB, cap) int32 of 128-row blocks of single
-    keys, no full tiles), or the Triton kernel on the same lists where the Gluon launch raises (it
-    fails to build with this triton, too little shared memory, a launch it rejects): one warning
+    keys, no full tiles), or the Triton kernel on the same lists where the tensors do not fit the
+    Gluon kernel (``sm90_supported``: a graph of symbolic sizes chose it at compile time) or its
+    launch raises (it fails to build with this triton, too little shared memory): one warning
     per (device, dtype, head dim), after which launches of that kind go straight to the Triton
     kernel. Errors the GPU reports later (asynchronously) are not caught. Returns ``out``. The
     body of the lowered op ``fgcompile::sparse_attention_sm90`` and of direct launches."""
     key = (str(q.device), q.dtype, q.shape[-1])
-    if key not in _SM90_FAILED:
+    # (a launch of a graph with symbolic sizes was sent here on what the compile knew: its real
+    # tensors may not fit the kernel, e.g. misaligned rows; those launches alone take the Triton kernel)
+    if key not in _SM90_FAILED and sm90_supported(q, k, v, out, SM90_BLOCK_M, 1, 0):
         try:
             return launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale)
         except Exception as e:  # noqa: BLE001 - any failure to build or launch: the Triton kernel serves

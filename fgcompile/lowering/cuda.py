@@ -163,7 +163,7 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patche
         like_q = getattr(template.info, "pattern", "sdpa") == "sdpa"
         # the Gluon sm_90 kernel, where it serves the site: an opaque op inside the sparse op (no
         # Inductor source to compile early); the choice is the op's last argument
-        gluon = sm90_serves(qv, kv, vv, _ops.sparse_out(qv, like_q), bm, bn, ft, autotune=bool(autotune))
+        gluon = sm90_serves(qv, kv, vv, _ops.sparse_out(qv, like_q), bm, bn, ft, autotune=bool(autotune), symbolic=True)
         if gluon:
             # registered now, in this process: the compiled graph calls it at run time, and on an
             # FX-graph-cache hit Inductor loads that code without tracing the op that registers it
