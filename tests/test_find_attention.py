@@ -1447,6 +1447,22 @@ def test_dynamic_separate_k_v_inputs_stay_sites():
     torch.testing.assert_close(r.out2, joint(*a2), atol=1e-5, rtol=1e-4)
 
 
+def test_dynamic_key_length_beside_a_static_long_query_length_is_a_site():
+    """One attention function serving a self-attention and a short cross-attention (the original
+    Wan2.1 code's attention()): the second call makes only the key length dynamic, and the graph
+    Dynamo compiles for it (its example: 16 keys) stays a site, whose short calls run dense. Where
+    every length is symbolic (dynamic=True) a short key length stays dense."""
+    q = rand(B, H, 128, D, seed=1)
+    long_kv, short_kv = qkv((B, H, 128, D))[1:], qkv((B, H, 16, D))[1:]
+    r = capture(sdpa_pos, q, *long_kv, dynamic=None, run_twice=(q, *short_kv))
+    assert [(s.decision, s.seq_len_q, isinstance(s.seq_len_kv, int)) for s in r.sites] == [
+        ("sparse", 128, True), ("sparse", 128, False)]
+    assert "dynamic sequence length (example 128x16): calls shorter than min_seq_len 64 run dense" in r.sites[1].reason
+    torch.testing.assert_close(r.out2, sdpa_pos(q, *short_kv), atol=1e-5, rtol=1e-4)
+    r = capture(sdpa_pos, q, *short_kv, dynamic=True)
+    assert [s.decision for s in r.sites] == ["dense"] and "< min_seq_len 64" in r.sites[0].reason
+
+
 def test_graph_built_scale_that_is_not_a_0d_constant_is_not_folded():
     """Only a 0-d tensor made from literals is a constant scale: a 1-element tensor of another
     shape (it changes the scores' dtype by type promotion) and a random one leave the site as

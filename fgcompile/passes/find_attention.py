@@ -46,7 +46,7 @@ the other predictors would run, so ``predictor="dense"`` is the way to test the 
 
 Sizes under dynamic shapes are SymInts: ``SiteInfo`` stores ints where static and the str of the
 sympy expression otherwise. A self-attention whose sequence length is symbolic is a site whatever
-its example size, and so is a symbolic length beside a length whose example size is at least
+its example size, and so is a symbolic length beside a static length of at least
 ``min_seq_len`` (one graph serving a self-attention and a cross-attention of the same code): the
 runtime runs their calls shorter than ``min_seq_len`` dense. Other symbolic sequence lengths are
 compared against ``min_seq_len`` through their size hint (the example input's size), and the
@@ -1990,11 +1990,12 @@ class _Finder:
         dyn_self = not isinstance(size_of(s_q), int) and (
             _same(s_q, s_kv) or (not isinstance(size_of(s_kv), int) and _hint(s_q) is not None and _hint(s_q) == _hint(s_kv))
         )
-        # likewise a symbolic length beside a long one (one graph serving a self-attention and a
-        # cross-attention of the same code, e.g. Wan2.1's attention(): Dynamo made the key length
-        # dynamic when the short cross-attention call came)
+        # likewise a symbolic length beside a static long one (one graph serving a self-attention
+        # and a cross-attention of the same code, e.g. Wan2.1's attention(): Dynamo made the key
+        # length dynamic when the short cross-attention call came; under dynamic=True, where every
+        # length is symbolic, a cross-attention to text stays dense)
         dyn_short = [
-            not isinstance(size_of(s), int) and (_hint(o) or 0) >= cfg.min_seq_len
+            not isinstance(size_of(s), int) and isinstance(size_of(o), int) and size_of(o) >= cfg.min_seq_len
             for s, o in ((s_q, s_kv), (s_kv, s_q))
         ]
         for what, s, beside_long in (("seq_len_q", s_q, dyn_short[0]), ("seq_len_kv", s_kv, dyn_short[1])):
