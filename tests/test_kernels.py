@@ -891,6 +891,16 @@ def test_gluon_sm90_launch_binds_every_kernel_argument(monkeypatch):
         g.launch_sparse_kernel_sm90(q, kv, kv, torch.empty_like(q), counts, idx, 0.125, stages=1)
 
 
+def _sm90_launch_case():
+    """(q, k, v, packed, float64 reference, D) of one launch of ``launch_sm90``'s shape (128-row
+    blocks of single keys, GQA, partial blocks)."""
+    B, H, H_kv, S_q, S_kv, D = 1, 2, 1, 200, 300, 64
+    q, k, v = _rand(B, H, H_kv, S_q, S_kv, D, device=DEV)
+    keep = torch.rand(B, H, 2, S_kv, generator=torch.Generator().manual_seed(3)) < 0.3
+    packed = pack_slices(keep.to(DEV), block_m=128, block_n=1, seq_len_kv=S_kv)
+    return q, k, v, packed, _f64_sparse(q.cpu(), k.cpu(), v.cpu(), keep, 128, 1, D**-0.5), D
+
+
 @needs_interp
 def test_gluon_failure_falls_back_to_the_triton_kernel(monkeypatch, caplog):
     """``launch_sm90`` (the body of ``fgcompile::sparse_attention_sm90``): where the Gluon launch
@@ -907,11 +917,7 @@ def test_gluon_failure_falls_back_to_the_triton_kernel(monkeypatch, caplog):
     monkeypatch.setattr(ts, "launch_sparse_kernel_sm90", broken)
     monkeypatch.setattr(ts, "sm90_supported", lambda *a, **k: True)  # (the launch fits: it is made to fail)
     monkeypatch.setattr(ts, "_SM90_FAILED", {})
-    B, H, H_kv, S_q, S_kv, D = 1, 2, 1, 200, 300, 64
-    q, k, v = _rand(B, H, H_kv, S_q, S_kv, D, device=DEV)
-    keep = torch.rand(B, H, 2, S_kv, generator=torch.Generator().manual_seed(3)) < 0.3
-    packed = pack_slices(keep.to(DEV), block_m=128, block_n=1, seq_len_kv=S_kv)
-    ref = _f64_sparse(q.cpu(), k.cpu(), v.cpu(), keep, 128, 1, D**-0.5)
+    q, k, v, packed, ref, D = _sm90_launch_case()
     with caplog.at_level("WARNING", logger="fgcompile"):
         for _ in range(2):
             out = torch.full_like(q, float("nan"))
@@ -934,11 +940,7 @@ def test_launch_the_gluon_kernel_cannot_take_runs_the_triton_kernel(monkeypatch,
     tries = []
     monkeypatch.setattr(ts, "launch_sparse_kernel_sm90", lambda *a, **k: tries.append(1))
     monkeypatch.setattr(ts, "_SM90_FAILED", {})
-    B, H, H_kv, S_q, S_kv, D = 1, 2, 1, 200, 300, 64
-    q, k, v = _rand(B, H, H_kv, S_q, S_kv, D, device=DEV)
-    keep = torch.rand(B, H, 2, S_kv, generator=torch.Generator().manual_seed(3)) < 0.3
-    packed = pack_slices(keep.to(DEV), block_m=128, block_n=1, seq_len_kv=S_kv)
-    ref = _f64_sparse(q.cpu(), k.cpu(), v.cpu(), keep, 128, 1, D**-0.5)
+    q, k, v, packed, ref, D = _sm90_launch_case()
     out = torch.full_like(q, float("nan"))
     with caplog.at_level("WARNING", logger="fgcompile"):
         ts.launch_sm90(q, k, v, out, packed.counts, packed.indices, D**-0.5)
