@@ -10,7 +10,9 @@ compiled graph for every instance of a module class, so per-model state cannot b
 the graph. Each owner parameter maps (weakly) to one ``ModelState``, which holds one ``SiteState``
 per site name; two models never share state and the state dies with the model. Recompiles (new
 shapes, graph breaks) reuse a site's state by name; a cached mask is only reused for the exact
-shape it was computed for.
+shape it was computed for. A graph without a parameter input (a graph-break segment holding
+only the attention) takes its state from its anchor, the graph with parameters that ran before it
+(see "graphs without a parameter" below).
 
 Schedule of one site, call ``c`` (0-based, counted per site):
 
@@ -882,7 +884,11 @@ def state_of(model: Any) -> ModelState:
     merged = ModelState()  # a view over the sites of several states, by full path
     for prefix, st in found:
         for name, site in st.sites.items():
-            merged.sites[_full_name(prefix, name, site)] = site
+            full = base = _full_name(prefix, name, site)
+            n = 1
+            while full in merged.sites:  # (graphs of one module owned by two of its parameters)
+                full, n = f"{base}#{n}", n + 1
+            merged.sites[full] = site
     return merged
 
 

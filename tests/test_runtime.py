@@ -569,7 +569,7 @@ def test_parameter_free_graph_without_a_running_owner_stays_dense():
     assert [s.decision for s in rep.sites] == ["dense"] and "no parameter input owns this graph" in rep.sites[0].reason
 
 
-def test_compiled_function_called_from_eager_code():
+def test_compiled_function_called_from_eager_code(monkeypatch):
     """A compiled function called from a module's eager forward after a compiled submodule with
     parameters: its calls are told apart by their order after that submodule's graph, each with
     its own mask. Called from code where no such module runs, the same compiled function's calls
@@ -614,6 +614,18 @@ def test_compiled_function_called_from_eager_code():
             torch.testing.assert_close(attend(q, kk, v), F.scaled_dot_product_attention(q, kk, v), atol=1e-5, rtol=1e-4)
     assert rel_err(fgcompile.sparse_attention(qs[1], kk, v, keeps[0], block_m=64),
                    F.scaled_dot_product_attention(qs[1], kk, v)) > 0.3  # (the test can fail)
+    # more anchored calls than one anchor serves: the later ones take the shared state (dense)
+    from fgcompile import runtime
+
+    monkeypatch.setattr(runtime, "MAX_ANCHORED_CALLS", 1)
+    fgcompile.reset(m)
+    before = {n: s.dense_calls for n, s in fgcompile.stats(attend).items()}  # calls no module owns
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(m(k, v)[1], F.scaled_dot_product_attention(qs[1], kk, v), atol=1e-5, rtol=1e-4)
+    grew = [s for n, s in fgcompile.stats(attend).items() if s.dense_calls != before.get(n, 0)]
+    assert len(grew) == 1 and grew[0].dense_calls == before[grew[0].name] + 3 and "dense" in grew[0].fallback
+    assert sorted(c[1:] for c in _counts(m).values()) == [(0, 0, 0), (0, 1, 2)]  # the first call: as before
 
 
 def test_stats_of_a_model_whose_attention_runs_in_a_segment_without_parameters():
