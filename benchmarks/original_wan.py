@@ -1,7 +1,9 @@
-"""The original Wan2.1 repository's transformer code (fgcompile.testing.original_wan: its
-``rope_apply`` and ``attention()`` break the graph, so every layer's attention runs in one graph
+"""The original Wan2.1 repository's transformer code on its SDPA path (fgcompile.testing.original_wan:
+its ``rope_apply`` and ``attention()`` break the graph, so every layer's attention runs in one graph
 segment without parameters) at Wan2.1-1.3B's block sizes, whole-model ``torch.compile``:
-default (backend="inductor") against backend="fgattn".
+default (backend="inductor") against backend="fgattn". (On CUDA the repository's blocks call
+flash-attn's varlen kernel, opaque to fgcompile; this is the path of its ``attention()`` fallback
+and of the forks that route to SDPA.)
 
 The model runs as the repository's pipeline runs it: float32 weights under
 ``torch.autocast(dtype=torch.bfloat16)``, ``attention()`` casting q/k/v to bfloat16; tokens of a

@@ -1,10 +1,11 @@
-"""The attention code of the original Wan2.1 repository (fgcompile.testing.original_wan, a faithful
-copy of wan/modules/model.py and attention.py without flash-attn, tiny): ``rope_apply`` reads
-``grid_sizes.tolist()`` and ``attention()`` calls ``warnings.warn`` whenever ``k_lens`` is passed,
-two graph breaks that leave the attention of every layer in one graph segment without parameters,
-which serves the self-attention and the cross-attention alike (Dynamo makes its key length
-dynamic when the short cross-attention call comes). The profile predictor must still serve each
-layer's self-attention with its own mask."""
+"""The attention code of the original Wan2.1 repository on its SDPA path (fgcompile.testing.original_wan,
+a faithful copy of wan/modules/model.py and attention.py, tiny; on CUDA the repository itself calls
+flash-attn, which fgcompile cannot see into): ``rope_apply`` reads ``grid_sizes.tolist()`` and
+``attention()`` calls ``warnings.warn`` whenever ``k_lens`` is passed, two graph breaks that leave
+the attention of every layer in one graph segment without parameters, which serves the
+self-attention and the cross-attention alike (Dynamo makes its key length dynamic when the short
+cross-attention call comes). The profile predictor must still serve each layer's self-attention
+with its own mask."""
 
 import os
 

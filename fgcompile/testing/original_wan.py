@@ -1,16 +1,20 @@
-"""The transformer of the original Wan2.1 repository (wan/modules/model.py and attention.py, the
-path taken without flash-attn), as a faithful copy of its attention code at any size: the tests
-and benchmarks/original_wan.py run it to check that fgcompile serves the code as the repository
-writes it, not only diffusers' port.
+"""The transformer of the original Wan2.1 repository (wan/modules/model.py and attention.py) on
+its scaled-dot-product-attention path, as a faithful copy of its attention code at any size: the
+tests and benchmarks/original_wan.py run it to check that fgcompile serves the code as the
+repository writes it, not only diffusers' port.
 
-What matters to fgcompile is copied as written: ``rope_apply`` reads ``grid_sizes.tolist()`` (a
-graph break) and rotates q and k in complex float64; ``attention()`` calls ``warnings.warn``
-whenever ``k_lens`` is passed (another graph break), casts q/k/v to bfloat16 (``cast=True``, as
-the repository does; ``cast=False`` keeps q's dtype, as CPU forks do) and calls SDPA. These breaks
-leave every layer's attention in one graph segment without parameters, which serves the
-self-attention and the text cross-attention alike. Left out: the patch embedding, the timestep
-and text embeddings and the head (the model takes tokens (B, S, dim), the time modulation
-(B, 6, dim) and text tokens (B, L, dim)); weights are random.
+Which path: the repository's blocks call ``flash_attention()``, which on CUDA runs flash-attn's
+``flash_attn_varlen_func`` (an opaque kernel fgcompile cannot see into: it stays dense, and
+``explain`` lists it) and otherwise (on the CPU, and in the many forks that route it to SDPA where
+flash-attn is missing) falls through to ``attention()``'s SDPA path, copied here. What matters to
+fgcompile is copied as written: ``rope_apply`` reads ``grid_sizes.tolist()`` (a graph break) and
+rotates q and k in complex float64; ``attention()`` calls ``warnings.warn`` whenever ``k_lens`` is
+passed (another graph break), casts q/k/v to bfloat16 (``cast=True``, as on CUDA; ``cast=False``
+keeps q's dtype, as on the CPU) and calls SDPA. These breaks leave every layer's attention in one
+graph segment without parameters, which serves the self-attention and the text cross-attention
+alike. Left out: the patch embedding, the timestep and text embeddings and the head (the model
+takes tokens (B, S, dim), the time modulation (B, 6, dim) and text tokens (B, L, dim)); weights
+are random.
 
 Shapes: ``x`` (B, F*H*W, dim) float; ``e`` (B, 6, dim) float32; ``seq_lens`` (B,) int64;
 ``grid_sizes`` (B, 3) int64 (F, H, W); ``context`` (B, L, dim); ``context_lens`` (B,) int64.
@@ -29,8 +33,8 @@ WAN_13B = dict(dim=1536, num_heads=12, ffn_dim=8960, depth=30)
 
 
 def attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, causal=False, dtype=torch.bfloat16, cast=True):
-    """wan/modules/attention.py attention() without flash-attn (cast=False: the CPU forks' variant
-    that keeps q's dtype)."""
+    """wan/modules/attention.py attention()'s SDPA path (``cast=False``: its CPU branch, which
+    keeps q's dtype)."""
     if q_lens is not None or k_lens is not None:
         warnings.warn("Padding mask is disabled when using scaled_dot_product_attention. "
                       "It can have a significant impact on performance.")
