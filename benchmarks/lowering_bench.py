@@ -222,9 +222,13 @@ def _phases(table: object) -> dict:
     return out
 
 
-def _kernel_configs(code: str) -> int:
+def _kernel_configs(code: str):
+    """The sparse kernel's autotune configs in Inductor's output code; None where the graph calls
+    the Gluon sm_90 kernel (an opaque op: no Triton source, no configs)."""
     from fgcompile.lowering.inductor import count_kernel_configs
 
+    if "def _fg_sparse_fwd(" not in code and "fgcompile.sparse_attention_sm90" in code:
+        return None
     return count_kernel_configs(code)
 
 

@@ -318,17 +318,22 @@ def sm90_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     return sm90_device(q.device)
 
 
+class NotServed(ValueError):
+    """A launch ``sm90_supported`` rejects (the tensors do not fit the kernel): not a failure of
+    the kernel, and the Triton kernel serves it."""
+
+
 def launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale: float, *, stages: int = STAGES):
     """Launch ``_fg_sparse_fwd_sm90_ws``: q (B, H, S_q, D), k/v (B, H_kv, S_kv, D), out like q;
     counts (B, H, nQB), indices (B, H, nQB, cap) int32 (``PackedSlices``, block_m 128, block_n 1,
-    no full tiles); a launch ``sm90_supported`` rejects raises ValueError. ``stages``: K and V
+    no full tiles); a launch ``sm90_supported`` rejects raises ``NotServed`` (a ValueError). ``stages``: K and V
     buffers of BLOCK_N (128) keys each, 2 or more; 3 (the default, the fastest measured) fill the
     shared memory at D = 128. Returns ``out``. No host sync. Launched through
     ``triton_common.launch``: inside ``collect_compiles`` it only records a compile thunk."""
     from .triton_common import LOG2E, launch
 
     if not sm90_supported(q, k, v, out, BLOCK_M, 1, 0):
-        raise ValueError(
+        raise NotServed(
             "q, k, v, out: expected fp16/bf16 CUDA tensors of one dtype on an sm_90 GPU, head dim 64 or 128, "
             f"unit last strides and 16-byte aligned rows (sm90_supported), got {q.dtype} q of shape "
             f"{tuple(q.shape)} on {q.device}"

@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from .gluon_sparse_sm90 import BLOCK_M as SM90_BLOCK_M
-from .gluon_sparse_sm90 import launch_sparse_kernel_sm90, sm90_supported
+from .gluon_sparse_sm90 import NotServed, launch_sparse_kernel_sm90, sm90_supported
 from .packing import PackedSlices
 from .triton_common import (
     LOG2E, _block_heads, _online_softmax_step, _out_ptrs, _program_heads, _q_tile, _softmax_state, aot_signature, head_dim_pad,
@@ -658,11 +658,13 @@ def launch_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
     kernel. Errors the GPU reports later (asynchronously) are not caught. Returns ``out``. The
     body of the lowered op ``fgcompile::sparse_attention_sm90`` and of direct launches."""
     key = (str(q.device), q.dtype, q.shape[-1])
-    # (a launch of a graph with symbolic sizes was sent here on what the compile knew: its real
-    # tensors may not fit the kernel, e.g. misaligned rows; those launches alone take the Triton kernel)
-    if key not in _SM90_FAILED and sm90_supported(q, k, v, out, SM90_BLOCK_M, 1, 0):
+    if key not in _SM90_FAILED:
         try:
             return launch_sparse_kernel_sm90(q, k, v, out, counts, indices, scale)
+        except NotServed:
+            # a launch of a graph with symbolic sizes, sent here on what the compile knew: its real
+            # tensors do not fit the kernel (e.g. misaligned rows); this launch alone takes the Triton kernel
+            pass
         except Exception as e:  # noqa: BLE001 - any failure to build or launch: the Triton kernel serves
             why = f"{type(e).__name__}: {e}"
             with _SM90_LOCK:  # one warning, also when the background precompile's thread fails too
