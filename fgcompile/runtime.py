@@ -954,6 +954,9 @@ def _note_call(site: SiteState) -> None:
 
 
 def _site(handle: int, owner: Optional[torch.Tensor]) -> SiteState:
+    """The state one call of site ``handle`` runs on: its owner's, else (a graph without a
+    parameter) its anchor's, counting the call among the anchored ones; else the shared state,
+    where the profile predictor runs dense."""
     template = template_of(handle)
     if owner is not None or not template.anchored:
         return _state_of_owner(owner).site(template)
