@@ -760,15 +760,21 @@ def _state_of_owner(owner: Optional[torch.Tensor]) -> ModelState:
 # sites' state: Dynamo runs the same graph for every layer. Its calls take their state from the
 # anchor: the last graph with a parameter that fgattn compiled and this thread ran (the layer's
 # projections), provided a module holding that graph's owner parameter is still running (on the
-# Python stack). The state is the anchor owner's ModelState; the site is told apart by the anchor
-# graph (its parameters' paths) and the call's place among the anchored calls since the anchor ran:
+# Python stack). The state is the anchor owner's ModelState; the site is told apart by its place:
 #
-#     graph G (parameters of layer i) runs        -> anchor = (G, owner_i), calls = 0
-#     a site S of a parameter-free graph runs     -> state _OWNED[owner_i], site (S, G, calls); calls += 1
+#     (the anchor graph (its parameters' paths),
+#      the innermost running module that holds the anchor's owner (the layer),
+#      the code places (line, bytecode offset) of the running modules' calls, from that module
+#      up to the outermost one,
+#      the call's count among the calls of that place since the anchor ran)
 #
-# A forward runs its graphs in the same order each time, so the n-th call after layer i's graph is
-# the same attention at every step. Without a valid anchor (a compiled function called from eager
-# code) the site's state is the shared _UNOWNED one, where the profile predictor runs dense.
+# A forward runs the same code each time, so a place is the same attention at every step: a
+# layer's attention after its own projections; the second use of a weight-tied block (another
+# line of the parent's forward); an attention before the forward's first graph with parameters
+# (another line than the previous forward's last attention, whose anchor it inherits); the n-th
+# call of a helper in a loop. Without a valid anchor (a compiled function called from code that
+# is not compiled) the site's state is the shared _UNOWNED one, where the profile predictor runs
+# dense.
 
 #: Anchored calls one anchor serves; later ones (an anchor that stays current while a compiled
 #: function runs over and over) take the shared state.
@@ -782,7 +788,7 @@ class _Anchor:
     tag: tuple  # the graph's parameter paths: the same for recompiles of the same code
     owner: "weakref.ref[torch.Tensor]"  # its owner parameter
     owner_name: Optional[str]
-    calls: int = 0  # anchored calls since it ran
+    calls: dict = field(default_factory=dict)  # place -> anchored calls there since it ran
 
 
 _ANCHOR = threading.local()  # .value: the thread's _Anchor
@@ -813,22 +819,43 @@ def _holds(module: torch.nn.Module, p: torch.Tensor) -> bool:
     return ref is not None and ref() is p
 
 
-def current_anchor() -> Optional[_Anchor]:
-    """The thread's anchor, if its owner parameter is alive and held by a module whose call is on
-    the Python stack (a forward of the model that ran the anchor graph is still running), else None."""
+def _running_module(frame: Any) -> Optional[torch.nn.Module]:
+    """The module whose method ``frame`` runs (its ``self``), if any (GraphModules excluded)."""
+    if "self" not in frame.f_code.co_varnames:
+        return None
+    module = frame.f_locals.get("self")
+    if isinstance(module, torch.nn.Module) and not isinstance(module, torch.fx.GraphModule):
+        return module
+    return None
+
+
+def _anchor_place(frame: Any) -> Optional[tuple]:
+    """(anchor, place) of a call whose caller's frame is ``frame``: the thread's anchor if its
+    owner parameter is alive and held by a running module (on the stack above ``frame``), and the
+    call's place (see above, without the count); None without such an anchor."""
     anchor = getattr(_ANCHOR, "value", None)
     owner = anchor.owner() if anchor is not None else None
     if owner is None:
         return None
-    frame = sys._getframe(1)
+    holder, lines = None, []
     while frame is not None:
-        if "self" in frame.f_code.co_varnames:
-            module = frame.f_locals.get("self")
-            if isinstance(module, torch.nn.Module) and not isinstance(module, torch.fx.GraphModule):
-                if _holds(module, owner):
-                    return anchor
+        module = _running_module(frame)
+        if holder is None and module is not None and _holds(module, owner):
+            holder = module
+        if holder is not None and module is not None:
+            code = frame.f_code
+            lines.append((code.co_filename, code.co_name, frame.f_lineno, frame.f_lasti))
         frame = frame.f_back
-    return None
+    if holder is None:
+        return None
+    return anchor, (anchor.tag, id(holder), tuple(lines))
+
+
+def current_anchor() -> Optional[_Anchor]:
+    """The thread's anchor, if its owner parameter is alive and held by a module whose call is on
+    the Python stack (a forward of the model that ran the anchor graph is still running), else None."""
+    found = _anchor_place(sys._getframe(1))
+    return found[0] if found is not None else None
 
 
 def _states_of(model: Any) -> list[tuple[str, ModelState]]:
@@ -960,15 +987,16 @@ def _site(handle: int, owner: Optional[torch.Tensor]) -> SiteState:
     template = template_of(handle)
     if owner is not None or not template.anchored:
         return _state_of_owner(owner).site(template)
-    anchor = current_anchor()
-    if anchor is not None and anchor.calls < MAX_ANCHORED_CALLS:
-        owner = anchor.owner()
-        state = _state_of_owner(owner)
+    found = _anchor_place(sys._getframe(1))
+    anchor = found[0] if found is not None else None
+    if anchor is not None and sum(anchor.calls.values()) < MAX_ANCHORED_CALLS:
+        place = found[1]
+        count = anchor.calls.get(place, 0)
+        anchor.calls[place] = count + 1
+        state = _state_of_owner(anchor.owner())
         if state.owner_name is None:
             state.owner_name = anchor.owner_name
-        place = (anchor.tag, anchor.calls)
-        anchor.calls += 1
-        return state.site(template, place)
+        return state.site(template, (place, count))
     site = _UNOWNED.site(template)
     if site.config.predictor == "profile" and site.fallback is None:
         why = ("no fgattn graph with parameters of a module that is running ran before it" if anchor is None
