@@ -551,6 +551,118 @@ def test_parameter_free_graph_keys_its_state_by_the_graph_that_ran_before_it():
     assert [s.decision for s in rep.sites] == ["sparse"], rep
 
 
+class _Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(64))
+
+    def forward(self, x):
+        return x * self.w
+
+
+class _ProjLayer(nn.Module):
+    """k = proj(x) (x 3) then a graph break, then attention with q = k.roll(shift). ``first``: a
+    module (shared by every layer) applied before the projection, in the same graph; ``after``:
+    a module applied after the projection behind its own graph break."""
+
+    def __init__(self, shift, first=None, after=None):
+        super().__init__()
+        self.shift, self.first, self.after = shift, first, after
+        self.proj = nn.Linear(64, 64, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(3 * torch.eye(64))
+
+    def forward(self, x, v, shift=None):
+        k = self.proj(self.first(x) if self.first is not None else x)
+        q = k.roll(self.shift if shift is None else shift, dims=2)
+        if self.after is not None:
+            torch._dynamo.graph_break()
+            self.after(x)
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _helper_attention(q, k, v):
+    torch._dynamo.graph_break()
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class _SharedFirst(nn.Module):  # a parameter shared by every layer comes first in its graph
+    def __init__(self):
+        super().__init__()
+        shared = _Scale()
+        self.layers = nn.ModuleList([_ProjLayer(s, first=shared) for s in (0, 64, 128)])
+
+    def forward(self, x, v, step):
+        return [layer(x, v) for layer in self.layers]
+
+
+class _SharedBetween(nn.Module):  # a shared module's graph runs between projections and attention
+    def __init__(self):
+        super().__init__()
+        shared = _Scale()
+        self.layers = nn.ModuleList([_ProjLayer(s, after=shared) for s in (0, 64, 128)])
+
+    def forward(self, x, v, step):
+        return [layer(x, v) for layer in self.layers]
+
+
+class _TiedTwice(nn.Module):  # one block used with other shifts from three lines of the forward
+    def __init__(self):
+        super().__init__()
+        self.block, self.mid = _ProjLayer(0), nn.Linear(64, 64)
+
+    def forward(self, x, v, step):
+        a = self.block(x, v, 0)
+        b = self.block(x, v, 128)
+        self.mid(x)
+        return [a, b, self.block(x, v, 192)]
+
+
+class _LeadTail(nn.Module):  # attention before the first and after the last graph with parameters
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_ProjLayer(s) for s in (0, 64)])
+
+    def forward(self, x, v, step):
+        k = 3 * x
+        lead = [_helper_attention(k.roll(16, dims=2), k, v)] if step % 4 >= 2 else []
+        tail = [_helper_attention(k.roll(200, dims=2), k, v)] if step % 2 == 0 else []
+        return lead + [layer(x, v) for layer in self.layers] + tail
+
+
+@pytest.mark.parametrize("model", [_SharedFirst, _SharedBetween, _TiedTwice, _LeadTail])
+def test_anchored_calls_each_keep_their_own_mask(model):
+    """Attention calls in graphs without parameters that follow the same anchor graph, or anchor
+    graphs owned by a parameter every layer shares, or run from two places of one forward, each
+    profile and reuse their own mask: every sparse call equals sparse_attention on its own
+    profiled mask (another call's mask is > 0.3 off), every other call is exact."""
+    from fgcompile import predictors
+
+    torch._dynamo.reset()
+    m = model().eval()
+    c = torch.compile(m, backend=fgcompile.backend(min_seq_len=64, block_m=64, alpha=0.5, max_density=1.0))
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(1, 2, 256, 64, generator=g), torch.randn(1, 2, 256, 64, generator=g)
+    k = 3 * x
+    with torch.no_grad():
+        for step in range(8):
+            ref = m(x, v, step)
+            for i, (o, r) in enumerate(zip(c(x, v, step), ref)):
+                # the query of output i: the shift whose dense attention it is (eager)
+                shifts = [s for s in (0, 16, 64, 128, 192, 200) if torch.allclose(
+                    r, F.scaled_dot_product_attention(k.roll(s, dims=2), k, v), atol=1e-5)]
+                assert len(shifts) == 1, (model.__name__, step, i)
+                q = k.roll(shifts[0], dims=2)
+                own = fgcompile.sparse_attention(q, k, v, predictors.profile_slices(q, k, alpha=0.5, block_m=64), block_m=64)
+                assert rel_err(o, own) < 1e-5, (model.__name__, step, i, rel_err(o, own))
+    counts = _counts(c).values()
+    assert sum(n[3] for n in counts) >= 6 and sum(n[3] > 0 for n in counts) >= 3, _counts(c)  # sparse calls, of 3+ sites
+    q0, q1 = k, k.roll(128, dims=2)
+    wrong = fgcompile.sparse_attention(q1, k, v, predictors.profile_slices(q0, k, alpha=0.5, block_m=64), block_m=64)
+    assert rel_err(wrong, F.scaled_dot_product_attention(q1, k, v)) > 0.3  # (the test can fail)
+
+
 def test_parameter_free_graph_without_a_running_owner_stays_dense():
     """Without a graph with parameters before it (here the attention comes first in its layer),
     a parameter-free graph's calls cannot be told apart: with the profile predictor its sites run
