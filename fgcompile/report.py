@@ -198,7 +198,10 @@ def explain(
     # A fresh wrapper per call: Dynamo guards each cache entry on its backend, so this capture
     # neither reuses nor evicts what other torch.compile calls compiled.
     compiled = torch.compile(target, backend=capture, fullgraph=False, dynamic=dynamic)
-    with torch.no_grad(), torch_private.raised_recompile_limits():
+    # (blocks compiled in place run their own compiled code where the capture breaks the graph
+    # around them: they run uncompiled here, so that the capture sees them and nothing runs sparse)
+    with torch.no_grad(), torch_private.raised_recompile_limits(), \
+            torch_private.submodules_uncompiled(module if module is not None else target):
         compiled(*args, **kwargs)
     report.graph_breaks = max(torch_private.graph_break_count() - breaks_before, max(len(report.graphs) - 1, 0))
     report.graph_break_reasons = [

@@ -663,6 +663,29 @@ def test_anchored_calls_each_keep_their_own_mask(model):
     assert rel_err(wrong, F.scaled_dot_product_attention(q1, k, v)) > 0.3  # (the test can fail)
 
 
+def test_explain_of_blocks_compiled_in_place_runs_nothing_sparse():
+    """explain() on a model whose blocks were compiled in place (``block.compile()``, regional
+    compilation) with a graph break inside them: the blocks run uncompiled under the capture, so
+    explain reports their attention and their compiled state does not move."""
+    torch._dynamo.reset()
+    m = _SharedBetween().eval()  # (any model with breaks inside its blocks)
+    for layer in m.layers:
+        layer.compile(backend=fgcompile.backend(min_seq_len=64, block_m=64, alpha=0.5, max_density=1.0))
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(1, 2, 256, 64, generator=g), torch.randn(1, 2, 256, 64, generator=g)
+    with torch.no_grad():
+        m(x, v, 0)
+        m(x, v, 1)
+    before = _counts(m)
+    rep = fgcompile.explain(m, x, v, 0, config=FGAttnConfig(min_seq_len=64, block_m=64))
+    assert _counts(m) == before and len(before) == 3 and all(c[3] == 1 for c in before.values()), before
+    assert [s.decision for s in rep.sites] and all(s.decision == "sparse" for s in rep.sites), rep
+    assert all(layer._compiled_call_impl is not None for layer in m.layers)  # restored
+    with torch.no_grad():
+        m(x, v, 2)
+    assert all(c[3] == 2 for c in _counts(m).values()), _counts(m)
+
+
 def test_parameter_free_graph_without_a_running_owner_stays_dense():
     """Without a graph with parameters before it (here the attention comes first in its layer),
     a parameter-free graph's calls cannot be told apart: with the profile predictor its sites run

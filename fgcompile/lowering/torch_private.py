@@ -213,6 +213,26 @@ def register_fgcompile_log() -> logging.Logger:
     return logger
 
 
+@contextlib.contextmanager
+def submodules_uncompiled(module: Any):
+    """Within the block, the submodules of ``module`` that ``Module.compile()`` compiled in place
+    (regional compilation, diffusers' ``compile_repeated_blocks``) run their plain forward: their
+    private ``_compiled_call_impl`` is set aside and restored after. Does nothing for a non-module
+    or where this torch lacks that attribute."""
+    held = []
+    if isinstance(module, torch.nn.Module):
+        for m in module.modules():
+            impl = getattr(m, "_compiled_call_impl", None)
+            if impl is not None:
+                held.append((m, impl))
+                m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in held:
+            m._compiled_call_impl = impl
+
+
 def compiled_method_module(fn: Any) -> Optional[torch.nn.Module]:
     """The module whose method ``fn`` compiles, where ``fn`` is what ``torch.compile(module.forward)``
     returned (Dynamo's wrapper keeps the bound method as ``_torchdynamo_orig_callable``, or as its
