@@ -587,24 +587,25 @@ def _helper_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
 
 
-class _SharedFirst(nn.Module):  # a parameter shared by every layer comes first in its graph
+class _SharedFirst(nn.Module):
+    """Three _ProjLayers sharing one _Scale: applied first in each projection graph (``where``
+    "first": the anchor graph's first parameter is shared by every layer), or behind its own
+    graph break after the projection ("after": the last graph with parameters before each
+    attention is the shared module's)."""
+
+    where = "first"
+
     def __init__(self):
         super().__init__()
         shared = _Scale()
-        self.layers = nn.ModuleList([_ProjLayer(s, first=shared) for s in (0, 64, 128)])
+        self.layers = nn.ModuleList([_ProjLayer(s, **{self.where: shared}) for s in (0, 64, 128)])
 
     def forward(self, x, v, step):
         return [layer(x, v) for layer in self.layers]
 
 
-class _SharedBetween(nn.Module):  # a shared module's graph runs between projections and attention
-    def __init__(self):
-        super().__init__()
-        shared = _Scale()
-        self.layers = nn.ModuleList([_ProjLayer(s, after=shared) for s in (0, 64, 128)])
-
-    def forward(self, x, v, step):
-        return [layer(x, v) for layer in self.layers]
+class _SharedBetween(_SharedFirst):
+    where = "after"
 
 
 class _TiedTwice(nn.Module):  # one block used with other shifts from three lines of the forward
