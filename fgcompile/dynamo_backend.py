@@ -126,6 +126,7 @@ def transform(
     ``inductor_patches``: the Inductor config patches the graph will be compiled under (the
     lowering starts the sparse kernel's compile early, under them)."""
     from .lowering.ops import site_attention
+    from .passes.expand_flash import expand_flash
     from .passes.expand_mha import expand_mha
     from .passes.find_attention import find_attention_sites
     from .passes.rewrite import rewrite_sites
@@ -133,6 +134,7 @@ def transform(
     rejected: list = []
     with torch_private.timed("fgcompile.find_attention"):
         expand_mha(gm, rejected)  # nn.MultiheadAttention's fused call -> projections + SDPA
+        expand_flash(gm)  # flash-attn's forward ops -> SDPA
         matches = find_attention_sites(gm, config, rejected)
     if _grad_needed(example_inputs):
         _make_dense(matches, "autograd is recording (inputs require grad): the sparse kernels have no backward; "

@@ -458,9 +458,12 @@ def _storages(xs: list) -> Optional[set]:
     return out
 
 
+#: node.meta key: why passes.expand_flash did not rewrite this flash-attn call into SDPA
+FLASH_NOT_EXPANDED = "fgcompile_flash_not_expanded"
+
 #: attention kernels of other libraries that a graph holds as one opaque call (torch.library
 #: namespaces / Python modules), reported as not served instead of passing unnoticed
-_OPAQUE_ATTENTION = ("flash_attn", "xformers", "sageattention", "sageattn", "flashinfer", "spas_sage_attn")
+_OPAQUE_ATTENTION = ("flash_attn", "flashattn", "xformers", "sageattention", "sageattn", "flashinfer", "spas_sage_attn")
 
 
 def _opaque_attention(node: fx.Node) -> Optional[str]:
@@ -2142,9 +2145,11 @@ class _Finder:
             else:
                 opaque = _opaque_attention(node)
                 if opaque is not None:
+                    not_expanded = node.meta.get(FLASH_NOT_EXPANDED)
+                    why = f" (not rewritten to SDPA: {not_expanded})" if not_expanded else ""
                     self.rejected.append((node.name, "opaque", f"{opaque}: an attention kernel the pass cannot see "
-                                          "into (one opaque call), left as it is; call F.scaled_dot_product_attention "
-                                          "there to make it a site"))
+                                          f"into (one opaque call){why}, left as it is; call "
+                                          "F.scaled_dot_product_attention there to make it a site"))
                 continue
             try:
                 m = self.match_sdpa(node) if kind == "sdpa" else self.match_softmax(node)

@@ -1,0 +1,201 @@
+"""Rewrite flash-attn's forward ops into one SDPA call each, which ``find_attention`` then serves.
+
+flash-attn (2.6 and later, with torch 2.4 and later) registers its CUDA kernels as
+``torch.library`` custom ops, which Dynamo records as one node each: an opaque call the pass
+cannot see into (the original Wan2.1, HunyuanVideo and Mochi code call them through
+``flash_attn_func`` / ``flash_attn_varlen_func``). This pass replaces such a node, when its
+arguments are in the supported subset, by the same attention written with SDPA:
+
+    _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, ...)      q (B, S_q, H, D),
+                                                                             k, v (B, S_k, H_kv, D)
+      -> F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        scale=softmax_scale, enable_gqa=H != H_kv)
+             .transpose(1, 2).contiguous()                                   (B, S_q, H, D)
+
+    _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)     one sequence:
+                                                                             cu_seqlens of 2 entries,
+                                                                             q (T_q, H, D), k, v (T_k, H_kv, D)
+      -> the same on q[None], k[None], v[None], with the keys outside
+         [cu_seqlens_k[0], cu_seqlens_k[1]) masked out (a key-padding mask built on the device:
+         no host sync), output [0]                                            (T_q, H, D)
+
+The op's first output (``out``, contiguous) is what the rewrite gives; flash-attn leaves a varlen
+output's rows outside ``[cu_seqlens_q[0], cu_seqlens_q[1])`` unwritten, and the rewrite computes
+attention there too. Arguments are read by the names of the op's schema (flash-attn's releases
+differ in trailing arguments and namespace: ``flashattn::`` now, ``flash_attn::`` in some);
+supported: ``dropout_p == 0``, ``causal=False`` (flash-attn aligns a causal mask of unequal
+lengths bottom-right, SDPA top-left; causal attention stays dense anyway), no sliding window
+(``window_size_* == -1``), ``softcap == 0``, no ``alibi_slopes``, ``return_softmax=False``, no
+paged / left-padded / ``seqused_k`` keys, and only the first output read. Any other call stays as
+it is: ``find_attention`` lists it as an opaque kernel, with the reason this pass gives.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..config import strict_mode
+from .find_attention import FLASH_NOT_EXPANDED, _val
+from .rewrite import _Builder
+
+__all__ = ["expand_flash"]
+
+_NAMESPACES = ("flashattn", "flash_attn")
+_OPS = ("_flash_attn_forward", "_flash_attn_varlen_forward")
+# argument -> the value a call must have (or not set: the schema default) to be rewritten
+_MUST = {
+    "dropout_p": 0.0, "causal": False, "window_size_left": -1, "window_size_right": -1, "softcap": 0.0,
+    "alibi_slopes": None, "return_softmax": False, "block_table": None, "leftpad_k": None,
+    "seqused_k": None, "seqused_q": None, "zero_tensors": False,
+}
+
+
+def _schema(target: Any) -> Any:
+    """The schema of an op overload, or of an op packet's default overload (what Dynamo records
+    for ``torch.ops.ns.op(...)``); None for anything else."""
+    schema = getattr(target, "_schema", None)
+    if schema is None and callable(getattr(target, "overloads", None)):
+        try:
+            schema = getattr(target.default, "_schema", None) if "default" in target.overloads() else None
+        except Exception:
+            schema = None
+    return schema
+
+
+def _flash_op(node: fx.Node) -> Optional[str]:
+    """``"dense"`` / ``"varlen"`` for a call of flash-attn's forward op, else None."""
+    if node.op != "call_function":
+        return None
+    name = getattr(_schema(node.target), "name", "")
+    ns, _, op = name.partition("::")
+    if ns in _NAMESPACES and op in _OPS:
+        return "varlen" if "varlen" in op else "dense"
+    return None
+
+
+def _arguments(node: fx.Node) -> dict:
+    """The call's arguments by the schema's names, defaults filled in."""
+    schema = _schema(node.target)
+    a = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            a[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            a[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            a[arg.name] = arg.default_value
+        else:
+            raise ValueError(f"argument {arg.name} is missing")
+    return a
+
+
+def _why_not(kind: str, a: dict, node: fx.Node) -> Optional[str]:
+    """Why this call is not rewritten, or None."""
+    for name in ("q", "k", "v"):
+        if name not in a:
+            return f"no argument {name!r} in its schema"
+    unknown = set(a) - set(_MUST) - {"q", "k", "v", "softmax_scale", "cu_seqlens_q", "cu_seqlens_k",
+                                     "max_seqlen_q", "max_seqlen_k"}
+    if unknown:
+        return f"arguments this pass does not know: {sorted(unknown)}"
+    for name, want in _MUST.items():
+        if name in a and a[name] is not None and a[name] != want:
+            return f"{name}={a[name]!r} (rewritten only with {name}={want!r})"
+        if name in a and a[name] is None and want is not None:
+            return f"{name}={a[name]!r} (rewritten only with {name}={want!r})"
+    scale = a.get("softmax_scale")
+    if scale is not None and not isinstance(scale, (int, float)):
+        return "softmax_scale is not a constant of the graph"
+    q, k, v = (_val(a[n]) for n in ("q", "k", "v"))
+    dims = 3 if kind == "varlen" else 4
+    if not all(isinstance(t, torch.Tensor) and t.dim() == dims for t in (q, k, v)):
+        return f"q, k, v are not {dims}-D tensors"
+    if q.shape[-2] != k.shape[-2] and (not isinstance(q.shape[-2], int) or not isinstance(k.shape[-2], int)
+                                       or q.shape[-2] % k.shape[-2] != 0):
+        return "the query heads are not a multiple of the key heads"
+    if kind == "varlen":
+        for name in ("cu_seqlens_q", "cu_seqlens_k"):
+            cu = _val(a[name])
+            if not isinstance(cu, torch.Tensor) or tuple(cu.shape) != (2,):
+                return f"{name} holds more than one sequence (only one, B = 1, is rewritten)"
+    for u in node.users:
+        if u.op != "call_function" or u.target is not operator.getitem:
+            return f"its result is used as a whole by {u.name}"
+        if u.args[1] != 0 and u.users:
+            return "an output other than the attention's (softmax_lse, ...) is read"
+    return None
+
+
+def _expand(gm: fx.GraphModule, node: fx.Node, kind: str, a: dict) -> None:
+    b = _Builder(gm, node, node)
+    if b.fake_mode is None:  # (the op's value is a tuple: its fake mode is q's)
+        b.fake_mode = getattr(_val(a["q"]), "fake_mode", None)
+    try:
+        q, k, v = a["q"], a["k"], a["v"]
+        mask = None
+        if kind == "varlen":
+            q, k, v = (b.method("unsqueeze", t, 0) for t in (q, k, v))  # (1, T, H, D)
+            cu = a["cu_seqlens_k"]
+            t_k = b.method("size", a["k"], 0)
+            keys = b.fn(torch.arange, t_k, device=_val(a["k"]).device)
+            lo, hi = (b.fn(operator.getitem, cu, i) for i in (0, 1))
+            keep = b.fn(torch.logical_and, b.fn(operator.ge, keys, lo), b.fn(operator.lt, keys, hi))
+            mask = b.method("view", keep, 1, 1, 1, -1)  # (1, 1, 1, T_k): a key-padding mask
+        qt, kt, vt = (b.method("transpose", t, 1, 2) for t in (q, k, v))
+        kwargs: dict[str, Any] = {}
+        if a.get("softmax_scale") is not None:
+            kwargs["scale"] = float(a["softmax_scale"])
+        if _val(a["q"]).shape[-2] != _val(a["k"]).shape[-2]:
+            kwargs["enable_gqa"] = True
+        if mask is not None:
+            kwargs["attn_mask"] = mask
+        o = b.fn(F.scaled_dot_product_attention, qt, kt, vt,
+                 value_fn=lambda q_, k_, v_: torch.empty_like(q_), **kwargs)
+        out = b.method("contiguous", b.method("transpose", o, 1, 2))
+        if kind == "varlen":
+            out = b.fn(operator.getitem, out, 0)
+        first = next((u for u in node.users if u.args[1] == 0), None)
+        old = _val(first) if first is not None else None
+        new = out.meta["example_value"]
+        if old is not None and (tuple(old.shape) != tuple(new.shape) or old.dtype != new.dtype):
+            raise RuntimeError(f"rewritten output {tuple(new.shape)} {new.dtype} != {tuple(old.shape)} {old.dtype}")
+    except Exception:
+        b.undo()
+        raise
+    for u in list(node.users):
+        if u.args[1] == 0:
+            u.replace_all_uses_with(out)
+        gm.graph.erase_node(u)
+    gm.graph.erase_node(node)
+
+
+def expand_flash(gm: fx.GraphModule) -> int:
+    """Rewrite every supported flash-attn forward call of ``gm`` in place (see the module
+    docstring); a call that is not rewritten keeps its reason in ``node.meta[FLASH_NOT_EXPANDED]``.
+    Returns the number rewritten. A call whose rewrite fails is left as it is."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        kind = _flash_op(node)
+        if kind is None:
+            continue
+        try:
+            a = _arguments(node)
+            why = _why_not(kind, a, node)
+        except Exception as e:  # a schema this pass does not read
+            why = f"its arguments could not be read ({type(e).__name__}: {e})"
+        if why is None:
+            try:
+                _expand(gm, node, kind, a)
+                done += 1
+                continue
+            except Exception as e:  # nothing may crash a user's compile: the call stays as it is
+                if strict_mode():
+                    raise
+                why = f"could not be rewritten ({type(e).__name__}: {e})"
+        node.meta[FLASH_NOT_EXPANDED] = why
+    return done
