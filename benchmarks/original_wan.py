@@ -2,8 +2,9 @@
 its ``rope_apply`` and ``attention()`` break the graph, so every layer's attention runs in one graph
 segment without parameters) at Wan2.1-1.3B's block sizes, whole-model ``torch.compile``:
 default (backend="inductor") against backend="fgattn". (On CUDA the repository's blocks call
-flash-attn's varlen kernel, opaque to fgcompile; this is the path of its ``attention()`` fallback
-and of the forks that route to SDPA.)
+flash-attn's varlen kernel, which fgcompile rewrites into SDPA (not measured here: no flash-attn
+on the GPU machine); this is the path of its ``attention()`` fallback and of the forks that route
+to SDPA.)
 
 The model runs as the repository's pipeline runs it: float32 weights under
 ``torch.autocast(dtype=torch.bfloat16)``, ``attention()`` casting q/k/v to bfloat16; tokens of a

@@ -1,6 +1,6 @@
 """The attention code of the original Wan2.1 repository on its SDPA path (fgcompile.testing.original_wan,
 a faithful copy of wan/modules/model.py and attention.py, tiny; on CUDA the repository itself calls
-flash-attn, which fgcompile cannot see into): ``rope_apply`` reads ``grid_sizes.tolist()`` and
+flash-attn's varlen op, which tests/test_flash_attn_ops.py covers): ``rope_apply`` reads ``grid_sizes.tolist()`` and
 ``attention()`` calls ``warnings.warn`` whenever ``k_lens`` is passed, two graph breaks that leave
 the attention of every layer in one graph segment without parameters, which serves the
 self-attention and the cross-attention alike (Dynamo makes its key length dynamic when the short

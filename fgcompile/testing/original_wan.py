@@ -4,8 +4,8 @@ tests and benchmarks/original_wan.py run it to check that fgcompile serves the c
 repository writes it, not only diffusers' port.
 
 Which path: the repository's blocks call ``flash_attention()``, which on CUDA runs flash-attn's
-``flash_attn_varlen_func`` (an opaque kernel fgcompile cannot see into: it stays dense, and
-``explain`` lists it) and otherwise (on the CPU, and in the many forks that route it to SDPA where
+``flash_attn_varlen_func`` (which ``fgcompile.passes.expand_flash`` rewrites into SDPA; see
+tests/test_flash_attn_ops.py for that path) and otherwise (on the CPU, and in the many forks that route it to SDPA where
 flash-attn is missing) falls through to ``attention()``'s SDPA path, copied here. What matters to
 fgcompile is copied as written: ``rope_apply`` reads ``grid_sizes.tolist()`` (a graph break) and
 rotates q and k in complex float64; ``attention()`` calls ``warnings.warn`` whenever ``k_lens`` is
