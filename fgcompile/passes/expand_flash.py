@@ -39,9 +39,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..config import strict_mode
 from .find_attention import FLASH_NOT_EXPANDED, _val
-from .rewrite import _Builder
+from .rewrite import _Builder, failed_rewrite
 
 __all__ = ["expand_flash"]
 
@@ -159,19 +158,10 @@ def _expand(gm: fx.GraphModule, node: fx.Node, kind: str, a: dict) -> None:
         out = b.method("contiguous", b.method("transpose", o, 1, 2))
         if kind == "varlen":
             out = b.fn(operator.getitem, out, 0)
-        first = next((u for u in node.users if u.args[1] == 0), None)
-        old = _val(first) if first is not None else None
-        new = out.meta["example_value"]
-        if old is not None and (tuple(old.shape) != tuple(new.shape) or old.dtype != new.dtype):
-            raise RuntimeError(f"rewritten output {tuple(new.shape)} {new.dtype} != {tuple(old.shape)} {old.dtype}")
     except Exception:
         b.undo()
         raise
-    for u in list(node.users):
-        if u.args[1] == 0:
-            u.replace_all_uses_with(out)
-        gm.graph.erase_node(u)
-    gm.graph.erase_node(node)
+    b.replace_first_output(node, out)
 
 
 def expand_flash(gm: fx.GraphModule) -> int:
@@ -189,13 +179,10 @@ def expand_flash(gm: fx.GraphModule) -> int:
         except Exception as e:  # a schema this pass does not read
             why = f"its arguments could not be read ({type(e).__name__}: {e})"
         if why is None:
-            try:
-                _expand(gm, node, kind, a)
+            failed = failed_rewrite(lambda: _expand(gm, node, kind, a))
+            if failed is None:
                 done += 1
                 continue
-            except Exception as e:  # nothing may crash a user's compile: the call stays as it is
-                if strict_mode():
-                    raise
-                why = f"could not be rewritten ({type(e).__name__}: {e})"
+            why = f"could not be rewritten ({failed})"
         node.meta[FLASH_NOT_EXPANDED] = why
     return done

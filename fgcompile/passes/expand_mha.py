@@ -34,9 +34,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..config import strict_mode
 from .find_attention import _val
-from .rewrite import _Builder
+from .rewrite import _Builder, failed_rewrite
 
 __all__ = ["expand_mha"]
 
@@ -145,19 +144,10 @@ def _expand(gm: fx.GraphModule, node: fx.Node, a: dict) -> None:
         o = b.fn(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, value_fn=F.scaled_dot_product_attention)
         o = b.method("flatten", b.method("permute", o, 2, 0, 1, 3), -2)  # (L, N, E)
         out = b.fn(F.linear, o, a["out_proj_weight"], a["out_proj_bias"])
-        first = next((u for u in node.users if u.args[1] == 0), None)
-        old = _val(first) if first is not None else None
-        new = out.meta["example_value"]
-        if old is not None and (old.shape != new.shape or old.dtype != new.dtype):
-            raise RuntimeError(f"expanded output {tuple(new.shape)} {new.dtype} != {tuple(old.shape)} {old.dtype}")
     except Exception:
         b.undo()
         raise
-    for u in list(node.users):
-        if u.args[1] == 0:
-            u.replace_all_uses_with(out)
-        gm.graph.erase_node(u)
-    gm.graph.erase_node(node)
+    b.replace_first_output(node, out)
 
 
 def expand_mha(gm: fx.GraphModule, rejected: list) -> int:
@@ -178,13 +168,10 @@ def expand_mha(gm: fx.GraphModule, rejected: list) -> int:
         a.update(node.kwargs)
         why = _why_not(a, node)
         if why is None:
-            try:
-                _expand(gm, node, a)
+            failed = failed_rewrite(lambda: _expand(gm, node, a))
+            if failed is None:
                 done += 1
                 continue
-            except Exception as e:  # nothing may crash a user's compile: the call stays as it is
-                if strict_mode():
-                    raise
-                why = f"could not be expanded ({type(e).__name__}: {e})"
+            why = f"could not be expanded ({failed})"
         rejected.append((node.name, "mha", f"nn.MultiheadAttention's fused call is not expanded: {why}"))
     return done

@@ -104,6 +104,36 @@ class _Builder:
             self.graph.erase_node(n)
         self.nodes = []
 
+    def replace_first_output(self, node: fx.Node, out: fx.Node) -> None:
+        """Replace the first output of ``node`` (a call returning a tuple, read through
+        ``getitem(node, i)``) by ``out``, built with this builder, and erase ``node`` and its
+        getitems (the others must be unread). If ``out``'s shape or dtype differs from that
+        output's, the new nodes are erased and RuntimeError raised, the graph unchanged."""
+        first = next((u for u in node.users if u.args[1] == 0), None)
+        old = first.meta.get("example_value") if first is not None else None
+        new = out.meta["example_value"]
+        if old is not None and (tuple(old.shape) != tuple(new.shape) or old.dtype != new.dtype):
+            self.undo()
+            raise RuntimeError(f"rewritten output {tuple(new.shape)} {new.dtype} != {tuple(old.shape)} {old.dtype}")
+        for u in list(node.users):
+            if u.args[1] == 0:
+                u.replace_all_uses_with(out)
+            self.graph.erase_node(u)
+        self.graph.erase_node(node)
+
+
+def failed_rewrite(rewrite: Callable[[], Any]) -> Optional[str]:
+    """Run ``rewrite`` (a pass's rewrite of one node, which leaves the graph as it was when it
+    raises): None if it succeeded, else why it failed ("TypeError: ..."). Nothing may crash a
+    user's compile; under FGCOMPILE_STRICT=1 (the tests) the error is raised."""
+    try:
+        rewrite()
+        return None
+    except Exception as e:
+        if strict_mode():
+            raise
+        return f"{type(e).__name__}: {e}"
+
 
 def _std(b: _Builder, node: fx.Node, perm: Any, transpose: bool = False, unsqueeze: Sequence[int] = ()) -> fx.Node:
     t = node.meta["example_value"]
