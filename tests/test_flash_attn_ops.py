@@ -259,3 +259,49 @@ def test_wan_flash_attention_path_runs_sparse_per_layer():
                 torch.testing.assert_close(o, _own_sparse(k.roll(layer.shift, dims=1), k, v), atol=1e-5, rtol=1e-4)
     counts = {n: (s.profiled_calls, s.sparse_calls) for n, s in fgcompile.stats(c).items()}
     assert sorted(counts.values()) == [(1, 2)] * 3, counts
+
+
+# flash_attn_func's path (flash_attn/flash_attn_interface.py): an autograd.Function whose forward
+# calls the op, saves tensors when grad is on, and slices the output's padded head dim
+class FlashAttnFunc(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_softmax, is_grad_enabled):
+        is_grad = is_grad_enabled and any(x.requires_grad for x in [q, k, v])
+        if softmax_scale is None:
+            softmax_scale = q.shape[-1] ** (-0.5)
+        head_size_og = q.size(3)
+        out_padded, softmax_lse, S_dmask, rng_state = FWD(q, k, v, dropout_p, softmax_scale, causal=causal,
+            window_size_left=window_size[0], window_size_right=window_size[1], softcap=softcap,
+            alibi_slopes=alibi_slopes, return_softmax=return_softmax and dropout_p > 0)
+        if is_grad:
+            ctx.save_for_backward(q, k, v, out_padded, softmax_lse, rng_state)
+        out = out_padded[..., :head_size_og]
+        return out if not return_softmax else (out, softmax_lse, S_dmask)
+    @staticmethod
+    def backward(ctx, dout, *args):
+        raise NotImplementedError
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    return FlashAttnFunc.apply(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, torch.is_grad_enabled())
+class FuncLayer(nn.Module):
+    def __init__(self):
+        super().__init__(); self.k = nn.Linear(64, 128, bias=False)
+        with torch.no_grad(): self.k.weight.copy_(3 * torch.eye(64).repeat(2, 1))
+    def forward(self, x, v):
+        k = self.k(x).unflatten(-1, (2, 64))
+        return flash_attn_func(k.roll(64, dims=1), k, v)
+
+
+def test_flash_attn_func_autograd_function_path_is_served():
+    """Through flash_attn_func's autograd.Function (under no_grad Dynamo traces its forward), the op
+    is rewritten and served like the direct call."""
+    torch._dynamo.reset()
+    m = FuncLayer().eval()
+    x, v = _inputs()
+    rep = fgcompile.explain(m, x, v, config=FGAttnConfig(**CFG))
+    assert [(s.pattern, s.decision) for s in rep.sites] == [("sdpa", "sparse")] and not rep.rejected, rep
+    c = torch.compile(m, backend=fgcompile.backend(**CFG))
+    with torch.no_grad():
+        ref = m(x, v)
+        k = m.k(x).unflatten(-1, (2, 64))
+        torch.testing.assert_close(c(x, v), ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(c(x, v), _own_sparse(k.roll(64, dims=1), k, v), atol=1e-5, rtol=1e-4)
