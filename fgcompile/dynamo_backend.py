@@ -155,7 +155,8 @@ def transform(
                              "attention")
     owner_name = torch_private.placeholder_param_path(owner) if owner is not None else None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    owner_value = dict(zip(placeholders, example_inputs)).get(owner) if owner is not None else None
+    values = dict(zip(placeholders, example_inputs))
+    owner_value = values.get(owner) if owner is not None else None
     chosen = [
         (m, runtime.register_site(m.info.name, config, m.info, owner_name=owner_name, anchored=owner is None))
         for m in matches
@@ -181,7 +182,6 @@ def transform(
             i.name, i.pattern, i.batch, i.num_heads, i.num_kv_heads, i.seq_len_q, i.seq_len_kv,
             i.head_dim, i.dtype, i.mask, i.decision, i.reason,
         )
-    values = dict(zip(placeholders, example_inputs))
     paths = tuple(torch_private.placeholder_param_path(n) or n.name for n in placeholders
                   if isinstance(values.get(n), torch.nn.Parameter))
     return TransformResult(

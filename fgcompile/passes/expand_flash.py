@@ -103,9 +103,7 @@ def _why_not(kind: str, a: dict, node: fx.Node) -> Optional[str]:
     if unknown:
         return f"arguments this pass does not know: {sorted(unknown)}"
     for name, want in _MUST.items():
-        if name in a and a[name] is not None and a[name] != want:
-            return f"{name}={a[name]!r} (rewritten only with {name}={want!r})"
-        if name in a and a[name] is None and want is not None:
+        if name in a and a[name] != want:  # (a tensor argument is a Node: never equal to None)
             return f"{name}={a[name]!r} (rewritten only with {name}={want!r})"
     scale = a.get("softmax_scale")
     if scale is not None and not isinstance(scale, (int, float)):

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from ..config import strict_mode
 from ..lowering import ops as _ops  # noqa: F401  (registers torch.ops.fgcompile.site_attention)
-from .find_attention import SiteMatch, _bias_threshold, _hint, expand_perm, size_of
+from .find_attention import SiteMatch, _bias_threshold, _hint, _val, expand_perm, size_of
 
 __all__ = ["rewrite_sites", "rewrite_site"]
 
@@ -110,7 +110,7 @@ class _Builder:
         getitems (the others must be unread). If ``out``'s shape or dtype differs from that
         output's, the new nodes are erased and RuntimeError raised, the graph unchanged."""
         first = next((u for u in node.users if u.args[1] == 0), None)
-        old = first.meta.get("example_value") if first is not None else None
+        old = _val(first) if first is not None else None
         new = out.meta["example_value"]
         if old is not None and (tuple(old.shape) != tuple(new.shape) or old.dtype != new.dtype):
             self.undo()
