@@ -234,31 +234,38 @@ def launch_sparse_op(q, k, v, counts, indices, full_counts, full_tiles, scale: f
 
 
 _SM90_OP = None
+_LIB = None  # the torch.library.Library of the ops defined without custom_op (kept alive here)
 
 
 def sparse_attention_sm90_op():
     """``torch.ops.fgcompile.sparse_attention_sm90`` (q, k, v, out, counts, indices, scale) -> None,
     registered on first use: the Gluon sm_90 kernel (``kernels.gluon_sparse_sm90``) writing
-    ``out`` in place, as an opaque custom op (``triton_sparse.launch_sm90``: the Triton kernel
-    where the Gluon one fails to build or launch). ``launch_sparse_kernel`` calls it inside the
+    ``out`` in place, as an opaque op (``triton_sparse.launch_sm90``: the Triton kernel where the
+    Gluon one fails to build or launch). ``launch_sparse_kernel`` calls it inside the
     ``sparse_attention`` triton_op for the launches that kernel serves: Inductor traces a triton_op's
     ``wrap_triton`` launches into its program, but not a Gluon launch, so this one stays a call
-    (its output is still an Inductor buffer, written in place)."""
-    global _SM90_OP
+    (its output is still an Inductor buffer, written in place).
+
+    Defined with ``torch.library.Library`` (schema, a CUDA kernel and a fake), not
+    ``torch.library.custom_op``: a custom_op that mutates an argument dispatches through Python
+    autograd and ADInplaceOrView kernels, about 25 us a call on the host against 2 us here, paid
+    at every sparse call. It has no autograd kernel: the backend never lowers a graph that needs
+    gradients (``dynamo_backend._grad_needed``)."""
+    global _SM90_OP, _LIB
     if _SM90_OP is not None:
         return _SM90_OP
+    from ..kernels.triton_sparse import launch_sm90
 
-    @torch.library.custom_op("fgcompile::sparse_attention_sm90", mutates_args=("out",), device_types="cuda")
-    def sparse_attention_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                              counts: torch.Tensor, indices: torch.Tensor, scale: float) -> None:
-        from ..kernels.triton_sparse import launch_sm90
+    if _LIB is None:
+        _LIB = torch.library.Library("fgcompile", "FRAGMENT")
+    _LIB.define("sparse_attention_sm90(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor counts, "
+                "Tensor indices, float scale) -> ()")
 
+    def kernel(q, k, v, out, counts, indices, scale) -> None:
         launch_sm90(q, k, v, out, counts, indices, scale)
 
-    @sparse_attention_sm90.register_fake
-    def _(q, k, v, out, counts, indices, scale):
-        return None
-
+    _LIB.impl("sparse_attention_sm90", kernel, "CUDA")
+    torch.library.register_fake("fgcompile::sparse_attention_sm90", lambda *args: None, lib=_LIB)
     _SM90_OP = torch.ops.fgcompile.sparse_attention_sm90.default
     return _SM90_OP
 
