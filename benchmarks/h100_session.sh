@@ -60,6 +60,9 @@
 #                                       # against cuDNN, flash and FlexAttention with each BlockMask's error recorded)
 #   bash benchmarks/h100_session.sh O   # the predictor GPU tests, pooled_select_probe.py (the selection kernel's variants),
 #                                       # variant_probe.py --parts kernel (the sparse kernel's tile configs)
+#   bash benchmarks/h100_session.sh RT  # every GPU test, the lowered kernel against its direct launch (lowering_bench.py's
+#                                       # runtime ratio, toy and Wan sizes), original_wan.py (ORIG_LIMIT)
+#   bash benchmarks/h100_session.sh MD  # e2e_models.py: HunyuanVideo and CogVideoX-5B end to end (MD_ARGS, MD_LIMIT)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
 OUT=${OUT:-/tmp/out}
@@ -296,6 +299,23 @@ O)
   echo "pooled_select_probe rc=$?"; grep -vE "Warning|warn|^ *$" "$OUT/pooled_select_probe.txt" | tail -14
   timeout 220 python3 benchmarks/variant_probe.py --parts kernel --out "$OUT/variant_probe_${TAG}.json" > "$OUT/variant_probe.txt" 2>&1
   echo "variant_probe rc=$?"; grep -vE "Warning|warn|^ *$" "$OUT/variant_probe.txt" | tail -20
+  ;;
+RT)
+  timeout ${TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu tests -n 4 > "$OUT/gpu_tests_all.txt" 2>&1
+  echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests_all.txt" | head -12
+  timeout ${LIMIT:-120} python3 -c "
+import json, sys; sys.path.insert(0, 'benchmarks'); import lowering_bench as lb
+r = {'toy': lb.runtime_ratio(1, lb.TOY['heads'], lb.TOY['latents'][2] * lb.TOY['latents'][3] * lb.TOY['latents'][4] // 4, lb.TOY['width'] // lb.TOY['heads']),
+     'wan': lb.runtime_ratio(lb.WAN['B'], lb.WAN['H'], lb.WAN['S'], lb.WAN['D'])}
+json.dump(r, open('$OUT/runtime_ratio_${TAG}.json', 'w'), indent=1)
+print({c: round(v['runtime_ratio_lowered_vs_direct'], 4) for c, v in r.items()})" > "$OUT/runtime_ratio.txt" 2>&1
+  echo "runtime ratio rc=$?"; tail -1 "$OUT/runtime_ratio.txt"
+  timeout ${ORIG_LIMIT:-200} python3 benchmarks/original_wan.py --out "$OUT/original_wan_${TAG}.json" > "$OUT/original_wan.txt" 2>&1
+  echo "original_wan rc=$?"; tail -3 "$OUT/original_wan.txt"
+  ;;
+MD)
+  timeout ${MD_LIMIT:-560} python3 benchmarks/e2e_models.py ${MD_ARGS} --out "$OUT/e2e_models_${TAG}.json" > "$OUT/e2e_models.txt" 2>&1
+  echo "e2e_models rc=$?"; grep -vE "float32|^\s*$" "$OUT/e2e_models.txt" | tail -14
   ;;
 U)
   timeout ${TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu tests -n 4 > "$OUT/gpu_tests_all.txt" 2>&1
