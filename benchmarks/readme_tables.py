@@ -58,6 +58,35 @@ def e2e_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def original_wan_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    lines = [f"The original Wan2.1 code, {d['device']}, torch {d['torch']}, triton {d['triton']} "
+             f"(`python benchmarks/original_wan.py`, {path.name}):", "",
+             "| setting | default ms | fgattn ms | speedup | sparse sites |", "| --- | --- | --- | --- | --- |"]
+    for r in d["rows"]:
+        lines.append(f"| {r['setting']} | {r['default_ms']:.1f} | {r['fgattn_ms']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r['sparse_sites']} of {r['sites']} |")
+    return "\n".join(lines)
+
+
+def e2e_models_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    lines = [f"End to end, diffusers HunyuanVideo and CogVideoX-5B transformer forwards, {d['device']}, torch {d['torch']}, "
+             f"triton {d['triton']}, blocks compiled in place, sparse kernel: {d['sparse_kernel']} "
+             f"(`python benchmarks/e2e_models.py`, {path.name}):", "",
+             "| model | tokens (video + text) | setting | density | default ms | default attention ms | fgattn ms | "
+             "fgattn attention ms | speedup | sparse sites |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, m in d["models"].items():
+        tokens = f"{m['video_tokens']} + {m['text_tokens']}" + (
+            f" ({m['text_tokens'] - m['text_valid']} padded)" if m["text_valid"] < m["text_tokens"] else "")
+        for r in m["rows"]:
+            lines.append(f"| {name} | {tokens} | {r['setting']} | {r['mean_density']:.3f} | {m['default_ms']:.1f} | "
+                         f"{m['default_attention_ms']:.1f} | {r['fgattn_ms']:.1f} | {r['attention_ms']:.1f} | "
+                         f"{r['speedup']:.2f}x | {r['sparse_sites']} of {r['sites']} |")
+    return "\n".join(lines)
+
+
 def quality_video_table(path: Path) -> str:
     d = json.loads(path.read_text())
     lines = [
@@ -110,6 +139,11 @@ def main() -> None:
     for p in sorted(RESULTS.glob("e2e_wan_*.json")):
         if "cpu" not in p.name:
             parts.append(e2e_table(p))
+    for p in sorted(RESULTS.glob("e2e_models_*.json")):
+        if "cpu" not in p.name:
+            parts.append(e2e_models_table(p))
+    for p in sorted(RESULTS.glob("original_wan_*.json")):
+        parts.append(original_wan_table(p))
     for p in sorted(RESULTS.glob("lowering_*.json")):
         parts.append(lowering_table(p))
     for p in sorted(RESULTS.glob("quality_video*.json")):
