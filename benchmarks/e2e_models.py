@@ -21,7 +21,10 @@ recompiled with fgattn for each row.
 
 Rows (``--settings``): ``d0.6`` / ``d0.3``: the density budget over a near-zero alpha, each query
 block keeps its strongest 60% / 30% of keys (speed at a known density); ``profile``: the FG-Attn
-rule at alpha 0.5 (the density it reaches on random weights is reported, not a quality figure).
+rule at alpha 0.5 (the density it reaches on random weights is reported, not a quality figure),
+with ``max_density=1.0`` (the sparse kernel runs whatever the density); ``profile-md0.8``: the same
+with the default ``max_density`` 0.8 (a denser site runs dense attention: SDPA, or on a key-padded
+site the sparse kernel over every real key).
 Reported per row: the median forward time (CUDA events, after the profiled call), the speedup,
 the profiled call's error against the default output (exact attention: float noise only), the
 sparse call's error, how many sites ran sparse (``fgcompile.stats``), and the attention kernels'
@@ -129,6 +132,9 @@ SETTINGS = {
     "d0.6": dict(alpha=1e-6, density=0.6),
     "d0.3": dict(alpha=1e-6, density=0.3),
     "profile": dict(alpha=0.5, density=None),
+    # the FG-Attn rule with the default max_density (0.8): a site denser than that runs dense
+    # attention (SDPA; on a key-padded site the sparse kernel over every real key)
+    "profile-md0.8": dict(alpha=0.5, density=None, max_density=0.8),
 }
 
 
@@ -194,9 +200,9 @@ def main(argv=None) -> None:
                   f"attention {default_attn_ms} ms", flush=True)
             for setting in settings:
                 torch._dynamo.reset()
-                compile_blocks(blocks, fgcompile.backend(
-                    profile_every=10 ** 6, dense_calls=0, block_m=block_m, min_seq_len=min_seq, max_density=1.0,
-                    **SETTINGS[setting]))
+                compile_blocks(blocks, fgcompile.backend(**{
+                    **dict(profile_every=10 ** 6, dense_calls=0, block_m=block_m, min_seq_len=min_seq, max_density=1.0),
+                    **SETTINGS[setting]}))
                 # (a site compiled again with another config starts its schedule over)
                 out, fg_first_s = first_call(fwd)  # the profiled call: dense attention
                 profiled_err = rel_err(out.float(), ref.float())
@@ -212,14 +218,19 @@ def main(argv=None) -> None:
                     "speedup": round(default_ms / fg_ms, 3), "profiled_call_rel_err": profiled_err,
                     "sparse_call_rel_err": sparse_err, "sites": len(st), "sparse_sites": len(sparse),
                     "sparse_site_names": sparse[:4] + (["..."] if len(sparse) > 4 else []),
-                    "mean_density": round(sum(st[n].mean_density for n in sparse) / max(len(sparse), 1), 4),
+                    # over the sites with a profiled mask (a site over max_density runs dense with it)
+                    "mean_density": round(sum(d) / max(len(d), 1), 4) if (d := [
+                        s.mean_density for s in st.values() if s.mean_density is not None]) else None,
+                    "calls": {"sparse": sum(s.sparse_calls for s in st.values()),
+                              "dense": sum(s.dense_calls for s in st.values()),
+                              "profiled": sum(s.profiled_calls for s in st.values())},
                     "fallbacks": dense_reasons,
                     "attention_ms": attn_ms, "other_ms": other_ms, "dense_attention_ms": dense_attn_ms,
                     "top_kernels": top,
                 }
                 rows.append(row)
                 print(f"[{name}] {setting}: first call {fg_first_s:.1f} s, forward {fg_ms:.1f} ms, speedup "
-                      f"{row['speedup']:.2f}, {len(sparse)}/{len(st)} sites sparse, density {row['mean_density']}, "
+                      f"{row['speedup']:.2f}, {len(sparse)}/{len(st)} sites sparse, density {row['mean_density']}, calls {row['calls']}, "
                       f"profiled err {profiled_err:.2e}, sparse err {sparse_err:.2e}", flush=True)
         results[name] = {**desc, "blocks": len(blocks), "default_first_call_s": round(default_first_s, 2),
                          "default_ms": round(default_ms, 2), "default_attention_ms": default_attn_ms,
@@ -244,7 +255,7 @@ def main(argv=None) -> None:
     for name, r in results.items():
         for row in r["rows"]:
             print(f"{name:10} {row['setting']:8} {row['default_ms']:11.1f} {row['fgattn_ms']:10.1f} {row['speedup']:8.2f} "
-                  f"{row['sparse_sites']:>6}/{row['sites']:<6} {row['mean_density']:8.3f}")
+                  f"{row['sparse_sites']:>6}/{row['sites']:<6} {row['mean_density'] or 0:8.3f}")
 
 
 if __name__ == "__main__":

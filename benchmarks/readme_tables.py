@@ -81,7 +81,8 @@ def e2e_models_table(path: Path) -> str:
         tokens = f"{m['video_tokens']} + {m['text_tokens']}" + (
             f" ({m['text_tokens'] - m['text_valid']} padded)" if m["text_valid"] < m["text_tokens"] else "")
         for r in m["rows"]:
-            lines.append(f"| {name} | {tokens} | {r['setting']} | {r['mean_density']:.3f} | {m['default_ms']:.1f} | "
+            dens = f"{r['mean_density']:.3f}" if r.get("mean_density") is not None else "-"
+            lines.append(f"| {name} | {tokens} | {r['setting']} | {dens} | {m['default_ms']:.1f} | "
                          f"{m['default_attention_ms']:.1f} | {r['fgattn_ms']:.1f} | {r['attention_ms']:.1f} | "
                          f"{r['speedup']:.2f}x | {r['sparse_sites']} of {r['sites']} |")
     return "\n".join(lines)

@@ -88,11 +88,13 @@ class FGAttnConfig:
         strongest ones). ``None`` (default): no budget.
     max_density:
         In (0, 1]. A site whose profiled mask keeps more than this fraction of its slices runs
-        dense attention (cuDNN through SDPA) until its next profiled call: above ~0.8 the Triton
-        sparse kernel is slower than dense attention (1.23x cuDNN's time at density 1.0 on an H100;
-        the Gluon sm_90 kernel's time at density 1.0 is not measured, at 0.6 it is 1.02x density x
-        cuDNN's). Default 0.8; 1.0 never switches. The kept fraction reaches the host by an
-        asynchronous copy (no synchronisation); until it has arrived the site runs sparse.
+        dense attention until its next profiled call: SDPA (cuDNN), or at a site with key padding
+        on CUDA the sparse kernel over every real key (SDPA's masked path takes 1.5x the time of
+        its unmasked one on an H100, and that kernel runs at the unmasked speed:
+        ``benchmarks/masked_dense_probe.py``). Default 0.8; 1.0 never switches. (The Triton
+        kernel took 1.23x cuDNN's time at density 1.0 when this default was set; every real key
+        kept, both kernels now run at cuDNN's speed: ``results/masked_dense_h100.json``.) The kept fraction reaches the host by an asynchronous copy (no
+        synchronisation); until it has arrived the site runs sparse.
     block_m:
         Queries per slice (M), a power of two in [16, 256]. Default 128 (FG-Attn's query block).
         The Triton kernels (CUDA) take ``TRITON_BLOCK_M`` (16 to 128); a site compiled for CUDA with
@@ -101,6 +103,9 @@ class FGAttnConfig:
         Keys per slice (N), a power of two in [1, 128]; 1 (default) is the finest granularity.
     dense_calls:
         Number of first calls of every site that run dense attention (warm-up), >= 0. Default 0.
+        (Dense calls, here and for ``dense_sites`` and ``max_density``, of a site with key
+        padding on CUDA run the sparse kernel over every real key, as under ``max_density``;
+        ``predictor="dense"`` always runs SDPA.)
     dense_sites:
         Glob patterns (fnmatch) of site names that always run dense, e.g. ``("blocks.0.*",)``.
     min_seq_len:

@@ -258,6 +258,37 @@ class SiteState:
             self.n_direct -= direct
             return self._fail(e, q, k, v, key_padding, scale)
 
+    def _dense(self, q, k, v, key_padding, scale, kernel: bool = True) -> torch.Tensor:
+        """Dense attention of a call the schedule runs dense (counted by the caller). A call with
+        key padding on CUDA runs the sparse kernel on every real key (``packing.real_key_lists``)
+        where ``kernel`` and the site's kernel serves it (``_kernel_serves_dense``): SDPA's masked
+        path takes 1.5x the time of its unmasked one on an H100 (cuDNN; efficient attention 3x),
+        and the kernel keeping every real key runs at the unmasked speed
+        (``benchmarks/masked_dense_probe.py``). Else, and where that launch fails (the site then
+        falls back to SDPA for good, ``_fail``), SDPA (:func:`dense_attention`)."""
+        if kernel and key_padding is not None and self._kernel_serves_dense(q):
+            from . import attention
+            from .kernels import packing
+
+            try:
+                lists = packing.real_key_lists(key_padding, q.shape[1], q.shape[2], self.config.block_m)
+                return attention.sparse_attention(q, k, v, lists, block_m=self.config.block_m, block_n=1,
+                                                  scale=scale, impl=self.config.impl)
+            except Exception as e:
+                self.n_dense -= 1  # counted by the caller and again by _fail
+                return self._fail(e, q, k, v, key_padding, scale)
+        return dense_attention(q, k, v, key_padding, scale)
+
+    def _kernel_serves_dense(self, q: torch.Tensor) -> bool:
+        """Whether a dense call of this site may run the sparse kernel (``_dense``): on CUDA, with
+        the Triton kernels (``impl`` not "reference"), single-key slices and a block_m they take;
+        not under ``predictor="dense"`` (plain SDPA, the user's baseline) nor after a failure."""
+        from .config import TRITON_BLOCK_M
+
+        cfg = self.config
+        return (q.device.type == "cuda" and self.fallback is None and cfg.predictor != "dense"
+                and cfg.impl != "reference" and cfg.block_n == 1 and cfg.block_m in TRITON_BLOCK_M)
+
     def _fail(self, e: Exception, q, k, v, key_padding, scale) -> torch.Tensor:
         """The sparse path failed: never crash the user's model. Run this and every later call
         dense, record why (``stats(model)[name].fallback``) and log a warning; with
@@ -295,7 +326,8 @@ class SiteState:
         self._profiled_bits = None
         if self._dense_call(call) or self._short_call(q, k):
             self.n_dense += 1
-            out, packed = dense_attention(q, k, v, key_padding, scale), None
+            short = self._short_call(q, k)
+            out, packed = self._dense(q, k, v, key_padding, scale, kernel=not short), None
         else:
             try:
                 out, packed = self._plan_sparse(call, q, k, v, key_padding, scale, index_cap, prefetched)
@@ -360,7 +392,7 @@ class SiteState:
                 # too dense to gain: dense attention until the next profiled call
                 self.n_dense += 1
                 self._record(torch.ones(q.shape[1], device=q.device))
-                return dense_attention(q, k, v, key_padding, scale), None
+                return self._dense(q, k, v, key_padding, scale), None
             cap = self._cap(k, index_cap)
             if key_padding is None and self._lists_usable(cap):
                 packed = self._lists_for_call(q.device, prefetched)

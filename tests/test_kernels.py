@@ -187,6 +187,33 @@ def test_triton_rescale_with_growing_scores(pad_tail, kind, monkeypatch):
 
 
 @needs_interp
+def test_real_key_lists_run_dense_attention_over_the_real_keys():
+    """``packing.real_key_lists`` (a key-padded dense call's lists, expanded over heads and query
+    blocks): the mask they pack is the key-padding mask for every head and block, they hold
+    B * S_kv indices whatever H and S_q, and the Triton kernel on them (GQA, a ragged last block)
+    gives float64 attention over the real keys; a batch item with no real key gives zeros."""
+    B, H, H_kv, S_q, S_kv, D, bm = 3, 4, 2, 200, 230, 32, 64
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(B, H, S_q, D, generator=g)
+    k, v = (torch.randn(B, H_kv, S_kv, D, generator=g) for _ in range(2))
+    kp = torch.ones(B, S_kv, dtype=torch.bool)
+    kp[1, 193:] = False
+    kp[1, 5:9] = False  # not only a suffix
+    kp[2] = False
+    lists = packing.real_key_lists(kp.to(DEV), H, S_q, bm)
+    nqb = -(-S_q // bm)
+    assert tuple(lists.counts.shape) == (B, H, nqb) and tuple(lists.indices.shape) == (B, H, nqb, S_kv)
+    assert lists.indices.untyped_storage().nbytes() <= B * S_kv * 4 + 64
+    assert torch.equal(unpack_slices(lists).cpu(), kp[:, None, None, :].expand(B, H, nqb, S_kv))
+    scale = D ** -0.5
+    out = sparse_attention(q.to(DEV), k.to(DEV), v.to(DEV), lists, block_m=bm, scale=scale, impl="triton").cpu()
+    keep = kp[:, None, None, :].expand(B, H, nqb, S_kv)
+    ref = _f64_sparse(q, k.repeat_interleave(H // H_kv, 1), v.repeat_interleave(H // H_kv, 1), keep, bm, 1, scale)
+    assert rel_err(out[:2], ref[:2]) < 1e-5
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+@needs_interp
 def test_triton_strided_inputs_and_packed_input():
     """(B, S, H, D) tensors seen as (B, H, S, D) (non-contiguous), a PackedSlices input, and the
     full-tile fast path on and off give the same result."""

@@ -308,6 +308,58 @@ def test_multihead_attention_expanded_and_lowered(padded):
     _check_profiled_then_sparse(M(), cfg, x, kp)
 
 
+class _PaddedAttention(torch.nn.Module):
+    """One SDPA self-attention with a key-padding mask (B, 1, 1, S), GQA (4 query heads, 2 kv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(256, 256)
+        self.kv = torch.nn.Linear(256, 256)
+
+    def forward(self, x, keep):
+        b, s_, _ = x.shape
+        q = self.q(x).view(b, s_, 4, 64).transpose(1, 2)
+        k, v = self.kv(x).view(b, s_, 2, 2, 64).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], enable_gqa=True)
+        return o.transpose(1, 2).reshape(b, s_, 256)
+
+
+@pytest.mark.parametrize("why", ["warm_up", "max_density", "dense_predictor", "budget"])
+def test_key_padded_dense_calls_run_the_kernel_on_the_real_keys(why, monkeypatch):
+    """A dense call of a key-padded site (a warm-up call; a site over ``max_density``, with and
+    without a density budget) runs the sparse kernel on every real key
+    (``packing.real_key_lists``) inside site_plan, and its output is float64 attention's to bf16
+    rounding; ``predictor="dense"`` keeps SDPA."""
+    from fgcompile.kernels import packing
+
+    made = []
+    real = packing.real_key_lists
+    monkeypatch.setattr(packing, "real_key_lists", lambda *a: made.append(a) or real(*a))
+    torch.manual_seed(0)
+    m = _PaddedAttention().cuda().eval()
+    x = torch.randn(2, 2048, 256, device="cuda")
+    keep = torch.arange(2048, device="cuda")[None, :] < torch.tensor([[2000], [1700]], device="cuda")
+    with torch.no_grad():
+        ref = copy.deepcopy(m).double()(x.double(), keep)
+    m, x = m.to(DT), x.to(DT)
+    cfg = dict(warm_up=FGAttnConfig(dense_calls=2, min_seq_len=256),
+               max_density=FGAttnConfig(alpha=1e-6, max_density=0.5, min_seq_len=256),
+               dense_predictor=FGAttnConfig(predictor="dense", min_seq_len=256),
+               budget=FGAttnConfig(alpha=1e-6, density=0.5, max_density=0.4, min_seq_len=256))[why]
+    c = _compile(m, cfg)
+    outs = []
+    with torch.no_grad():
+        for _ in range(3):
+            outs.append(c(x, keep))
+            torch.cuda.synchronize()  # the profiled mask's density reaches the host before the next call
+    st = next(iter(fgcompile.stats(c).values()))
+    errs = [rel_err(o, ref) for o in outs]
+    assert all(e < 1e-2 for e in errs), errs
+    # warm_up: calls 0 and 1 dense, 2 profiled; max_density, budget: 0 profiled, 1 and 2 dense
+    assert st.dense_calls == (3 if why == "dense_predictor" else 2) and st.fallback is None, st
+    assert len(made) == (0 if why == "dense_predictor" else 2), made
+
+
 @pytest.mark.parametrize("spelling", ["sdpa_one_minus", "hand_written_where"])
 def test_key_mask_written_as_a_bias_lowered(spelling):
     """A float bias built in the graph from a boolean key mask (0 / very negative) is served as a

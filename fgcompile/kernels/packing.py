@@ -56,6 +56,7 @@ __all__ = [
     "unpack_bits",
     "bitmap_memory_bytes",
     "packed_from_bits",
+    "real_key_lists",
     "kept_per_head",
     "popcount_rows",
     "DEFAULT_FULL_TILE",
@@ -320,6 +321,23 @@ def packed_from_bits(
 
         return packed_from_bits_triton(words, n, block_m, block_n, seq_len_kv, full_tile, cap=cap)
     return pack_slices(unpack_bits(words, n), block_m, block_n, seq_len_kv, full_tile, cap)
+
+
+def real_key_lists(key_padding: torch.Tensor, heads: int, seq_len_q: int, block_m: int) -> PackedSlices:
+    """The :class:`PackedSlices` of dense attention over the real keys of a key-padding mask:
+    every head and query block of batch item b keeps key j iff ``key_padding[b, j]`` (bool
+    (B, S_kv), True = a real key); single keys (block_n 1), no full tiles. The lists are made once
+    per batch item, (B, 1, 1, S_kv) int32, and expanded (stride 0) over the ``heads`` and the
+    ceil(seq_len_q / block_m) query blocks: B * S_kv * 4 bytes whatever H and S_q. The sparse
+    kernels read the lists through their strides; a compiled graph's buffers need contiguous
+    lists, so these serve direct launches. No host sync."""
+    B, S = key_padding.shape
+    nqb = -(-seq_len_q // block_m)
+    p = packed_from_bits(pack_bits(key_padding.to(torch.bool))[:, None, None, :], S, block_m, 1, S, 0, cap=S)
+    return PackedSlices(
+        p.counts.expand(B, heads, nqb), p.indices.expand(B, heads, nqb, S), p.full_counts.expand(B, heads, nqb),
+        p.full_tiles.expand(B, heads, nqb, p.full_tiles.shape[-1]), block_m, 1, S, 0,
+    )
 
 
 def popcount_rows(words: torch.Tensor) -> torch.Tensor:
