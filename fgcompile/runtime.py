@@ -262,7 +262,7 @@ class SiteState:
         """Dense attention of a call the schedule runs dense (counted by the caller). A call with
         key padding on CUDA runs the sparse kernel on every real key (``packing.real_key_lists``)
         where ``kernel`` and the site's kernel serves it (``_kernel_serves_dense``): SDPA's masked
-        path takes 1.5x the time of its unmasked one on an H100 (cuDNN; efficient attention 3x),
+        path takes 1.5x the time of its unmasked one on an H100 (cuDNN; efficient attention 4.3x),
         and the kernel keeping every real key runs at the unmasked speed
         (``benchmarks/masked_dense_probe.py``). Else, and where that launch fails (the site then
         falls back to SDPA for good, ``_fail``), SDPA (:func:`dense_attention`)."""
