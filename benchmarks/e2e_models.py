@@ -71,7 +71,7 @@ def _scaled(n: int, depth: float) -> int:
     return max(1, round(n * depth))
 
 
-def hunyuan(device, dtype, tiny: bool, depth: float, batch: int, text_valid: int):
+def hunyuan(device, dtype, tiny: bool, depth: float, batch: int, text_valid: list):
     """(model, args, kwargs, blocks, description) of HunyuanVideo at ``depth`` of its blocks."""
     from diffusers import HunyuanVideoTransformer3DModel
 
@@ -83,7 +83,9 @@ def hunyuan(device, dtype, tiny: bool, depth: float, batch: int, text_valid: int
     text = 8 if tiny else 256
     g = torch.Generator().manual_seed(1)
     mask = torch.zeros(batch, text, dtype=torch.long)
-    mask[:, :min(text_valid, text)] = 1
+    valid = [min(text_valid[min(b, len(text_valid) - 1)], text) for b in range(batch)]  # per batch item
+    for b, n in enumerate(valid):
+        mask[b, :n] = 1
     args = (
         torch.randn(batch, cfg["in_channels"], f, h, w, generator=g).to(device, dtype),
         torch.full((batch,), 500, device=device, dtype=torch.long),
@@ -95,10 +97,10 @@ def hunyuan(device, dtype, tiny: bool, depth: float, batch: int, text_valid: int
     blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
     tokens = f * (h // 2) * (w // 2)
     return model, args, kwargs, blocks, dict(config=cfg, video_tokens=tokens, text_tokens=text,
-                                              text_valid=min(text_valid, text), latent=[f, h, w])
+                                              text_valid=valid, latent=[f, h, w])
 
 
-def cogvideox(device, dtype, tiny: bool, depth: float, batch: int, text_valid: int):
+def cogvideox(device, dtype, tiny: bool, depth: float, batch: int, text_valid: list):
     """(model, args, kwargs, blocks, description) of CogVideoX-5B at ``depth`` of its blocks, with
     the pipeline's 3D RoPE tables (``CogVideoXPipeline._prepare_rotary_positional_embeddings``)."""
     from diffusers import CogVideoXTransformer3DModel
@@ -124,7 +126,7 @@ def cogvideox(device, dtype, tiny: bool, depth: float, batch: int, text_valid: i
     )
     kwargs = dict(image_rotary_emb=(cos.to(dtype), sin.to(dtype)), return_dict=False)
     return model, args, kwargs, list(model.transformer_blocks), dict(
-        config=cfg, video_tokens=f * gh * gw, text_tokens=text, text_valid=text, latent=[f, h, w])
+        config=cfg, video_tokens=f * gh * gw, text_tokens=text, text_valid=[text] * batch, latent=[f, h, w])
 
 
 MODELS = {"hunyuan": hunyuan, "cogvideox": cogvideox}
@@ -152,7 +154,9 @@ def main(argv=None) -> None:
     p.add_argument("--models", default="hunyuan,cogvideox", help=f"of {', '.join(MODELS)}")
     p.add_argument("--depth", type=float, default=1.0, help="fraction of each model's blocks built (0 < depth <= 1)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--text-valid", type=int, default=96, help="HunyuanVideo's prompt tokens of 256 (the rest padding)")
+    p.add_argument("--text-valid", default="96",
+                   help="HunyuanVideo's prompt tokens of 256 (the rest padding), one number or one per batch item "
+                        "(e.g. 96,4 at --batch 2: a prompt and classifier-free guidance's empty one)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--settings", default="d0.6,d0.3,profile", help=f"rows, of {', '.join(SETTINGS)}")
     p.add_argument("--out", default=None)
@@ -160,6 +164,12 @@ def main(argv=None) -> None:
     if not 0 < args.depth <= 1:
         p.error(f"--depth must be in (0, 1], got {args.depth}")
     names = [m for m in args.models.split(",") if m]
+    try:
+        text_valid = [int(x) for x in args.text_valid.split(",")]
+    except ValueError:
+        p.error(f"--text-valid: expected integers separated by commas, got {args.text_valid!r}")
+    if any(n < 0 for n in text_valid):
+        p.error(f"--text-valid: expected counts >= 0, got {args.text_valid!r}")
     settings = [s for s in args.settings.split(",") if s]
     for n in names:
         if n not in MODELS:
@@ -185,7 +195,7 @@ def main(argv=None) -> None:
     results = {}
     for name in names:
         torch._dynamo.reset()
-        model, margs, mkw, blocks, desc = MODELS[name](device, dtype, args.tiny, args.depth, args.batch, args.text_valid)
+        model, margs, mkw, blocks, desc = MODELS[name](device, dtype, args.tiny, args.depth, args.batch, text_valid)
 
         def fwd():
             return model(*margs, **mkw)[0]

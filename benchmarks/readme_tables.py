@@ -78,8 +78,10 @@ def e2e_models_table(path: Path) -> str:
              "fgattn attention ms | speedup | sparse sites |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, m in d["models"].items():
+        valid = m["text_valid"] if isinstance(m["text_valid"], list) else [m["text_valid"]]
+        pads = [m["text_tokens"] - n for n in valid]
         tokens = f"{m['video_tokens']} + {m['text_tokens']}" + (
-            f" ({m['text_tokens'] - m['text_valid']} padded)" if m["text_valid"] < m["text_tokens"] else "")
+            f" ({' / '.join(map(str, pads))} padded)" if any(pads) else "")
         for r in m["rows"]:
             dens = f"{r['mean_density']:.3f}" if r.get("mean_density") is not None else "-"
             lines.append(f"| {name} | {tokens} | {r['setting']} | {dens} | {m['default_ms']:.1f} | "
