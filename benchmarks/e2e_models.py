@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -47,7 +46,7 @@ import fgcompile
 from fgcompile.testing.metrics import rel_err
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_wan import kernel_breakdown, sparse_kernel_name, timed  # noqa: E402
+from e2e_wan import first_call, kernel_breakdown, sparse_kernel_name, timed  # noqa: E402
 from results_io import device_tag, write_result  # noqa: E402
 
 HUNYUAN = dict(
@@ -182,16 +181,6 @@ def main(argv=None) -> None:
     block_m = 128 if device.type == "cuda" else 64
     min_seq = 64 if args.tiny else 4096
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def first_call(fn):
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        return out, time.perf_counter() - t0
-
     results = {}
     for name in names:
         torch._dynamo.reset()
@@ -203,7 +192,7 @@ def main(argv=None) -> None:
         rows = []
         with torch.no_grad():
             compile_blocks(blocks, "inductor")
-            ref, default_first_s = first_call(fwd)
+            ref, default_first_s = first_call(fwd, device)
             default_ms = timed(fwd, args.reps, device)
             default_attn_ms, _, _, default_top = kernel_breakdown(fwd, device)
             print(f"[{name}] default: first call {default_first_s:.1f} s, forward {default_ms:.1f} ms, "
@@ -214,7 +203,7 @@ def main(argv=None) -> None:
                     **dict(profile_every=10 ** 6, dense_calls=0, block_m=block_m, min_seq_len=min_seq, max_density=1.0),
                     **SETTINGS[setting]}))
                 # (a site compiled again with another config starts its schedule over)
-                out, fg_first_s = first_call(fwd)  # the profiled call: dense attention
+                out, fg_first_s = first_call(fwd, device)  # the profiled call: dense attention
                 profiled_err = rel_err(out.float(), ref.float())
                 sparse_err = rel_err(fwd().float(), ref.float())
                 fg_ms = timed(fwd, args.reps, device)

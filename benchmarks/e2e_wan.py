@@ -98,6 +98,16 @@ def timed(fn, reps, device):
     return statistics.median(times)
 
 
+def first_call(fn, device):
+    """(output, wall seconds) of ``fn()``, the GPU's work included: a compiled model's first call
+    (compile + run)."""
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
 def kernel_breakdown(fn, device, top=15):
     """(attention ms, other ms, dense attention ms, top kernels) of one call, from the profiler's
     device-kernel times; dense attention: the attention kernels other than fgattn's sparse kernel

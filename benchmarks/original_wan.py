@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import warnings
 
 import torch
@@ -37,7 +36,7 @@ from fgcompile.testing.metrics import rel_err
 from fgcompile.testing.original_wan import WAN_13B, WanModel, inputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_wan import kernel_breakdown, timed  # noqa: E402
+from e2e_wan import first_call, kernel_breakdown, timed  # noqa: E402
 from results_io import device_tag, write_result  # noqa: E402
 
 TINY = dict(dim=128, num_heads=2, ffn_dim=256, depth=2)
@@ -63,21 +62,11 @@ def main() -> None:
     min_seq = 64 if args.tiny else 4096
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def first_call(fn):
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        return out, time.perf_counter() - t0
-
     rows = []
     with torch.no_grad(), autocast:
         torch._dynamo.reset()
         default = torch.compile(model)
-        ref, default_first_s = first_call(lambda: default(*x))
+        ref, default_first_s = first_call(lambda: default(*x), device)
         default_ms = timed(lambda: default(*x), args.reps, device)
         _, _, default_attn_ms, _ = kernel_breakdown(lambda: default(*x), device)
         print(f"default: first call {default_first_s:.1f} s, forward {default_ms:.1f} ms", flush=True)
@@ -87,7 +76,7 @@ def main() -> None:
             fg = torch.compile(model, backend=fgcompile.backend(
                 alpha=1e-6, density=density, profile_every=10 ** 6, dense_calls=0, block_m=block_m,
                 min_seq_len=min_seq, max_density=1.0))
-            out, fg_first_s = first_call(lambda: fg(*x))  # the profiled call: dense attention
+            out, fg_first_s = first_call(lambda: fg(*x), device)  # the profiled call: dense attention
             profiled_err = rel_err(out.float(), ref.float())
             sparse_err = rel_err(fg(*x).float(), ref.float())
             fg_ms = timed(lambda: fg(*x), args.reps, device)
