@@ -93,8 +93,9 @@ class FGAttnConfig:
         its unmasked one on an H100, and that kernel runs at the unmasked speed:
         ``benchmarks/masked_dense_probe.py``). Default 0.8; 1.0 never switches. (The Triton
         kernel took 1.23x cuDNN's time at density 1.0 when this default was set; every real key
-        kept, both kernels now run at cuDNN's speed: ``results/masked_dense_h100.json``.) The kept fraction reaches the host by an asynchronous copy (no
-        synchronisation); until it has arrived the site runs sparse.
+        kept, both kernels now run at cuDNN's speed: ``results/masked_dense_h100.json``.) The
+        kept fraction reaches the host by an asynchronous copy (no synchronisation); until it
+        has arrived the site runs sparse.
     block_m:
         Queries per slice (M), a power of two in [16, 256]. Default 128 (FG-Attn's query block).
         The Triton kernels (CUDA) take ``TRITON_BLOCK_M`` (16 to 128); a site compiled for CUDA with

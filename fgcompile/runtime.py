@@ -324,9 +324,9 @@ class SiteState:
         self._device = q.device
         prefetched, self._prefetched = self._prefetched, None  # for this call only: used or dropped
         self._profiled_bits = None
-        if self._dense_call(call) or self._short_call(q, k):
+        short = self._short_call(q, k)
+        if self._dense_call(call) or short:
             self.n_dense += 1
-            short = self._short_call(q, k)
             out, packed = self._dense(q, k, v, key_padding, scale, kernel=not short), None
         else:
             try:
