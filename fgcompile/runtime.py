@@ -347,10 +347,12 @@ class SiteState:
 
     def _dense_call(self, call: int) -> bool:
         """Whether the schedule runs call ``call`` dense whatever the mask: a failed sparse path,
-        ``predictor="dense"``, a warm-up call, or a site matching ``dense_sites``."""
+        ``predictor="dense"``, a warm-up call, a site matching ``dense_sites``, or one the
+        detection pass made to run dense (``SiteInfo.run_dense``)."""
         cfg = self.config
         return (self.fallback is not None or cfg.predictor == "dense" or call < cfg.dense_calls
-                or cfg.is_dense_site(self.name) or (self.full_name is not None and cfg.is_dense_site(self.full_name)))
+                or cfg.is_dense_site(self.name) or (self.full_name is not None and cfg.is_dense_site(self.full_name))
+                or bool(getattr(self.info, "run_dense", "")))
 
     def _plan_sparse(
         self, call: int, q, k, v, key_padding, scale, index_cap=None, prefetched: Optional[tuple] = None

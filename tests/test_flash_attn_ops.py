@@ -261,6 +261,81 @@ def test_wan_flash_attention_path_runs_sparse_per_layer():
     assert sorted(counts.values()) == [(1, 2)] * 3, counts
 
 
+def _get_cu_seqlens(text_mask, img_len):
+    """HunyuanVideo's get_cu_seqlens (hyvideo/modules/models.py): per batch item, the video tokens
+    with the prompt's real tokens, then its padding, as two sequences: 2B + 1 entries."""
+    batch_size = text_mask.shape[0]
+    text_len = text_mask.sum(dim=1)
+    max_len = text_mask.shape[1] + img_len
+    cu_seqlens = torch.zeros([2 * batch_size + 1], dtype=torch.int32, device=text_mask.device)
+    for i in range(batch_size):
+        s = text_len[i] + img_len
+        s1 = i * max_len + s
+        s2 = (i + 1) * max_len
+        cu_seqlens[2 * i + 1] = s1
+        cu_seqlens[2 * i + 2] = s2
+    return cu_seqlens
+
+
+class HunyuanFlashLayer(nn.Module):
+    """HunyuanVideo's double-stream attention on its default flash path (hyvideo/modules/attenion.py,
+    mode "flash"): video and text tokens joined, flattened to (B * L, H, D), one varlen call with
+    the cu_seqlens above, the output viewed back as (B, L, H, D)."""
+
+    def __init__(self, shift):
+        super().__init__()
+        self.shift = shift
+        self.k = nn.Linear(64, 128, bias=False)
+        with torch.no_grad():
+            self.k.weight.copy_(3 * torch.eye(64).repeat(2, 1))
+
+    def forward(self, img, txt, v, text_mask):
+        k = self.k(torch.cat([img, txt], dim=1)).unflatten(-1, (2, 64))
+        q = k.roll(self.shift, dims=1)
+        cu = _get_cu_seqlens(text_mask, img.shape[1])
+        b, max_len = q.shape[0], q.shape[1]
+        x = VARLEN(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, max_len, max_len, 0.0, 0.125, False)[0]
+        return x.view(b, max_len, x.shape[-2], x.shape[-1])
+
+
+def test_hunyuan_video_two_sequence_varlen_is_served():
+    """HunyuanVideo's flash path at batch 1: two sequences (video + the prompt's 20 real tokens, then
+    its 36 padding tokens, which attend only to each other). Rewritten into two SDPA sites: the
+    first sequence's keys, a key-padded site served sparse, and the second's, which runs dense at
+    every call; exact at the profiled call (both row groups), the first sequence's rows sparse
+    after on their own mask, the padding rows exact always."""
+    torch._dynamo.reset()
+    m = HunyuanFlashLayer(shift=64).eval()
+    g = torch.Generator().manual_seed(3)
+    img, txt = torch.randn(1, 200, 64, generator=g), torch.randn(1, 56, 64, generator=g)
+    v = torch.randn(1, 256, 2, 64, generator=g)
+    text_mask = torch.zeros(1, 56, dtype=torch.long)
+    text_mask[:, :20] = 1
+    rep = fgcompile.explain(m, img, txt, v, text_mask, config=FGAttnConfig(**CFG))
+    assert [(s.decision, s.mask) for s in rep.sites] == [("sparse", "key_padding")] * 2, rep
+    assert "runs dense at every call" not in rep.sites[0].reason
+    assert "runs dense at every call" in rep.sites[1].reason, rep.sites[1].reason
+    c = torch.compile(m, backend=fgcompile.backend(**CFG))
+    with torch.no_grad():
+        ref = m(img, txt, v, text_mask)
+        k = m.k(torch.cat([img, txt], dim=1)).unflatten(-1, (2, 64))
+        q = k.roll(64, dims=1)
+        # both row groups depend on the split: attention over every key differs from each
+        whole = _attend(q, k, v, 0.125, False)
+        assert rel_err(ref[:, :220], whole[:, :220]) > 0.05 and rel_err(ref[:, 220:], whole[:, 220:]) > 0.05
+        torch.testing.assert_close(c(img, txt, v, text_mask), ref, atol=1e-5, rtol=1e-4)  # profiled
+        # the first sequence's rows: the site's own mask over the first sequence's keys (profiled on
+        # every query, the padding rows' blocks too), restricted to those rows
+        own_rows = _own_sparse(q, k[:, :220], v[:, :220])[:, :220]
+        for _ in range(2):
+            out = c(img, txt, v, text_mask)
+            torch.testing.assert_close(out[:, :220], own_rows, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(out[:, 220:], ref[:, 220:], atol=1e-5, rtol=1e-4)
+            assert out.is_contiguous() and out.shape == ref.shape
+    counts = {n: (s.profiled_calls, s.sparse_calls, s.dense_calls) for n, s in fgcompile.stats(c).items()}
+    assert sorted(counts.values()) == [(0, 0, 3), (1, 2, 0)], counts
+
+
 # flash_attn_func's path (flash_attn/flash_attn_interface.py): an autograd.Function whose forward
 # calls the op, saves tensors when grad is on, and slices the output's padded head dim
 class FlashAttnFunc(torch.autograd.Function):

@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import fgcompile
 from fgcompile import FGAttnConfig, runtime
@@ -28,6 +27,7 @@ from fgcompile.dynamo_backend import transform
 from fgcompile.lowering import inductor as lowering_inductor
 from fgcompile.lowering import ops as lops
 from fgcompile.lowering.cuda import full_tile_for, lowering_blocker
+from graph_capture import as_fake_cuda as _as_fake_cuda, capture as _capture
 
 os.environ["FGCOMPILE_STRICT"] = "1"
 
@@ -52,38 +52,8 @@ class Attn(nn.Module):
         return o.transpose(1, 2).reshape(B, S, self.h * self.d)
 
 
-def _capture(m, x):
-    graphs = []
-
-    def be(gm, ex):
-        graphs.append((gm, list(ex)))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(m, backend=be, fullgraph=True)(x)
-    assert len(graphs) == 1
-    return graphs[0]
-
-
 def _targets(gm):
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]
-
-
-def _as_fake_cuda(gm, example_inputs):
-    """Re-propagate the Dynamo graph's fake values with every input faked on CUDA."""
-    mode = FakeTensorMode()
-    fakes = []
-    for t in example_inputs:
-        with mode:
-            f = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda")
-        fakes.append(nn.Parameter(f, requires_grad=False) if isinstance(t, nn.Parameter) else f)
-    with mode:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
-    for n in gm.graph.nodes:
-        if "val" in n.meta:
-            n.meta["example_value"] = n.meta["val"]
-    return fakes
 
 
 # ----------------------------------------------------------------------------- CPU: opaque op
@@ -195,6 +165,24 @@ def test_fake_cuda_reference_impl_stays_opaque():
     fakes = _as_fake_cuda(gm, ex)
     with torch.no_grad():
         r = transform(gm, fakes, FGAttnConfig(min_seq_len=64, impl="reference"))
+    assert r.lowered == 0 and SITE in _targets(gm) and PLAN not in _targets(gm)
+
+
+def test_fake_cuda_site_that_runs_dense_stays_opaque():
+    """A site the detection pass made to run dense at every call (``RUN_DENSE`` on its SDPA node,
+    as ``expand_flash`` marks the second sequence of a varlen call) stays the opaque op on CUDA: no
+    kernel nor index buffers for it; its reason says so."""
+    from fgcompile.passes.find_attention import RUN_DENSE
+
+    m = Attn(64).eval()
+    gm, ex = _capture(m, torch.randn(2, 256, 64))
+    sdpa = next(n for n in gm.graph.nodes if n.target is F.scaled_dot_product_attention)
+    sdpa.meta[RUN_DENSE] = "a test's reason"
+    fakes = _as_fake_cuda(gm, ex)
+    with torch.no_grad():
+        r = transform(gm, fakes, FGAttnConfig(min_seq_len=64))
+    assert [s.decision for s in r.sites] == ["sparse"] and r.sites[0].run_dense == "a test's reason"
+    assert "runs dense at every call: a test's reason" in r.sites[0].reason
     assert r.lowered == 0 and SITE in _targets(gm) and PLAN not in _targets(gm)
 
 

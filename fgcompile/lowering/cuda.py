@@ -35,7 +35,8 @@ calls: see ``fgcompile.lowering.ops``.
 
 Sites the kernel cannot take stay opaque ``site_attention`` nodes (also on CUDA): impl="reference",
 a head dim that is not a multiple of 8 up to 128 or is symbolic, D_v != D, block_m outside
-(16, 32, 64, 128), a dtype other than fp16/bf16/fp32. On the CPU nothing changes. ``FGCOMPILE_LOWERING=0`` keeps every
+(16, 32, 64, 128), a dtype other than fp16/bf16/fp32; and sites that run dense at every call
+(``SiteInfo.run_dense``: no kernel nor index buffers in the graph for them). On the CPU nothing changes. ``FGCOMPILE_LOWERING=0`` keeps every
 site opaque (the pre-issue-6 path; for comparisons and as an escape hatch).
 
 Every CUDA site that runs the Triton kernels also gets its schedule step's kernels compiled in the
@@ -147,6 +148,10 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patche
         cfg = template.config
         qv, kv, vv = _val(q), _val(k), _val(v)
         why = lowering_blocker(qv, kv, vv, cfg) if lowering_on else "FGCOMPILE_LOWERING=0"
+        if why is None and getattr(template.info, "run_dense", ""):
+            # no kernel in the graph for a site that never runs sparse (nor its index buffers):
+            # the opaque op computes its dense calls (SiteState._dense)
+            why = f"it runs dense at every call ({template.info.run_dense})"
         if why is not None:
             if isinstance(qv, torch.Tensor) and qv.device.type == "cuda":
                 log.info("fgcompile: site %s stays an opaque op on CUDA: %s", template.name, why)

@@ -19,9 +19,20 @@ arguments are in the supported subset, by the same attention written with SDPA:
          [cu_seqlens_k[0], cu_seqlens_k[1]) masked out (a key-padding mask built on the device:
          no host sync), output [0]                                            (T_q, H, D)
 
+    _flash_attn_varlen_forward(...)                                          two sequences:
+                                                                             cu_seqlens of 3 entries
+      -> o0 = that SDPA with the keys of the first sequence [cu_k[0], cu_k[1]) kept,
+         o1 = the same with the keys of the second, [cu_k[1], cu_k[2]),
+         out = where(query row >= cu_q[1], o1, o0)                             (T_q, H, D)
+         HunyuanVideo's layout at batch 1 (``get_cu_seqlens``: [0, video + prompt tokens, the
+         whole length]): the second sequence is the prompt's padding, whose tokens attend only
+         to each other. o1's SDPA carries ``RUN_DENSE``: its site runs dense at every call (on
+         CUDA the kernel over its few real keys, ``SiteState._dense``), while o0 is a key-padded
+         site like any other. (Were the second sequence the long one, o1 would cost up to one
+         dense pass; exact either way.)
+
 The op's first output (``out``, contiguous) is what the rewrite gives; flash-attn leaves a varlen
-output's rows outside ``[cu_seqlens_q[0], cu_seqlens_q[1])`` unwritten, and the rewrite computes
-attention there too. Arguments are read by the names of the op's schema (flash-attn's releases
+output's rows outside the sequences unwritten, and the rewrite computes attention there too. Arguments are read by the names of the op's schema (flash-attn's releases
 differ in trailing arguments and namespace: ``flashattn::`` now, ``flash_attn::`` in some);
 supported: ``dropout_p == 0``, ``causal=False`` (flash-attn aligns a causal mask of unequal
 lengths bottom-right, SDPA top-left; causal attention stays dense anyway), no sliding window
@@ -39,7 +50,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .find_attention import FLASH_NOT_EXPANDED, _val
+from .find_attention import FLASH_NOT_EXPANDED, RUN_DENSE, _val
 from .rewrite import _Builder, failed_rewrite
 
 __all__ = ["expand_flash"]
@@ -116,10 +127,14 @@ def _why_not(kind: str, a: dict, node: fx.Node) -> Optional[str]:
                                        or q.shape[-2] % k.shape[-2] != 0):
         return "the query heads are not a multiple of the key heads"
     if kind == "varlen":
+        shapes = set()
         for name in ("cu_seqlens_q", "cu_seqlens_k"):
             cu = _val(a[name])
-            if not isinstance(cu, torch.Tensor) or tuple(cu.shape) != (2,):
-                return f"{name} holds more than one sequence (only one, B = 1, is rewritten)"
+            if not isinstance(cu, torch.Tensor) or tuple(cu.shape) not in ((2,), (3,)):
+                return f"{name} holds more than two sequences (one or two are rewritten)"
+            shapes.add(tuple(cu.shape))
+        if len(shapes) != 1:
+            return "cu_seqlens_q and cu_seqlens_k hold different numbers of sequences"
     for u in node.users:
         if u.op != "call_function" or u.target is not operator.getitem:
             return f"its result is used as a whole by {u.name}"
@@ -134,25 +149,35 @@ def _expand(gm: fx.GraphModule, node: fx.Node, kind: str, a: dict) -> None:
         b.fake_mode = getattr(_val(a["q"]), "fake_mode", None)
     try:
         q, k, v = a["q"], a["k"], a["v"]
-        mask = None
+        masks = [None]
         if kind == "varlen":
             q, k, v = (b.method("unsqueeze", t, 0) for t in (q, k, v))  # (1, T, H, D)
-            cu = a["cu_seqlens_k"]
-            t_k = b.method("size", a["k"], 0)
-            keys = b.fn(torch.arange, t_k, device=_val(a["k"]).device)
-            lo, hi = (b.fn(operator.getitem, cu, i) for i in (0, 1))
-            keep = b.fn(torch.logical_and, b.fn(operator.ge, keys, lo), b.fn(operator.lt, keys, hi))
-            mask = b.method("view", keep, 1, 1, 1, -1)  # (1, 1, 1, T_k): a key-padding mask
+            keys = b.fn(torch.arange, b.method("size", a["k"], 0), device=_val(a["k"]).device)
+            n_seq = _val(a["cu_seqlens_k"]).shape[0] - 1
+            bounds = [b.fn(operator.getitem, a["cu_seqlens_k"], i) for i in range(n_seq + 1)]
+            masks = [  # (1, 1, 1, T_k) key-padding masks: the keys of sequence i
+                b.method("view", b.fn(torch.logical_and, b.fn(operator.ge, keys, lo), b.fn(operator.lt, keys, hi)),
+                         1, 1, 1, -1)
+                for lo, hi in zip(bounds, bounds[1:])
+            ]
         qt, kt, vt = (b.method("transpose", t, 1, 2) for t in (q, k, v))
         kwargs: dict[str, Any] = {}
         if a.get("softmax_scale") is not None:
             kwargs["scale"] = float(a["softmax_scale"])
         if _val(a["q"]).shape[-2] != _val(a["k"]).shape[-2]:
             kwargs["enable_gqa"] = True
-        if mask is not None:
-            kwargs["attn_mask"] = mask
-        o = b.fn(F.scaled_dot_product_attention, qt, kt, vt,
-                 value_fn=lambda q_, k_, v_: torch.empty_like(q_), **kwargs)
+        outs = [
+            b.fn(F.scaled_dot_product_attention, qt, kt, vt, value_fn=lambda q_, k_, v_: torch.empty_like(q_),
+                 **kwargs, **({"attn_mask": m} if m is not None else {}))
+            for m in masks
+        ]
+        o = outs[0]
+        if len(outs) == 2:  # rows of the second sequence take its attention
+            outs[1].meta[RUN_DENSE] = ("the second sequence of a two-sequence flash-attn varlen call (HunyuanVideo: "
+                                       "the prompt's padding, attending only to itself)")
+            rows = b.fn(torch.arange, b.method("size", a["q"], 0), device=_val(a["q"]).device)
+            second = b.method("view", b.fn(operator.ge, rows, b.fn(operator.getitem, a["cu_seqlens_q"], 1)), 1, 1, -1, 1)
+            o = b.fn(torch.where, second, outs[1], outs[0])
         out = b.method("contiguous", b.method("transpose", o, 1, 2))
         if kind == "varlen":
             out = b.fn(operator.getitem, out, 0)

@@ -108,6 +108,9 @@ class SiteInfo:
     # weight-tied block used twice with a graph break between the uses) give the same name with
     # different call sites; the run-time state tells them apart by it (ModelState.site).
     call_site: Optional[str] = field(default=None, repr=False, compare=False)
+    # why every call of this sparse-decided site runs dense (fgcompile's op, on its dense path:
+    # on CUDA with key padding the kernel over the real keys), or "" (the schedule decides)
+    run_dense: str = ""
 
 
 @dataclass
@@ -460,6 +463,11 @@ def _storages(xs: list) -> Optional[set]:
 
 #: node.meta key: why passes.expand_flash did not rewrite this flash-attn call into SDPA
 FLASH_NOT_EXPANDED = "fgcompile_flash_not_expanded"
+
+#: node.meta key of an SDPA node a pass made: why the site it becomes runs dense at every call
+#: (``SiteInfo.run_dense``), e.g. the short second sequence of a two-sequence flash-attn varlen
+#: call (``passes.expand_flash``), whose predictor would cost more than it saves
+RUN_DENSE = "fgcompile_run_dense"
 
 #: attention kernels of other libraries that a graph holds as one opaque call (torch.library
 #: namespaces / Python modules), reported as not served instead of passing unnoticed
@@ -2045,6 +2053,9 @@ class _Finder:
                 extra.append(f"dynamic sequence length, decided on its example size {_hint(s_q)}x{_hint(s_kv)}")
             if cfg.predictor == "dense":
                 extra.append('predictor="dense": the runtime runs it dense')
+            info.run_dense = m.output.meta.get(RUN_DENSE, "") if m.info.pattern == "sdpa" else ""
+            if info.run_dense:
+                extra.append(f"runs dense at every call: {info.run_dense}")
             kind = "self-attention" if _same(s_q, s_kv) else "attention"
             size_ok = "" if dyn_self or min(_hint(s_q), _hint(s_kv)) < cfg.min_seq_len else f" >= min_seq_len {cfg.min_seq_len}"
             info.reason = kind + f" {info.seq_len_q}x{info.seq_len_kv}{size_ok}" + (
