@@ -336,6 +336,66 @@ def test_hunyuan_video_two_sequence_varlen_is_served():
     assert sorted(counts.values()) == [(0, 0, 3), (1, 2, 0)], counts
 
 
+def test_hunyuan_video_batch_of_two_is_served_where_the_graph_proves_the_items():
+    """HunyuanVideo's flash path at batch 2 (classifier-free guidance: prompts of 20 and 3 real
+    tokens): 5 cu_seqlens entries. Compiled with get_cu_seqlens in the graph, its even entries
+    are the constants i * max_len: each item's two sequences lie in its own rows, and the call is
+    served like batch 1 (exact at the profiled call). With cu_seqlens made outside the graph (a
+    block compiled alone), or an even entry that is not that constant, it stays opaque, saying why."""
+    torch._dynamo.reset()
+    m = HunyuanFlashLayer(shift=64).eval()
+    g = torch.Generator().manual_seed(5)
+    img, txt = torch.randn(2, 200, 64, generator=g), torch.randn(2, 56, 64, generator=g)
+    v = torch.randn(2, 256, 2, 64, generator=g)
+    text_mask = torch.zeros(2, 56, dtype=torch.long)
+    text_mask[0, :20] = 1
+    text_mask[1, :3] = 1
+    rep = fgcompile.explain(m, img, txt, v, text_mask, config=FGAttnConfig(**CFG))
+    assert [(s.decision, s.mask, s.batch) for s in rep.sites] == [("sparse", "key_padding", 2)] * 2, rep
+    c = torch.compile(m, backend=fgcompile.backend(**CFG))
+    with torch.no_grad():
+        ref = m(img, txt, v, text_mask)
+        torch.testing.assert_close(c(img, txt, v, text_mask), ref, atol=1e-5, rtol=1e-4)  # profiled
+        out = c(img, txt, v, text_mask)  # sparse: the first sequences' rows close, the padding rows exact
+        assert rel_err(out, ref) < 0.05
+        torch.testing.assert_close(out[0, 220:], ref[0, 220:], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out[1, 203:], ref[1, 203:], atol=1e-5, rtol=1e-4)
+
+    class Block(HunyuanFlashLayer):  # cu_seqlens from outside the graph
+        def forward(self, img, txt, v, cu):
+            k = self.k(torch.cat([img, txt], dim=1)).unflatten(-1, (2, 64))
+            x = VARLEN(k.roll(self.shift, dims=1).flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 256, 256,
+                       0.0, 0.125, False)[0]
+            return x.view(2, 256, 2, 64)
+
+    class Misaligned(HunyuanFlashLayer):  # the second item's sequences do not start at its first row
+        def forward(self, img, txt, v, text_mask):
+            k = self.k(torch.cat([img, txt], dim=1)).unflatten(-1, (2, 64))
+            cu = _get_cu_seqlens(text_mask, img.shape[1])
+            cu[2] = text_mask.sum() + 250
+            x = VARLEN(k.roll(self.shift, dims=1).flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 256, 256,
+                       0.0, 0.125, False)[0]
+            return x.view(2, 256, 2, 64)
+
+    class ThroughAView(HunyuanFlashLayer):  # the right value, written through a view
+        def forward(self, img, txt, v, text_mask):
+            k = self.k(torch.cat([img, txt], dim=1)).unflatten(-1, (2, 64))
+            cu = _get_cu_seqlens(text_mask, img.shape[1])
+            cu.view(-1)[2] = 256
+            x = VARLEN(k.roll(self.shift, dims=1).flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 256, 256,
+                       0.0, 0.125, False)[0]
+            return x.view(2, 256, 2, 64)
+
+    cu = torch.tensor([0, 220, 256, 459, 512], dtype=torch.int32)
+    for model, args, why in ((Block(64), (img, txt, v, cu), "not made by torch.zeros in this graph"),
+                             (Misaligned(64), (img, txt, v, text_mask), "cu_seqlens[2] is not the constant 256"),
+                             (ThroughAView(64), (img, txt, v, text_mask), "in a way the pass does not follow")):
+        torch._dynamo.reset()
+        rep = fgcompile.explain(model.eval(), *args, config=FGAttnConfig(**CFG))
+        assert rep.sites == [], rep
+        assert any(kind == "opaque" and why in w for _, kind, w in rep.rejected), rep.rejected
+
+
 # flash_attn_func's path (flash_attn/flash_attn_interface.py): an autograd.Function whose forward
 # calls the op, saves tensors when grad is on, and slices the output's padded head dim
 class FlashAttnFunc(torch.autograd.Function):

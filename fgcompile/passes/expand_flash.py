@@ -19,17 +19,22 @@ arguments are in the supported subset, by the same attention written with SDPA:
          [cu_seqlens_k[0], cu_seqlens_k[1]) masked out (a key-padding mask built on the device:
          no host sync), output [0]                                            (T_q, H, D)
 
-    _flash_attn_varlen_forward(...)                                          two sequences:
-                                                                             cu_seqlens of 3 entries
-      -> o0 = that SDPA with the keys of the first sequence [cu_k[0], cu_k[1]) kept,
-         o1 = the same with the keys of the second, [cu_k[1], cu_k[2]),
-         out = where(query row >= cu_q[1], o1, o0)                             (T_q, H, D)
-         HunyuanVideo's layout at batch 1 (``get_cu_seqlens``: [0, video + prompt tokens, the
-         whole length]): the second sequence is the prompt's padding, whose tokens attend only
-         to each other. o1's SDPA carries ``RUN_DENSE``: its site runs dense at every call (on
-         CUDA the kernel over its few real keys, ``SiteState._dense``), while o0 is a key-padded
-         site like any other. (Were the second sequence the long one, o1 would cost up to one
-         dense pass; exact either way.)
+    _flash_attn_varlen_forward(...)                                          two sequences per
+                                                                             batch item: cu_seqlens
+                                                                             of 2B + 1 entries
+      -> q, k, v viewed (B, L, H, D); per item b, with its bounds made item-local,
+         o0 = that SDPA with the keys of its first sequence [cu_k[2b], cu_k[2b+1]) kept,
+         o1 = the same with the keys of its second, [cu_k[2b+1], cu_k[2b+2]),
+         out = where(query row >= cu_q[2b+1], o1, o0), viewed back            (T_q, H, D)
+         HunyuanVideo's layout (``get_cu_seqlens``: per item, the video with the prompt's real
+         tokens, then the prompt's padding, whose tokens attend only to each other). o1's SDPA
+         carries ``RUN_DENSE``: its site runs dense at every call (on CUDA the kernel over its
+         few real keys, ``SiteState._dense``), while o0 is a key-padded site like any other.
+         (Were the second sequences the long ones, o1 would cost up to one dense pass; exact
+         either way.) At B = 1 any two sequences are served. At B > 1 every item's sequences
+         must lie in its own L rows: the pass proves it from the graph (``_item_aligned``: the
+         cu_seqlens made by ``torch.zeros`` there, its even entries written with the constants
+         i * L, HunyuanVideo's code traced with the model) or leaves the call opaque.
 
 The op's first output (``out``, contiguous) is what the rewrite gives; flash-attn leaves a varlen
 output's rows outside the sequences unwritten, and the rewrite computes attention there too. Arguments are read by the names of the op's schema (flash-attn's releases
@@ -130,16 +135,66 @@ def _why_not(kind: str, a: dict, node: fx.Node) -> Optional[str]:
         shapes = set()
         for name in ("cu_seqlens_q", "cu_seqlens_k"):
             cu = _val(a[name])
-            if not isinstance(cu, torch.Tensor) or tuple(cu.shape) not in ((2,), (3,)):
-                return f"{name} holds more than two sequences (one or two are rewritten)"
-            shapes.add(tuple(cu.shape))
+            if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or not isinstance(cu.shape[0], int) or cu.shape[0] < 2:
+                return f"{name} is not a 1-D tensor of a static length >= 2"
+            shapes.add(cu.shape[0])
         if len(shapes) != 1:
             return "cu_seqlens_q and cu_seqlens_k hold different numbers of sequences"
+        n = shapes.pop()
+        if n > 3 and n % 2 == 0:
+            return f"{n - 1} sequences (rewritten: one, or two per batch item)"
+        items = (n - 1) // 2
+        if items > 1:  # sequences 2i and 2i + 1 must lie in batch item i's rows: proven in the graph
+            for name, t in (("cu_seqlens_q", q), ("cu_seqlens_k", k)):
+                total = t.shape[0]
+                if not isinstance(total, int) or total % items:
+                    return f"{items} batch items: {name[-1]}'s {total} rows are not {items} equal items"
+                why = _item_aligned(a[name], node, items, total // items)
+                if why is not None:
+                    return f"{items} batch items of two sequences: {why}"
     for u in node.users:
         if u.op != "call_function" or u.target is not operator.getitem:
             return f"its result is used as a whole by {u.name}"
         if u.args[1] != 0 and u.users:
             return "an output other than the attention's (softmax_lse, ...) is read"
+    return None
+
+
+def _item_aligned(cu: Any, flash: fx.Node, items: int, length: int) -> Optional[str]:
+    """None when the graph proves that ``cu`` (a cu_seqlens of 2 * items + 1 entries) holds
+    ``i * length`` at entry 2i for every i, when ``flash`` reads it: made by ``torch.zeros`` in
+    this graph, and every write into its memory before ``flash`` a ``cu[j] = x`` with a constant
+    j, the even ones with the constant (j // 2) * length (HunyuanVideo's ``get_cu_seqlens``,
+    traced with the model: ``cu_seqlens[2 * i + 2] = (i + 1) * max_len``). Else why not (a
+    cu_seqlens made outside the graph: a block compiled on its own)."""
+    from .find_attention import _storages, _written
+
+    if not isinstance(cu, fx.Node) or cu.op != "call_function" or cu.target is not torch.zeros:
+        return "cu_seqlens is not made by torch.zeros in this graph (compile the whole model to serve it)"
+    mem = _storages([cu])
+    if mem is None:
+        return "cu_seqlens has no tensor value to follow"
+    n = 2 * items + 1
+    even = {i: 0 for i in range(0, n, 2)}
+    for node in cu.graph.nodes:
+        if node is flash:
+            break
+        written = _written(node)
+        if written is None:
+            continue
+        into = _storages(written)
+        if into is not None and not (into & mem):
+            continue
+        j = node.args[1] if node.target is operator.setitem and len(node.args) == 3 else None
+        if node.args[0] is not cu or not isinstance(j, int) or not -n <= j < n:
+            return f"cu_seqlens is written by {node.name} in a way the pass does not follow"
+        j %= n
+        if j % 2 == 0:
+            even[j] = node.args[2]
+    for j, value in even.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value != (j // 2) * length:
+            return (f"cu_seqlens[{j}] is not the constant {(j // 2) * length} (the start of batch item {j // 2}) "
+                    f"in this graph")
     return None
 
 
@@ -149,17 +204,34 @@ def _expand(gm: fx.GraphModule, node: fx.Node, kind: str, a: dict) -> None:
         b.fake_mode = getattr(_val(a["q"]), "fake_mode", None)
     try:
         q, k, v = a["q"], a["k"], a["v"]
-        masks = [None]
+        masks, second = [None], None
         if kind == "varlen":
-            q, k, v = (b.method("unsqueeze", t, 0) for t in (q, k, v))  # (1, T, H, D)
-            keys = b.fn(torch.arange, b.method("size", a["k"], 0), device=_val(a["k"]).device)
-            n_seq = _val(a["cu_seqlens_k"]).shape[0] - 1
-            bounds = [b.fn(operator.getitem, a["cu_seqlens_k"], i) for i in range(n_seq + 1)]
-            masks = [  # (1, 1, 1, T_k) key-padding masks: the keys of sequence i
+            n_cu = _val(a["cu_seqlens_k"]).shape[0]
+            items = max(1, (n_cu - 1) // 2)  # batch items (two sequences each), or one sequence
+            q, k, v = (b.method("view", t, items, -1, *_val(t).shape[1:]) for t in (q, k, v))  # (B, L, H, D)
+
+            def bounds(cu_name: str, t: fx.Node) -> tuple:
+                """Item-local positions (B, L) of t's rows and the item-local bounds (B, 1) of its
+                sequences: entries 0, 1 (, 2) of each item's (2 * i, 2 * i + 1, 2 * i + 2)."""
+                cu, length = a[cu_name], _val(t).shape[1]
+                start = b.method("view", b.fn(torch.arange, items, device=_val(cu).device), -1, 1)
+                start = b.fn(operator.mul, start, length)
+                pos = b.method("view", b.fn(torch.arange, length, device=_val(t).device), 1, -1)
+                picks = ([slice(0, 1), slice(1, 2)] if n_cu == 2 else
+                         [slice(0, n_cu - 1, 2), slice(1, n_cu, 2), slice(2, n_cu, 2)])
+                cuts = [b.fn(operator.sub, b.method("view", b.fn(operator.getitem, cu, pick), -1, 1), start)
+                        for pick in picks]
+                return pos, cuts
+
+            keys, cut_k = bounds("cu_seqlens_k", k)
+            masks = [  # (B, 1, 1, L_k) key-padding masks: the keys of each item's sequence i
                 b.method("view", b.fn(torch.logical_and, b.fn(operator.ge, keys, lo), b.fn(operator.lt, keys, hi)),
-                         1, 1, 1, -1)
-                for lo, hi in zip(bounds, bounds[1:])
+                         items, 1, 1, -1)
+                for lo, hi in zip(cut_k, cut_k[1:])
             ]
+            if len(masks) == 2:  # rows of each item's second sequence
+                rows, cut_q = bounds("cu_seqlens_q", q)
+                second = b.method("view", b.fn(operator.ge, rows, cut_q[1]), items, 1, -1, 1)
         qt, kt, vt = (b.method("transpose", t, 1, 2) for t in (q, k, v))
         kwargs: dict[str, Any] = {}
         if a.get("softmax_scale") is not None:
@@ -172,15 +244,13 @@ def _expand(gm: fx.GraphModule, node: fx.Node, kind: str, a: dict) -> None:
             for m in masks
         ]
         o = outs[0]
-        if len(outs) == 2:  # rows of the second sequence take its attention
+        if second is not None:  # rows of the second sequence take its attention
             outs[1].meta[RUN_DENSE] = ("the second sequence of a two-sequence flash-attn varlen call (HunyuanVideo: "
                                        "the prompt's padding, attending only to itself)")
-            rows = b.fn(torch.arange, b.method("size", a["q"], 0), device=_val(a["q"]).device)
-            second = b.method("view", b.fn(operator.ge, rows, b.fn(operator.getitem, a["cu_seqlens_q"], 1)), 1, 1, -1, 1)
             o = b.fn(torch.where, second, outs[1], outs[0])
         out = b.method("contiguous", b.method("transpose", o, 1, 2))
         if kind == "varlen":
-            out = b.fn(operator.getitem, out, 0)
+            out = b.method("view", out, -1, *_val(a["q"]).shape[1:])  # (T_q, H, D)
     except Exception:
         b.undo()
         raise
