@@ -277,17 +277,10 @@ def _get_cu_seqlens(text_mask, img_len):
     return cu_seqlens
 
 
-class HunyuanFlashLayer(nn.Module):
+class HunyuanFlashLayer(WanFlashLayer):
     """HunyuanVideo's double-stream attention on its default flash path (hyvideo/modules/attenion.py,
     mode "flash"): video and text tokens joined, flattened to (B * L, H, D), one varlen call with
-    the cu_seqlens above, the output viewed back as (B, L, H, D)."""
-
-    def __init__(self, shift):
-        super().__init__()
-        self.shift = shift
-        self.k = nn.Linear(64, 128, bias=False)
-        with torch.no_grad():
-            self.k.weight.copy_(3 * torch.eye(64).repeat(2, 1))
+    the cu_seqlens above, the output viewed back as (B, L, H, D). (WanFlashLayer's projection.)"""
 
     def forward(self, img, txt, v, text_mask):
         k = self.k(torch.cat([img, txt], dim=1)).unflatten(-1, (2, 64))
@@ -298,6 +291,17 @@ class HunyuanFlashLayer(nn.Module):
         return x.view(b, max_len, x.shape[-2], x.shape[-1])
 
 
+def _hunyuan_inputs(prompt_tokens: list, seed: int) -> tuple:
+    """img (B, 200, 64), txt (B, 56, 64), v (B, 256, 2, 64) and a text mask with item b's first
+    ``prompt_tokens[b]`` tokens real."""
+    b = len(prompt_tokens)
+    g = torch.Generator().manual_seed(seed)
+    img, txt = torch.randn(b, 200, 64, generator=g), torch.randn(b, 56, 64, generator=g)
+    v = torch.randn(b, 256, 2, 64, generator=g)
+    text_mask = (torch.arange(56)[None, :] < torch.tensor(prompt_tokens)[:, None]).long()
+    return img, txt, v, text_mask
+
+
 def test_hunyuan_video_two_sequence_varlen_is_served():
     """HunyuanVideo's flash path at batch 1: two sequences (video + the prompt's 20 real tokens, then
     its 36 padding tokens, which attend only to each other). Rewritten into two SDPA sites: the
@@ -306,11 +310,7 @@ def test_hunyuan_video_two_sequence_varlen_is_served():
     after on their own mask, the padding rows exact always."""
     torch._dynamo.reset()
     m = HunyuanFlashLayer(shift=64).eval()
-    g = torch.Generator().manual_seed(3)
-    img, txt = torch.randn(1, 200, 64, generator=g), torch.randn(1, 56, 64, generator=g)
-    v = torch.randn(1, 256, 2, 64, generator=g)
-    text_mask = torch.zeros(1, 56, dtype=torch.long)
-    text_mask[:, :20] = 1
+    img, txt, v, text_mask = _hunyuan_inputs([20], seed=3)
     rep = fgcompile.explain(m, img, txt, v, text_mask, config=FGAttnConfig(**CFG))
     assert [(s.decision, s.mask) for s in rep.sites] == [("sparse", "key_padding")] * 2, rep
     assert "runs dense at every call" not in rep.sites[0].reason
@@ -344,12 +344,7 @@ def test_hunyuan_video_batch_of_two_is_served_where_the_graph_proves_the_items()
     block compiled alone), or an even entry that is not that constant, it stays opaque, saying why."""
     torch._dynamo.reset()
     m = HunyuanFlashLayer(shift=64).eval()
-    g = torch.Generator().manual_seed(5)
-    img, txt = torch.randn(2, 200, 64, generator=g), torch.randn(2, 56, 64, generator=g)
-    v = torch.randn(2, 256, 2, 64, generator=g)
-    text_mask = torch.zeros(2, 56, dtype=torch.long)
-    text_mask[0, :20] = 1
-    text_mask[1, :3] = 1
+    img, txt, v, text_mask = _hunyuan_inputs([20, 3], seed=5)
     rep = fgcompile.explain(m, img, txt, v, text_mask, config=FGAttnConfig(**CFG))
     assert [(s.decision, s.mask, s.batch) for s in rep.sites] == [("sparse", "key_padding", 2)] * 2, rep
     c = torch.compile(m, backend=fgcompile.backend(**CFG))
