@@ -208,7 +208,7 @@ def _expand(gm: fx.GraphModule, node: fx.Node, kind: str, a: dict) -> None:
         if kind == "varlen":
             n_cu = _val(a["cu_seqlens_k"]).shape[0]
             items = max(1, (n_cu - 1) // 2)  # batch items (two sequences each), or one sequence
-            q, k, v = (b.method("view", t, items, -1, *_val(t).shape[1:]) for t in (q, k, v))  # (B, L, H, D)
+            q, k, v = (b.method("reshape", t, items, -1, *_val(t).shape[1:]) for t in (q, k, v))  # (B, L, H, D)
 
             def bounds(cu_name: str, t: fx.Node) -> tuple:
                 """Item-local positions (B, L) of t's rows and the item-local bounds (B, 1) of its
