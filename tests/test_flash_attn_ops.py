@@ -341,7 +341,9 @@ def test_hunyuan_video_batch_of_two_is_served_where_the_graph_proves_the_items()
     tokens): 5 cu_seqlens entries. Compiled with get_cu_seqlens in the graph, its even entries
     are the constants i * max_len: each item's two sequences lie in its own rows, and the call is
     served like batch 1 (exact at the profiled call). With cu_seqlens made outside the graph (a
-    block compiled alone), or an even entry that is not that constant, it stays opaque, saying why."""
+    block compiled alone), or an even entry that is not that constant, it stays opaque, saying why;
+    so does Wan2.1's flash_attention() at batch 2 (3 entries, one sequence per item: not the
+    padded-item layout, max_seqlen is half the rows)."""
     torch._dynamo.reset()
     m = HunyuanFlashLayer(shift=64).eval()
     img, txt, v, text_mask = _hunyuan_inputs([20, 3], seed=5)
@@ -381,8 +383,14 @@ def test_hunyuan_video_batch_of_two_is_served_where_the_graph_proves_the_items()
                        0.0, 0.125, False)[0]
             return x.view(2, 256, 2, 64)
 
+    class OnePerItem(HunyuanFlashLayer):  # Wan2.1's flash_attention() at batch 2: one sequence per item
+        def forward(self, img, txt, v, text_mask):
+            k = self.k(torch.cat([img, txt], dim=1)).unflatten(-1, (2, 64))
+            return _wan_flash_attention(k.roll(self.shift, dims=1), k, v, torch.tensor([256, 200], dtype=torch.int32))
+
     cu = torch.tensor([0, 220, 256, 459, 512], dtype=torch.int32)
-    for model, args, why in ((Block(64), (img, txt, v, cu), "not made by torch.zeros in this graph"),
+    for model, args, why in ((OnePerItem(64), (img, txt, v, text_mask), "max_seqlen_q 256 is not the item's 512 / 1"),
+                             (Block(64), (img, txt, v, cu), "not made by torch.zeros in this graph"),
                              (Misaligned(64), (img, txt, v, text_mask), "cu_seqlens[2] is not the constant 256"),
                              (ThroughAView(64), (img, txt, v, text_mask), "in a way the pass does not follow")):
         torch._dynamo.reset()

@@ -31,7 +31,10 @@ arguments are in the supported subset, by the same attention written with SDPA:
          carries ``RUN_DENSE``: its site runs dense at every call (on CUDA the kernel over its
          few real keys, ``SiteState._dense``), while o0 is a key-padded site like any other.
          (Were the second sequences the long ones, o1 would cost up to one dense pass; exact
-         either way.) At B = 1 any two sequences are served. At B > 1 every item's sequences
+         either way.) Served only in this padded-item layout: ``max_seqlen_q`` and
+         ``max_seqlen_k`` constants equal to each item's row count (T / B; sequences of other
+         packings, e.g. one per item at B = 2, Wan2.1's, whose second sequence is a whole item,
+         stay with flash-attn). At B = 1 any such cut is served. At B > 1 every item's sequences
          must lie in its own L rows: the pass proves it from the graph (``_item_aligned``: the
          cu_seqlens made by ``torch.zeros`` there, its even entries written with the constants
          i * L, HunyuanVideo's code traced with the model) or leaves the call opaque.
@@ -144,6 +147,13 @@ def _why_not(kind: str, a: dict, node: fx.Node) -> Optional[str]:
         if n > 3 and n % 2 == 0:
             return f"{n - 1} sequences (rewritten: one, or two per batch item)"
         items = (n - 1) // 2
+        if n > 2:  # the padded-item layout: each item one row of max_seqlen tokens, cut in two
+            for side, t in (("q", q), ("k", k)):
+                rows, longest = t.shape[0], a.get(f"max_seqlen_{side}")
+                if not isinstance(rows, int) or not isinstance(longest, int) or longest * items != rows:
+                    return (f"two sequences per batch item, but max_seqlen_{side} {longest} is not the item's "
+                            f"{rows} / {items} rows (served: items padded to max_seqlen, each cut into its "
+                            f"tokens and its padding, as HunyuanVideo calls it)")
         if items > 1:  # sequences 2i and 2i + 1 must lie in batch item i's rows: proven in the graph
             for name, t in (("cu_seqlens_q", q), ("cu_seqlens_k", k)):
                 total = t.shape[0]
