@@ -466,6 +466,51 @@ def test_direct_kernel_failure_in_plan_site_falls_back_to_dense(monkeypatch, cap
     assert "synthetic direct failure" in st.fallback
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_key_padded_dense_calls_take_the_kernel_over_the_real_keys(monkeypatch, caplog, fails):
+    """A dense call (here a warm-up call) of a key-padded site where the kernel serves it (on CUDA;
+    here forced, with the Triton kernel under the interpreter) runs the sparse kernel over the lists
+    of every real key: float64 attention over the real keys; counted once as dense. If that launch
+    fails, the call runs SDPA, and the site falls back for good, counted once."""
+    from fgcompile import runtime
+    from fgcompile.kernels import packing
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 or CUDA")
+    h = runtime.register_site(f"runtime.padded_dense_{fails}", _cfg(dense_calls=2, impl="triton", block_m=64))
+    site = runtime._site(h, None)
+    serves = runtime.SiteState._kernel_serves_dense
+    cpu_as_cuda = type("Q", (), {"device": torch.device("cuda")})()  # its only question of q: the device
+    monkeypatch.setattr(runtime.SiteState, "_kernel_serves_dense", lambda self, q: serves(self, cpu_as_cuda))
+    made = []
+    real = packing.real_key_lists
+
+    def lists(*a):
+        made.append(a)
+        if fails:
+            raise RuntimeError("synthetic padded-dense failure")
+        return real(*a)
+
+    monkeypatch.setattr(packing, "real_key_lists", lists)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 2, 192, 32, generator=g) for _ in range(3))
+    kp = torch.arange(192)[None, :] < torch.tensor([[192], [150]])
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=kp[:, None, None, :], scale=0.2)
+    monkeypatch.delenv("FGCOMPILE_STRICT", raising=False)
+    with caplog.at_level("WARNING", logger="fgcompile"):
+        out = site(q, k, v, kp, 0.2)
+    assert len(made) == 1 and rel_err(out, ref) < 1e-5
+    st = site.stats()
+    assert (st.calls, st.dense_calls, st.sparse_calls) == (1, 1, 0)
+    if fails:
+        assert "synthetic padded-dense failure" in st.fallback and "synthetic" in caplog.text
+        site(q, k, v, kp, 0.2)
+        assert len(made) == 1  # falls back for good: SDPA from now on
+    else:
+        assert st.fallback is None
+    monkeypatch.setenv("FGCOMPILE_STRICT", "1")
+
+
 def test_stats_of_parameter_free_models_and_functions():
     """A compiled module without parameters (or a compiled function) has no parameter to own its
     sites: stats() reads the state those share instead of raising; a model whose sites all ran
