@@ -39,14 +39,15 @@ arguments are in the supported subset, by the same attention written with SDPA:
          cu_seqlens made by ``torch.zeros`` there, its even entries written with the constants
          i * L, HunyuanVideo's code traced with the model) or leaves the call opaque.
 
-The op's first output (``out``, contiguous) is what the rewrite gives; flash-attn leaves a varlen
-output's rows outside the sequences unwritten, and the rewrite computes attention there too. Arguments are read by the names of the op's schema (flash-attn's releases
-differ in trailing arguments and namespace: ``flashattn::`` now, ``flash_attn::`` in some);
-supported: ``dropout_p == 0``, ``causal=False`` (flash-attn aligns a causal mask of unequal
-lengths bottom-right, SDPA top-left; causal attention stays dense anyway), no sliding window
+The op's first output (``out``, contiguous) is what the rewrite gives; flash-attn leaves a
+varlen output's rows outside the sequences unwritten, and the rewrite computes attention there
+too. Arguments are read by the names of the op's schema (flash-attn's releases differ in
+trailing arguments and namespace: ``flashattn::`` now, ``flash_attn::`` in some); supported:
+``dropout_p == 0``, ``causal=False`` (flash-attn aligns a causal mask of unequal lengths
+bottom-right, SDPA top-left; causal attention stays dense anyway), no sliding window
 (``window_size_* == -1``), ``softcap == 0``, no ``alibi_slopes``, ``return_softmax=False``, no
-paged / left-padded / ``seqused_k`` keys, and only the first output read. Any other call stays as
-it is: ``find_attention`` lists it as an opaque kernel, with the reason this pass gives.
+paged / left-padded / ``seqused_k`` keys, and only the first output read. Any other call stays
+as it is: ``find_attention`` lists it as an opaque kernel, with the reason this pass gives.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .find_attention import FLASH_NOT_EXPANDED, RUN_DENSE, _val
+from .find_attention import FLASH_NOT_EXPANDED, RUN_DENSE, _storages, _val, _written
 from .rewrite import _Builder, failed_rewrite
 
 __all__ = ["expand_flash"]
@@ -177,8 +178,6 @@ def _item_aligned(cu: Any, flash: fx.Node, items: int, length: int) -> Optional[
     j, the even ones with the constant (j // 2) * length (HunyuanVideo's ``get_cu_seqlens``,
     traced with the model: ``cu_seqlens[2 * i + 2] = (i + 1) * max_len``). Else why not (a
     cu_seqlens made outside the graph: a block compiled on its own)."""
-    from .find_attention import _storages, _written
-
     if not isinstance(cu, fx.Node) or cu.op != "call_function" or cu.target is not torch.zeros:
         return "cu_seqlens is not made by torch.zeros in this graph (compile the whole model to serve it)"
     mem = _storages([cu])
