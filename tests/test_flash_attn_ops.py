@@ -399,6 +399,66 @@ def test_hunyuan_video_batch_of_two_is_served_where_the_graph_proves_the_items()
         assert any(kind == "opaque" and why in w for _, kind, w in rep.rejected), rep.rejected
 
 
+def _bump(cu):  # moves item 1's start from 128 to 135 (a valid layout, no longer the constants)
+    cu[2] = cu[2] + 7
+    cu[3] = cu[3] + 7
+    return cu.sum()
+
+
+@torch.compiler.allow_in_graph
+def _bump_whole(cu):
+    cu.add_(torch.tensor([0, 0, 7, 7, 0], dtype=cu.dtype))
+    return cu.sum()
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "cond", "allow_in_graph", "bfloat16"])
+def test_batch_of_two_stays_opaque_where_cu_seqlens_is_written_out_of_sight(how):
+    """The proof of item-aligned sequences (batch 2, L = 128) sees writes into cu_seqlens made
+    inside a higher-order op (checkpoint, cond) or a function kept whole (allow_in_graph), and
+    reads the values a non-integer cu_seqlens would store (bfloat16: 257 is stored as 256): each
+    call stays opaque, and the compiled output is eager's. (An adversarial probe's finds.)"""
+    import torch.utils.checkpoint as ckpt
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(1))
+
+        def forward(self, q, k, v, lens):
+            dtype, length = (torch.bfloat16, 257) if how == "bfloat16" else (torch.int32, 128)
+            cu = torch.zeros(5, dtype=dtype)
+            cu[1] = lens[0]
+            cu[2] = length
+            cu[3] = length + lens[1]
+            cu[4] = 2 * length
+            extra = 0
+            if how == "checkpoint":
+                extra = ckpt.checkpoint(_bump, cu, use_reentrant=False)
+            elif how == "cond":
+                extra = torch.cond(lens[0] > 0, _bump, _bump, (cu,))
+            elif how == "allow_in_graph":
+                extra = _bump_whole(cu)
+            out = VARLEN(q * self.s, k, v, cu, cu, length, length, 0.0, 0.125, False)[0]
+            return out + 0 * extra
+
+    torch._dynamo.reset()
+    rows = 514 if how == "bfloat16" else 256
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(rows, 2, 64, generator=g) for _ in range(3))
+    lens = torch.tensor([88, 38])
+    m = M().eval()
+    rep = fgcompile.explain(m, q, k, v, lens, config=FGAttnConfig(**CFG))
+    assert rep.sites == [], rep
+    why = "dtype torch.bfloat16" if how == "bfloat16" else "in a way the pass does not follow"
+    assert any(kind == "opaque" and why in w for _, kind, w in rep.rejected), rep.rejected
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = m(q, k, v, lens)
+        out = torch.compile(m, backend=fgcompile.backend(**CFG))(q, k, v, lens)
+    inside = 512 if how == "bfloat16" else 256  # rows in a sequence (bfloat16: the stored bounds)
+    torch.testing.assert_close(out[:inside], ref[:inside], atol=1e-5, rtol=1e-4)
+
+
 # flash_attn_func's path (flash_attn/flash_attn_interface.py): an autograd.Function whose forward
 # calls the op, saves tensors when grad is on, and slices the output's padded head dim
 class FlashAttnFunc(torch.autograd.Function):

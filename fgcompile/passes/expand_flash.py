@@ -174,12 +174,15 @@ def _why_not(kind: str, a: dict, node: fx.Node) -> Optional[str]:
 def _item_aligned(cu: Any, flash: fx.Node, items: int, length: int) -> Optional[str]:
     """None when the graph proves that ``cu`` (a cu_seqlens of 2 * items + 1 entries) holds
     ``i * length`` at entry 2i for every i, when ``flash`` reads it: made by ``torch.zeros`` in
-    this graph, and every write into its memory before ``flash`` a ``cu[j] = x`` with a constant
-    j, the even ones with the constant (j // 2) * length (HunyuanVideo's ``get_cu_seqlens``,
+    this graph with an integer dtype, and every write into its memory before ``flash`` (a
+    higher-order op or a function kept whole that gets it counts as one: ``_written``) a
+    ``cu[j] = x`` with a constant j, the even ones with the constant (j // 2) * length (HunyuanVideo's ``get_cu_seqlens``,
     traced with the model: ``cu_seqlens[2 * i + 2] = (i + 1) * max_len``). Else why not (a
     cu_seqlens made outside the graph: a block compiled on its own)."""
     if not isinstance(cu, fx.Node) or cu.op != "call_function" or cu.target is not torch.zeros:
         return "cu_seqlens is not made by torch.zeros in this graph (compile the whole model to serve it)"
+    if getattr(_val(cu), "dtype", None) not in (torch.int32, torch.int64):
+        return f"cu_seqlens has dtype {getattr(_val(cu), 'dtype', None)} (flash-attn takes int32)"
     mem = _storages([cu])
     if mem is None:
         return "cu_seqlens has no tensor value to follow"

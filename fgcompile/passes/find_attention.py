@@ -407,11 +407,35 @@ def _inplace_arg(node: fx.Node) -> bool:
     return "inplace" in names and names.index("inplace") < len(node.args) and node.args[names.index("inplace")] is True
 
 
+#: modules of the callables a Dynamo graph calls whose writes the name rules above tell (torch's
+#: functions, Python's operators); a call of anything else kept whole in the graph may write into
+#: any tensor it gets (``_opaque_call``)
+_KNOWN_MODULES = ("torch", "operator", "_operator", "math", "builtins", "einops", "fgcompile")
+
+
+def _opaque_call(node: fx.Node) -> bool:
+    """Whether ``node`` calls code whose writes the pass cannot see: a higher-order op (its body is
+    a subgraph: ``torch.utils.checkpoint``, ``torch.cond``, ``wrap``) or a Python function Dynamo
+    kept as one call (``torch.compiler.allow_in_graph``). Torch's functions, tensor methods and
+    operators with a schema are not."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return True
+    if getattr(target, "_schema", None) is not None or callable(getattr(target, "overloads", None)):
+        return False
+    owner = getattr(target, "__objclass__", None)  # a method descriptor: torch.Tensor.add
+    module = getattr(owner if owner is not None else target, "__module__", None) or ""
+    return module.split(".")[0] not in _KNOWN_MODULES
+
+
 def _written(node: fx.Node) -> Optional[list]:
     """The tensors ``node`` writes into (graph nodes, or values of its arguments), or None when it
     writes nothing: ``out=`` tensors, ``x[i] = y``, in-place ops (``x.mul_``, ``x *= c``,
-    ``torch._foreach_mul_``, ``inplace=True``) and operators whose schema marks an argument written
-    (every tensor argument of an overload packet with such an overload)."""
+    ``torch._foreach_mul_``, ``inplace=True``), operators whose schema marks an argument written
+    (every tensor argument of an overload packet with such an overload), and every tensor a
+    higher-order op or a Python function kept whole gets (``_opaque_call``: they may write it)."""
     if node.op not in ("call_function", "call_method"):
         return None
     out = node.kwargs.get("out")
@@ -440,6 +464,8 @@ def _written(node: fx.Node) -> Optional[list]:
             mutable = True
         if mutable:
             return [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+    if _opaque_call(node):
+        return [a for a in node.all_input_nodes if isinstance(_val(a), torch.Tensor)] or None
     return None
 
 
