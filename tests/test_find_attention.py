@@ -548,6 +548,11 @@ def test_minus_10000_bias_in_bfloat16_is_a_key_mask():
           dtype_tol={"atol": 2e-2, "rtol": 2e-2})
 
 
+@torch.compiler.allow_in_graph
+def _raise_first_keys(bias):
+    bias[:, :3] = 2.0
+
+
 def test_bias_of_unknown_or_moderate_values_stays_dense():
     q, k, v = qkv()
     keep = key_keep()
@@ -563,6 +568,13 @@ def test_bias_of_unknown_or_moderate_values_stays_dense():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :])
 
     check(written, (q, k, v, keep), [("sdpa", "dense", "other", "float additive mask")])
+
+    def written_out_of_sight(q, k, v, keep):  # written inside a function kept whole in the graph
+        bias = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, float("-inf"))
+        _raise_first_keys(bias)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :])
+
+    check(written_out_of_sight, (q, k, v, keep), [("sdpa", "dense", "other", "float additive mask")])
     overflow = lambda q, k, v, keep: F.scaled_dot_product_attention(  # noqa: E731  (-1e9 is -inf in fp16)
         q, k, v, attn_mask=((1 - keep.half()) * -1e9)[:, None, None, :].float())
     check(overflow, (q, k, v, keep), [("sdpa", "dense", "other", "float additive mask")])
