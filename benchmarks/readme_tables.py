@@ -90,6 +90,20 @@ def e2e_models_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def masked_dense_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    lines = [f"Dense attention with a key-padding mask, {d['device']}, torch {d['torch']}, triton {d['triton']}, "
+             f"every real key kept (`python benchmarks/masked_dense_probe.py`, {path.name}):", "",
+             "| shape (B, H, S, D; padded keys) | SDPA masked ms | SDPA unmasked (cuDNN) ms | Gluon ms | Triton ms | "
+             "packing ms |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in d["rows"]:
+        f = lambda x: f"{x:.2f}" if isinstance(x, (int, float)) else "-"  # noqa: E731
+        lines.append(f"| {r['case']}: {r['B']}, {r['H']}, {r['S']}, {r['D']}; {' and '.join(map(str, r['padded']))} | "
+                     f"{f(r['sdpa_masked_ms'])} | {f(r['sdpa_unmasked_cudnn_ms'])} | {f(r.get('gluon_ms'))} | "
+                     f"{f(r.get('triton_ms'))} | {r['pack_ms']:.3f} |")
+    return "\n".join(lines)
+
+
 def quality_video_table(path: Path) -> str:
     d = json.loads(path.read_text())
     lines = [
@@ -145,6 +159,8 @@ def main() -> None:
     for p in sorted(RESULTS.glob("e2e_models_*.json")):
         if "cpu" not in p.name:
             parts.append(e2e_models_table(p))
+    for p in sorted(RESULTS.glob("masked_dense_*.json")):
+        parts.append(masked_dense_table(p))
     for p in sorted(RESULTS.glob("original_wan_*.json")):
         parts.append(original_wan_table(p))
     for p in sorted(RESULTS.glob("lowering_*.json")):
