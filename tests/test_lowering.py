@@ -26,7 +26,7 @@ from fgcompile import FGAttnConfig, runtime
 from fgcompile.dynamo_backend import transform
 from fgcompile.lowering import inductor as lowering_inductor
 from fgcompile.lowering import ops as lops
-from fgcompile.lowering.cuda import full_tile_for, lowering_blocker
+from fgcompile.lowering.cuda import full_tile_for, index_cap_for, lowering_blocker
 from graph_capture import as_fake_cuda as _as_fake_cuda, capture as _capture
 
 os.environ["FGCOMPILE_STRICT"] = "1"
@@ -184,6 +184,30 @@ def test_fake_cuda_site_that_runs_dense_stays_opaque():
     assert [s.decision for s in r.sites] == ["sparse"] and r.sites[0].run_dense == "a test's reason"
     assert "runs dense at every call: a test's reason" in r.sites[0].reason
     assert r.lowered == 0 and SITE in _targets(gm) and PLAN not in _targets(gm)
+
+
+def test_large_key_lists_warn_with_the_size():
+    """A site whose per-call key lists would take more than 4 GiB (HunyuanVideo 720p, 129 frames,
+    no density budget: 9.9 GiB) gets a warning naming the size and the budget that bounds it;
+    a budget small enough, or a small site, none; symbolic sizes none."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fgcompile.lowering.cuda import large_lists_warning
+
+    mode = FakeTensorMode()
+    with mode:
+        q = torch.empty(1, 24, 119056, 128, device="cuda", dtype=torch.bfloat16)
+        small = torch.empty(1, 12, 32760, 128, device="cuda", dtype=torch.bfloat16)
+    why = large_lists_warning("blocks.0.attn", q, q, 128, 1, 0)
+    assert why is not None and "9.9 GiB" in why and "without a density budget" in why and "density" in why
+    cap = index_cap_for(119056, 1, 0.3)
+    assert large_lists_warning("blocks.0.attn", q, q, 128, 1, cap) is None  # 3.2 GiB
+    assert large_lists_warning("blocks.0.attn", small, small, 128, 1, 0) is None  # Wan 480p: 0.4 GiB
+    with FakeTensorMode(shape_env=ShapeEnv()) as sym:
+        s = sym.shape_env.create_unbacked_symint()
+        torch._check(s >= 2)
+        qs = torch.empty(1, 24, s, 128, device="cuda")
+    assert large_lists_warning("blocks.0.attn", qs, qs, 128, 1, 0) is None
 
 
 def test_lowering_blockers():

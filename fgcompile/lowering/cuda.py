@@ -90,6 +90,28 @@ def index_cap_for(s_kv: Any, block_n: int, density: Optional[float]) -> int:
     return cap if cap < n_kb else 0
 
 
+#: per-call key lists of one site above which the lowering warns (without a density budget they
+#: take B * H * ceil(S_q / block_m) * ceil(S_kv / block_n) int32: HunyuanVideo at 720p, 129 frames,
+#: ~10.6 GB a call)
+LARGE_LISTS_BYTES = 4 << 30
+
+
+def large_lists_warning(name: str, q: Any, k: Any, block_m: int, block_n: int, cap: int) -> Optional[str]:
+    """The warning for a site whose per-call key lists (``site_plan``'s ``indices``: (B, H, nQB,
+    cap or nKB) int32) exceed ``LARGE_LISTS_BYTES``, or None (also for symbolic sizes)."""
+    B, H, S_q = q.shape[0], q.shape[1], q.shape[2]
+    S_kv = k.shape[2]
+    if not all(isinstance(x, int) for x in (B, H, S_q, S_kv)):
+        return None
+    cols = cap if cap > 0 else -(-S_kv // block_n)
+    nbytes = 4 * B * H * -(-S_q // block_m) * cols
+    if nbytes <= LARGE_LISTS_BYTES:
+        return None
+    return (f"fgcompile: site {name}: its per-call key lists take {nbytes / 2**30:.1f} GiB of GPU memory "
+            f"(B={B}, H={H}, {S_q} queries, {cols} key columns){'' if cap > 0 else ' without a density budget'}; "
+            f"FGAttnConfig(density=...) bounds them (density 0.3: 30% of that)")
+
+
 def lowering_blocker(q: Any, k: Any, v: Any, config: Any) -> Optional[str]:
     """Why a site (fake q, k, v and its config) cannot be lowered to the kernel; None if it can."""
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
@@ -164,6 +186,9 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patche
         bm, bn = int(cfg.block_m), int(cfg.block_n)
         ft = full_tile_for(bn)
         cap = index_cap_for(kv.shape[2], bn, cfg.density)
+        large = large_lists_warning(template.name, qv, kv, bm, bn, cap)
+        if large is not None:
+            log.warning(large)
         # the output's layout: what eager gave the graph after the site (see ops.sparse_attention_op)
         like_q = getattr(template.info, "pattern", "sdpa") == "sdpa"
         # the Gluon sm_90 kernel, where it serves the site: an opaque op inside the sparse op (no
