@@ -58,11 +58,16 @@ def e2e_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _head(caption: str, columns: list) -> list:
+    """A table's first lines: its caption, a blank line, the header row and the rule."""
+    return [caption, "", "| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+
+
 def original_wan_table(path: Path) -> str:
     d = json.loads(path.read_text())
-    lines = [f"The original Wan2.1 code, {d['device']}, torch {d['torch']}, triton {d['triton']} "
-             f"(`python benchmarks/original_wan.py`, {path.name}):", "",
-             "| setting | default ms | fgattn ms | speedup | sparse sites |", "| --- | --- | --- | --- | --- |"]
+    lines = _head(f"The original Wan2.1 code, {d['device']}, torch {d['torch']}, triton {d['triton']} "
+                  f"(`python benchmarks/original_wan.py`, {path.name}):",
+                  ["setting", "default ms", "fgattn ms", "speedup", "sparse sites"])
     for r in d["rows"]:
         lines.append(f"| {r['setting']} | {r['default_ms']:.1f} | {r['fgattn_ms']:.1f} | {r['speedup']:.2f}x | "
                      f"{r['sparse_sites']} of {r['sites']} |")
@@ -71,12 +76,11 @@ def original_wan_table(path: Path) -> str:
 
 def e2e_models_table(path: Path) -> str:
     d = json.loads(path.read_text())
-    lines = [f"End to end, diffusers HunyuanVideo and CogVideoX-5B transformer forwards, {d['device']}, torch {d['torch']}, "
-             f"triton {d['triton']}, blocks compiled in place, sparse kernel: {d['sparse_kernel']} "
-             f"(`python benchmarks/e2e_models.py`, {path.name}):", "",
-             "| model | tokens (video + text) | setting | density | default ms | default attention ms | fgattn ms | "
-             "fgattn attention ms | speedup | sparse sites |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = _head(f"End to end, diffusers HunyuanVideo and CogVideoX-5B transformer forwards, {d['device']}, "
+                  f"torch {d['torch']}, triton {d['triton']}, blocks compiled in place, sparse kernel: "
+                  f"{d['sparse_kernel']} (`python benchmarks/e2e_models.py`, {path.name}):",
+                  ["model", "tokens (video + text)", "setting", "density", "default ms", "default attention ms",
+                   "fgattn ms", "fgattn attention ms", "speedup", "sparse sites"])
     for name, m in d["models"].items():
         valid = m["text_valid"] if isinstance(m["text_valid"], list) else [m["text_valid"]]
         pads = [m["text_tokens"] - n for n in valid]
@@ -92,10 +96,10 @@ def e2e_models_table(path: Path) -> str:
 
 def masked_dense_table(path: Path) -> str:
     d = json.loads(path.read_text())
-    lines = [f"Dense attention with a key-padding mask, {d['device']}, torch {d['torch']}, triton {d['triton']}, "
-             f"every real key kept (`python benchmarks/masked_dense_probe.py`, {path.name}):", "",
-             "| shape (B, H, S, D; padded keys) | SDPA masked ms | SDPA unmasked (cuDNN) ms | Gluon ms | Triton ms | "
-             "packing ms |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = _head(f"Dense attention with a key-padding mask, {d['device']}, torch {d['torch']}, triton {d['triton']}, "
+                  f"every real key kept (`python benchmarks/masked_dense_probe.py`, {path.name}):",
+                  ["shape (B, H, S, D; padded keys)", "SDPA masked ms", "SDPA unmasked (cuDNN) ms", "Gluon ms",
+                   "Triton ms", "packing ms"])
     for r in d["rows"]:
         f = lambda x: f"{x:.2f}" if isinstance(x, (int, float)) else "-"  # noqa: E731
         lines.append(f"| {r['case']}: {r['B']}, {r['H']}, {r['S']}, {r['D']}; {' and '.join(map(str, r['padded']))} | "
