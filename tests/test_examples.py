@@ -64,3 +64,23 @@ def test_predictor_trajectory_smoke(tmp_path):
     assert all(len(r["density"]) == 2 and all(0 < x <= 1 for x in r["density"]) for r in rows)
     loose, tight = rows[0], rows[1]  # alpha 1 keeps more than alpha 8
     assert loose["density"][0] > tight["density"][0] and loose["rel_err"][0] < tight["rel_err"][0]
+
+
+def test_e2e_models_benchmark_smoke(tmp_path):
+    """The HunyuanVideo / CogVideoX end-to-end benchmark runs (tiny configs, CPU, batch 2 with
+    prompts of 6 and 2 real tokens) and writes its JSON: every site sparse under the budget, and
+    with the default max_density the dense calls after the profiled one."""
+    import json
+
+    out = tmp_path / "models.json"
+    _run("benchmarks/e2e_models.py", "--tiny", "--device", "cpu", "--reps", "1", "--batch", "2", "--text-valid", "6,2",
+         "--settings", "d0.3,profile-md0.8", "--out", str(out))
+    d = json.loads(out.read_text())
+    assert set(d["models"]) == {"hunyuan", "cogvideox"}
+    assert d["models"]["hunyuan"]["text_valid"] == [6, 2]
+    for m in d["models"].values():
+        budget, dense = m["rows"]
+        assert budget["setting"] == "d0.3" and budget["sparse_sites"] == budget["sites"] > 0
+        assert abs(budget["mean_density"] - 0.3) < 0.05
+        # random weights keep nearly every slice: over max_density 0.8, the calls after the profiled one run dense
+        assert dense["setting"] == "profile-md0.8" and dense["calls"]["dense"] > 0 and dense["sparse_sites"] == 0
