@@ -148,21 +148,17 @@ def _why_not(kind: str, a: dict, node: fx.Node) -> Optional[str]:
         if n > 3 and n % 2 == 0:
             return f"{n - 1} sequences (rewritten: one, or two per batch item)"
         items = (n - 1) // 2
-        if n > 2:  # the padded-item layout: each item one row of max_seqlen tokens, cut in two
-            for side, t in (("q", q), ("k", k)):
-                rows, longest = t.shape[0], a.get(f"max_seqlen_{side}")
-                if not isinstance(rows, int) or not isinstance(longest, int) or longest * items != rows:
-                    return (f"two sequences per batch item, but max_seqlen_{side} {longest} is not the item's "
-                            f"{rows} / {items} rows (served: items padded to max_seqlen, each cut into its "
-                            f"tokens and its padding, as HunyuanVideo calls it)")
-        if items > 1:  # sequences 2i and 2i + 1 must lie in batch item i's rows: proven in the graph
-            for name, t in (("cu_seqlens_q", q), ("cu_seqlens_k", k)):
-                total = t.shape[0]
-                if not isinstance(total, int) or total % items:
-                    return f"{items} batch items: {name[-1]}'s {total} rows are not {items} equal items"
-                why = _item_aligned(a[name], node, items, total // items)
-                if why is not None:
-                    return f"{items} batch items of two sequences: {why}"
+        for side, t in (("q", q), ("k", k)) if n > 2 else ():
+            # the padded-item layout: each item one row of max_seqlen tokens, cut in two
+            rows, longest = t.shape[0], a.get(f"max_seqlen_{side}")
+            if not isinstance(rows, int) or not isinstance(longest, int) or longest * items != rows:
+                return (f"two sequences per batch item, but max_seqlen_{side} {longest} is not the item's "
+                        f"{rows} / {items} rows (served: items padded to max_seqlen, each cut into its "
+                        f"tokens and its padding, as HunyuanVideo calls it)")
+            # at batch > 1, sequences 2i and 2i + 1 must lie in item i's rows: proven in the graph
+            why = _item_aligned(a[f"cu_seqlens_{side}"], node, items, longest) if items > 1 else None
+            if why is not None:
+                return f"{items} batch items of two sequences: {why}"
     for u in node.users:
         if u.op != "call_function" or u.target is not operator.getitem:
             return f"its result is used as a whole by {u.name}"
@@ -176,9 +172,9 @@ def _item_aligned(cu: Any, flash: fx.Node, items: int, length: int) -> Optional[
     ``i * length`` at entry 2i for every i, when ``flash`` reads it: made by ``torch.zeros`` in
     this graph with an integer dtype, and every write into its memory before ``flash`` (a
     higher-order op or a function kept whole that gets it counts as one: ``_written``) a
-    ``cu[j] = x`` with a constant j, the even ones with the constant (j // 2) * length (HunyuanVideo's ``get_cu_seqlens``,
-    traced with the model: ``cu_seqlens[2 * i + 2] = (i + 1) * max_len``). Else why not (a
-    cu_seqlens made outside the graph: a block compiled on its own)."""
+    ``cu[j] = x`` with a constant j, the even ones with the constant (j // 2) * length
+    (HunyuanVideo's ``get_cu_seqlens``, traced with the model: ``cu_seqlens[2 * i + 2] = (i + 1)
+    * max_len``). Else why not (a cu_seqlens made outside the graph: a block compiled on its own)."""
     if not isinstance(cu, fx.Node) or cu.op != "call_function" or cu.target is not torch.zeros:
         return "cu_seqlens is not made by torch.zeros in this graph (compile the whole model to serve it)"
     if getattr(_val(cu), "dtype", None) not in (torch.int32, torch.int64):
