@@ -193,21 +193,25 @@ def test_large_key_lists_warn_with_the_size():
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     from fgcompile.lowering.cuda import large_lists_warning
+    from fgcompile.lowering.ops import plan_shapes
 
     mode = FakeTensorMode()
     with mode:
         q = torch.empty(1, 24, 119056, 128, device="cuda", dtype=torch.bfloat16)
         small = torch.empty(1, 12, 32760, 128, device="cuda", dtype=torch.bfloat16)
-    why = large_lists_warning("blocks.0.attn", q, q, 128, 1, 0)
+
+    def warning(t, cap):
+        return large_lists_warning("blocks.0.attn", plan_shapes(t, t, t, 128, 1, 0, cap)["indices"], cap > 0)
+
+    why = warning(q, 0)
     assert why is not None and "9.9 GiB" in why and "without a density budget" in why and "density" in why
-    cap = index_cap_for(119056, 1, 0.3)
-    assert large_lists_warning("blocks.0.attn", q, q, 128, 1, cap) is None  # 3.2 GiB
-    assert large_lists_warning("blocks.0.attn", small, small, 128, 1, 0) is None  # Wan 480p: 0.4 GiB
+    assert warning(q, index_cap_for(119056, 1, 0.3)) is None  # 3.0 GiB
+    assert warning(small, 0) is None  # Wan 480p: 0.4 GiB
     with FakeTensorMode(shape_env=ShapeEnv()) as sym:
         s = sym.shape_env.create_unbacked_symint()
         torch._check(s >= 2)
         qs = torch.empty(1, 24, s, 128, device="cuda")
-    assert large_lists_warning("blocks.0.attn", qs, qs, 128, 1, 0) is None
+    assert warning(qs, 0) is None
 
 
 def test_lowering_blockers():

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -92,23 +92,22 @@ def index_cap_for(s_kv: Any, block_n: int, density: Optional[float]) -> int:
 
 #: per-call key lists of one site above which the lowering warns (without a density budget they
 #: take B * H * ceil(S_q / block_m) * ceil(S_kv / block_n) int32: HunyuanVideo at 720p, 129 frames,
-#: ~10.6 GB a call)
+#: 9.9 GiB a call)
 LARGE_LISTS_BYTES = 4 << 30
 
 
-def large_lists_warning(name: str, q: Any, k: Any, block_m: int, block_n: int, cap: int) -> Optional[str]:
-    """The warning for a site whose per-call key lists (``site_plan``'s ``indices``: (B, H, nQB,
-    cap or nKB) int32) exceed ``LARGE_LISTS_BYTES``, or None (also for symbolic sizes)."""
-    B, H, S_q = q.shape[0], q.shape[1], q.shape[2]
-    S_kv = k.shape[2]
-    if not all(isinstance(x, int) for x in (B, H, S_q, S_kv)):
+def large_lists_warning(name: str, indices: Sequence[Any], budget: bool) -> Optional[str]:
+    """The warning for a site whose per-call key lists, ``site_plan``'s ``indices`` of shape
+    ``indices`` ((B, H, nQB, columns) int32, ``ops.plan_shapes``), exceed ``LARGE_LISTS_BYTES``, or
+    None (also for symbolic sizes). ``budget``: the columns are a density budget's bound."""
+    if not all(isinstance(x, int) for x in indices):
         return None
-    cols = cap if cap > 0 else -(-S_kv // block_n)
-    nbytes = 4 * B * H * -(-S_q // block_m) * cols
+    B, H, nqb, cols = indices
+    nbytes = 4 * B * H * nqb * cols
     if nbytes <= LARGE_LISTS_BYTES:
         return None
     return (f"fgcompile: site {name}: its per-call key lists take {nbytes / 2**30:.1f} GiB of GPU memory "
-            f"(B={B}, H={H}, {S_q} queries, {cols} key columns){'' if cap > 0 else ' without a density budget'}; "
+            f"(B={B}, H={H}, {nqb} query blocks, {cols} key columns){'' if budget else ' without a density budget'}; "
             f"FGAttnConfig(density=...) bounds them (density 0.3: 30% of that)")
 
 
@@ -186,7 +185,7 @@ def lower_cuda_sites(gm: fx.GraphModule, autotune: bool = False, inductor_patche
         bm, bn = int(cfg.block_m), int(cfg.block_n)
         ft = full_tile_for(bn)
         cap = index_cap_for(kv.shape[2], bn, cfg.density)
-        large = large_lists_warning(template.name, qv, kv, bm, bn, cap)
+        large = large_lists_warning(template.name, _ops.plan_shapes(qv, kv, vv, bm, bn, ft, cap)["indices"], cap > 0)
         if large is not None:
             log.warning(large)
         # the output's layout: what eager gave the graph after the site (see ops.sparse_attention_op)
