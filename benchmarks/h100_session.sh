@@ -305,8 +305,7 @@ RT)
   echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests_all.txt" | head -12
   timeout ${LIMIT:-120} python3 -c "
 import json, sys; sys.path.insert(0, 'benchmarks'); import lowering_bench as lb
-r = {'toy': lb.runtime_ratio(1, lb.TOY['heads'], lb.TOY['latents'][2] * lb.TOY['latents'][3] * lb.TOY['latents'][4] // 4, lb.TOY['width'] // lb.TOY['heads']),
-     'wan': lb.runtime_ratio(lb.WAN['B'], lb.WAN['H'], lb.WAN['S'], lb.WAN['D'])}
+r = lb.runtime_ratios()
 json.dump(r, open('$OUT/runtime_ratio_${TAG}.json', 'w'), indent=1)
 print({c: round(v['runtime_ratio_lowered_vs_direct'], 4) for c, v in r.items()})" > "$OUT/runtime_ratio.txt" 2>&1
   echo "runtime ratio rc=$?"; tail -1 "$OUT/runtime_ratio.txt"

@@ -311,6 +311,13 @@ def model_step(case: str) -> dict:
     return res
 
 
+def runtime_ratios() -> dict:
+    """{"toy": ..., "wan": ...}: :func:`runtime_ratio` at the toy DiT's and at Wan2.1's attention shapes."""
+    toy_tokens = TOY["latents"][2] * TOY["latents"][3] * TOY["latents"][4] // 4
+    return {"toy": runtime_ratio(1, TOY["heads"], toy_tokens, TOY["width"] // TOY["heads"]),
+            "wan": runtime_ratio(WAN["B"], WAN["H"], WAN["S"], WAN["D"])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/lowering_h100.json")
@@ -350,8 +357,8 @@ def main() -> None:
     if a.repeats != 3 or a.variants != "inductor,fgattn":
         result["command"] += f" --repeats {a.repeats} --variants {a.variants}"
     if not merged:
-        result["toy"]["runtime"] = runtime_ratio(1, TOY["heads"], TOY["latents"][2] * TOY["latents"][3] * TOY["latents"][4] // 4, TOY["width"] // TOY["heads"])
-        result["wan"]["runtime"] = runtime_ratio(WAN["B"], WAN["H"], WAN["S"], WAN["D"])
+        for case, r in runtime_ratios().items():
+            result[case]["runtime"] = r
     print(json.dumps(result, indent=1), flush=True)
     cases = a.cases.split(",")
     for case in cases:
