@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py            # CPU-sized: 8 x 16 x 16 = 2048 tokens, 5 heads, D = 64
     python benchmarks/quality.py --gpu      # Wan-like on CUDA: 21 x 30 x 52 = 32,760 tokens, 12 heads, D = 128, bf16
+    python benchmarks/quality.py --query-order pca   # the profile predictor on reordered queries
 
 For the profile predictor (keep a tile iff the largest softmax probability of any of its query/key
 pairs exceeds alpha / S_kv; ``fgcompile.predictors.profile_slices``) at M x 1, M x 16, 64 x 64 and
@@ -12,6 +13,13 @@ pairs exceeds alpha / S_kv; ``fgcompile.predictors.profile_slices``) at M x 1, M
 - rel_err: ||O_sparse - O_dense||_F / ||O_dense||_F over all heads, with O_sparse from
   ``fgcompile.kernels.reference.sparse_attention_reference`` and O_dense from
   ``dense_attention_reference`` (float32 arithmetic).
+
+``--query-order pca``: the profile predictor's query blocks, at every granularity alike, are
+blocks of the queries in the order ``fgcompile.query_order`` gives (made per block size M), as in a
+model compiled with ``FGAttnConfig(query_order="pca")``; the error is that of the output rows put
+back in place. 128 x 128 tiles are also measured in the model's own order ("profile-raster"), and
+the M x 1 saving is judged against the better of the two 128 x 128 series. The pooled predictor
+stays in the model's order (``query_order`` serves the profile predictor only).
 
 Writes ``benchmarks/results/quality_<device>.json`` (device, torch version, shapes, the rows
 (method, granularity, param, density, rel_err) and the summary) and
@@ -114,6 +122,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--text-tokens", type=int, default=0)
     ap.add_argument("--pattern", default="mixed", help="the suite's head pattern (fgcompile.testing.synthetic.PATTERNS)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--query-order", default="none", choices=("none", "pca"),
+                    help="the profile predictor's query order (FGAttnConfig.query_order)")
     ap.add_argument("--name", default="", help="suffix of the result files: quality_<device>_<name>.json/.png")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
@@ -138,14 +148,27 @@ def main(argv=None) -> dict:
     dense = dense_attention_reference(q, k, v, scale)
     rows = []
 
-    def record(method, gran, param, keep, bm, bn):
-        out = sparse_attention_reference(q, k, v, keep, bm, bn, scale)
+    from fgcompile.reorder import order_rows, query_order
+
+    perms = {}  # block_m -> the query order of the profile predictor's blocks (--query-order pca)
+
+    def ordered(bm):
+        """q and the dense output in the profile predictor's query order for blocks of bm."""
+        if args.query_order == "none":
+            return q, dense
+        if bm not in perms:
+            perms[bm] = query_order(q, bm)
+        return order_rows(q, perms[bm]), order_rows(dense, perms[bm])
+
+    def record(method, gran, param, keep, bm, bn, order=None):
+        qo, do = ordered(bm) if order is None else order
+        out = sparse_attention_reference(qo, k, v, keep, bm, bn, scale)
         row = {
             "method": method,
             "granularity": gran,
             "param": param,
             "density": density_of(keep, bm, bn, S, S),
-            "rel_err": rel_err(out, dense),
+            "rel_err": rel_err(out, do),
         }
         rows.append(row)
         print(f"  {method:8s} {gran:8s} {param:>8g}  density {row['density']:.4f}  rel_err {row['rel_err']:.5f}", flush=True)
@@ -153,11 +176,19 @@ def main(argv=None) -> dict:
     scores = {}
     for gran, bm, bn in GRANULARITIES:
         if bm not in scores:
-            scores[bm] = profile_scores(q, k, block_m=bm, scale=scale)
+            scores[bm] = profile_scores(ordered(bm)[0], k, block_m=bm, scale=scale)
         for alpha in ALPHAS:
             record("profile", gran, alpha, keep_from_block_max(scores[bm], alpha=alpha, block_n=bn), bm, bn)
+    series = [("profile", g) for g, _, _ in GRANULARITIES]
+    if args.query_order != "none":  # 128 x 128 tiles in the model's order, too
+        raster = profile_scores(q, k, block_m=128, scale=scale)
+        for alpha in ALPHAS:
+            record("profile-raster", "128x128", alpha, keep_from_block_max(raster, alpha=alpha, block_n=128), 128, 128,
+                   order=(q, dense))
+        series.append(("profile-raster", "128x128"))
     for tau in TAUS:
-        record("pooled", "128x1", tau, pooled_slices(q, k, tau=tau, gamma=0.5, block_m=128, block_n=1, scale=scale), 128, 1)
+        record("pooled", "128x1", tau, pooled_slices(q, k, tau=tau, gamma=0.5, block_m=128, block_n=1, scale=scale), 128, 1,
+               order=(q, dense))
 
     # Pooled predictor cost, for the record (CPU timings are not the H100 budget).
     if device == "cuda":
@@ -170,19 +201,22 @@ def main(argv=None) -> dict:
     pooled_ms = (time.perf_counter() - t1) / 3 * 1e3
 
     summary = {}
-    for method, gran in [("profile", g) for g, _, _ in GRANULARITIES] + [("pooled", "128x1")]:
+    for method, gran in series + [("pooled", "128x1")]:
         pts = [(r["density"], r["rel_err"]) for r in rows if r["method"] == method and r["granularity"] == gran]
         d, exact = density_at(pts)
         summary[f"{method} {gran}"] = {"density_at_1pct": d, "interpolated": exact}
         for t in EXTRA_TARGETS:
             summary[f"{method} {gran}"][f"density_at_{t:g}"] = density_at(pts, t)[0]
     fine = summary["profile 128x1"]["density_at_1pct"]
-    coarse = summary["profile 128x128"]["density_at_1pct"]
+    tiles = [summary[k]["density_at_1pct"] for k in ("profile 128x128", "profile-raster 128x128") if k in summary]
+    coarse = None if None in tiles else min(tiles)
     claim = None
     if fine is not None and coarse is not None:
         claim = {
+            "query_order": args.query_order,
             "mx1_density": fine,
             "128x128_density": coarse,
+            "128x128_density_per_order": dict(zip(("query_order", "raster"), tiles)) if len(tiles) > 1 else None,
             "reduction": 1 - fine / coarse,
             "mx1_needs_25pct_less": bool(fine <= 0.75 * coarse),
             "smaller_m_reduction": {
@@ -201,6 +235,7 @@ def main(argv=None) -> dict:
             "head_dim": D,
             "dtype": str(dtype).replace("torch.", ""),
             "pattern": args.pattern,
+            "query_order": args.query_order,
             "head_patterns": list(case.info.head_patterns),
             "seed": args.seed,
         },
@@ -253,7 +288,10 @@ def plot(result: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
     series = [("profile", g) for g, _, _ in GRANULARITIES] + [("pooled", "128x1")]
+    if "profile-raster 128x128" in result["summary"]:
+        series.append(("profile-raster", "128x128"))
     styles = {
+        ("profile-raster", "128x128"): ("C7", "x", "profile, 128 x 128, the model's query order"),
         ("profile", "128x1"): ("C0", "o", "profile, M x 1 (M = 128)"),
         ("profile", "128x16"): ("C1", "s", "profile, M x 16"),
         ("profile", "64x64"): ("C2", "^", "profile, 64 x 64"),
@@ -285,7 +323,8 @@ def plot(result: dict, path: str) -> None:
     sh = result["shapes"]
     g = sh["grid"]
     ax.set_title(
-        f"Synthetic video attention {g[0]}x{g[1]}x{g[2]}"
+        ("profile predictor on queries in 'pca' order (fgcompile.query_order); " if sh.get("query_order") == "pca" else "")
+        + f"Synthetic video attention {g[0]}x{g[1]}x{g[2]}"
         + (f" + {sh['text_tokens']} text" if sh["text_tokens"] else "")
         + f" = {sh['seq_len']} tokens, "
         f"{sh['heads']} heads, D={sh['head_dim']}\n{result['device']}, torch {result['torch']}",

@@ -12,7 +12,8 @@ Public API (imported lazily, so ``import fgcompile`` stays cheap):
 - ``stats``, ``reset``, ``configure``, ``save_state``, ``load_state``: per-site state of a
   compiled model (``configure`` changes run-time settings such as ``density`` without recompiling);
 - ``sparse_attention``, ``pack_slices``, ``profile_attention``: the kernels' public entry points;
-- ``profile_slices``, ``pooled_slices``: the two sparsity predictors as pure functions.
+- ``profile_slices``, ``pooled_slices``: the two sparsity predictors as pure functions;
+- ``query_order``: an order of the queries that groups alike ones into query blocks.
 
 Implements FG-Attn (arXiv 2509.16518): attention that skips M x 1 slices of the attention map.
 """
@@ -42,6 +43,7 @@ _EXPORTS = {
     "PackedSlices": "fgcompile.attention",
     "profile_slices": "fgcompile.predictors",
     "pooled_slices": "fgcompile.predictors",
+    "query_order": "fgcompile.reorder",
     "SiteInfo": "fgcompile.passes.find_attention",
 }
 

@@ -181,6 +181,7 @@ class SiteStats:
     mask_bytes: int = 0  # device memory held by the cached mask (a bitmap; a prefetched copy is not counted)
     host_mask_bytes: int = 0  # pinned host memory held by the cached mask (mask_storage="host" on CUDA)
     host_list_bytes: int = 0  # host memory held by the cached mask's index lists (mask_storage="host_lists")
+    order_bytes: int = 0  # memory held by the cached mask's query order (query_order="pca"; on the device)
 
     @property
     def mean_density(self) -> Optional[float]:
@@ -206,6 +207,7 @@ class SiteState:
     mask_key: Optional[tuple] = None  # (q.shape, k.shape, block_m, block_n) the mask was computed for
     mask_density: Optional[float] = None  # fraction of slices the cached mask keeps (host copy)
     mask_cap: Optional[int] = None  # most key blocks any row of the cached mask keeps (a bound; None: nKB)
+    order: Optional[torch.Tensor] = None  # query order of the cached mask (query_order="pca"): int32 (B, H, S_q), on the device
     _mask_density_pending: Optional[tuple] = None  # (pinned host scalar, CUDA event) in flight
     _mask_ready: Optional[Any] = None  # CUDA event: the copy of a host mask from the device has completed
     _prefetched: Optional[tuple] = None  # (device copy, CUDA event, the host tensor it copies) for the next call
@@ -250,9 +252,18 @@ class SiteState:
         cfg = self.config
         self.n_direct += direct
         try:
-            return attention.sparse_attention(
-                q, k, v, packed, block_m=cfg.block_m, block_n=cfg.block_n, scale=scale, impl=cfg.impl
-            )
+            if self.order is None:
+                return attention.sparse_attention(
+                    q, k, v, packed, block_m=cfg.block_m, block_n=cfg.block_n, scale=scale, impl=cfg.impl
+                )
+            from . import reorder
+
+            if self.order.device != q.device:  # loaded from a file
+                self.order = self.order.to(q.device)
+            order = self.order.long()
+            out = attention.sparse_attention(reorder.order_rows(q, order), k, v, packed, block_m=cfg.block_m,
+                                             block_n=cfg.block_n, scale=scale, impl=cfg.impl)
+            return reorder.restore_rows(out, order, like=q)
         except Exception as e:
             self.n_sparse -= 1  # counted by plan(); this call runs dense
             self.n_direct -= direct
@@ -365,10 +376,18 @@ class SiteState:
         key = (tuple(q.shape), tuple(k.shape), cfg.block_m, cfg.block_n)
         if cfg.predictor == "profile":
             if cfg.is_profiled_call(call) or self.mask is None or self.mask_key != key:
+                order = None
+                if cfg.query_order == "pca":
+                    from . import reorder
+
+                    order = reorder.query_order(q, cfg.block_m)
                 out, bits, kept = predictors.profile_bits(
-                    q, k, v, alpha=cfg.alpha, block_m=cfg.block_m, block_n=cfg.block_n, scale=scale,
+                    q if order is None else reorder.order_rows(q, order), k, v, alpha=cfg.alpha,
+                    block_m=cfg.block_m, block_n=cfg.block_n, scale=scale,
                     key_padding=key_padding, density=cfg.density, impl=cfg.impl,
                 )
+                if order is not None:
+                    out = reorder.restore_rows(out, order, like=q)
                 if key_padding is not None and cfg.density is None:
                     # the keys padded at this call are unknown, not unwanted: cache them as kept,
                     # so that a later call whose padding differs (another prompt's text length)
@@ -378,6 +397,7 @@ class SiteState:
                     bits = bits | packing.pack_bits(~key_padding.to(torch.bool))[:, None, None, :]
                 self._keep_mask(bits)
                 self._drop_lists()  # of the old mask
+                self.order = None if order is None else order.to(torch.int32)
                 self.mask_key = key
                 self.mask_cap = predictors.density_budget(-(-k.shape[2] // cfg.block_n), cfg.density)
                 self._note_mask_density(kept.mean())
@@ -647,7 +667,7 @@ class SiteState:
 
     def _drop_mask(self) -> None:
         """Forget the cached mask and every copy of it (in flight, prefetched)."""
-        self.mask = self.mask_key = self._mask_ready = self._prefetched = self._profiled_bits = None
+        self.mask = self.mask_key = self._mask_ready = self._prefetched = self._profiled_bits = self.order = None
         self._drop_lists()
 
     def _drop_lists(self) -> None:
@@ -702,7 +722,8 @@ class SiteState:
         lists = self._lists.indices if self._lists_usable() else None
         list_bytes = lists.numel() * lists.element_size() if lists is not None else 0
         return SiteStats(self.name, self.calls, self.n_dense, self.n_profiled, self.n_sparse, last, mean, self.fallback,
-                         self.n_direct, 0 if pinned else nbytes, nbytes if pinned else 0, list_bytes)
+                         self.n_direct, 0 if pinned else nbytes, nbytes if pinned else 0, list_bytes,
+                         0 if self.order is None else self.order.numel() * self.order.element_size())
 
 
 class ModelState:
@@ -1102,7 +1123,7 @@ def configure(model: Any, **changes: Any) -> None:
         new = site.config.replace(**changes)
         if new == site.config:
             continue
-        mask_fields = ("predictor", "alpha", "tau", "gamma", "density", "block_m", "block_n")
+        mask_fields = ("predictor", "alpha", "tau", "gamma", "density", "block_m", "block_n", "query_order")
         if any(getattr(new, f) != getattr(site.config, f) for f in mask_fields):
             site._drop_mask()
         site._prefetched = None  # made under the old settings; a new mask_storage applies at the next call
@@ -1142,20 +1163,23 @@ def save_state(model: Any, path: str) -> None:
             "mask_key": None,
             "mask_bits": None,
             "mask_shape": None,
+            "order": None,
         }
         if s.mask is not None and s.mask_key is not None:
             q_shape, k_shape, bm, bn = s.mask_key
             entry["mask_key"] = [list(q_shape), list(k_shape), bm, bn]
             entry["mask_shape"] = list(s.mask.shape)
             entry["mask_bits"] = s.host_mask()
+            entry["order"] = None if s.order is None else s.order.cpu()
         sites[name] = entry
     torch.save({"format": "fgcompile-state", "version": STATE_VERSION, "config": config.to_dict() if config else None, "sites": sites}, path)
 
 
 def _saved_entry(name: str, entry: Any) -> tuple:
-    """``(config, calls, counts, mask_key, mask_bits)`` of one site's entry of a state file, checked
-    against each other (the bitmap's shape and dtype against the shapes it was made for); raises
-    ValueError naming the site and what is wrong."""
+    """``(config, calls, counts, mask_key, mask_bits, order)`` of one site's entry of a state file,
+    checked against each other (the bitmap's shape and dtype against the shapes it was made for, the
+    query order against q's shape and the config's ``query_order``); raises ValueError naming the
+    site and what is wrong."""
     where = f"path: site {name!r} of the state file"
     if not isinstance(entry, dict) or not {"config", "calls", "counts", "mask_key", "mask_bits"} <= set(entry):
         raise ValueError(f"{where}: expected an entry with config, calls, counts, mask_key and mask_bits")
@@ -1189,7 +1213,18 @@ def _saved_entry(name: str, entry: Any) -> tuple:
             raise ValueError(f"{where}: its mask should be an int32 bitmap of shape {want} for the shapes it was saved "
                              f"for, got {got}")
         key = (q_shape, k_shape, bm, bn)
-    return config, calls, tuple(counts), key, bits
+    order = entry.get("order")  # absent in files written before query_order
+    if (order is not None) != (key is not None and config.query_order != "none"):
+        raise ValueError(f"{where}: a mask made with query_order={config.query_order!r} should come with its query order "
+                         f"(and only such a mask), got {'one' if order is not None else 'none'}")
+    if order is not None:
+        want = (b, h, s_q)
+        if (not isinstance(order, torch.Tensor) or order.dtype != torch.int32 or tuple(order.shape) != want
+                or not torch.equal(order.sort(-1).values, torch.arange(s_q, dtype=torch.int32).expand(want))):
+            got = f"{tuple(order.shape)} {order.dtype}" if isinstance(order, torch.Tensor) else type(order).__name__
+            raise ValueError(f"{where}: its query order should be an int32 permutation of the {s_q} queries per "
+                             f"batch item and head, shape {want}, got {got}")
+    return config, calls, tuple(counts), key, bits, order
 
 
 def load_state(model: Any, path: str) -> None:
@@ -1221,7 +1256,7 @@ def load_state(model: Any, path: str) -> None:
             f"path: the saved state's sites do not match the model's: missing in the model {sorted(saved - have)}, "
             f"not in the file {sorted(have - saved)}"
         )
-    for name, (_, _, _, key, _) in entries.items():
+    for name, (_, _, _, key, _, _) in entries.items():
         last = st.sites[name].last_shapes
         if key is None or last is None:
             continue
@@ -1233,7 +1268,7 @@ def load_state(model: Any, path: str) -> None:
                 f"{(b, h, s_q, s_kv, d)} in the file, {(b2, h2, s_q2, s_kv2, d2)} in the model's last call"
             )
     changed: set = set()
-    for name, (saved, calls, counts, key, bits) in entries.items():
+    for name, (saved, calls, counts, key, bits, order) in entries.items():
         site = st.sites[name]
         site.full_name = name  # its path in the model: dense_sites patterns of the file match it here
         saved = saved.replace(mask_storage=site.config.mask_storage)  # where masks live: this machine's choice
@@ -1257,6 +1292,7 @@ def load_state(model: Any, path: str) -> None:
             rows = popcount_rows(site.mask)
             site.mask_density = float(rows.double().mean()) / n_kb
             site.mask_cap = int(rows.max()) if rows.numel() else None
+            site.order = order  # moves to the device at its first sparse call
     if changed:
         log.warning("fgcompile: load_state(%s): the file's settings replace the model's for %s", path, sorted(changed))
 
@@ -1283,7 +1319,8 @@ def plan_site(
     ``index_cap``: the index columns the compiled graph holds (``ops.plan_shapes``). A sparse call
     whose mask's bound is larger (a ``configure()`` that raised the density budget after
     compiling, a loaded mask) cannot fit: the kernel runs here, directly, and the call returns
-    ``(out, None)``, the graph selecting it like a dense output."""
+    ``(out, None)``, the graph selecting it like a dense output. So does a sparse call of a site
+    whose mask is in its own query order (``query_order``): the graph's kernel reads q as it is."""
     site = _site(handle, owner)
     out, packed = site.plan(q, k, v, key_padding, scale, index_cap)
     bits, site._profiled_bits = site._profiled_bits, None
@@ -1295,7 +1332,8 @@ def plan_site(
             packed = None
         if packed is not None and index_cap is not None and packed.indices.shape[-1] != index_cap:
             packed = None  # does not fit the graph's buffers: the kernel sees no work this time
-    elif out is None and index_cap is not None and packed.indices.shape[-1] != index_cap:
+    elif out is None and (site.order is not None or (index_cap is not None and packed.indices.shape[-1] != index_cap)):
+        # reordered queries (query_order): the compiled graph's kernel reads q in the model's order
         out, packed = site.run_sparse(q, k, v, key_padding, scale, packed, direct=True), None
     return out, packed
 

@@ -1,0 +1,108 @@
+"""Which queries share a query block: an order of the queries that makes each block's queries alike.
+
+A slice (query block i, key j) is kept when ANY query of block i attends to key j, so a block whose
+queries attend to different keys keeps the union of their keys. In the token order of a video DiT
+(raster: frame, row, column) a block of 128 consecutive queries of a 30 x 52 frame spans about 2.5
+whole rows, and the union of their local windows covers every column. Attention is equivariant in
+its queries: computing it on reordered queries and putting the output rows back gives the same
+output. So the profile predictor may group alike queries into blocks first; their slices' union is
+smaller, and fewer slices reach the same error (``benchmarks/quality.py --query-order``).
+``FGAttnConfig(query_order="pca")`` makes the compiled model do this.
+
+:func:`query_order` ("pca", grid-free): per batch item and head, recursive bisection of the query
+vectors along their principal direction (power iteration on the centred vectors of each group),
+split at a whole number of blocks, until every group is one block. Queries close in Euclidean
+distance have close logits on every key (``|(q1 - q2) . k| <= |q1 - q2| |k|``), so close queries have
+alike attention rows; the order needs no knowledge of the video's grid. The group sizes at each
+level depend only on ``S_q`` and ``block_m`` (a group of ``n`` blocks splits into ``n // 2`` and the
+rest; the last block, when ``S_q`` is not a multiple of ``block_m``, stays in the last group), so
+every level is a few batched tensor operations over all groups, batch items and heads.
+
+Layout: ``perm`` int64 (B, H, S_q); reordered position ``p`` holds query ``perm[b, h, p]``:
+``q_ordered = q.gather(2, perm[..., None].expand_as(q))``; :func:`order_rows` and
+:func:`restore_rows` do this and its inverse for any (B, H, S_q, X) tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["query_order", "order_rows", "restore_rows"]
+
+#: power-iteration steps per bisection level
+POWER_STEPS = 6
+
+
+def _levels(n: int, block_m: int) -> list[list[tuple[int, int]]]:
+    """The groups ``(start, size)`` split at each level, from one group of ``n`` rows down to groups
+    of at most ``block_m``; a group of ``nb`` blocks splits at ``(nb // 2) * block_m``."""
+    levels, groups = [], [(0, n)]
+    while True:
+        split = [(s, m) for s, m in groups if m > block_m]
+        if not split:
+            return levels
+        levels.append(split)
+        nxt = []
+        for s, m in groups:
+            if m > block_m:
+                left = (-(-m // block_m) // 2) * block_m
+                nxt += [(s, left), (s + left, m - left)]
+            else:
+                nxt.append((s, m))
+        groups = nxt
+
+
+def query_order(q: torch.Tensor, block_m: int = 128) -> torch.Tensor:
+    """The "pca" order of ``q`` (B, H, S_q, D), any float dtype and layout, for query blocks of
+    ``block_m``: int64 (B, H, S_q) on q's device, a permutation of ``0 .. S_q - 1`` in each (b, h)
+    (see the module docstring). Deterministic for given inputs; no host synchronisation (the
+    group sizes are known on the host)."""
+    if q.dim() != 4:
+        raise ValueError(f"q: expected a (B, H, S_q, D) tensor, got shape {tuple(q.shape)}")
+    if not isinstance(block_m, int) or block_m < 1:
+        raise ValueError(f"block_m: expected an int >= 1, got {block_m!r}")
+    B, H, S, D = q.shape
+    dev = q.device
+    perm = torch.arange(S, device=dev).expand(B, H, S).contiguous()
+    if S <= block_m:
+        return perm
+    x = q.float()
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(D, generator=g).to(dev)
+    for groups in _levels(S, block_m):
+        width = max(m for _, m in groups)
+        starts = torch.tensor([s for s, _ in groups], device=dev)
+        sizes = torch.tensor([m for _, m in groups], device=dev)
+        col = torch.arange(width, device=dev)
+        valid = col[None, :] < sizes[:, None]  # (G, width)
+        pos = (starts[:, None] + col[None, :]).clamp_max(S - 1)  # (G, width) positions in perm
+        rows = perm[:, :, pos]  # (B, H, G, width) query indices
+        xs = x.gather(2, rows.reshape(B, H, -1, 1).expand(-1, -1, -1, D)).reshape(B, H, len(groups), width, D)
+        w = valid[None, None, :, :, None].to(x.dtype)
+        mean = (xs * w).sum(3, keepdim=True) / sizes[None, None, :, None, None]
+        xs = (xs - mean) * w
+        v = start.expand(B, H, len(groups), D)
+        for _ in range(POWER_STEPS):
+            v = torch.einsum("bhgnd,bhgn->bhgd", xs, torch.einsum("bhgnd,bhgd->bhgn", xs, v))
+            v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        proj = torch.einsum("bhgnd,bhgd->bhgn", xs, v).masked_fill(~valid, float("inf"))
+        order = proj.argsort(dim=-1, stable=True)  # padding (inf) last: the valid entries come first
+        new = rows.gather(-1, order).reshape(B, H, -1)
+        src = torch.cat([torch.arange(m) + i * width for i, (_, m) in enumerate(groups)]).to(dev)
+        dst = torch.cat([torch.arange(s, s + m) for s, m in groups]).to(dev)
+        perm[:, :, dst] = new[:, :, src]
+    return perm
+
+
+def order_rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, H, S, X) with its rows in the order ``perm`` (B, H, S) int64 gives: row ``p`` of the
+    result is row ``perm[b, h, p]`` of ``t``. Contiguous."""
+    return t.gather(2, perm[..., None].expand(-1, -1, -1, t.shape[-1]))
+
+
+def restore_rows(t: torch.Tensor, perm: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of :func:`order_rows`: rows of ``t`` (B, H, S, X), in the order ``perm``, put
+    back in place. The result has the layout of ``like`` (``torch.empty_like``) if given, else
+    ``t``'s."""
+    out = torch.empty_like(like if like is not None else t, dtype=t.dtype)
+    return out.scatter_(2, perm[..., None].expand(-1, -1, -1, t.shape[-1]), t)
