@@ -17,6 +17,10 @@ reference, ``sparse_attention_reference``) is at most ``--target``. Granularitie
   128 rows on Hopper (what compiled models launch there) and the Triton kernel (autotuned) at each M;
 - 128 x 128 and 64 x 64: FlexAttention on the BlockMask of the kept tiles (full blocks: a kept tile
   is computed whole), the block-sparse baseline at its own equal-error density;
+- 128 x 1 "pca": the same on queries in the order ``fgcompile.query_order`` gives (what a model
+  compiled with ``FGAttnConfig(query_order="pca")`` runs): the mask is made on the reordered
+  queries, and the timed call reorders q, runs the kernel and puts the output rows back;
+  ``query_order_ms`` is the order's own time (once per profiled call);
 - dense: SDPA with the cuDNN backend and with the flash backend.
 
 Times are ``triton.testing.do_bench`` medians (ms), warm. Each timed kernel's own output is checked
@@ -46,9 +50,10 @@ from fgcompile.testing.synthetic import make_attention_inputs  # noqa: E402
 from quality import density_of  # noqa: E402
 from results_io import write_result  # noqa: E402
 
-#: name -> (query rows, keys per tile, what serves it)
+#: name -> (query rows, keys per tile, what serves it); a "-pca" name: queries in the "pca" order
 GRANULARITIES = {
     "128x1": (128, 1, "fgcompile"),
+    "128x1-pca": (128, 1, "fgcompile"),
     "64x1": (64, 1, "fgcompile"),
     "32x1": (32, 1, "fgcompile"),
     "128x128": (128, 128, "flex"),
@@ -94,28 +99,40 @@ def search_rows(q, k, v, grans, target: float, steps: int, timing: bool, dense=N
     rows = {}
     for name in grans:
         bm, bn, _ = GRANULARITIES[name]
-        scores = profile_scores(q, k, block_m=bm, scale=scale)
+        perm, qo, do, order_ms = None, q, dense, None
+        if name.endswith("-pca"):
+            from fgcompile.reorder import order_rows, query_order
+
+            perm = query_order(q, bm)
+            qo, do = order_rows(q, perm), order_rows(dense, perm)
+            if timing:
+                from triton.testing import do_bench
+
+                order_ms = float(do_bench(lambda: query_order(q, bm), warmup=25, rep=100, return_mode="median"))
+        scores = profile_scores(qo, k, block_m=bm, scale=scale)
         densities = {}
 
         def err_of(alpha):
             keep = keep_from_block_max(scores, alpha=alpha, block_n=bn)
             densities[alpha] = density_of(keep, bm, bn, S, S)
-            return rel_err(sparse_attention_reference(q, k, v, keep, bm, bn, scale), dense)
+            return rel_err(sparse_attention_reference(qo, k, v, keep, bm, bn, scale), do)
 
         alpha, seen = search_alpha(err_of, target, steps)
         if PAPER_ALPHA not in seen:  # FG-Attn's own setting, for the record
             seen[PAPER_ALPHA] = err_of(PAPER_ALPHA)
-        row = {"block_m": bm, "block_n": bn, "alpha": alpha,
+        row = {"block_m": bm, "block_n": bn, "alpha": alpha, "query_order": "pca" if perm is not None else "none",
                "sweep": [{"alpha": a, "density": densities[a], "rel_err": e} for a, e in sorted(seen.items())]}
+        if order_ms is not None:
+            row["query_order_ms"] = order_ms
         if alpha is not None:
             row["density"], row["rel_err"] = densities[alpha], seen[alpha]
             if timing:
                 keep = keep_from_block_max(scores, alpha=alpha, block_n=bn)
-                row.update(time_granularity(name, q, k, v, keep, scale, dense))
+                row.update(time_granularity(name, q, k, v, keep, scale, dense, perm))
                 del keep
         rows[name] = row
         print(f"{name:8s} alpha {alpha}  density {row.get('density')}  rel_err {row.get('rel_err')}", flush=True)
-        scores = None  # free it before the next granularity's
+        scores = qo = do = None  # free them before the next granularity's
         if q.is_cuda:
             torch.cuda.empty_cache()
     return rows
@@ -232,9 +249,13 @@ def _triton_version():
         return None
 
 
-def time_granularity(name, q, k, v, keep, scale, dense) -> dict:
-    """Time the kernel that serves ``name`` on ``keep`` (do_bench median, ms) and check its output."""
+def time_granularity(name, q, k, v, keep, scale, dense, perm=None) -> dict:
+    """Time the kernel that serves ``name`` on ``keep`` (do_bench median, ms) and check its output.
+    ``perm``: the query order ``keep`` was made in; the timed call then reorders q, launches, and
+    puts the output rows back."""
     from triton.testing import do_bench
+
+    from fgcompile.reorder import order_rows, restore_rows
 
     bm, bn, what = GRANULARITIES[name]
     B, H, S, D = q.shape
@@ -247,6 +268,12 @@ def time_granularity(name, q, k, v, keep, scale, dense) -> dict:
         err = rel_err(fn(), dense)
         return float(do_bench(fn, warmup=25, rep=200, return_mode="median")), err
 
+    def call(launch):
+        """launch(q') -> the kernel's output for queries q' (in q's order unless perm)."""
+        if perm is None:
+            return lambda: launch(q)
+        return lambda: restore_rows(launch(order_rows(q, perm)), perm, like=q)
+
     res = {}
     try:
         if what == "fgcompile":
@@ -255,12 +282,12 @@ def time_granularity(name, q, k, v, keep, scale, dense) -> dict:
             from fgcompile.kernels.triton_sparse import sparse_attention_triton
 
             packed = pack_slices(keep, block_m=bm, block_n=bn, seq_len_kv=S)
-            res["triton_ms"], res["triton_rel_err"] = bench(lambda: sparse_attention_triton(q, k, v, packed, scale, out=out))
+            res["triton_ms"], res["triton_rel_err"] = bench(call(lambda qx: sparse_attention_triton(qx, k, v, packed, scale, out=out)))
             res["kernel"], res["ms"], res["kernel_rel_err"] = "triton", res["triton_ms"], res["triton_rel_err"]
             if sm90_supported(q, k, v, out, bm, bn, 0):
                 p0 = pack_slices(keep, block_m=bm, block_n=bn, seq_len_kv=S, full_tile=0)
                 res["gluon_ms"], res["gluon_rel_err"] = bench(
-                    lambda: (launch_sparse_kernel_sm90(q, k, v, out, p0.counts, p0.indices, scale), out)[1])
+                    call(lambda qx: (launch_sparse_kernel_sm90(qx, k, v, out, p0.counts, p0.indices, scale), out)[1]))
                 res["kernel"], res["ms"], res["kernel_rel_err"] = "gluon_sm90", res["gluon_ms"], res["gluon_rel_err"]
         else:
             from flex_masks import tile_block_mask
