@@ -63,6 +63,8 @@
 #   bash benchmarks/h100_session.sh RT  # every GPU test, the lowered kernel against its direct launch (lowering_bench.py's
 #                                       # runtime ratio, toy and Wan sizes), original_wan.py (ORIG_LIMIT)
 #   bash benchmarks/h100_session.sh MD  # e2e_models.py: HunyuanVideo and CogVideoX-5B end to end (MD_ARGS, MD_LIMIT)
+#   bash benchmarks/h100_session.sh QO  # every GPU test, equal_error_bench.py for 128x1, 128x1-pca (query_order) and
+#                                       # 128x128 (QO_ARGS), max_density_probe.py (SKIP_MD=1: none)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
 OUT=${OUT:-/tmp/out}
@@ -311,6 +313,17 @@ print({c: round(v['runtime_ratio_lowered_vs_direct'], 4) for c, v in r.items()})
   echo "runtime ratio rc=$?"; tail -1 "$OUT/runtime_ratio.txt"
   timeout ${ORIG_LIMIT:-200} python3 benchmarks/original_wan.py --out "$OUT/original_wan_${TAG}.json" > "$OUT/original_wan.txt" 2>&1
   echo "original_wan rc=$?"; tail -3 "$OUT/original_wan.txt"
+  ;;
+QO)
+  timeout ${TEST_LIMIT:-230} python3 -m pytest -q -p no:cacheprovider -m gpu tests -n 4 > "$OUT/gpu_tests_all.txt" 2>&1
+  echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests_all.txt" | head -12
+  timeout ${EQ_LIMIT:-200} python3 benchmarks/equal_error_bench.py --steps 10 --granularities 128x1,128x1-pca,128x128 ${QO_ARGS} \
+      --out "$OUT/equal_error_pca_${TAG}.json" > "$OUT/equal_error.txt" 2>&1
+  echo "equal_error rc=$?"; tail -7 "$OUT/equal_error.txt"
+  if [ -z "$SKIP_MD" ]; then
+    timeout ${MDP_LIMIT:-110} python3 benchmarks/max_density_probe.py --out "$OUT/max_density_${TAG}.json" > "$OUT/max_density.txt" 2>&1
+    echo "max_density rc=$?"; tail -20 "$OUT/max_density.txt"
+  fi
   ;;
 MD)
   timeout ${MD_LIMIT:-560} python3 benchmarks/e2e_models.py ${MD_ARGS} --out "$OUT/e2e_models_${TAG}.json" > "$OUT/e2e_models.txt" 2>&1
