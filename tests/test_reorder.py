@@ -142,6 +142,28 @@ def test_site_sparse_call_matches_the_reference_in_its_order():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_site_in_the_pca_order_with_gqa_and_key_padding():
+    # 4 query heads over 2 key/value heads, the last 40 keys of item 1 padded: the order is per
+    # query head, the padding applies to the keys, and every row comes back in place
+    from fgcompile import runtime
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 640, 32, generator=g)
+    k, v = (torch.randn(2, 2, 640, 32, generator=g) for _ in range(2))
+    kp = torch.ones(2, 640, dtype=torch.bool)
+    kp[1, -40:] = False
+    scale = 32 ** -0.5
+    site = runtime.SiteState("s", FGAttnConfig(min_seq_len=64, block_m=64, query_order="pca", alpha=2.0, max_density=1.0))
+    site(q, k, v, kp, scale)  # profiled
+    got = site(q, k, v, kp, scale)
+    p = query_order(q, 64)
+    qo = order_rows(q, p)
+    keep = profile_slices(qo, k, alpha=2.0, block_m=64, scale=scale, key_padding=kp)
+    torch.testing.assert_close(got, restore_rows(sparse_attention_reference(qo, k, v, keep, 64, 1, scale), p),
+                               rtol=1e-4, atol=1e-5)
+    assert site.order.shape == (2, 4, 640) and site.n_sparse == 1
+
+
 def test_save_load_keeps_the_order(tmp_path):
     x = toy_inputs(SMALL, 1, 2, 16, 0)
     ca = _compiled("pca", profile_every=50)
