@@ -23,7 +23,7 @@ Rows (``--settings``): ``d0.6`` / ``d0.3``: the density budget over a near-zero 
 block keeps its strongest 60% / 30% of keys (speed at a known density); ``profile``: the FG-Attn
 rule at alpha 0.5 (the density it reaches on random weights is reported, not a quality figure),
 with ``max_density=1.0`` (the sparse kernel runs whatever the density); ``profile-md0.8``: the same
-with the default ``max_density`` 0.8 (a denser site runs dense attention: SDPA, or on a key-padded
+with ``max_density`` 0.8 (the default until session 25; now 0.9; a denser site runs dense attention: SDPA, or on a key-padded
 site the sparse kernel over every real key).
 Reported per row: the median forward time (CUDA events, after the profiled call), the speedup,
 the profiled call's error against the default output (exact attention: float noise only), the
@@ -133,7 +133,7 @@ SETTINGS = {
     "d0.6": dict(alpha=1e-6, density=0.6),
     "d0.3": dict(alpha=1e-6, density=0.3),
     "profile": dict(alpha=0.5, density=None),
-    # the FG-Attn rule with the default max_density (0.8): a site denser than that runs dense
+    # the FG-Attn rule with max_density 0.8 (the default until session 25): a site denser than that runs dense
     # attention (SDPA; on a key-padded site the sparse kernel over every real key)
     "profile-md0.8": dict(alpha=0.5, density=None, max_density=0.8),
 }

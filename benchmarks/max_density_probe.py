@@ -1,10 +1,11 @@
 """Where a sparse call stops paying: the sparse kernels with their per-call packing against dense
 SDPA, on scattered slice masks of high density, on an H100-class GPU.
 
-``FGAttnConfig.max_density`` (default 0.8) sends a site whose profiled mask keeps more than that
+``FGAttnConfig.max_density`` (default 0.9; 0.8 before this probe) sends a site whose profiled mask keeps more than that
 fraction of its slices to dense attention until the next profiled call. The default was set when
 the Triton kernel took 1.23x cuDNN's time with every slice kept. This probe times, per shape and
-kept density, in one run:
+kept density, in one run (H100: a sparse call beats cuDNN up to density 0.9 at Wan2.1 480p, 1.0
+at HunyuanVideo 480p, 0.95 at CogVideoX-5B, ``results/max_density_h100.json``):
 
 - ``cudnn_ms`` / ``flash_ms``: SDPA with the cuDNN / flash backend (what a dense call runs);
 - ``gluon_ms`` / ``triton_ms``: the sparse kernels alone on a random slice mask (each slice kept

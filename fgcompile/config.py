@@ -93,9 +93,12 @@ class FGAttnConfig:
         dense attention until its next profiled call: SDPA (cuDNN), or at a site with key padding
         on CUDA the sparse kernel over every real key (SDPA's masked path takes 1.5x the time of
         its unmasked one on an H100, and that kernel runs at the unmasked speed:
-        ``benchmarks/masked_dense_probe.py``). Default 0.8; 1.0 never switches. (The Triton
-        kernel took 1.23x cuDNN's time at density 1.0 when this default was set; every real key
-        kept, both kernels now run at cuDNN's speed: ``results/masked_dense_h100.json``.) The
+        ``benchmarks/masked_dense_probe.py``). Default 0.9; 1.0 never switches. On an H100 a
+        sparse call (the Gluon kernel plus its per-call packing) on a scattered mask takes 0.97
+        (Wan2.1 480p), 0.88 (HunyuanVideo 480p) and 0.92 (CogVideoX-5B) of cuDNN's dense time at
+        density 0.9, and 1.03 / 0.93 / 0.98 at 0.95 (``benchmarks/max_density_probe.py``,
+        ``results/max_density_h100.json``; the default was 0.8, set when the Triton kernel took
+        1.23x cuDNN's time at density 1.0). The
         kept fraction reaches the host by an asynchronous copy (no synchronisation); until it
         has arrived the site runs sparse.
     block_m:
@@ -155,7 +158,7 @@ class FGAttnConfig:
     tau: float = 0.9
     gamma: float = 0.5
     density: float | None = None
-    max_density: float = 0.8
+    max_density: float = 0.9
     block_m: int = 128
     block_n: int = 1
     dense_calls: int = 0

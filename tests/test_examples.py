@@ -69,7 +69,7 @@ def test_predictor_trajectory_smoke(tmp_path):
 def test_e2e_models_benchmark_smoke(tmp_path):
     """The HunyuanVideo / CogVideoX end-to-end benchmark runs (tiny configs, CPU, batch 2 with
     prompts of 6 and 2 real tokens) and writes its JSON: every site sparse under the budget, and
-    with the default max_density the dense calls after the profiled one."""
+    with max_density 0.8 the dense calls after the profiled one."""
     import json
 
     out = tmp_path / "models.json"
