@@ -84,3 +84,24 @@ def test_e2e_models_benchmark_smoke(tmp_path):
         assert abs(budget["mean_density"] - 0.3) < 0.05
         # random weights keep nearly every slice: over max_density 0.8, the calls after the profiled one run dense
         assert dense["setting"] == "profile-md0.8" and dense["calls"]["dense"] > 0 and dense["sparse_sites"] == 0
+
+
+def test_quality_and_equal_error_benchmarks_with_the_query_order(tmp_path):
+    """quality.py --query-order pca measures the tiles three ways and judges against the best;
+    equal_error_bench.py's 128x1-pca row searches on reordered queries (tiny grid, CPU)."""
+    import json
+
+    _run("benchmarks/quality.py", "--grid", "4", "8", "16", "--heads", "2", "--head-dim", "32", "--query-order", "pca",
+         "--name", "t", "--out-dir", str(tmp_path))
+    d = json.loads((tmp_path / "quality_cpu_t.json").read_text())
+    assert d["shapes"]["query_order"] == "pca"
+    tiles = {k: d["summary"][k]["density_at_1pct"] for k in ("profile 128x128", "profile-raster 128x128", "profile-qk 128x128")}
+    claim = d["mx1_vs_128x128_at_1pct"]
+    assert claim["128x128_density"] == min(tiles.values())
+    assert claim["mx1_density"] == d["summary"]["profile 128x1"]["density_at_1pct"]
+    out = tmp_path / "ee.json"
+    _run("benchmarks/equal_error_bench.py", "--grid", "4", "8", "16", "--heads", "2", "--head-dim", "32", "--no-time",
+         "--steps", "6", "--granularities", "128x1,128x1-pca", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert rows["128x1-pca"]["query_order"] == "pca" and rows["128x1"]["query_order"] == "none"
+    assert all(0 < r["density"] <= 1 and r["rel_err"] <= 0.01 for r in rows.values())
