@@ -25,6 +25,8 @@ Layout: ``perm`` int64 (B, H, S_q); reordered position ``p`` holds query ``perm[
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["query_order", "order_rows", "restore_rows"]
@@ -52,11 +54,34 @@ def _levels(n: int, block_m: int) -> list[list[tuple[int, int]]]:
         groups = nxt
 
 
+@functools.lru_cache(maxsize=32)
+def _plan(n: int, block_m: int, dim: int, device: torch.device) -> tuple:
+    """Everything of :func:`query_order` that depends on the sizes only, on ``device``, made once per
+    (S_q, block_m, D, device): the power iteration's start vector (D,) and, per level of
+    :func:`_levels`, ``(G, width, sizes (G,) float32, valid (G, width) bool, pos (G, width) int64:
+    the positions in the order each group's rows come from, src / dst (rows of the level) int64:
+    where the valid rows of the flattened (G, width) result go)``. Later calls of the same sizes
+    copy nothing to the device (a copy from pageable host memory would wait for the stream)."""
+    start = torch.randn(dim, generator=torch.Generator().manual_seed(0)).to(device)
+    levels = []
+    for groups in _levels(n, block_m):
+        width = max(m for _, m in groups)
+        starts = torch.tensor([s for s, _ in groups])
+        sizes = torch.tensor([m for _, m in groups])
+        col = torch.arange(width)
+        valid = col[None, :] < sizes[:, None]
+        pos = (starts[:, None] + col[None, :]).clamp_max(n - 1)
+        src = torch.cat([torch.arange(m) + i * width for i, (_, m) in enumerate(groups)])
+        dst = torch.cat([torch.arange(s, s + m) for s, m in groups])
+        levels.append((len(groups), width) + tuple(t.to(device) for t in (sizes.float(), valid, pos, src, dst)))
+    return start, levels
+
+
 def query_order(q: torch.Tensor, block_m: int = 128) -> torch.Tensor:
     """The "pca" order of ``q`` (B, H, S_q, D), any float dtype and layout, for query blocks of
     ``block_m``: int64 (B, H, S_q) on q's device, a permutation of ``0 .. S_q - 1`` in each (b, h)
-    (see the module docstring). Deterministic for given inputs; no host synchronisation (the
-    group sizes are known on the host)."""
+    (see the module docstring). Deterministic for given inputs; no host synchronisation after the
+    first call of given sizes (the group sizes are known on the host, ``_plan``)."""
     if q.dim() != 4:
         raise ValueError(f"q: expected a (B, H, S_q, D) tensor, got shape {tuple(q.shape)}")
     if not isinstance(block_m, int) or block_m < 1:
@@ -67,29 +92,20 @@ def query_order(q: torch.Tensor, block_m: int = 128) -> torch.Tensor:
     if S <= block_m:
         return perm
     x = q.float()
-    g = torch.Generator().manual_seed(0)
-    start = torch.randn(D, generator=g).to(dev)
-    for groups in _levels(S, block_m):
-        width = max(m for _, m in groups)
-        starts = torch.tensor([s for s, _ in groups], device=dev)
-        sizes = torch.tensor([m for _, m in groups], device=dev)
-        col = torch.arange(width, device=dev)
-        valid = col[None, :] < sizes[:, None]  # (G, width)
-        pos = (starts[:, None] + col[None, :]).clamp_max(S - 1)  # (G, width) positions in perm
+    start, levels = _plan(S, block_m, D, dev)
+    for G, width, sizes, valid, pos, src, dst in levels:
         rows = perm[:, :, pos]  # (B, H, G, width) query indices
-        xs = x.gather(2, rows.reshape(B, H, -1, 1).expand(-1, -1, -1, D)).reshape(B, H, len(groups), width, D)
+        xs = x.gather(2, rows.reshape(B, H, -1, 1).expand(-1, -1, -1, D)).reshape(B, H, G, width, D)
         w = valid[None, None, :, :, None].to(x.dtype)
         mean = (xs * w).sum(3, keepdim=True) / sizes[None, None, :, None, None]
         xs = (xs - mean) * w
-        v = start.expand(B, H, len(groups), D)
+        v = start.expand(B, H, G, D)
         for _ in range(POWER_STEPS):
             v = torch.einsum("bhgnd,bhgn->bhgd", xs, torch.einsum("bhgnd,bhgd->bhgn", xs, v))
             v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
         proj = torch.einsum("bhgnd,bhgd->bhgn", xs, v).masked_fill(~valid, float("inf"))
         order = proj.argsort(dim=-1, stable=True)  # padding (inf) last: the valid entries come first
         new = rows.gather(-1, order).reshape(B, H, -1)
-        src = torch.cat([torch.arange(m) + i * width for i, (_, m) in enumerate(groups)]).to(dev)
-        dst = torch.cat([torch.arange(s, s + m) for s, m in groups]).to(dev)
         perm[:, :, dst] = new[:, :, src]
     return perm
 
