@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from masked_dense_probe import bench_ms  # noqa: E402
 from results_io import write_result  # noqa: E402
 
 # name: (B, H, S (= S_q = S_kv), D)
@@ -41,12 +42,6 @@ CASES = {
 DENSITIES = (0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
 BLOCK_M = 128
 ROWS = 256  # query rows checked against float64
-
-
-def bench_ms(fn) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
 def reference_rows(q, k, v, keep, scale):

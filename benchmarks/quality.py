@@ -152,15 +152,17 @@ def main(argv=None) -> dict:
 
     from fgcompile.reorder import order_rows, query_order
 
-    perms = {}  # block_m -> the query order of the profile predictor's blocks (--query-order pca)
+    reordered = {}  # block_m -> (q, dense output) in the profile predictor's query order (--query-order pca)
 
     def ordered(bm):
-        """q and the dense output in the profile predictor's query order for blocks of bm."""
+        """q and the dense output in the profile predictor's query order for blocks of bm (made once
+        per bm: every alpha's record reads them)."""
         if args.query_order == "none":
             return q, dense
-        if bm not in perms:
-            perms[bm] = query_order(q, bm)
-        return order_rows(q, perms[bm]), order_rows(dense, perms[bm])
+        if bm not in reordered:
+            perm = query_order(q, bm)
+            reordered[bm] = order_rows(q, perm), order_rows(dense, perm)
+        return reordered[bm]
 
     def record(method, gran, param, keep, bm, bn, order=None, kv=None):
         qo, do = ordered(bm) if order is None else order
