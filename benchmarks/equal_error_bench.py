@@ -21,14 +21,19 @@ reference, ``sparse_attention_reference``) is at most ``--target``. Granularitie
   compiled with ``FGAttnConfig(query_order="pca")`` runs): the mask is made on the reordered
   queries, and the timed call reorders q, runs the kernel and puts the output rows back;
   ``query_order_ms`` is the order's own time (once per profiled call);
+- 128 x 128 "pca-qk": tiles on queries in that order against keys (and values) in their own "pca"
+  order (``query_order(k)``), so that a tile is alike queries against alike keys: the tile layout
+  that needs the least density on the suite (``quality.py --query-order pca``); the timed call
+  reorders q, k and v, runs FlexAttention and puts the output rows back. Slice savings
+  (``density_saving_vs_128x128``) are judged against the best tile layout measured;
 - dense: SDPA with the cuDNN backend and with the flash backend.
 
 Times are ``triton.testing.do_bench`` medians (ms), warm. Each timed kernel's own output is checked
 against the float32 dense reference too (``kernel_rel_err``: the mask's error plus bf16 rounding);
 ``output_valid`` is False where it exceeds twice the target, and such a row gives no ratio.
 Writes ``benchmarks/results/equal_error_<device>.json`` (device, torch/triton versions, shape,
-per granularity alpha, density, error, times; ratios to cuDNN and to FlexAttention 128 x 128 at
-equal error) and prints a table.
+per granularity alpha, density, error, times; ratios to cuDNN and to FlexAttention at
+equal error, per tile layout) and prints a table.
 """
 
 from __future__ import annotations
@@ -50,15 +55,20 @@ from fgcompile.testing.synthetic import make_attention_inputs  # noqa: E402
 from quality import density_of  # noqa: E402
 from results_io import write_result  # noqa: E402
 
-#: name -> (query rows, keys per tile, what serves it); a "-pca" name: queries in the "pca" order
+#: name -> (query rows, keys per tile, what serves it); a "-pca" name: queries in the "pca" order,
+#: a "-pca-qk" name: keys and values in their own "pca" order as well
 GRANULARITIES = {
     "128x1": (128, 1, "fgcompile"),
     "128x1-pca": (128, 1, "fgcompile"),
     "64x1": (64, 1, "fgcompile"),
     "32x1": (32, 1, "fgcompile"),
     "128x128": (128, 128, "flex"),
+    "128x128-pca-qk": (128, 128, "flex"),
     "64x64": (64, 64, "flex"),
 }
+
+#: the tile layouts a slice saving is judged against (the best of those measured)
+TILE_BASELINES = ("128x128", "128x128-pca-qk")
 
 
 #: a timed kernel's output error may exceed the target by this factor (bf16 rounding) and still count
@@ -99,28 +109,32 @@ def search_rows(q, k, v, grans, target: float, steps: int, timing: bool, dense=N
     rows = {}
     for name in grans:
         bm, bn, _ = GRANULARITIES[name]
-        perm, qo, do, order_ms = None, q, dense, None
-        if name.endswith("-pca"):
+        perm, kperm, qo, ko, vo, do, order_ms = None, None, q, k, v, dense, None
+        if "-pca" in name:
             from fgcompile.reorder import order_rows, query_order
 
             perm = query_order(q, bm)
             qo, do = order_rows(q, perm), order_rows(dense, perm)
+            if name.endswith("-qk"):
+                kperm = query_order(k, bn)
+                ko, vo = order_rows(k, kperm), order_rows(v, kperm)
             if timing:
                 from triton.testing import do_bench
 
                 order_ms = float(do_bench(lambda: query_order(q, bm), warmup=25, rep=100, return_mode="median"))
-        scores = profile_scores(qo, k, block_m=bm, scale=scale)
+        scores = profile_scores(qo, ko, block_m=bm, scale=scale)
         densities = {}
 
         def err_of(alpha):
             keep = keep_from_block_max(scores, alpha=alpha, block_n=bn)
             densities[alpha] = density_of(keep, bm, bn, S, S)
-            return rel_err(sparse_attention_reference(qo, k, v, keep, bm, bn, scale), do)
+            return rel_err(sparse_attention_reference(qo, ko, vo, keep, bm, bn, scale), do)
 
         alpha, seen = search_alpha(err_of, target, steps)
         if PAPER_ALPHA not in seen:  # FG-Attn's own setting, for the record
             seen[PAPER_ALPHA] = err_of(PAPER_ALPHA)
         row = {"block_m": bm, "block_n": bn, "alpha": alpha, "query_order": "pca" if perm is not None else "none",
+               "key_order": "pca" if kperm is not None else "none",
                "sweep": [{"alpha": a, "density": densities[a], "rel_err": e} for a, e in sorted(seen.items())]}
         if order_ms is not None:
             row["query_order_ms"] = order_ms
@@ -128,19 +142,21 @@ def search_rows(q, k, v, grans, target: float, steps: int, timing: bool, dense=N
             row["density"], row["rel_err"] = densities[alpha], seen[alpha]
             if timing:
                 keep = keep_from_block_max(scores, alpha=alpha, block_n=bn)
-                row.update(time_granularity(name, q, k, v, keep, scale, dense, perm))
+                row.update(time_granularity(name, q, k, v, keep, scale, dense, perm, kperm))
                 del keep
         rows[name] = row
         print(f"{name:8s} alpha {alpha}  density {row.get('density')}  rel_err {row.get('rel_err')}", flush=True)
-        scores = qo = do = None  # free them before the next granularity's
+        scores = qo = ko = vo = do = None  # free them before the next granularity's
         if q.is_cuda:
             torch.cuda.empty_cache()
     return rows
 
 
 def savings(rows: dict) -> dict:
-    """1 - density / (128 x 128 tiles' density), per granularity that reached the target."""
-    coarse = rows.get("128x128", {}).get("density")
+    """1 - density / (the least density of the 128 x 128 tile layouts measured, ``TILE_BASELINES``),
+    per granularity that reached the target."""
+    tiles = [rows[n]["density"] for n in TILE_BASELINES if rows.get(n, {}).get("density")]
+    coarse = min(tiles) if tiles else None
     return {n: 1 - r["density"] / coarse for n, r in rows.items() if coarse and r.get("density")}
 
 
@@ -219,12 +235,12 @@ def main(argv=None) -> dict:
         for r in rows.values():
             if r.get("ms") is not None:
                 r["output_valid"] = bool(r.get("kernel_rel_err", float("inf")) <= VALID_FACTOR * args.target)
-        flex128 = rows.get("128x128", {}).get("ms") if rows.get("128x128", {}).get("output_valid") else None
+        flex = {n: rows[n]["ms"] for n in TILE_BASELINES if rows.get(n, {}).get("output_valid")}
         for r in rows.values():
             if r.get("ms") and r.get("output_valid"):
                 r["ratio_to_cudnn"] = r["ms"] / cudnn
-                if flex128:
-                    r["speedup_vs_flex_128x128_equal_error"] = flex128 / r["ms"]
+                for n, ms in flex.items():  # "speedup_vs_flex_128x128_equal_error", ..._128x128-pca-qk_...
+                    r[f"speedup_vs_flex_{n}_equal_error"] = ms / r["ms"]
     result["density_saving_vs_128x128"] = savings(rows)
     write_result(result, "equal_error", args.out)
     print(f"\n{'granularity':12s} {'alpha':>8s} {'density':>8s} {'rel_err':>8s} {'kernel':>10s} {'ms':>8s} {'k_err':>8s} {'vs cuDNN':>8s}")
@@ -249,10 +265,11 @@ def _triton_version():
         return None
 
 
-def time_granularity(name, q, k, v, keep, scale, dense, perm=None) -> dict:
+def time_granularity(name, q, k, v, keep, scale, dense, perm=None, kperm=None) -> dict:
     """Time the kernel that serves ``name`` on ``keep`` (do_bench median, ms) and check its output.
     ``perm``: the query order ``keep`` was made in; the timed call then reorders q, launches, and
-    puts the output rows back."""
+    puts the output rows back. ``kperm``: the key order of ``keep`` (the timed call reorders k and v
+    too)."""
     from triton.testing import do_bench
 
     from fgcompile.reorder import order_rows, restore_rows
@@ -269,10 +286,12 @@ def time_granularity(name, q, k, v, keep, scale, dense, perm=None) -> dict:
         return float(do_bench(fn, warmup=25, rep=200, return_mode="median")), err
 
     def call(launch):
-        """launch(q') -> the kernel's output for queries q' (in q's order unless perm)."""
+        """launch(q', k', v') -> the kernel's output for queries q' (in q's order unless perm)."""
         if perm is None:
-            return lambda: launch(q)
-        return lambda: restore_rows(launch(order_rows(q, perm)), perm, like=q)
+            return lambda: launch(q, k, v)
+        if kperm is None:
+            return lambda: restore_rows(launch(order_rows(q, perm), k, v), perm, like=q)
+        return lambda: restore_rows(launch(order_rows(q, perm), order_rows(k, kperm), order_rows(v, kperm)), perm, like=q)
 
     res = {}
     try:
@@ -282,12 +301,12 @@ def time_granularity(name, q, k, v, keep, scale, dense, perm=None) -> dict:
             from fgcompile.kernels.triton_sparse import sparse_attention_triton
 
             packed = pack_slices(keep, block_m=bm, block_n=bn, seq_len_kv=S)
-            res["triton_ms"], res["triton_rel_err"] = bench(call(lambda qx: sparse_attention_triton(qx, k, v, packed, scale, out=out)))
+            res["triton_ms"], res["triton_rel_err"] = bench(call(lambda qx, kx, vx: sparse_attention_triton(qx, kx, vx, packed, scale, out=out)))
             res["kernel"], res["ms"], res["kernel_rel_err"] = "triton", res["triton_ms"], res["triton_rel_err"]
             if sm90_supported(q, k, v, out, bm, bn, 0):
                 p0 = pack_slices(keep, block_m=bm, block_n=bn, seq_len_kv=S, full_tile=0)
                 res["gluon_ms"], res["gluon_rel_err"] = bench(
-                    call(lambda qx: (launch_sparse_kernel_sm90(qx, k, v, out, p0.counts, p0.indices, scale), out)[1]))
+                    call(lambda qx, kx, vx: (launch_sparse_kernel_sm90(qx, kx, vx, out, p0.counts, p0.indices, scale), out)[1]))
                 res["kernel"], res["ms"], res["kernel_rel_err"] = "gluon_sm90", res["gluon_ms"], res["gluon_rel_err"]
         else:
             from flex_masks import tile_block_mask
@@ -297,7 +316,7 @@ def time_granularity(name, q, k, v, keep, scale, dense, perm=None) -> dict:
             mask = tile_block_mask(keep, bm, S)
             opts = {"BLOCK_M": bm, "BLOCK_N": bm} if bm < 128 else None
             res["ms"], res["kernel_rel_err"] = bench(
-                lambda: flex(q, k, v, block_mask=mask, scale=scale, kernel_options=opts))
+                call(lambda qx, kx, vx: flex(qx, kx, vx, block_mask=mask, scale=scale, kernel_options=opts)))
             res["kernel"] = f"flex_{bm}"
     except Exception as e:  # a kernel that cannot take this launch is recorded, not fatal
         res["error"] = f"{type(e).__name__}: {e}"[:500]

@@ -63,8 +63,9 @@
 #   bash benchmarks/h100_session.sh RT  # every GPU test, the lowered kernel against its direct launch (lowering_bench.py's
 #                                       # runtime ratio, toy and Wan sizes), original_wan.py (ORIG_LIMIT)
 #   bash benchmarks/h100_session.sh MD  # e2e_models.py: HunyuanVideo and CogVideoX-5B end to end (MD_ARGS, MD_LIMIT)
-#   bash benchmarks/h100_session.sh QO  # every GPU test, equal_error_bench.py for 128x1, 128x1-pca (query_order) and
-#                                       # 128x128 (QO_ARGS), max_density_probe.py (SKIP_MD=1: none)
+#   bash benchmarks/h100_session.sh QO  # every GPU test, query_order_bench.py (the order's cost), equal_error_bench.py
+#                                       # for QO_GRANS (default 128x1, 128x1-pca, 128x128, 128x128-pca-qk; QO_ARGS),
+#                                       # max_density_probe.py (SKIP_MD=1: none)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
 OUT=${OUT:-/tmp/out}
@@ -317,9 +318,12 @@ print({c: round(v['runtime_ratio_lowered_vs_direct'], 4) for c, v in r.items()})
 QO)
   timeout ${TEST_LIMIT:-230} python3 -m pytest -q -p no:cacheprovider -m gpu tests -n 4 > "$OUT/gpu_tests_all.txt" 2>&1
   echo "gpu tests rc=$?"; grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests_all.txt" | head -12
-  timeout ${EQ_LIMIT:-200} python3 benchmarks/equal_error_bench.py --steps 10 --granularities 128x1,128x1-pca,128x128 ${QO_ARGS} \
+  timeout ${QOB_LIMIT:-90} python3 benchmarks/query_order_bench.py --out "$OUT/query_order_${TAG}.json" > "$OUT/query_order.txt" 2>&1
+  echo "query_order rc=$?"; tail -6 "$OUT/query_order.txt"
+  timeout ${EQ_LIMIT:-260} python3 benchmarks/equal_error_bench.py --steps 10 \
+      --granularities ${QO_GRANS:-128x1,128x1-pca,128x128,128x128-pca-qk} ${QO_ARGS} \
       --out "$OUT/equal_error_pca_${TAG}.json" > "$OUT/equal_error.txt" 2>&1
-  echo "equal_error rc=$?"; tail -7 "$OUT/equal_error.txt"
+  echo "equal_error rc=$?"; tail -8 "$OUT/equal_error.txt"
   if [ -z "$SKIP_MD" ]; then
     timeout ${MDP_LIMIT:-110} python3 benchmarks/max_density_probe.py --out "$OUT/max_density_${TAG}.json" > "$OUT/max_density.txt" 2>&1
     echo "max_density rc=$?"; tail -20 "$OUT/max_density.txt"

@@ -10,7 +10,8 @@ smaller, and fewer slices reach the same error (``benchmarks/quality.py --query-
 ``FGAttnConfig(query_order="pca")`` makes the compiled model do this.
 
 :func:`query_order` ("pca", grid-free): per batch item and head, recursive bisection of the query
-vectors along their principal direction (power iteration on the centred vectors of each group),
+vectors along their principal direction (power iteration on the centred D x D scatter matrix of
+each group, made in one pass over its rows),
 split at a whole number of blocks, until every group is one block. Queries close in Euclidean
 distance have close logits on every key (``|(q1 - q2) . k| <= |q1 - q2| |k|``), so close queries have
 alike attention rows; the order needs no knowledge of the video's grid. The group sizes at each
@@ -98,12 +99,14 @@ def query_order(q: torch.Tensor, block_m: int = 128) -> torch.Tensor:
         xs = x.gather(2, rows.reshape(B, H, -1, 1).expand(-1, -1, -1, D)).reshape(B, H, G, width, D)
         w = valid[None, None, :, :, None].to(x.dtype)
         mean = (xs * w).sum(3, keepdim=True) / sizes[None, None, :, None, None]
-        xs = (xs - mean) * w
-        v = start.expand(B, H, G, D)
+        xs = (xs - mean) * w  # centred; padding rows zero
+        # the group's D x D scatter matrix, one pass over its rows: the power steps work on it alone
+        cov = xs.transpose(-1, -2) @ xs
+        v = start.expand(B, H, G, D)[..., None]
         for _ in range(POWER_STEPS):
-            v = torch.einsum("bhgnd,bhgn->bhgd", xs, torch.einsum("bhgnd,bhgd->bhgn", xs, v))
-            v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-        proj = torch.einsum("bhgnd,bhgd->bhgn", xs, v).masked_fill(~valid, float("inf"))
+            v = cov @ v
+            v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-30)
+        proj = (xs @ v)[..., 0].masked_fill(~valid, float("inf"))
         order = proj.argsort(dim=-1, stable=True)  # padding (inf) last: the valid entries come first
         new = rows.gather(-1, order).reshape(B, H, -1)
         perm[:, :, dst] = new[:, :, src]
