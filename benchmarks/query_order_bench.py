@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fgcompile import reorder  # noqa: E402
-from fgcompile.reorder import POWER_STEPS, _plan, query_order  # noqa: E402
+from fgcompile.reorder import POWER_STEPS, query_order  # noqa: E402
 from results_io import write_result  # noqa: E402
 
 # name: (B, H, S, D)
@@ -42,26 +42,19 @@ CASES = {
 BLOCK_M = 128
 
 
+def _einsum_direction(xs: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """The session-25 power steps: two einsum passes over the group's rows per step."""
+    v = start.expand(*xs.shape[:3], -1)
+    for _ in range(reorder.POWER_STEPS):
+        v = torch.einsum("bhgnd,bhgn->bhgd", xs, torch.einsum("bhgnd,bhgd->bhgn", xs, v))
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    return v
+
+
 def einsum_order(q: torch.Tensor, block_m: int) -> torch.Tensor:
     """The session-25 form of ``query_order``: the same groups, start vector and steps, the power
-    iteration as einsums over each group's centred rows (two passes over the rows per step)."""
-    B, H, S, D = q.shape
-    perm = torch.arange(S, device=q.device).expand(B, H, S).contiguous()
-    x = q.float()
-    start, levels = _plan(S, block_m, D, q.device)
-    for G, width, sizes, valid, pos, src, dst in levels:
-        rows = perm[:, :, pos]
-        xs = x.gather(2, rows.reshape(B, H, -1, 1).expand(-1, -1, -1, D)).reshape(B, H, G, width, D)
-        w = valid[None, None, :, :, None].to(x.dtype)
-        xs = (xs - (xs * w).sum(3, keepdim=True) / sizes[None, None, :, None, None]) * w
-        v = start.expand(B, H, G, D)
-        for _ in range(POWER_STEPS):
-            v = torch.einsum("bhgnd,bhgn->bhgd", xs, torch.einsum("bhgnd,bhgd->bhgn", xs, v))
-            v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-        proj = torch.einsum("bhgnd,bhgd->bhgn", xs, v).masked_fill(~valid, float("inf"))
-        new = rows.gather(-1, proj.argsort(dim=-1, stable=True)).reshape(B, H, -1)
-        perm[:, :, dst] = new[:, :, src]
-    return perm
+    iteration as einsums over each group's centred rows."""
+    return reorder._bisect(q, block_m, _einsum_direction)
 
 
 def main(argv=None) -> dict:

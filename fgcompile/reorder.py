@@ -78,15 +78,21 @@ def _plan(n: int, block_m: int, dim: int, device: torch.device) -> tuple:
     return start, levels
 
 
-def query_order(q: torch.Tensor, block_m: int = 128) -> torch.Tensor:
-    """The "pca" order of ``q`` (B, H, S_q, D), any float dtype and layout, for query blocks of
-    ``block_m``: int64 (B, H, S_q) on q's device, a permutation of ``0 .. S_q - 1`` in each (b, h)
-    (see the module docstring). Deterministic for given inputs; no host synchronisation after the
-    first call of given sizes (the group sizes are known on the host, ``_plan``)."""
-    if q.dim() != 4:
-        raise ValueError(f"q: expected a (B, H, S_q, D) tensor, got shape {tuple(q.shape)}")
-    if not isinstance(block_m, int) or block_m < 1:
-        raise ValueError(f"block_m: expected an int >= 1, got {block_m!r}")
+def _principal_direction(xs: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """The principal direction (B, H, G, D) of each group's centred rows ``xs`` (B, H, G, width, D)
+    float32, padding rows zero: ``POWER_STEPS`` power steps from ``start`` (D,) on the group's
+    D x D scatter matrix, made in one pass over its rows."""
+    cov = xs.transpose(-1, -2) @ xs
+    v = start.expand(*xs.shape[:3], -1)[..., None]
+    for _ in range(POWER_STEPS):
+        v = cov @ v
+        v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-30)
+    return v[..., 0]
+
+
+def _bisect(q: torch.Tensor, block_m: int, direction) -> torch.Tensor:
+    """The recursive bisection of :func:`query_order`, splitting each group along
+    ``direction(xs, start)`` (see :func:`_principal_direction`)."""
     B, H, S, D = q.shape
     dev = q.device
     perm = torch.arange(S, device=dev).expand(B, H, S).contiguous()
@@ -100,17 +106,24 @@ def query_order(q: torch.Tensor, block_m: int = 128) -> torch.Tensor:
         w = valid[None, None, :, :, None].to(x.dtype)
         mean = (xs * w).sum(3, keepdim=True) / sizes[None, None, :, None, None]
         xs = (xs - mean) * w  # centred; padding rows zero
-        # the group's D x D scatter matrix, one pass over its rows: the power steps work on it alone
-        cov = xs.transpose(-1, -2) @ xs
-        v = start.expand(B, H, G, D)[..., None]
-        for _ in range(POWER_STEPS):
-            v = cov @ v
-            v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-30)
-        proj = (xs @ v)[..., 0].masked_fill(~valid, float("inf"))
+        v = direction(xs, start)
+        proj = (xs @ v[..., None])[..., 0].masked_fill(~valid, float("inf"))
         order = proj.argsort(dim=-1, stable=True)  # padding (inf) last: the valid entries come first
         new = rows.gather(-1, order).reshape(B, H, -1)
         perm[:, :, dst] = new[:, :, src]
     return perm
+
+
+def query_order(q: torch.Tensor, block_m: int = 128) -> torch.Tensor:
+    """The "pca" order of ``q`` (B, H, S_q, D), any float dtype and layout, for query blocks of
+    ``block_m``: int64 (B, H, S_q) on q's device, a permutation of ``0 .. S_q - 1`` in each (b, h)
+    (see the module docstring). Deterministic for given inputs; no host synchronisation after the
+    first call of given sizes (the group sizes are known on the host, ``_plan``)."""
+    if q.dim() != 4:
+        raise ValueError(f"q: expected a (B, H, S_q, D) tensor, got shape {tuple(q.shape)}")
+    if not isinstance(block_m, int) or block_m < 1:
+        raise ValueError(f"block_m: expected an int >= 1, got {block_m!r}")
+    return _bisect(q, block_m, _principal_direction)
 
 
 def order_rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
