@@ -24,7 +24,9 @@ reference, ``sparse_attention_reference``) is at most ``--target``. Granularitie
 - 128 x 128 "pca-qk": tiles on queries in that order against keys (and values) in their own "pca"
   order (``query_order(k)``), so that a tile is alike queries against alike keys: the tile layout
   that needs the least density on the suite (``quality.py --query-order pca``); the timed call
-  reorders q, k and v, runs FlexAttention and puts the output rows back. Slice savings
+  reorders q, k and v, runs FlexAttention and puts the output rows back; "pca-qk-full": the same
+  with both orders made on the full head dim (``query_order(.., rank=D)``; the default order works
+  on the 16 leading principal directions, and either may serve tiles better). Slice savings
   (``density_saving_vs_128x128``) are judged against the best tile layout measured;
 - dense: SDPA with the cuDNN backend and with the flash backend.
 
@@ -64,11 +66,12 @@ GRANULARITIES = {
     "32x1": (32, 1, "fgcompile"),
     "128x128": (128, 128, "flex"),
     "128x128-pca-qk": (128, 128, "flex"),
+    "128x128-pca-qk-full": (128, 128, "flex"),
     "64x64": (64, 64, "flex"),
 }
 
 #: the tile layouts a slice saving is judged against (the best of those measured)
-TILE_BASELINES = ("128x128", "128x128-pca-qk")
+TILE_BASELINES = ("128x128", "128x128-pca-qk", "128x128-pca-qk-full")
 
 
 #: a timed kernel's output error may exceed the target by this factor (bf16 rounding) and still count
@@ -111,17 +114,19 @@ def search_rows(q, k, v, grans, target: float, steps: int, timing: bool, dense=N
         bm, bn, _ = GRANULARITIES[name]
         perm, kperm, qo, ko, vo, do, order_ms = None, None, q, k, v, dense, None
         if "-pca" in name:
+            from fgcompile import reorder
             from fgcompile.reorder import order_rows, query_order
 
-            perm = query_order(q, bm)
+            rank = D if name.endswith("-full") else reorder.RANK
+            perm = query_order(q, bm, rank=rank)
             qo, do = order_rows(q, perm), order_rows(dense, perm)
-            if name.endswith("-qk"):
-                kperm = query_order(k, bn)
+            if "-qk" in name:
+                kperm = query_order(k, bn, rank=rank)
                 ko, vo = order_rows(k, kperm), order_rows(v, kperm)
             if timing:
                 from triton.testing import do_bench
 
-                order_ms = float(do_bench(lambda: query_order(q, bm), warmup=25, rep=100, return_mode="median"))
+                order_ms = float(do_bench(lambda: query_order(q, bm, rank=rank), warmup=25, rep=100, return_mode="median"))
         scores = profile_scores(qo, ko, block_m=bm, scale=scale)
         densities = {}
 
@@ -136,6 +141,8 @@ def search_rows(q, k, v, grans, target: float, steps: int, timing: bool, dense=N
         row = {"block_m": bm, "block_n": bn, "alpha": alpha, "query_order": "pca" if perm is not None else "none",
                "key_order": "pca" if kperm is not None else "none",
                "sweep": [{"alpha": a, "density": densities[a], "rel_err": e} for a, e in sorted(seen.items())]}
+        if perm is not None:
+            row["order_rank"] = min(rank, D)  # the dims the bisection worked in
         if order_ms is not None:
             row["query_order_ms"] = order_ms
         if alpha is not None:

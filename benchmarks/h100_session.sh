@@ -64,7 +64,7 @@
 #                                       # runtime ratio, toy and Wan sizes), original_wan.py (ORIG_LIMIT)
 #   bash benchmarks/h100_session.sh MD  # e2e_models.py: HunyuanVideo and CogVideoX-5B end to end (MD_ARGS, MD_LIMIT)
 #   bash benchmarks/h100_session.sh QO  # every GPU test, query_order_bench.py (the order's cost), equal_error_bench.py
-#                                       # for QO_GRANS (default 128x1, 128x1-pca, 128x128, 128x128-pca-qk; QO_ARGS),
+#                                       # for QO_GRANS (default 128x1, 128x1-pca, 128x128, 128x128-pca-qk(-full); QO_ARGS),
 #                                       # max_density_probe.py (SKIP_MD=1: none)
 # diffusers (and importlib_metadata) travel as wheels in .whl/ (see the README, "GPU machine").
 set -o pipefail
@@ -321,7 +321,7 @@ QO)
   timeout ${QOB_LIMIT:-90} python3 benchmarks/query_order_bench.py --out "$OUT/query_order_${TAG}.json" > "$OUT/query_order.txt" 2>&1
   echo "query_order rc=$?"; tail -6 "$OUT/query_order.txt"
   timeout ${EQ_LIMIT:-260} python3 benchmarks/equal_error_bench.py --steps 10 \
-      --granularities ${QO_GRANS:-128x1,128x1-pca,128x128,128x128-pca-qk} ${QO_ARGS} \
+      --granularities ${QO_GRANS:-128x1,128x1-pca,128x128,128x128-pca-qk,128x128-pca-qk-full} ${QO_ARGS} \
       --out "$OUT/equal_error_pca_${TAG}.json" > "$OUT/equal_error.txt" 2>&1
   echo "equal_error rc=$?"; tail -8 "$OUT/equal_error.txt"
   if [ -z "$SKIP_MD" ]; then

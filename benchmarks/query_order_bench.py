@@ -4,12 +4,14 @@ profiled call) at video-DiT sizes, against dense cuDNN attention in the same run
 Per case (B, H, S, D; bf16 queries of the synthetic suite's Wan grid where the size is Wan's, else
 random), in one run:
 
-- ``order_ms``: ``query_order(q, 128)`` (do_bench median, warm), and ``order_over_cudnn``;
+- ``order_ms``: ``query_order(q, 128)`` (do_bench median, warm; the bisection on q's
+  ``reorder.RANK`` leading principal directions), and ``order_over_cudnn``;
   ``order_ms_by_steps``: the same with ``reorder.POWER_STEPS`` set to each of ``--steps``;
-- ``einsum_ms``: the session-25 form of the same bisection (six power steps as einsums over the
-  rows of every group, ``einsum_order`` below), kept here as the baseline of the ratio
-  ``einsum_over_order``; ``same_order``: the fraction of positions where both orders agree
-  (float sums in another order can swap near-ties);
+- ``full_ms``: ``query_order(q, 128, rank=D)`` (the bisection on q itself);
+- ``einsum_ms``: the session-25 form of the full-dim bisection (six power steps as einsums over
+  the rows of every group, ``einsum_order`` below), kept here as the baseline of the ratio
+  ``einsum_over_order``; ``same_order``: the fraction of positions where it and ``rank=D`` agree
+  (the same arithmetic in another order: near-ties can swap);
 - ``peak_mib``: the order's transient GPU memory (peak allocated above what was allocated before);
 - ``cudnn_ms``: SDPA with the cuDNN backend on q, k = q, v = q.
 
@@ -99,20 +101,23 @@ def main(argv=None) -> dict:
             reorder.POWER_STEPS = steps
             by_steps[steps] = float(do_bench(lambda: query_order(q, BLOCK_M), warmup=10, rep=100, return_mode="median"))
         reorder.POWER_STEPS = POWER_STEPS
+        full = query_order(q, BLOCK_M, rank=D)
+        full_ms = float(do_bench(lambda: query_order(q, BLOCK_M, rank=D), warmup=5, rep=50, return_mode="median"))
         old = einsum_order(q, BLOCK_M)
         einsum_ms = float(do_bench(lambda: einsum_order(q, BLOCK_M), warmup=5, rep=50, return_mode="median"))
         row = {"B": B, "H": H, "S": S, "D": D, "q": source, "cudnn_ms": cudnn, "order_ms": order_ms,
-               "order_over_cudnn": order_ms / cudnn, "order_ms_by_steps": by_steps, "einsum_ms": einsum_ms, "einsum_over_order": einsum_ms / order_ms,
-               "same_order": float((old == order).float().mean()), "is_permutation": ok, "peak_mib": peak}
+               "order_over_cudnn": order_ms / cudnn, "order_ms_by_steps": by_steps, "full_ms": full_ms, "einsum_ms": einsum_ms, "einsum_over_order": einsum_ms / order_ms,
+               "same_order": float((old == full).float().mean()), "is_permutation": ok, "peak_mib": peak}
         result["cases"][name] = row
         print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-        del q, order, old
+        del q, order, old, full
         torch.cuda.empty_cache()
     write_result(result, "query_order", args.out)
-    print(f"\n{'case':18s} {'cuDNN ms':>9s} {'order ms':>9s} {'/cuDNN':>7s} {'einsum ms':>10s} {'speedup':>8s} {'same':>6s} {'peak MiB':>9s}")
+    print(f"\n{'case':18s} {'cuDNN ms':>9s} {'order ms':>9s} {'/cuDNN':>7s} {'full ms':>8s} {'einsum ms':>10s} {'speedup':>8s} "
+          f"{'same':>6s} {'peak MiB':>9s}")
     for n, r in result["cases"].items():
-        print(f"{n:18s} {r['cudnn_ms']:9.3f} {r['order_ms']:9.3f} {r['order_over_cudnn']:7.3f} {r['einsum_ms']:10.3f} "
-              f"{r['einsum_over_order']:8.2f} {r['same_order']:6.3f} {r['peak_mib']:9.0f}")
+        print(f"{n:18s} {r['cudnn_ms']:9.3f} {r['order_ms']:9.3f} {r['order_over_cudnn']:7.3f} {r['full_ms']:8.3f} "
+              f"{r['einsum_ms']:10.3f} {r['einsum_over_order']:8.2f} {r['same_order']:6.3f} {r['peak_mib']:9.0f}")
     return result
 
 

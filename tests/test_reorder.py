@@ -51,6 +51,47 @@ def test_query_order_groups_alike_queries():
     assert bool(((kinds == kinds[:, :1]).all(1)).all())
 
 
+def test_the_projection_finds_the_leading_principal_directions():
+    # q with a planted 4-dim structure (large variances) plus small isotropic noise, and a large common
+    # component: the projection's rank-4 basis spans the planted directions
+    from fgcompile.reorder import _project
+
+    g = torch.Generator().manual_seed(1)
+    B, H, S, D = 2, 3, 3000, 64
+    planted = torch.linalg.qr(torch.randn(B, H, D, 4, generator=g))[0]
+    coef = torch.randn(B, H, S, 4, generator=g) * torch.tensor([8.0, 6.0, 4.0, 3.0])
+    q = coef @ planted.transpose(-1, -2) + 0.1 * torch.randn(B, H, S, D, generator=g) + 20.0
+    z = _project(q, 4)
+    assert z.shape == (B, H, S, 4) and z.dtype == torch.float32
+    basis = torch.linalg.lstsq(q - q.mean(2, keepdim=True), z - z.mean(2, keepdim=True)).solution  # (B, H, D, 4)
+    # the basis is orthonormal and lies in the planted subspace
+    torch.testing.assert_close(basis.transpose(-1, -2) @ basis, torch.eye(4).expand(B, H, 4, 4), atol=2e-3, rtol=0)
+    inside = planted.transpose(-1, -2) @ basis
+    torch.testing.assert_close(inside.transpose(-1, -2) @ inside, torch.eye(4).expand(B, H, 4, 4), atol=2e-3, rtol=0)
+    assert torch.equal(_project(q, 64), q.float())  # rank >= D: q itself
+
+
+@pytest.mark.parametrize("kind", ["constant", "rank2", "bf16"])
+def test_query_order_of_degenerate_queries(kind):
+    # all rows equal (no direction at all), fewer independent directions than RANK, bf16 with a large
+    # common component: still a permutation in whole blocks, and alike rows still share blocks
+    g = torch.Generator().manual_seed(2)
+    S, D = 1024, 32
+    if kind == "constant":
+        q = torch.ones(1, 2, S, D)
+    else:
+        kinds = torch.arange(S) % 2
+        q = (torch.randn(2, D, generator=g) * 4)[kinds][None, None].repeat(1, 2, 1, 1)
+        q = q + (0.0 if kind == "rank2" else 0.01 * torch.randn(1, 2, S, D, generator=g)) + 50.0
+        if kind == "bf16":
+            q = q.bfloat16()
+    p = query_order(q, 128)
+    assert _is_perm(p)
+    if kind != "constant":
+        blocks = kinds[p].reshape(1, 2, -1, 128)
+        assert bool((blocks == blocks[..., :1]).all())
+
+
 def test_order_rows_and_restore_rows_are_inverse():
     t = torch.randn(2, 300, 3, 8).transpose(1, 2)  # (2, 3, 300, 8) in diffusers' (B, S, H, D) layout
     p = query_order(torch.randn(2, 3, 300, 4), 64)
@@ -65,6 +106,8 @@ def test_query_order_errors():
         query_order(torch.randn(3, 100, 8))
     with pytest.raises(ValueError, match="block_m: expected an int >= 1"):
         query_order(torch.randn(1, 1, 100, 8), 0)
+    with pytest.raises(ValueError, match="rank: expected an int >= 1"):
+        query_order(torch.randn(1, 1, 100, 8), 16, rank=0)
 
 
 def test_config_query_order_validation():
