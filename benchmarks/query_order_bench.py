@@ -68,6 +68,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default=",".join(CASES), help=f"of {', '.join(CASES)}")
     p.add_argument("--steps", default="6,16", help="power steps to time the order with (reorder.POWER_STEPS)")
+    p.add_argument("--profile", action="store_true",
+                   help="print torch.profiler's table of one warm query_order call per case (CUDA time by op)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -96,6 +98,13 @@ def main(argv=None) -> dict:
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         ok = bool((order.sort(-1).values == torch.arange(S, device="cuda")).all())
         order_ms = float(do_bench(lambda: query_order(q, BLOCK_M), warmup=10, rep=100, return_mode="median"))
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                query_order(q, BLOCK_M)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
         by_steps = {}
         for steps in (int(x) for x in args.steps.split(",")):
             reorder.POWER_STEPS = steps
