@@ -44,6 +44,10 @@ RANK = 16
 SUBSPACE_ROWS = 8192
 #: subspace-iteration steps (each: one D x D product, an orthonormalisation) for the projection
 SUBSPACE_STEPS = 4
+#: a group's scatter matrix is summed over chunks of this many rows (wider groups are padded to a
+#: whole number of chunks): one (D x W) @ (W x D) product per group ran on a handful of thread
+#: blocks (2.4 of 5.2 ms of GPU time at Wan 480p on an H100, ``query_order_bench.py --profile``)
+CHUNK = 128
 
 
 def _levels(n: int, block_m: int) -> list[list[tuple[int, int]]]:
@@ -109,6 +113,8 @@ def _plan(n: int, block_m: int, dim: int, device: torch.device) -> tuple:
     levels = []
     for groups in _levels(n, block_m):
         width = max(m for _, m in groups)
+        if width > CHUNK:  # a whole number of chunks (padding rows are masked)
+            width = -(-width // CHUNK) * CHUNK
         starts = torch.tensor([s for s, _ in groups])
         sizes = torch.tensor([m for _, m in groups])
         col = torch.arange(width)
@@ -123,13 +129,23 @@ def _plan(n: int, block_m: int, dim: int, device: torch.device) -> tuple:
 def _principal_direction(xs: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """The principal direction (B, H, G, D) of each group's centred rows ``xs`` (B, H, G, width, D)
     float32, padding rows zero: ``POWER_STEPS`` power steps from ``start`` (D,) on the group's
-    D x D scatter matrix, made in one pass over its rows."""
-    cov = xs.transpose(-1, -2) @ xs
-    v = start.expand(*xs.shape[:3], -1)[..., None]
-    for _ in range(POWER_STEPS):
+    D x D scatter matrix, made in one pass over its rows (per chunk of ``CHUNK`` rows)."""
+    B, H, G, W, D = xs.shape
+    if W > CHUNK:  # a product over few long rows runs on few thread blocks: sum over chunks of rows
+        xc = xs.reshape(B, H, G, W // CHUNK, CHUNK, D)
+        cov = (xc.transpose(-1, -2) @ xc).sum(3)
+    else:
+        cov = xs.transpose(-1, -2) @ xs
+    # scaled to trace 1 (eigenvalues <= 1: POWER_STEPS products cannot overflow, and shrink v by at
+    # most D ** -POWER_STEPS), then cov ** POWER_STEPS applied to start as squares: fewer launches
+    cov = cov / cov.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None].clamp_min(1e-30)
+    v = start.expand(B, H, G, D)[..., None]
+    steps = POWER_STEPS
+    if steps % 2 == 0:
+        cov, steps = cov @ cov, steps // 2
+    for _ in range(steps):
         v = cov @ v
-        v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-30)
-    return v[..., 0]
+    return (v / v.norm(dim=-2, keepdim=True).clamp_min(1e-30))[..., 0]
 
 
 def _bisect(q: torch.Tensor, block_m: int, direction) -> torch.Tensor:
