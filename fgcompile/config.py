@@ -141,17 +141,19 @@ class FGAttnConfig:
         Which queries share a query block, for the profile predictor. ``"none"`` (default): the
         model's token order, blocks of ``block_m`` consecutive queries. ``"pca"``: at each profiled
         call, per batch item and head, the queries are grouped by recursive bisection along their
-        principal direction (``fgcompile.query_order``, module ``fgcompile.reorder``), so that each block holds alike queries and
+        principal direction (on their 16 leading principal directions; ``fgcompile.query_order``,
+        module ``fgcompile.reorder``), so that each block holds alike queries and
         the union of the keys they attend to is smaller; the mask is made and used in that order,
         and every output row is put back in place. On the synthetic suite fewer slices reach 1%
-        error (8 x 16 x 16 tokens: density 0.64 instead of 0.73; 4 x 30 x 52: 0.67 instead of
-        0.80, ``benchmarks/quality.py --query-order pca``; Wan 480p on an H100: 0.52 instead of
-        0.70, and the sparse call, gathers included, 6.1 ms instead of 7.9 ms,
-        ``benchmarks/equal_error_bench.py``). On the shipped trained toy DiT it gains little: 0.79
-        instead of 0.82 at 1% error per call, and no density saving at 30 dB PSNR of its videos
-        (0.62 against 0.60, ``benchmarks/quality_video.py``). Costs: the order itself at every
-        profiled call (18.7 ms at Wan 480p on an H100, 1.7x a dense cuDNN call: with
-        ``profile_every=10`` about 1.9 ms per call, what it saved per sparse call on the suite),
+        error (8 x 16 x 16 tokens: density 0.63 instead of 0.73; 4 x 30 x 52: 0.66 instead of
+        0.80, ``benchmarks/quality.py --query-order pca``; Wan 480p on an H100: 0.53 instead of
+        0.70, and the sparse call, gathers included, 6.4 ms instead of 7.9 ms,
+        ``benchmarks/equal_error_bench.py``). On the shipped trained toy DiT it gains little:
+        0.79 instead of 0.82 at 1% error per call, and no density saving at 30 dB PSNR of its
+        videos (0.62 against 0.60 with the full-dim order, ``benchmarks/quality_video.py``).
+        Costs: the order itself at every profiled call (5.9 ms at Wan 480p on an H100, 0.52x a
+        dense cuDNN call, before a later cut that is not re-measured: with ``profile_every=10``
+        about 0.6 ms per call),
         two gathers per sparse call, the order kept with the mask (B x H x S_q int32 per site,
         saved by ``save_state``), and on CUDA such sparse calls run their kernel inside the
         planning op. Not with ``predictor="pooled"``.

@@ -11,12 +11,13 @@ smaller, and fewer slices reach the same error (``benchmarks/quality.py --query-
 
 :func:`query_order` ("pca", grid-free): per batch item and head, recursive bisection of the query
 vectors along their principal direction (power iteration on the centred scatter matrix of each
-group, made in one pass over its rows), split at a whole number of blocks, until every group is one block. Queries close in Euclidean
-distance have close logits on every key (``|(q1 - q2) . k| <= |q1 - q2| |k|``), so close queries have
-alike attention rows; the order needs no knowledge of the video's grid. The group sizes at each
-level depend only on ``S_q`` and ``block_m`` (a group of ``n`` blocks splits into ``n // 2`` and the
-rest; the last block, when ``S_q`` is not a multiple of ``block_m``, stays in the last group), so
-every level is a few batched tensor operations over all groups, batch items and heads. The
+group, made in one pass over its rows), split at a whole number of blocks, until every group is
+one block. Queries close in Euclidean distance have close logits on every key
+(``|(q1 - q2) . k| <= |q1 - q2| |k|``), so close queries have alike attention rows; the order
+needs no knowledge of the video's grid. The group sizes at each level depend only on ``S_q`` and
+``block_m`` (a group of ``n`` blocks splits into ``n // 2`` and the rest; the last block, when
+``S_q`` is not a multiple of ``block_m``, stays in the last group), so every level is a few
+batched tensor operations over all groups, batch items and heads. The
 bisection works on the queries projected onto their ``RANK`` (16) leading principal directions per
 (b, h), found once from a strided sample of the rows: on the suite this keeps the same slices at
 the same error as the full head dim, at a fraction of the work.
@@ -104,11 +105,12 @@ def _project(q: torch.Tensor, rank: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=32)
 def _plan(n: int, block_m: int, dim: int, device: torch.device) -> tuple:
     """Everything of :func:`query_order` that depends on the sizes only, on ``device``, made once per
-    (S_q, block_m, D, device), D the dims the bisection works in: the power iteration's start vector (D,) and, per level of
-    :func:`_levels`, ``(G, width, sizes (G,) float32, valid (G, width) bool, pos (G, width) int64:
-    the positions in the order each group's rows come from, src / dst (rows of the level) int64:
-    where the valid rows of the flattened (G, width) result go)``. Later calls of the same sizes
-    copy nothing to the device (a copy from pageable host memory would wait for the stream)."""
+    (S_q, block_m, D, device), D the dims the bisection works in: the power iteration's start
+    vector (D,) and, per level of :func:`_levels` (widths above ``CHUNK`` rounded up to chunks),
+    ``(G, width, sizes (G,) float32, valid (G, width) bool, pos (G, width) int64: the positions
+    in the order each group's rows come from, src / dst (rows of the level) int64: where the
+    valid rows of the flattened (G, width) result go)``. Later calls of the same sizes copy
+    nothing to the device (a copy from pageable host memory would wait for the stream)."""
     start = torch.randn(dim, generator=torch.Generator().manual_seed(0)).to(device)
     levels = []
     for groups in _levels(n, block_m):
