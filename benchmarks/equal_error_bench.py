@@ -114,10 +114,9 @@ def search_rows(q, k, v, grans, target: float, steps: int, timing: bool, dense=N
         bm, bn, _ = GRANULARITIES[name]
         perm, kperm, qo, ko, vo, do, order_ms = None, None, q, k, v, dense, None
         if "-pca" in name:
-            from fgcompile import reorder
-            from fgcompile.reorder import order_rows, query_order
+            from fgcompile.reorder import RANK, order_rows, query_order
 
-            rank = D if name.endswith("-full") else reorder.RANK
+            rank = D if name.endswith("-full") else RANK
             perm = query_order(q, bm, rank=rank)
             qo, do = order_rows(q, perm), order_rows(dense, perm)
             if "-qk" in name:

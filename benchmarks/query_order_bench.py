@@ -13,7 +13,8 @@ random), in one run:
   ``einsum_over_order``; ``same_order``: the fraction of positions where it and ``rank=D`` agree
   (the same arithmetic in another order: near-ties can swap);
 - ``peak_mib``: the order's transient GPU memory (peak allocated above what was allocated before);
-- ``cudnn_ms``: SDPA with the cuDNN backend on q, k = q, v = q.
+- ``cudnn_ms`` / ``flash_ms``: SDPA with the cuDNN / flash backend on q, k = q, v = q
+  (``variant_probe.dense_baselines``, the dense baselines of every benchmark run).
 
     python benchmarks/query_order_bench.py   # writes benchmarks/results/query_order_<device>.json
 """
@@ -25,7 +26,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -60,8 +60,8 @@ def einsum_order(q: torch.Tensor, block_m: int) -> torch.Tensor:
 
 
 def main(argv=None) -> dict:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
+    from variant_probe import dense_baselines
 
     from fgcompile.testing.synthetic import make_attention_inputs
 
@@ -87,8 +87,7 @@ def main(argv=None) -> dict:
         else:
             q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(0))
             source = "random"
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            cudnn = float(do_bench(lambda: F.scaled_dot_product_attention(q, q, q), warmup=25, rep=100, return_mode="median"))
+        cudnn, flash = dense_baselines(q, q, q)
         order = query_order(q, BLOCK_M)  # the plan, then a clean peak
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -114,7 +113,7 @@ def main(argv=None) -> dict:
         full_ms = float(do_bench(lambda: query_order(q, BLOCK_M, rank=D), warmup=5, rep=50, return_mode="median"))
         old = einsum_order(q, BLOCK_M)
         einsum_ms = float(do_bench(lambda: einsum_order(q, BLOCK_M), warmup=5, rep=50, return_mode="median"))
-        row = {"B": B, "H": H, "S": S, "D": D, "q": source, "cudnn_ms": cudnn, "order_ms": order_ms,
+        row = {"B": B, "H": H, "S": S, "D": D, "q": source, "cudnn_ms": cudnn, "flash_ms": flash, "order_ms": order_ms,
                "order_over_cudnn": order_ms / cudnn, "order_ms_by_steps": by_steps, "full_ms": full_ms, "einsum_ms": einsum_ms, "einsum_over_order": einsum_ms / order_ms,
                "same_order": float((old == full).float().mean()), "is_permutation": ok, "peak_mib": peak}
         result["cases"][name] = row

@@ -156,8 +156,6 @@ def _bisect(q: torch.Tensor, block_m: int, direction) -> torch.Tensor:
     B, H, S, D = q.shape
     dev = q.device
     perm = torch.arange(S, device=dev).expand(B, H, S).contiguous()
-    if S <= block_m:
-        return perm
     x = q.float()
     start, levels = _plan(S, block_m, D, dev)
     for G, width, sizes, valid, pos, src, dst in levels:
