@@ -20,7 +20,8 @@ reference, ``sparse_attention_reference``) is at most ``--target``. Granularitie
 - 128 x 1 "pca": the same on queries in the order ``fgcompile.query_order`` gives (what a model
   compiled with ``FGAttnConfig(query_order="pca")`` runs): the mask is made on the reordered
   queries, and the timed call reorders q, runs the kernel and puts the output rows back;
-  ``query_order_ms`` is the order's own time (once per profiled call);
+  ``query_order_ms`` is the order's own time (once per profiled call); "64x1-pca": the same at
+  64-query blocks (the order made at 64 rows; the Triton kernel);
 - 128 x 128 "pca-qk": tiles on queries in that order against keys (and values) in their own "pca"
   order (``query_order(k)``), so that a tile is alike queries against alike keys: the tile layout
   that needs the least density on the suite (``quality.py --query-order pca``); the timed call
@@ -63,6 +64,7 @@ GRANULARITIES = {
     "128x1": (128, 1, "fgcompile"),
     "128x1-pca": (128, 1, "fgcompile"),
     "64x1": (64, 1, "fgcompile"),
+    "64x1-pca": (64, 1, "fgcompile"),
     "32x1": (32, 1, "fgcompile"),
     "128x128": (128, 128, "flex"),
     "128x128-pca-qk": (128, 128, "flex"),
