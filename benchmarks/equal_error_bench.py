@@ -27,7 +27,9 @@ reference, ``sparse_attention_reference``) is at most ``--target``. Granularitie
   that needs the least density on the suite (``quality.py --query-order pca``); the timed call
   reorders q, k and v, runs FlexAttention and puts the output rows back; "pca-qk-full": the same
   with both orders made on the full head dim (``query_order(.., rank=D)``; the default order works
-  on the 16 leading principal directions, and either may serve tiles better). Slice savings
+  on the 16 leading principal directions, and either may serve tiles better); "pca-qkw": both
+  orders made in the metric of the logits (``quality.cross_metric``: queries grouped by their
+  logits, keys by theirs against the queries; the best tiles on the CPU suite). Slice savings
   (``density_saving_vs_128x128``) are judged against the best tile layout measured;
 - dense: SDPA with the cuDNN backend and with the flash backend.
 
@@ -55,7 +57,7 @@ from fgcompile.testing.metrics import rel_err  # noqa: E402
 from fgcompile.kernels.reference import dense_attention_reference, sparse_attention_reference  # noqa: E402
 from fgcompile.predictors import keep_from_block_max, profile_scores  # noqa: E402
 from fgcompile.testing.synthetic import make_attention_inputs  # noqa: E402
-from quality import density_of  # noqa: E402
+from quality import cross_metric, density_of  # noqa: E402
 from results_io import write_result  # noqa: E402
 
 #: name -> (query rows, keys per tile, what serves it); a "-pca" name: queries in the "pca" order,
@@ -69,11 +71,12 @@ GRANULARITIES = {
     "128x128": (128, 128, "flex"),
     "128x128-pca-qk": (128, 128, "flex"),
     "128x128-pca-qk-full": (128, 128, "flex"),
+    "128x128-pca-qkw": (128, 128, "flex"),
     "64x64": (64, 64, "flex"),
 }
 
 #: the tile layouts a slice saving is judged against (the best of those measured)
-TILE_BASELINES = ("128x128", "128x128-pca-qk", "128x128-pca-qk-full")
+TILE_BASELINES = ("128x128", "128x128-pca-qk", "128x128-pca-qk-full", "128x128-pca-qkw")
 
 
 #: a timed kernel's output error may exceed the target by this factor (bf16 rounding) and still count
@@ -119,15 +122,18 @@ def search_rows(q, k, v, grans, target: float, steps: int, timing: bool, dense=N
             from fgcompile.reorder import RANK, order_rows, query_order
 
             rank = D if name.endswith("-full") else RANK
-            perm = query_order(q, bm, rank=rank)
+            # "-qkw": both orders in the metric of the logits (quality.cross_metric)
+            qx, kx = (cross_metric(q, k), cross_metric(k, q)) if name.endswith("-qkw") else (q, k)
+            perm = query_order(qx, bm, rank=rank)
             qo, do = order_rows(q, perm), order_rows(dense, perm)
             if "-qk" in name:
-                kperm = query_order(k, bn, rank=rank)
+                kperm = query_order(kx, bn, rank=rank)
                 ko, vo = order_rows(k, kperm), order_rows(v, kperm)
             if timing:
                 from triton.testing import do_bench
 
-                order_ms = float(do_bench(lambda: query_order(q, bm, rank=rank), warmup=25, rep=100, return_mode="median"))
+                order_ms = float(do_bench(lambda: query_order(qx, bm, rank=rank), warmup=25, rep=100, return_mode="median"))
+            del qx, kx
         scores = profile_scores(qo, ko, block_m=bm, scale=scale)
         densities = {}
 

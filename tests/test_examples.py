@@ -87,7 +87,7 @@ def test_e2e_models_benchmark_smoke(tmp_path):
 
 
 def test_quality_and_equal_error_benchmarks_with_the_query_order(tmp_path):
-    """quality.py --query-order pca measures the tiles four ways and judges against the best;
+    """quality.py --query-order pca measures the tiles five ways and judges against the best;
     equal_error_bench.py's 128x1-pca row searches on reordered queries, its 128x128-pca-qk row on
     reordered queries and keys, and savings are judged against the best tile layout (tiny grid, CPU)."""
     import json
@@ -97,17 +97,19 @@ def test_quality_and_equal_error_benchmarks_with_the_query_order(tmp_path):
     d = json.loads((tmp_path / "quality_cpu_t.json").read_text())
     assert d["shapes"]["query_order"] == "pca"
     tiles = {k: d["summary"][k]["density_at_1pct"] for k in ("profile 128x128", "profile-raster 128x128", "profile-qk 128x128",
-                                                             "profile-qk-full 128x128")}
+                                                             "profile-qk-full 128x128", "profile-qkw 128x128")}
     claim = d["mx1_vs_128x128_at_1pct"]
     assert claim["128x128_density"] == min(tiles.values())
     assert claim["mx1_density"] == d["summary"]["profile 128x1"]["density_at_1pct"]
     out = tmp_path / "ee.json"
     _run("benchmarks/equal_error_bench.py", "--grid", "4", "8", "16", "--heads", "2", "--head-dim", "32", "--no-time",
-         "--steps", "6", "--granularities", "128x1,128x1-pca,128x128,128x128-pca-qk,128x128-pca-qk-full", "--out", str(out))
+         "--steps", "6", "--granularities", "128x1,128x1-pca,128x128,128x128-pca-qk,128x128-pca-qk-full,128x128-pca-qkw",
+         "--out", str(out))
     res = json.loads(out.read_text())
     rows = res["rows"]
     assert rows["128x1-pca"]["query_order"] == "pca" and rows["128x1"]["query_order"] == "none"
     assert rows["128x128-pca-qk"]["key_order"] == "pca" and rows["128x1-pca"]["key_order"] == "none"
     assert all(0 < r["density"] <= 1 and r["rel_err"] <= 0.01 for r in rows.values())
-    best_tiles = min(rows[n]["density"] for n in ("128x128", "128x128-pca-qk", "128x128-pca-qk-full"))
+    assert rows["128x128-pca-qkw"]["key_order"] == "pca"
+    best_tiles = min(rows[n]["density"] for n in ("128x128", "128x128-pca-qk", "128x128-pca-qk-full", "128x128-pca-qkw"))
     assert res["density_saving_vs_128x128"]["128x1"] == 1 - rows["128x1"]["density"] / best_tiles

@@ -610,3 +610,18 @@ def test_equal_error_bench_search_alpha():
     assert eeb.search_alpha(lambda a: 0.0, 0.01, steps=5)[0] == 1e4
     assert eeb.savings({"128x1": {"density": 0.6}, "128x128": {"density": 0.8}, "32x1": {}}) == \
         pytest.approx({"128x1": 0.25, "128x128": 0.0})
+
+
+def test_quality_cross_metric_measures_logit_differences():
+    """benchmarks/quality.py's cross_metric: the squared distance of two mapped rows is the sum over
+    the other tensor's centred rows of their squared logit difference, per (b, h)."""
+    quality = _benchmark_module("quality")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 3, 11, 8, generator=g) * 3 + 1
+    m = quality.cross_metric(x, y)
+    assert m.shape == x.shape and m.dtype == torch.float32
+    diff = x[:, :, :, None] - x[:, :, None, :]  # (B, H, S, S, D)
+    yc = y - y.mean(2, keepdim=True)
+    logit_sq = (diff @ yc[:, :, None].transpose(-1, -2)).pow(2).sum(-1)  # (B, H, S, S)
+    dist_sq = (m[:, :, :, None] - m[:, :, None, :]).pow(2).sum(-1)
+    torch.testing.assert_close(dist_sq, logit_sq, rtol=1e-4, atol=1e-3)
