@@ -151,9 +151,9 @@ class FGAttnConfig:
         ``benchmarks/equal_error_bench.py``). On the shipped trained toy DiT it gains little:
         0.79 instead of 0.82 at 1% error per call, and no density saving at 30 dB PSNR of its
         videos (0.62 against 0.60 with the full-dim order, ``benchmarks/quality_video.py``).
-        Costs: the order itself at every profiled call (5.9 ms at Wan 480p on an H100, 0.52x a
-        dense cuDNN call, before a later cut that is not re-measured: with ``profile_every=10``
-        about 0.6 ms per call),
+        Costs: the order itself at every profiled call (5.1 ms at Wan 480p on an H100, 0.46x a
+        dense cuDNN call, ``benchmarks/query_order_bench.py``: with ``profile_every=10`` about
+        0.5 ms per call),
         two gathers per sparse call, the order kept with the mask (B x H x S_q int32 per site,
         saved by ``save_state``), and on CUDA such sparse calls run their kernel inside the
         planning op. Not with ``predictor="pooled"``.
