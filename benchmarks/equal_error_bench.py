@@ -57,7 +57,7 @@ from fgcompile.testing.metrics import rel_err  # noqa: E402
 from fgcompile.kernels.reference import dense_attention_reference, sparse_attention_reference  # noqa: E402
 from fgcompile.predictors import keep_from_block_max, profile_scores  # noqa: E402
 from fgcompile.testing.synthetic import make_attention_inputs  # noqa: E402
-from quality import cross_metric, density_of  # noqa: E402
+from quality import density_of, grouping  # noqa: E402
 from results_io import write_result  # noqa: E402
 
 #: name -> (query rows, keys per tile, what serves it); a "-pca" name: queries in the "pca" order,
@@ -119,21 +119,19 @@ def search_rows(q, k, v, grans, target: float, steps: int, timing: bool, dense=N
         bm, bn, _ = GRANULARITIES[name]
         perm, kperm, qo, ko, vo, do, order_ms = None, None, q, k, v, dense, None
         if "-pca" in name:
-            from fgcompile.reorder import RANK, order_rows, query_order
+            from fgcompile.reorder import RANK, order_rows
 
             rank = D if name.endswith("-full") else RANK
-            # "-qkw": both orders in the metric of the logits (quality.cross_metric)
-            qx, kx = (cross_metric(q, k), cross_metric(k, q)) if name.endswith("-qkw") else (q, k)
-            perm = query_order(qx, bm, rank=rank)
+            logits = name.endswith("-qkw")  # both orders in the metric of the logits (quality.cross_metric)
+            perm = grouping(q, k, bm, rank, logits)
             qo, do = order_rows(q, perm), order_rows(dense, perm)
             if "-qk" in name:
-                kperm = query_order(kx, bn, rank=rank)
+                kperm = grouping(k, q, bn, rank, logits)
                 ko, vo = order_rows(k, kperm), order_rows(v, kperm)
             if timing:
                 from triton.testing import do_bench
 
-                order_ms = float(do_bench(lambda: query_order(qx, bm, rank=rank), warmup=25, rep=100, return_mode="median"))
-            del qx, kx
+                order_ms = float(do_bench(lambda: grouping(q, k, bm, rank, logits), warmup=25, rep=100, return_mode="median"))
         scores = profile_scores(qo, ko, block_m=bm, scale=scale)
         densities = {}
 

@@ -72,10 +72,21 @@ def cross_metric(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     the part of the logit difference a softmax over ``other`` sees (a shift common to every logit
     does not change it). The "pca" order of ``cross_metric(q, k)`` groups queries with alike logits,
     and that of ``cross_metric(k, q)`` keys alike to the queries: the "profile-qkw" tiles."""
-    y = other.float() - other.float().mean(2, keepdim=True)
+    y = other.float()
+    y = y - y.mean(2, keepdim=True)
     evals, evecs = torch.linalg.eigh((y.transpose(-1, -2) @ y).double())
     root = (evecs * evals.clamp_min(0).sqrt()[..., None, :]) @ evecs.transpose(-1, -2)
     return x.float() @ root.float()
+
+
+def grouping(x: torch.Tensor, other: torch.Tensor, block: int, rank: int | None = None,
+             logits: bool = False) -> torch.Tensor:
+    """The "pca" order (``fgcompile.query_order``, int64 (B, H, S)) of the rows of ``x`` (B, H, S, D)
+    for blocks of ``block``, on ``rank`` principal directions (the order's default when None), in
+    the metric of the logits against ``other`` (:func:`cross_metric`) when ``logits``."""
+    from fgcompile.reorder import RANK, query_order
+
+    return query_order(cross_metric(x, other) if logits else x, block, rank=RANK if rank is None else rank)
 
 
 def density_of(keep: torch.Tensor, block_m: int, block_n: int, s_q: int, s_kv: int) -> float:
@@ -169,7 +180,7 @@ def main(argv=None) -> dict:
     dense = dense_attention_reference(q, k, v, scale)
     rows = []
 
-    from fgcompile.reorder import order_rows, query_order
+    from fgcompile.reorder import order_rows
 
     reordered = {}  # block_m -> (q, dense output) in the profile predictor's query order (--query-order pca)
 
@@ -179,7 +190,7 @@ def main(argv=None) -> dict:
         if args.query_order == "none":
             return q, dense
         if bm not in reordered:
-            perm = query_order(q, bm)
+            perm = grouping(q, k, bm)
             reordered[bm] = order_rows(q, perm), order_rows(dense, perm)
         return reordered[bm]
 
@@ -212,16 +223,11 @@ def main(argv=None) -> dict:
         series.append(("profile-raster", "128x128"))
         # keys grouped like the queries: alike keys share a key tile; both in the default order
         # (on the queries' leading principal directions) and in the order on the full head dim
-        # (rank D), whichever serves tiles better
-        for method, rank in (("profile-qk", None), ("profile-qk-full", D), ("profile-qkw", None)):
-            if method == "profile-qkw":  # both orders in the metric of the logits (cross_metric)
-                perm = query_order(cross_metric(q, k), 128)
-                qt, dt, kperm = order_rows(q, perm), order_rows(dense, perm), query_order(cross_metric(k, q), 128)
-            elif rank is None:
-                qt, dt, kperm = *ordered(128), query_order(k, 128)
-            else:
-                perm = query_order(q, 128, rank=rank)
-                qt, dt, kperm = order_rows(q, perm), order_rows(dense, perm), query_order(k, 128, rank=rank)
+        # (rank D), whichever serves tiles better, and in the metric of the logits (cross_metric)
+        for method, rank, logits in (("profile-qk", None, False), ("profile-qk-full", D, False),
+                                     ("profile-qkw", None, True)):
+            perm, kperm = grouping(q, k, 128, rank, logits), grouping(k, q, 128, rank, logits)
+            qt, dt = order_rows(q, perm), order_rows(dense, perm)
             ko, vo = order_rows(k, kperm), order_rows(v, kperm)
             both = profile_scores(qt, ko, block_m=128, scale=scale)
             for alpha in ALPHAS:
