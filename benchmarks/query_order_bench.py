@@ -6,7 +6,8 @@ random), in one run:
 
 - ``order_ms``: ``query_order(q, 128)`` (do_bench median, warm; the bisection on q's
   ``reorder.RANK`` leading principal directions), and ``order_over_cudnn``;
-  ``order_ms_by_steps``: the same with ``reorder.POWER_STEPS`` set to each of ``--steps``;
+  ``order_ms_by_steps``: the same with ``reorder.POWER_STEPS`` set to each of ``--steps`` (the
+  default's entry is ``order_ms``);
 - ``full_ms``: ``query_order(q, 128, rank=D)`` (the bisection on q itself);
 - ``einsum_ms``: the session-25 form of the full-dim bisection (six power steps as einsums over
   the rows of every group, ``einsum_order`` below), kept here as the baseline of the ratio
@@ -106,6 +107,9 @@ def main(argv=None) -> dict:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
         by_steps = {}
         for steps in (int(x) for x in args.steps.split(",")):
+            if steps == POWER_STEPS:  # the default: order_ms above
+                by_steps[steps] = order_ms
+                continue
             reorder.POWER_STEPS = steps
             by_steps[steps] = float(do_bench(lambda: query_order(q, BLOCK_M), warmup=10, rep=100, return_mode="median"))
         reorder.POWER_STEPS = POWER_STEPS

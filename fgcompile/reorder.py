@@ -33,6 +33,8 @@ import functools
 
 import torch
 
+from .attention import _check_int
+
 __all__ = ["query_order", "order_rows", "restore_rows"]
 
 #: power-iteration steps per bisection level
@@ -181,10 +183,8 @@ def query_order(q: torch.Tensor, block_m: int = 128, rank: int = RANK) -> torch.
     are known on the host, ``_plan``)."""
     if q.dim() != 4:
         raise ValueError(f"q: expected a (B, H, S_q, D) tensor, got shape {tuple(q.shape)}")
-    if not isinstance(block_m, int) or isinstance(block_m, bool) or block_m < 1:
-        raise ValueError(f"block_m: expected an int >= 1, got {block_m!r}")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"rank: expected an int >= 1, got {rank!r}")
+    _check_int("block_m", block_m)
+    _check_int("rank", rank)
     if q.shape[2] <= block_m:
         return torch.arange(q.shape[2], device=q.device).expand(q.shape[:3]).contiguous()
     return _bisect(_project(q, rank), block_m, _principal_direction)
